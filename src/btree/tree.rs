@@ -1,0 +1,393 @@
+//! Tree algorithms over a [`NodeStore`].
+
+use super::node::{Body, Child, Node, CHILD_BYTES, LEAF_ITEM_OVERHEAD};
+use crate::error::{Error, Result};
+use crate::format::{Key, NODE_HEADER_BYTES};
+use crate::sync::Arc;
+
+/// Loads children that are not in memory.
+pub trait NodeLoader {
+    /// Load `child` of a node owned by `owner` at level `level + 1`, checking
+    /// that what comes back is the block the parent expects.
+    fn load(&self, child: &Child, owner: u64, level: u8) -> Result<Arc<Node>>;
+}
+
+/// What the tree needs from a transaction.
+pub trait NodeStore: NodeLoader {
+    /// The running transaction's generation.
+    fn gen(&self) -> u64;
+    fn node_bytes(&self) -> usize;
+    /// A fresh address for a tree block.
+    fn alloc_node(&mut self, owner: u64, level: u8) -> Result<u64>;
+    /// `node`'s address is no longer referenced by the live tree.
+    fn free_node(&mut self, node: &Node);
+}
+
+fn capacity(node_bytes: usize) -> usize {
+    node_bytes - NODE_HEADER_BYTES
+}
+
+/// Largest value one leaf item may hold for this node size.
+pub fn max_item_bytes(node_bytes: usize) -> usize {
+    capacity(node_bytes) / 2 - LEAF_ITEM_OVERHEAD
+}
+
+fn load_child(l: &dyn NodeLoader, parent: &Node, idx: usize) -> Result<Arc<Node>> {
+    let c = &parent.children()[idx];
+    if let Some(n) = &c.node {
+        return Ok(n.clone());
+    }
+    l.load(c, parent.owner, parent.level - 1)
+}
+
+fn child_index(children: &[Child], key: &Key) -> usize {
+    children
+        .partition_point(|c| c.key <= *key)
+        .saturating_sub(1)
+}
+
+/// Make `node` writable in the running transaction, copying it to a new
+/// address if it belongs to an earlier one.
+fn cow<'a>(s: &mut dyn NodeStore, node: &'a mut Arc<Node>) -> Result<&'a mut Node> {
+    if node.gen != s.gen() {
+        let addr = s.alloc_node(node.owner, node.level)?;
+        s.free_node(node);
+        let mut n = (**node).clone();
+        n.addr = addr;
+        n.gen = s.gen();
+        *node = Arc::new(n);
+    }
+    Ok(Arc::make_mut(node))
+}
+
+fn child_of(n: Arc<Node>) -> Child {
+    Child {
+        key: n.first_key().unwrap_or_default(),
+        addr: n.addr,
+        gen: n.gen,
+        node: Some(n),
+    }
+}
+
+/// Look a key up.
+pub fn get(l: &dyn NodeLoader, root: &Arc<Node>, key: &Key) -> Result<Option<Vec<u8>>> {
+    let mut node = root.clone();
+    loop {
+        match &node.body {
+            Body::Leaf(items) => {
+                return Ok(items
+                    .binary_search_by(|(k, _)| k.cmp(key))
+                    .ok()
+                    .map(|i| items[i].1.clone()))
+            }
+            Body::Internal(ch) => {
+                let i = child_index(ch, key);
+                node = load_child(l, &node, i)?;
+            }
+        }
+    }
+}
+
+/// Insert or replace.
+pub fn insert(s: &mut dyn NodeStore, root: &mut Arc<Node>, key: Key, val: Vec<u8>) -> Result<()> {
+    let max = max_item_bytes(s.node_bytes());
+    if val.len() > max {
+        return Err(Error::Invalid(format!(
+            "item {key} of {} bytes exceeds the {max}-byte limit",
+            val.len()
+        )));
+    }
+    if let Some(right) = ins(s, root, key, val)? {
+        let level = root.level + 1;
+        let addr = s.alloc_node(root.owner, level)?;
+        let left = root.clone();
+        *root = Arc::new(Node {
+            addr,
+            gen: s.gen(),
+            owner: left.owner,
+            level,
+            body: Body::Internal(vec![child_of(left), child_of(right)]),
+        });
+    }
+    Ok(())
+}
+
+fn ins(
+    s: &mut dyn NodeStore,
+    node: &mut Arc<Node>,
+    key: Key,
+    val: Vec<u8>,
+) -> Result<Option<Arc<Node>>> {
+    let cap = capacity(s.node_bytes());
+    let gen = s.gen();
+    let n = cow(s, node)?;
+    match &mut n.body {
+        Body::Leaf(items) => {
+            match items.binary_search_by(|(k, _)| k.cmp(&key)) {
+                Ok(i) => items[i].1 = val,
+                Err(i) => items.insert(i, (key, val)),
+            }
+            if n.body_bytes() <= cap {
+                return Ok(None);
+            }
+            let Body::Leaf(items) = &mut n.body else {
+                unreachable!()
+            };
+            let at = leaf_split_point(items, cap);
+            let right = items.split_off(at);
+            let addr = s.alloc_node(n.owner, 0)?;
+            Ok(Some(Arc::new(Node {
+                addr,
+                gen,
+                owner: n.owner,
+                level: 0,
+                body: Body::Leaf(right),
+            })))
+        }
+        Body::Internal(_) => {
+            let idx = child_index(n.children(), &key);
+            let mut child = load_child(s, n, idx)?;
+            let split = ins(s, &mut child, key, val)?;
+            let Body::Internal(ch) = &mut n.body else {
+                unreachable!()
+            };
+            ch[idx] = child_of(child);
+            if let Some(r) = split {
+                ch.insert(idx + 1, child_of(r));
+            }
+            if ch.len() * CHILD_BYTES <= cap {
+                return Ok(None);
+            }
+            let right = ch.split_off(ch.len() / 2);
+            let addr = s.alloc_node(n.owner, n.level)?;
+            Ok(Some(Arc::new(Node {
+                addr,
+                gen,
+                owner: n.owner,
+                level: n.level,
+                body: Body::Internal(right),
+            })))
+        }
+    }
+}
+
+/// Split index that keeps both halves within capacity, as even as possible.
+fn leaf_split_point(items: &[(Key, Vec<u8>)], cap: usize) -> usize {
+    let sizes: Vec<usize> = items
+        .iter()
+        .map(|(_, d)| LEAF_ITEM_OVERHEAD + d.len())
+        .collect();
+    let total: usize = sizes.iter().sum();
+    let mut best = (usize::MAX, 1);
+    let mut left = 0;
+    for (i, sz) in sizes.iter().enumerate().take(sizes.len() - 1) {
+        left += sz;
+        let worst = left.max(total - left);
+        if worst < best.0 {
+            best = (worst, i + 1);
+        }
+    }
+    debug_assert!(best.0 <= cap, "leaf cannot be split within capacity");
+    best.1
+}
+
+/// Delete a key; returns whether it was present.
+pub fn delete(s: &mut dyn NodeStore, root: &mut Arc<Node>, key: &Key) -> Result<bool> {
+    if get(s, root, key)?.is_none() {
+        return Ok(false);
+    }
+    del(s, root, key)?;
+    // Shrink the root while it is an internal node with one child.
+    loop {
+        match &root.body {
+            Body::Internal(ch) if ch.len() == 1 => {
+                let child = load_child(s, root, 0)?;
+                s.free_node(root);
+                *root = child;
+            }
+            Body::Internal(ch) if ch.is_empty() => {
+                // A fresh leaf rather than a level change, so the block's
+                // extent item (keyed by level) stays true.
+                let addr = s.alloc_node(root.owner, 0)?;
+                s.free_node(root);
+                *root = Arc::new(Node::new_leaf(addr, s.gen(), root.owner));
+            }
+            _ => break,
+        }
+    }
+    Ok(true)
+}
+
+fn del(s: &mut dyn NodeStore, node: &mut Arc<Node>, key: &Key) -> Result<()> {
+    let cap = capacity(s.node_bytes());
+    let n = cow(s, node)?;
+    if let Body::Leaf(items) = &mut n.body {
+        if let Ok(i) = items.binary_search_by(|(k, _)| k.cmp(key)) {
+            items.remove(i);
+        }
+        return Ok(());
+    }
+    let idx = child_index(n.children(), key);
+    let mut child = load_child(s, n, idx)?;
+    del(s, &mut child, key)?;
+    if child.is_empty() {
+        s.free_node(&child);
+        let Body::Internal(ch) = &mut n.body else {
+            unreachable!()
+        };
+        ch.remove(idx);
+        return Ok(());
+    }
+    let underfull = child.body_bytes() < cap / 4;
+    {
+        let Body::Internal(ch) = &mut n.body else {
+            unreachable!()
+        };
+        ch[idx] = child_of(child);
+    }
+    if underfull && n.len() > 1 {
+        let (l, r) = if idx + 1 < n.len() {
+            (idx, idx + 1)
+        } else {
+            (idx - 1, idx)
+        };
+        try_merge(s, n, l, r, cap)?;
+    }
+    Ok(())
+}
+
+/// Merge child `r` into child `l` when the result fits in one node.
+fn try_merge(s: &mut dyn NodeStore, n: &mut Node, l: usize, r: usize, cap: usize) -> Result<()> {
+    let right = load_child(s, n, r)?;
+    let mut left = load_child(s, n, l)?;
+    if left.body_bytes() + right.body_bytes() > cap {
+        return Ok(());
+    }
+    let ln = cow(s, &mut left)?;
+    match (&mut ln.body, &right.body) {
+        (Body::Leaf(a), Body::Leaf(b)) => a.extend(b.iter().cloned()),
+        (Body::Internal(a), Body::Internal(b)) => a.extend(b.iter().cloned()),
+        _ => {
+            return Err(Error::BadNode {
+                logical: right.addr,
+                msg: "siblings at different levels".into(),
+            })
+        }
+    }
+    s.free_node(&right);
+    let Body::Internal(ch) = &mut n.body else {
+        unreachable!()
+    };
+    ch[l] = child_of(left);
+    ch.remove(r);
+    Ok(())
+}
+
+/// Forward iterator over items with keys in [start, end].
+pub struct Iter<'a> {
+    loader: &'a dyn NodeLoader,
+    /// (node, index): for a leaf the next item; for an internal node the child being walked.
+    stack: Vec<(Arc<Node>, usize)>,
+    end: Key,
+    failed: bool,
+}
+
+impl<'a> Iter<'a> {
+    /// Position at the first key >= `start`.
+    pub fn new(loader: &'a dyn NodeLoader, root: &Arc<Node>, start: Key, end: Key) -> Iter<'a> {
+        let mut it = Iter {
+            loader,
+            stack: Vec::new(),
+            end,
+            failed: false,
+        };
+        let mut node = root.clone();
+        loop {
+            match &node.body {
+                Body::Leaf(items) => {
+                    let i = items.partition_point(|(k, _)| *k < start);
+                    it.stack.push((node, i));
+                    break;
+                }
+                Body::Internal(ch) => {
+                    let i = child_index(ch, &start);
+                    match load_child(loader, &node, i) {
+                        Ok(c) => {
+                            it.stack.push((node, i));
+                            node = c;
+                        }
+                        Err(_) => {
+                            it.stack.push((node, i));
+                            it.failed = true;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        it
+    }
+}
+
+impl Iterator for Iter<'_> {
+    type Item = Result<(Key, Vec<u8>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            // Report the load failure once, by loading again for its error.
+            self.failed = false;
+            let (n, i) = self.stack.pop()?;
+            self.stack.clear();
+            return load_child(self.loader, &n, i).err().map(Err);
+        }
+        loop {
+            let (node, idx) = self.stack.last_mut()?;
+            if let Body::Leaf(items) = &node.body {
+                if *idx < items.len() {
+                    let (k, v) = &items[*idx];
+                    *idx += 1;
+                    if *k > self.end {
+                        self.stack.clear();
+                        return None;
+                    }
+                    return Some(Ok((*k, v.clone())));
+                }
+                self.stack.pop();
+                continue;
+            }
+            *idx += 1;
+            if *idx >= node.len() {
+                self.stack.pop();
+                continue;
+            }
+            if node.children()[*idx].key > self.end {
+                self.stack.clear();
+                return None;
+            }
+            let (node, idx) = (node.clone(), *idx);
+            match load_child(self.loader, &node, idx) {
+                Ok(c) => {
+                    let mut c = c;
+                    loop {
+                        let internal = !c.is_leaf();
+                        self.stack.push((c.clone(), 0));
+                        if !internal {
+                            break;
+                        }
+                        match load_child(self.loader, &c, 0) {
+                            Ok(x) => c = x,
+                            Err(e) => {
+                                self.stack.clear();
+                                return Some(Err(e));
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.stack.clear();
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Devices: positioned I/O and flush behind a trait, so tests can wrap a device
+//! with faults ([`crate::fault`]) without touching the engine.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// A device the pool stores bytes on.
+pub trait BlockDevice: Send + Sync {
+    /// Path for messages.
+    fn path(&self) -> &Path;
+    fn size_bytes(&self) -> u64;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Make every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+}
+
+/// A regular file or block device, locked exclusively while open.
+pub struct FileDevice {
+    path: PathBuf,
+    file: File,
+    size_bytes: u64,
+}
+
+impl FileDevice {
+    /// Open read-write and take an exclusive lock.
+    pub fn open(path: &Path) -> Result<FileDevice> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::Device {
+                path: path.into(),
+                msg: format!("cannot open: {e}"),
+            })?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::Busy(format!(
+                    "{}: in use by another process{}",
+                    path.display(),
+                    crate::device::owner_hint(path)
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Error::Device {
+                    path: path.into(),
+                    msg: format!("cannot lock: {e}"),
+                })
+            }
+        }
+        let size_bytes = device_size(&file).map_err(|e| Error::Device {
+            path: path.into(),
+            msg: format!("cannot read size: {e}"),
+        })?;
+        Ok(FileDevice {
+            path: path.into(),
+            file,
+            size_bytes,
+        })
+    }
+
+    /// Create (sparse) or extend a regular file to `size_bytes`.
+    pub fn create_sparse(path: &Path, size_bytes: u64) -> Result<()> {
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::Device {
+                path: path.into(),
+                msg: format!("cannot create: {e}"),
+            })?;
+        let cur = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if cur < size_bytes {
+            f.set_len(size_bytes).map_err(|e| Error::Device {
+                path: path.into(),
+                msg: format!("cannot size to {size_bytes}: {e}"),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn device_size(file: &File) -> io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let m = file.metadata()?;
+    if m.is_file() {
+        return Ok(m.len());
+    }
+    // Block devices report 0 in metadata; seeking to the end gives the size.
+    let mut f = file;
+    f.seek(SeekFrom::End(0))
+}
+
+/// Who holds a pool, if a server left a note beside the device.
+pub fn owner_hint(path: &Path) -> String {
+    let note = owner_note_path(path);
+    match std::fs::read_to_string(&note) {
+        Ok(s) if !s.trim().is_empty() => format!(" ({})", s.trim()),
+        _ => String::new(),
+    }
+}
+
+/// Where a server records its pid and control socket for a device.
+pub fn owner_note_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".owner");
+    PathBuf::from(p)
+}
+
+impl BlockDevice for FileDevice {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}

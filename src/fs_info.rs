@@ -1,0 +1,479 @@
+//! Shared state of an open pool: devices, chunk maps, block groups, the node
+//! cache, the running transaction, and the bookkeeping that decides when a
+//! freed extent may be reused. Also the mirrored I/O paths that verify what
+//! they read and repair a bad copy from a good one.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use crate::block_group::BlockGroup;
+use crate::btree::{Child, Node, NodeLoader};
+use crate::cache::NodeCache;
+use crate::csum::CsumType;
+use crate::error::{Error, Result};
+use crate::format::{tree_id, SECTOR_BYTES};
+use crate::sync::{lock, read, Arc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
+use crate::transaction::TransState;
+use crate::volumes::{Device, Mapped, MappingTree};
+
+/// Index of a tree in root arrays, in [`tree_id::ALL`] order.
+pub fn tree_index(id: u64) -> usize {
+    tree_id::ALL.iter().position(|&t| t == id).unwrap_or(0)
+}
+
+/// Roots of the last committed transaction: an immutable view for scrub,
+/// relocation and check.
+#[derive(Clone)]
+pub struct CommitRoots {
+    pub gen: u64,
+    pub roots: Vec<Arc<Node>>,
+}
+
+/// An extent freed by transaction `gen`, not yet reusable.
+#[derive(Debug, Clone, Copy)]
+struct Pinned {
+    gen: u64,
+    logical: u64,
+    len: u64,
+}
+
+/// Which copy failed and how, for error counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyFault {
+    Io,
+    Csum,
+    Generation,
+}
+
+/// Everything an open pool shares between threads.
+pub struct FsInfo {
+    pub pool_uuid: [u8; 16],
+    pub csum_type: CsumType,
+    pub node_bytes: usize,
+    pub label: String,
+    pub devices: RwLock<BTreeMap<u64, Arc<Device>>>,
+    pub mapping: MappingTree,
+    pub block_groups: RwLock<BTreeMap<u64, Arc<BlockGroup>>>,
+    /// Block groups whose used bytes reached zero, for the cleaner.
+    pub unused_bgs: Mutex<VecDeque<u64>>,
+    pub cache: NodeCache,
+    /// Nodes of a commit whose write-out is still in flight.
+    pub writeback: Mutex<HashMap<u64, Arc<Node>>>,
+    pub trans: Mutex<TransState>,
+    /// Serialises commits (outermost lock of the commit path).
+    pub commit_lock: Mutex<()>,
+    pub committed_gen: AtomicU64,
+    pub commit_roots: RwLock<CommitRoots>,
+    readers: Mutex<BTreeMap<u64, usize>>,
+    pinned: Mutex<Vec<Pinned>>,
+    aborted: Mutex<Option<String>>,
+    /// Device error counters changed since the last commit.
+    pub dev_stats_dirty: AtomicBool,
+    /// Longest data extent (bounded so its checksum item fits a leaf).
+    pub max_extent_bytes: u64,
+}
+
+/// Registration of a reader of trees as of generation `gen`: extents freed at
+/// or after `gen` stay pinned until it drops.
+pub struct ReadGuard<'a> {
+    fs: &'a FsInfo,
+    gen: u64,
+}
+
+impl Drop for ReadGuard<'_> {
+    fn drop(&mut self) {
+        {
+            let mut r = lock(&self.fs.readers);
+            if let Some(c) = r.get_mut(&self.gen) {
+                *c -= 1;
+                if *c == 0 {
+                    r.remove(&self.gen);
+                }
+            }
+        }
+        self.fs.release_pinned();
+    }
+}
+
+impl FsInfo {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        pool_uuid: [u8; 16],
+        csum_type: CsumType,
+        node_bytes: usize,
+        label: String,
+        devices: BTreeMap<u64, Arc<Device>>,
+        trans: TransState,
+        committed_gen: u64,
+        cache_bytes: usize,
+    ) -> FsInfo {
+        let cap = crate::btree::max_item_bytes(node_bytes) / 2;
+        let mut sectors = 256u64;
+        while sectors > 1 && sectors as usize * csum_type.size_bytes() > cap {
+            sectors /= 2;
+        }
+        FsInfo {
+            pool_uuid,
+            csum_type,
+            node_bytes,
+            label,
+            devices: RwLock::new(devices),
+            mapping: MappingTree::default(),
+            block_groups: RwLock::new(BTreeMap::new()),
+            unused_bgs: Mutex::new(VecDeque::new()),
+            cache: NodeCache::new(cache_bytes, node_bytes),
+            writeback: Mutex::new(HashMap::new()),
+            trans: Mutex::new(trans),
+            commit_lock: Mutex::new(()),
+            committed_gen: AtomicU64::new(committed_gen),
+            commit_roots: RwLock::new(CommitRoots {
+                gen: committed_gen,
+                roots: Vec::new(),
+            }),
+            readers: Mutex::new(BTreeMap::new()),
+            pinned: Mutex::new(Vec::new()),
+            aborted: Mutex::new(None),
+            dev_stats_dirty: AtomicBool::new(false),
+            max_extent_bytes: sectors * SECTOR_BYTES,
+        }
+    }
+
+    pub fn device(&self, devid: u64) -> Option<Arc<Device>> {
+        read(&self.devices).get(&devid).cloned()
+    }
+    pub fn devices(&self) -> Vec<Arc<Device>> {
+        read(&self.devices).values().cloned().collect()
+    }
+
+    /// The block group containing `logical`.
+    pub fn block_group(&self, logical: u64) -> Option<Arc<BlockGroup>> {
+        let bgs = read(&self.block_groups);
+        let (_, bg) = bgs.range(..=logical).next_back()?;
+        (logical < bg.end()).then(|| bg.clone())
+    }
+    pub fn block_group_list(&self) -> Vec<Arc<BlockGroup>> {
+        read(&self.block_groups).values().cloned().collect()
+    }
+
+    /// Fail fast once a transaction has aborted.
+    pub fn check_abort(&self) -> Result<()> {
+        match &*lock(&self.aborted) {
+            Some(m) => Err(Error::Aborted(m.clone())),
+            None => Ok(()),
+        }
+    }
+    /// Put the pool in the failed state: no more commits.
+    pub fn abort(&self, why: &str) -> Error {
+        let mut a = lock(&self.aborted);
+        if a.is_none() {
+            tracing::error!("pool aborted: {why}");
+            *a = Some(why.to_string());
+        }
+        Error::Aborted(a.clone().unwrap_or_default())
+    }
+    pub fn is_aborted(&self) -> bool {
+        lock(&self.aborted).is_some()
+    }
+
+    /// Register a reader of generation `gen` (call with the transaction lock held).
+    pub fn register_reader(&self, gen: u64) -> ReadGuard<'_> {
+        *lock(&self.readers).entry(gen).or_insert(0) += 1;
+        ReadGuard { fs: self, gen }
+    }
+
+    /// Record that [logical, +len) was freed by transaction `gen`.
+    pub fn pin(&self, gen: u64, logical: u64, len: u64) {
+        lock(&self.pinned).push(Pinned { gen, logical, len });
+    }
+
+    /// Bytes pinned, waiting for a commit or for readers.
+    pub fn pinned_bytes(&self) -> u64 {
+        lock(&self.pinned).iter().map(|p| p.len).sum()
+    }
+
+    /// Return pinned extents to free space once their transaction is durable
+    /// and no reader that could still see them remains.
+    pub fn release_pinned(&self) {
+        let committed = self.committed_gen.load(Ordering::Acquire);
+        let min_reader = lock(&self.readers)
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(u64::MAX);
+        let ready: Vec<Pinned> = {
+            let mut p = lock(&self.pinned);
+            let (ready, keep): (Vec<Pinned>, Vec<Pinned>) = p
+                .drain(..)
+                .partition(|x| x.gen <= committed && x.gen < min_reader);
+            *p = keep;
+            ready
+        };
+        for x in ready {
+            if let Some(bg) = self.block_group(x.logical) {
+                let mut st = bg.lock();
+                st.pinned -= x.len;
+                if !st.removed {
+                    st.free.insert(x.logical, x.len);
+                }
+            }
+        }
+    }
+
+    /// Count a bad copy against its device.
+    pub fn count_fault(&self, devid: u64, f: CopyFault) {
+        if let Some(d) = self.device(devid) {
+            let c = match f {
+                CopyFault::Io => &d.stats.read_errs,
+                CopyFault::Csum => &d.stats.corruption_errs,
+                CopyFault::Generation => &d.stats.generation_errs,
+            };
+            c.fetch_add(1, Ordering::Relaxed);
+            self.dev_stats_dirty.store(true, Ordering::Release);
+        }
+    }
+
+    /// Read `buf.len()` bytes of one mapped piece from copy `mirror`.
+    pub fn read_copy(&self, m: &Mapped, mirror: usize, buf: &mut [u8]) -> Result<()> {
+        let (devid, phys) = m.mirrors[mirror];
+        let dev = self.device(devid).ok_or_else(|| Error::Device {
+            path: format!("devid {devid}").into(),
+            msg: "device is missing".into(),
+        })?;
+        dev.dev.read_at(buf, phys).map_err(|e| Error::DeviceIo {
+            path: dev.dev.path().into(),
+            op: "read",
+            physical: phys,
+            len: buf.len() as u64,
+            source: e,
+        })
+    }
+
+    /// Write `data` to one copy of a mapped piece.
+    pub fn write_copy(&self, m: &Mapped, mirror: usize, data: &[u8]) -> Result<()> {
+        let (devid, phys) = m.mirrors[mirror];
+        let dev = self.device(devid).ok_or_else(|| Error::Device {
+            path: format!("devid {devid}").into(),
+            msg: "device is missing".into(),
+        })?;
+        dev.dev.write_at(data, phys).map_err(|e| {
+            dev.stats.write_errs.fetch_add(1, Ordering::Relaxed);
+            self.dev_stats_dirty.store(true, Ordering::Release);
+            Error::DeviceIo {
+                path: dev.dev.path().into(),
+                op: "write",
+                physical: phys,
+                len: data.len() as u64,
+                source: e,
+            }
+        })
+    }
+
+    /// Write `data` at `logical` to every copy.
+    pub fn write_logical(&self, logical: u64, data: &[u8]) -> Result<()> {
+        let map = self
+            .mapping
+            .lookup(logical)
+            .ok_or(Error::NoChunk { logical })?;
+        let pieces = map.map(logical, data.len() as u64)?;
+        for p in &pieces {
+            let off = (p.logical - logical) as usize;
+            let chunk = &data[off..off + p.len as usize];
+            for i in 0..p.mirrors.len() {
+                self.write_copy(p, i, chunk)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Flush every device.
+    pub fn flush_devices(&self) -> Result<()> {
+        for d in self.devices() {
+            d.dev.flush().map_err(|e| {
+                d.stats.flush_errs.fetch_add(1, Ordering::Relaxed);
+                self.dev_stats_dirty.store(true, Ordering::Release);
+                Error::DeviceIo {
+                    path: d.dev.path().into(),
+                    op: "flush",
+                    physical: 0,
+                    len: 0,
+                    source: e,
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Read a tree block, trying every copy; a copy that fails is rewritten
+    /// from the good one. `expect` = (generation, owner, level) from the parent.
+    pub fn read_node(&self, addr: u64, expect: Option<(u64, u64, u8)>) -> Result<Arc<Node>> {
+        let map = self
+            .mapping
+            .lookup(addr)
+            .ok_or(Error::NoChunk { logical: addr })?;
+        let pieces = map.map(addr, self.node_bytes as u64)?;
+        let copies = pieces[0].mirrors.len();
+        let mut buf = vec![0u8; self.node_bytes];
+        let mut bad = Vec::new();
+        let mut last_err = String::new();
+        for m in 0..copies {
+            let mut ok = true;
+            for p in &pieces {
+                let off = (p.logical - addr) as usize;
+                if let Err(e) = self.read_copy(p, m, &mut buf[off..off + p.len as usize]) {
+                    self.count_fault(p.mirrors[m].0, CopyFault::Io);
+                    last_err = e.to_string();
+                    ok = false;
+                    break;
+                }
+            }
+            if !ok {
+                bad.push(m);
+                continue;
+            }
+            let node = match Node::decode(&buf, addr, &self.pool_uuid, self.csum_type) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.count_fault(pieces[0].mirrors[m].0, CopyFault::Csum);
+                    last_err = e.to_string();
+                    bad.push(m);
+                    continue;
+                }
+            };
+            if let Some((gen, owner, level)) = expect {
+                if node.gen != gen || node.owner != owner || node.level != level {
+                    self.count_fault(pieces[0].mirrors[m].0, CopyFault::Generation);
+                    last_err = format!(
+                        "expected gen {gen} owner {owner} level {level}, found gen {} owner {} level {}",
+                        node.gen, node.owner, node.level
+                    );
+                    bad.push(m);
+                    continue;
+                }
+            }
+            for &b in &bad {
+                for p in &pieces {
+                    let off = (p.logical - addr) as usize;
+                    if self
+                        .write_copy(p, b, &buf[off..off + p.len as usize])
+                        .is_ok()
+                    {
+                        tracing::warn!("repaired tree block {addr:#x} on devid {}", p.mirrors[b].0);
+                    }
+                }
+            }
+            return Ok(Arc::new(node));
+        }
+        Err(Error::BadNode {
+            logical: addr,
+            msg: format!("no good copy among {copies}: {last_err}"),
+        })
+    }
+
+    /// Load a node through the write-back set and the cache.
+    pub fn load_node(&self, addr: u64, gen: u64, owner: u64, level: u8) -> Result<Arc<Node>> {
+        if let Some(n) = lock(&self.writeback).get(&addr) {
+            if n.gen == gen {
+                return Ok(n.clone());
+            }
+        }
+        if let Some(n) = self.cache.get(addr, gen) {
+            return Ok(n);
+        }
+        let n = self.read_node(addr, Some((gen, owner, level)))?;
+        self.cache.insert(n.clone());
+        Ok(n)
+    }
+
+    /// Read data at `logical` into `out`, verifying each sector against
+    /// `csums` (one per sector; None = no checksums) and repairing bad copies.
+    /// `name` describes the data for errors (volume and LBA).
+    pub fn read_data(
+        &self,
+        logical: u64,
+        out: &mut [u8],
+        csums: Option<&[u8]>,
+        name: &dyn Fn(u64, u64) -> Error,
+    ) -> Result<()> {
+        let map = self
+            .mapping
+            .lookup(logical)
+            .ok_or(Error::NoChunk { logical })?;
+        let pieces = map.map(logical, out.len() as u64)?;
+        let cs = self.csum_type.size_bytes();
+        let sector = SECTOR_BYTES as usize;
+        for p in &pieces {
+            let off = (p.logical - logical) as usize;
+            let buf = &mut out[off..off + p.len as usize];
+            let copies = p.mirrors.len();
+            let first = ((p.logical / (64 << 10)) % copies as u64) as usize;
+            let sums = csums.map(|c| &c[off / sector * cs..(off + buf.len()) / sector * cs]);
+            let whole_ok = self.read_copy(p, first, buf).is_ok();
+            if !whole_ok {
+                self.count_fault(p.mirrors[first].0, CopyFault::Io);
+            }
+            let bad: Vec<usize> = (0..buf.len() / sector)
+                .filter(|&i| {
+                    !whole_ok
+                        || sums.is_some_and(|s| {
+                            self.csum_type.compute(&buf[i * sector..(i + 1) * sector])[..cs]
+                                != s[i * cs..(i + 1) * cs]
+                        })
+                })
+                .collect();
+            if whole_ok && !bad.is_empty() {
+                for _ in &bad {
+                    self.count_fault(p.mirrors[first].0, CopyFault::Csum);
+                }
+            }
+            for i in bad {
+                let sec_logical = p.logical + (i * sector) as u64;
+                let one = Mapped {
+                    logical: sec_logical,
+                    len: SECTOR_BYTES,
+                    mirrors: p
+                        .mirrors
+                        .iter()
+                        .map(|&(d, ph)| (d, ph + (i * sector) as u64))
+                        .collect(),
+                };
+                let dst = &mut buf[i * sector..(i + 1) * sector];
+                let mut failed = vec![first];
+                let mut good = false;
+                for m in (0..copies).filter(|&m| m != first) {
+                    if self.read_copy(&one, m, dst).is_err() {
+                        self.count_fault(one.mirrors[m].0, CopyFault::Io);
+                        failed.push(m);
+                        continue;
+                    }
+                    let ok = sums.is_none_or(|s| {
+                        self.csum_type.compute(dst)[..cs] == s[i * cs..(i + 1) * cs]
+                    });
+                    if ok {
+                        good = true;
+                        break;
+                    }
+                    self.count_fault(one.mirrors[m].0, CopyFault::Csum);
+                    failed.push(m);
+                }
+                if !good {
+                    return Err(name(sec_logical, SECTOR_BYTES));
+                }
+                for &m in &failed {
+                    if self.write_copy(&one, m, dst).is_ok() {
+                        tracing::warn!(
+                            "repaired data sector at logical {sec_logical:#x} on devid {} physical {:#x}",
+                            one.mirrors[m].0,
+                            one.mirrors[m].1
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl NodeLoader for FsInfo {
+    fn load(&self, child: &Child, owner: u64, level: u8) -> Result<Arc<Node>> {
+        self.load_node(child.addr, child.gen, owner, level)
+    }
+}

@@ -1,0 +1,752 @@
+//! The pool: the library's front door. mkfs, open, volumes, usage, device
+//! statistics, flush.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::btree::{Iter, NodeLoader};
+use crate::csum::CsumType;
+use crate::device::{BlockDevice, FileDevice};
+use crate::error::{Error, Result};
+use crate::format::{
+    bg_type, item, new_uuid, objectid, tree_id, BlockGroupItem, ChunkItem, DevExtent, DevItem,
+    DevStats, Key, Profile, Superblock, VolumeItem, DEFAULT_NODE_BYTES, SECTOR_BYTES, SUPER_BYTES,
+    SUPER_OFFSETS, VOLUME_NAME_MAX_BYTES,
+};
+use crate::fs_info::{tree_index, CommitRoots, FsInfo};
+use crate::sync::{lock, read, write, Arc, Ordering};
+use crate::transaction::{commit, Ctx, TransState, VolumeInfo};
+use crate::volume::Volume;
+use crate::volumes::Device;
+
+/// Smallest device mkfs accepts.
+pub const MIN_DEVICE_BYTES: u64 = 32 << 20;
+/// Largest volume (keeps LBA arithmetic far from overflow).
+pub const MAX_VOLUME_BYTES: u64 = 1 << 60;
+/// Default node cache bound.
+pub const DEFAULT_CACHE_BYTES: usize = 256 << 20;
+
+/// Choices made at mkfs.
+#[derive(Debug, Clone)]
+pub struct MkfsOptions {
+    pub data: Option<Profile>,
+    pub metadata: Option<Profile>,
+    pub csum: CsumType,
+    pub node_bytes: u32,
+    pub label: String,
+    /// Overwrite devices that already hold a pool.
+    pub force: bool,
+}
+
+impl Default for MkfsOptions {
+    fn default() -> Self {
+        MkfsOptions {
+            data: None,
+            metadata: None,
+            csum: CsumType::Crc32c,
+            node_bytes: DEFAULT_NODE_BYTES,
+            label: String::new(),
+            force: false,
+        }
+    }
+}
+
+/// An open pool. Cheap to clone; safe to share between threads.
+#[derive(Clone)]
+pub struct Pool {
+    fs: Arc<FsInfo>,
+}
+
+/// Pool usage, as `usage --json` prints it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Usage {
+    pub device_size_bytes: u64,
+    pub allocated_bytes: u64,
+    pub unallocated_bytes: u64,
+    pub used_bytes: u64,
+    pub data_ratio: f64,
+    pub metadata_ratio: f64,
+    pub generation: u64,
+    pub devices: Vec<DeviceUsage>,
+    pub block_groups: Vec<BlockGroupUsage>,
+    pub unused_block_groups: Vec<u64>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceUsage {
+    pub devid: u64,
+    pub path: String,
+    pub size_bytes: u64,
+    pub allocated_bytes: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BlockGroupUsage {
+    pub start: u64,
+    pub length: u64,
+    #[serde(rename = "type")]
+    pub bg_type: String,
+    pub profile: String,
+    pub used_bytes: u64,
+    pub ro: bool,
+}
+
+/// One device's error counters.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceStats {
+    pub devid: u64,
+    pub path: String,
+    #[serde(flatten)]
+    pub stats: DevStats,
+}
+
+/// A volume as listed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VolumeSummary {
+    pub name: String,
+    pub size_bytes: u64,
+    pub allocated_bytes: u64,
+}
+
+/// Check a volume name: non-empty, at most 200 bytes, no '/' or NUL.
+pub fn validate_volume_name(name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::Invalid("volume name is empty".into()));
+    }
+    if name.len() > VOLUME_NAME_MAX_BYTES {
+        return Err(Error::Invalid(format!(
+            "volume name is {} bytes long; the limit is {VOLUME_NAME_MAX_BYTES}",
+            name.len()
+        )));
+    }
+    if name.contains('/') || name.contains('\0') {
+        return Err(Error::Invalid(format!(
+            "volume name '{name}' contains '/' or NUL"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_volume_size(name: &str, size: u64) -> Result<()> {
+    if size == 0 || size % SECTOR_BYTES != 0 || size > MAX_VOLUME_BYTES {
+        return Err(Error::Invalid(format!(
+            "volume {name}: size {size} must be a non-zero multiple of 4096 and at most 2^60"
+        )));
+    }
+    Ok(())
+}
+
+/// Read every valid superblock copy of a device; the newest first.
+pub fn read_supers(dev: &dyn BlockDevice) -> Result<Vec<Superblock>> {
+    let mut out = Vec::new();
+    let mut last = String::from("device too small");
+    for &o in &SUPER_OFFSETS {
+        if o + SUPER_BYTES as u64 > dev.size_bytes() {
+            break;
+        }
+        let mut buf = vec![0u8; SUPER_BYTES];
+        if let Err(e) = dev.read_at(&mut buf, o) {
+            last = format!("copy at {o}: {e}");
+            continue;
+        }
+        match Superblock::decode(&buf) {
+            Ok(sb) => out.push(sb),
+            Err(e) => last = format!("copy at {o}: {e}"),
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::BadSuper {
+            path: dev.path().into(),
+            msg: format!("no valid superblock ({last})"),
+        });
+    }
+    out.sort_by(|a, b| b.generation.cmp(&a.generation));
+    Ok(out)
+}
+
+fn open_files(paths: &[PathBuf]) -> Result<Vec<Arc<dyn BlockDevice>>> {
+    paths
+        .iter()
+        .map(|p| FileDevice::open(p).map(|d| Arc::new(d) as Arc<dyn BlockDevice>))
+        .collect()
+}
+
+impl Pool {
+    /// Format `devs` as a new pool.
+    pub fn mkfs(devs: Vec<Arc<dyn BlockDevice>>, opts: &MkfsOptions) -> Result<()> {
+        if devs.is_empty() {
+            return Err(Error::Invalid("mkfs needs at least one device".into()));
+        }
+        let n = devs.len();
+        let data = opts.data.unwrap_or(if n > 1 {
+            Profile::Raid1
+        } else {
+            Profile::Single
+        });
+        let meta = opts
+            .metadata
+            .unwrap_or(if n > 1 { Profile::Raid1 } else { Profile::Dup });
+        for p in [data, meta] {
+            if n < p.min_devices() {
+                return Err(Error::Invalid(format!(
+                    "profile {} needs at least {} devices, got {n}",
+                    p.name(),
+                    p.min_devices()
+                )));
+            }
+        }
+        let nb = opts.node_bytes;
+        if !(4096..=65536).contains(&nb) || !nb.is_power_of_two() {
+            return Err(Error::Invalid(format!(
+                "node size {nb} must be a power of two from 4096 to 65536"
+            )));
+        }
+        let mut seen = Vec::new();
+        for d in &devs {
+            if d.size_bytes() < MIN_DEVICE_BYTES {
+                return Err(Error::Device {
+                    path: d.path().into(),
+                    msg: format!(
+                        "{} bytes is too small; the minimum is {MIN_DEVICE_BYTES}",
+                        d.size_bytes()
+                    ),
+                });
+            }
+            let canon = std::fs::canonicalize(d.path()).unwrap_or_else(|_| d.path().into());
+            if seen.contains(&canon) {
+                return Err(Error::Invalid(format!(
+                    "{} is named twice",
+                    d.path().display()
+                )));
+            }
+            seen.push(canon);
+            if !opts.force {
+                if let Ok(sbs) = read_supers(d.as_ref()) {
+                    return Err(Error::Device {
+                        path: d.path().into(),
+                        msg: format!(
+                            "already holds chunkvol pool {}; use --force to overwrite",
+                            crate::format::uuid_string(&sbs[0].pool_uuid)
+                        ),
+                    });
+                }
+            }
+        }
+        let mut devices = BTreeMap::new();
+        for (i, d) in devs.into_iter().enumerate() {
+            let devid = i as u64 + 1;
+            devices.insert(
+                devid,
+                Arc::new(Device {
+                    devid,
+                    uuid: new_uuid(),
+                    total_bytes: d.size_bytes(),
+                    dev: d,
+                    stats: Default::default(),
+                    extents: Default::default(),
+                }),
+            );
+        }
+        let fs = FsInfo::new(
+            new_uuid(),
+            opts.csum,
+            nb as usize,
+            opts.label.clone(),
+            devices,
+            TransState::new(1, data, meta),
+            0,
+            DEFAULT_CACHE_BYTES,
+        );
+        {
+            let mut st = lock(&fs.trans);
+            let mut ctx = Ctx::join(&fs, &mut st);
+            ctx.new_chunk(bg_type::SYSTEM)?;
+            ctx.new_chunk(bg_type::METADATA)?;
+            ctx.new_chunk(bg_type::DATA)?;
+            for t in tree_id::ALL {
+                let addr = crate::btree::NodeStore::alloc_node(&mut ctx, t, 0)?;
+                let leaf = crate::btree::Node::new_leaf(addr, 1, t);
+                ctx.st.roots[tree_index(t)] = Some(Arc::new(leaf));
+            }
+            for d in ctx.fs.devices() {
+                let it = DevItem {
+                    devid: d.devid,
+                    total_bytes: d.total_bytes,
+                    uuid: d.uuid,
+                };
+                ctx.insert(
+                    tree_id::CHUNK,
+                    Key::new(objectid::DEV_ITEMS, item::DEV_ITEM, d.devid),
+                    it.encode(),
+                )?;
+            }
+            fs.dev_stats_dirty.store(true, Ordering::Release);
+        }
+        commit(&fs)?;
+        Ok(())
+    }
+
+    /// Format device files, creating missing ones as sparse files of `create_bytes`.
+    pub fn mkfs_paths(
+        paths: &[PathBuf],
+        create_bytes: Option<u64>,
+        opts: &MkfsOptions,
+    ) -> Result<()> {
+        if let Some(sz) = create_bytes {
+            for p in paths {
+                FileDevice::create_sparse(p, sz)?;
+            }
+        }
+        Self::mkfs(open_files(paths)?, opts)
+    }
+
+    /// Open device files.
+    pub fn open_paths(paths: &[PathBuf]) -> Result<Pool> {
+        Self::open(open_files(paths)?)
+    }
+
+    /// Open a pool from its devices. Builds free space from metadata only.
+    pub fn open(devs: Vec<Arc<dyn BlockDevice>>) -> Result<Pool> {
+        if devs.is_empty() {
+            return Err(Error::Invalid("no devices given".into()));
+        }
+        let mut supers = Vec::new();
+        for d in &devs {
+            supers.push(read_supers(d.as_ref())?.remove(0));
+        }
+        let best = supers
+            .iter()
+            .max_by_key(|s| s.generation)
+            .cloned()
+            .expect("non-empty");
+        let mut devices = BTreeMap::new();
+        for (d, sb) in devs.iter().zip(&supers) {
+            if sb.pool_uuid != best.pool_uuid {
+                return Err(Error::Device {
+                    path: d.path().into(),
+                    msg: format!(
+                        "belongs to pool {}, not {}",
+                        crate::format::uuid_string(&sb.pool_uuid),
+                        crate::format::uuid_string(&best.pool_uuid)
+                    ),
+                });
+            }
+            if devices.contains_key(&sb.devid) {
+                return Err(Error::Device {
+                    path: d.path().into(),
+                    msg: format!("devid {} given twice", sb.devid),
+                });
+            }
+            devices.insert(
+                sb.devid,
+                Arc::new(Device {
+                    devid: sb.devid,
+                    uuid: sb.dev_uuid,
+                    total_bytes: d.size_bytes(),
+                    dev: d.clone(),
+                    stats: Default::default(),
+                    extents: Default::default(),
+                }),
+            );
+        }
+        let fs = FsInfo::new(
+            best.pool_uuid,
+            best.csum_type,
+            best.node_bytes as usize,
+            best.label.clone(),
+            devices,
+            TransState::new(
+                best.generation + 1,
+                best.data_profile,
+                best.metadata_profile,
+            ),
+            best.generation,
+            DEFAULT_CACHE_BYTES,
+        );
+        let bad = |m: String| {
+            Error::Corrupt(format!(
+                "pool {}: {m}",
+                crate::format::uuid_string(&best.pool_uuid)
+            ))
+        };
+        for c in best
+            .sys_chunks()
+            .map_err(|e| bad(format!("system chunk array: {e}")))?
+        {
+            fs.mapping.insert(c);
+        }
+        // The chunk tree lives in system chunks; it maps where the other roots are.
+        let load_root = |i: usize| -> Result<Arc<crate::btree::Node>> {
+            let r = best.roots[i];
+            let n = fs.read_node(r.addr, Some((r.gen, tree_id::ALL[i], r.level)))?;
+            fs.cache.insert(n.clone());
+            Ok(n)
+        };
+        let chunk_root = load_root(tree_index(tree_id::CHUNK))?;
+        let mut dev_items = Vec::new();
+        for r in Iter::new(&fs as &dyn NodeLoader, &chunk_root, Key::MIN, Key::MAX) {
+            let (k, v) = r?;
+            match k.ty {
+                item::DEV_ITEM => dev_items
+                    .push(DevItem::decode(&v).map_err(|e| bad(format!("dev item {k}: {e}")))?),
+                item::CHUNK => {
+                    let c = ChunkItem::decode(k.offset, &v)
+                        .map_err(|e| bad(format!("chunk item {k}: {e}")))?;
+                    fs.mapping.insert(c);
+                }
+                _ => {}
+            }
+        }
+        let roots = (0..tree_id::ALL.len())
+            .map(load_root)
+            .collect::<Result<Vec<_>>>()?;
+        {
+            let mut st = lock(&fs.trans);
+            for (i, r) in roots.iter().enumerate() {
+                st.roots[i] = Some(r.clone());
+            }
+            st.next_volume_id = best.next_volume_id;
+        }
+        *write(&fs.commit_roots) = CommitRoots {
+            gen: best.generation,
+            roots: roots.clone(),
+        };
+        let scan = |tree: u64| -> Iter<'_> {
+            Iter::new(
+                &fs as &dyn NodeLoader,
+                &roots[tree_index(tree)],
+                Key::MIN,
+                Key::MAX,
+            )
+        };
+        let missing: Vec<String> = dev_items
+            .iter()
+            .filter(|d| fs.device(d.devid).is_none())
+            .map(|d| {
+                format!(
+                    "devid {} (uuid {})",
+                    d.devid,
+                    crate::format::uuid_string(&d.uuid)
+                )
+            })
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::Device {
+                path: devs[0].path().into(),
+                msg: format!("pool is missing {}", missing.join(", ")),
+            });
+        }
+        for d in fs.devices() {
+            if !dev_items
+                .iter()
+                .any(|x| x.devid == d.devid && x.uuid == d.uuid)
+            {
+                return Err(Error::Device {
+                    path: d.dev.path().into(),
+                    msg: format!("devid {} is not a member of this pool", d.devid),
+                });
+            }
+        }
+        // Dev tree: device extents and error counters.
+        for r in scan(tree_id::DEV) {
+            let (k, v) = r?;
+            match k.ty {
+                item::DEV_EXTENT => {
+                    let de = DevExtent::decode(&v).map_err(|e| bad(format!("{k}: {e}")))?;
+                    if let Some(d) = fs.device(k.objectid) {
+                        write(&d.extents).insert(k.offset, de.length);
+                    }
+                }
+                item::DEV_STATS => {
+                    if let Some(d) = fs.device(k.offset) {
+                        d.stats
+                            .set(&DevStats::decode(&v).map_err(|e| bad(format!("{k}: {e}")))?);
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Extent tree: block groups and what is allocated in them.
+        let mut allocated: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
+        for r in scan(tree_id::EXTENT) {
+            let (k, v) = r?;
+            match k.ty {
+                item::BLOCK_GROUP => {
+                    let bi = BlockGroupItem::decode(&v).map_err(|e| bad(format!("{k}: {e}")))?;
+                    let map = fs
+                        .mapping
+                        .get(k.objectid)
+                        .ok_or_else(|| bad(format!("block group {k} has no chunk")))?;
+                    let bg = crate::block_group::BlockGroup::new(
+                        k.objectid,
+                        k.offset,
+                        bi.bg_type,
+                        map.item.profile,
+                    );
+                    bg.lock().used = bi.used;
+                    write(&fs.block_groups).insert(k.objectid, Arc::new(bg));
+                }
+                item::EXTENT => allocated
+                    .entry(k.objectid)
+                    .or_default()
+                    .push((k.objectid, k.offset)),
+                item::METADATA => allocated
+                    .entry(k.objectid)
+                    .or_default()
+                    .push((k.objectid, fs.node_bytes as u64)),
+                _ => {}
+            }
+        }
+        for bg in fs.block_group_list() {
+            let mut s = bg.lock();
+            let mut pos = bg.start;
+            for (_, list) in allocated.range(bg.start..bg.end()) {
+                for &(a, l) in list {
+                    if a > pos {
+                        s.free.insert(pos, a - pos);
+                    }
+                    pos = pos.max(a + l);
+                }
+            }
+            if bg.end() > pos {
+                s.free.insert(pos, bg.end() - pos);
+            }
+            if s.used == 0 && bg.bg_type == bg_type::DATA {
+                s.on_unused_list = true;
+                lock(&fs.unused_bgs).push_back(bg.start);
+            }
+        }
+        // Volume tree: the volumes.
+        {
+            let mut st = lock(&fs.trans);
+            let end = Key::new(objectid::VOLUMES, item::VOLUME_ITEM, u64::MAX);
+            let it = Iter::new(
+                &fs as &dyn NodeLoader,
+                &roots[tree_index(tree_id::VOLUME)],
+                Key::new(objectid::VOLUMES, item::VOLUME_ITEM, 0),
+                end,
+            );
+            for r in it {
+                let (k, v) = r?;
+                let vi = VolumeItem::decode(&v).map_err(|e| bad(format!("{k}: {e}")))?;
+                st.volumes.insert(
+                    vi.name,
+                    VolumeInfo {
+                        id: k.offset,
+                        size_bytes: vi.size_bytes,
+                    },
+                );
+            }
+        }
+        Ok(Pool { fs: Arc::new(fs) })
+    }
+
+    /// Shared engine state (for subsystems and tests).
+    pub fn fs(&self) -> &Arc<FsInfo> {
+        &self.fs
+    }
+
+    pub fn create_volume(&self, name: &str, size_bytes: u64) -> Result<Volume> {
+        validate_volume_name(name)?;
+        validate_volume_size(name, size_bytes)?;
+        let mut st = lock(&self.fs.trans);
+        if st.volumes.contains_key(name) {
+            return Err(Error::VolumeExists(name.into()));
+        }
+        let id = st.next_volume_id;
+        let mut ctx = Ctx::begin(&self.fs, &mut st)?;
+        ctx.insert(
+            tree_id::VOLUME,
+            Key::new(objectid::VOLUMES, item::VOLUME_ITEM, id),
+            VolumeItem {
+                size_bytes,
+                name: name.into(),
+            }
+            .encode(),
+        )?;
+        st.next_volume_id += 1;
+        st.volumes
+            .insert(name.into(), VolumeInfo { id, size_bytes });
+        Ok(Volume::new(self.fs.clone(), id, name))
+    }
+
+    /// A handle on an existing volume.
+    pub fn volume(&self, name: &str) -> Result<Volume> {
+        let st = lock(&self.fs.trans);
+        let v = st
+            .volumes
+            .get(name)
+            .ok_or_else(|| Error::NoVolume(name.into()))?;
+        Ok(Volume::new(self.fs.clone(), v.id, name))
+    }
+
+    pub fn volume_names(&self) -> Vec<String> {
+        lock(&self.fs.trans).volumes.keys().cloned().collect()
+    }
+
+    pub fn list_volumes(&self) -> Result<Vec<VolumeSummary>> {
+        let mut out = Vec::new();
+        for name in self.volume_names() {
+            let v = self.volume(&name)?;
+            out.push(VolumeSummary {
+                size_bytes: v.size_bytes()?,
+                allocated_bytes: v.allocated_bytes()?,
+                name,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Delete a volume and free its data.
+    pub fn delete_volume(&self, name: &str) -> Result<()> {
+        let mut st = lock(&self.fs.trans);
+        let v = st
+            .volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::NoVolume(name.into()))?;
+        let mut ctx = Ctx::begin(&self.fs, &mut st)?;
+        crate::extent::punch(&mut ctx, v.id, 0, v.size_bytes)?;
+        ctx.delete(
+            tree_id::VOLUME,
+            &Key::new(objectid::VOLUMES, item::VOLUME_ITEM, v.id),
+        )?;
+        st.volumes.remove(name);
+        Ok(())
+    }
+
+    /// Grow or shrink a volume; shrinking frees the data past the new end.
+    pub fn resize_volume(&self, name: &str, size_bytes: u64) -> Result<()> {
+        validate_volume_size(name, size_bytes)?;
+        let mut st = lock(&self.fs.trans);
+        let v = st
+            .volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::NoVolume(name.into()))?;
+        let mut ctx = Ctx::begin(&self.fs, &mut st)?;
+        if size_bytes < v.size_bytes {
+            crate::extent::punch(&mut ctx, v.id, size_bytes, v.size_bytes - size_bytes)?;
+        }
+        ctx.insert(
+            tree_id::VOLUME,
+            Key::new(objectid::VOLUMES, item::VOLUME_ITEM, v.id),
+            VolumeItem {
+                size_bytes,
+                name: name.into(),
+            }
+            .encode(),
+        )?;
+        st.volumes.insert(
+            name.into(),
+            VolumeInfo {
+                id: v.id,
+                size_bytes,
+            },
+        );
+        Ok(())
+    }
+
+    /// Commit: everything written before this call is durable after it.
+    pub fn flush(&self) -> Result<u64> {
+        commit(&self.fs)
+    }
+
+    /// Commit and release the devices.
+    pub fn close(self) -> Result<()> {
+        if !self.fs.is_aborted() {
+            commit(&self.fs)?;
+        }
+        Ok(())
+    }
+
+    pub fn usage(&self) -> Usage {
+        let fs = &self.fs;
+        let devices: Vec<DeviceUsage> = fs
+            .devices()
+            .iter()
+            .map(|d| DeviceUsage {
+                devid: d.devid,
+                path: d.dev.path().display().to_string(),
+                size_bytes: d.total_bytes,
+                allocated_bytes: d.allocated_bytes(),
+            })
+            .collect();
+        let mut used = 0;
+        let mut bgs = Vec::new();
+        let (mut dr, mut mr) = (1.0, 1.0);
+        for bg in fs.block_group_list() {
+            let s = bg.lock();
+            let copies = bg.profile.copies() as u64;
+            used += s.used * copies;
+            if bg.bg_type == bg_type::DATA {
+                dr = copies as f64;
+            } else if bg.bg_type == bg_type::METADATA {
+                mr = copies as f64;
+            }
+            bgs.push(BlockGroupUsage {
+                start: bg.start,
+                length: bg.length,
+                bg_type: bg_type::name(bg.bg_type).into(),
+                profile: bg.profile.name().into(),
+                used_bytes: s.used,
+                ro: s.ro > 0,
+            });
+        }
+        let size: u64 = devices.iter().map(|d| d.size_bytes).sum();
+        let alloc: u64 = devices.iter().map(|d| d.allocated_bytes).sum();
+        Usage {
+            device_size_bytes: size,
+            allocated_bytes: alloc,
+            unallocated_bytes: size - alloc.min(size),
+            used_bytes: used,
+            data_ratio: dr,
+            metadata_ratio: mr,
+            generation: fs.committed_gen.load(Ordering::Acquire),
+            devices,
+            block_groups: bgs,
+            unused_block_groups: lock(&fs.unused_bgs).iter().copied().collect(),
+        }
+    }
+
+    pub fn device_stats(&self) -> Vec<DeviceStats> {
+        self.fs
+            .devices()
+            .iter()
+            .map(|d| DeviceStats {
+                devid: d.devid,
+                path: d.dev.path().display().to_string(),
+                stats: d.stats.snapshot(),
+            })
+            .collect()
+    }
+
+    /// Zero every device's error counters (persisted at the next commit).
+    pub fn reset_device_stats(&self) {
+        for d in self.fs.devices() {
+            d.stats.set(&DevStats::default());
+        }
+        self.fs.dev_stats_dirty.store(true, Ordering::Release);
+    }
+
+    /// Paths of the devices, by devid.
+    pub fn device_paths(&self) -> Vec<PathBuf> {
+        read(&self.fs.devices)
+            .values()
+            .map(|d| d.dev.path().to_path_buf())
+            .collect()
+    }
+}
+
+/// Whether `path` looks like it holds a chunkvol pool.
+pub fn is_pool_device(path: &Path) -> bool {
+    std::fs::File::open(path)
+        .ok()
+        .and_then(|f| {
+            use std::os::unix::fs::FileExt;
+            let mut b = vec![0u8; SUPER_BYTES];
+            f.read_exact_at(&mut b, SUPER_OFFSETS[0]).ok()?;
+            Superblock::decode(&b).ok()
+        })
+        .is_some()
+}

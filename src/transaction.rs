@@ -1,0 +1,585 @@
+//! Transactions. Every change joins the running transaction; commit runs the
+//! delayed work (chunk items, tree-block extent items, block group items)
+//! to a fixed point, serialises the dirty nodes, opens the next transaction,
+//! and only then writes: nodes to every mirror, flush, superblocks, flush.
+//! Extents freed by a transaction stay pinned until it is durable (and no
+//! reader of an older view remains), so a crash always finds the last
+//! committed tree intact.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::block_group::BlockGroup;
+use crate::btree::{self, Body, Child, Node, NodeLoader, NodeStore};
+use crate::error::{Error, Result};
+use crate::format::{
+    bg_type, item, objectid, tree_id, BlockGroupItem, ChunkItem, DevExtent, Key, MetadataItem,
+    Profile, RootPtr, Superblock, SUPER_BYTES, SUPER_OFFSETS, SYS_ARRAY_MAX_BYTES,
+};
+use crate::fs_info::{tree_index, CommitRoots, FsInfo};
+use crate::sync::{lock, write, Arc, Ordering};
+use crate::volumes::alloc_chunk;
+
+/// A tree block's pending extent-tree change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaRef {
+    Insert { level: u8, owner: u64 },
+    Delete { level: u8 },
+}
+
+/// A volume as the running transaction sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub id: u64,
+    pub size_bytes: u64,
+}
+
+/// The running transaction. Lock order: commit lock, then this, then block
+/// group locks, then chunk maps, then devices.
+pub struct TransState {
+    pub gen: u64,
+    /// Live roots in [`tree_id::ALL`] order (taken out while a tree is changed).
+    pub roots: [Option<Arc<Node>>; 5],
+    pub delayed_meta: BTreeMap<u64, MetaRef>,
+    pub dirty_bgs: BTreeSet<u64>,
+    pub pending_chunks: Vec<ChunkItem>,
+    pub dirty: bool,
+    pub data_profile: Profile,
+    pub metadata_profile: Profile,
+    pub next_volume_id: u64,
+    pub volumes: BTreeMap<String, VolumeInfo>,
+}
+
+impl TransState {
+    pub fn new(gen: u64, data_profile: Profile, metadata_profile: Profile) -> TransState {
+        TransState {
+            gen,
+            roots: Default::default(),
+            delayed_meta: BTreeMap::new(),
+            dirty_bgs: BTreeSet::new(),
+            pending_chunks: Vec::new(),
+            dirty: false,
+            data_profile,
+            metadata_profile,
+            next_volume_id: objectid::FIRST_VOLUME,
+            volumes: BTreeMap::new(),
+        }
+    }
+    /// Live root of a tree.
+    pub fn root(&self, tree: u64) -> Arc<Node> {
+        self.roots[tree_index(tree)]
+            .clone()
+            .expect("tree root taken out")
+    }
+}
+
+/// The running transaction, joined: what tree code changes through.
+pub struct Ctx<'a> {
+    pub fs: &'a FsInfo,
+    pub st: &'a mut TransState,
+}
+
+/// Metadata space kept free before a change starts, in nodes.
+const META_RESERVE_NODES: u64 = 128;
+/// Below this many free nodes a change fails with ENOSPC up front.
+const META_MIN_NODES: u64 = 32;
+
+impl NodeLoader for Ctx<'_> {
+    fn load(&self, child: &Child, owner: u64, level: u8) -> Result<Arc<Node>> {
+        self.fs.load(child, owner, level)
+    }
+}
+
+impl NodeStore for Ctx<'_> {
+    fn gen(&self) -> u64 {
+        self.st.gen
+    }
+    fn node_bytes(&self) -> usize {
+        self.fs.node_bytes
+    }
+    fn alloc_node(&mut self, owner: u64, level: u8) -> Result<u64> {
+        let t = if owner == tree_id::CHUNK {
+            bg_type::SYSTEM
+        } else {
+            bg_type::METADATA
+        };
+        let nb = self.fs.node_bytes as u64;
+        let (addr, _) = self.alloc_extent(t, nb, nb)?;
+        self.st
+            .delayed_meta
+            .insert(addr, MetaRef::Insert { level, owner });
+        Ok(addr)
+    }
+    fn free_node(&mut self, node: &Node) {
+        match self.st.delayed_meta.get(&node.addr) {
+            Some(MetaRef::Insert { .. }) => {
+                self.st.delayed_meta.remove(&node.addr);
+            }
+            _ => {
+                self.st
+                    .delayed_meta
+                    .insert(node.addr, MetaRef::Delete { level: node.level });
+            }
+        }
+        self.fs.cache.remove(node.addr);
+        self.free_extent(node.addr, self.fs.node_bytes as u64);
+    }
+}
+
+impl<'a> Ctx<'a> {
+    /// Join the running transaction for a change, making sure metadata space
+    /// exists before anything is modified.
+    pub fn begin(fs: &'a FsInfo, st: &'a mut TransState) -> Result<Ctx<'a>> {
+        fs.check_abort()?;
+        let mut c = Ctx { fs, st };
+        c.ensure_meta_space()?;
+        Ok(c)
+    }
+
+    /// Join without the space check (mkfs and commit-time work).
+    pub fn join(fs: &'a FsInfo, st: &'a mut TransState) -> Ctx<'a> {
+        Ctx { fs, st }
+    }
+
+    fn free_of_type(&self, t: u64) -> u64 {
+        self.fs
+            .block_group_list()
+            .iter()
+            .filter(|b| b.bg_type == t)
+            .map(|b| {
+                let s = b.lock();
+                if s.ro > 0 || s.removed {
+                    0
+                } else {
+                    s.free.total_bytes()
+                }
+            })
+            .sum()
+    }
+
+    fn ensure_meta_space(&mut self) -> Result<()> {
+        let nb = self.fs.node_bytes as u64;
+        for (t, want) in [
+            (bg_type::METADATA, META_RESERVE_NODES),
+            (bg_type::SYSTEM, META_RESERVE_NODES / 8),
+        ] {
+            let free = self.free_of_type(t);
+            if free >= want * nb {
+                continue;
+            }
+            if let Err(e) = self.new_chunk(t) {
+                let min = if t == bg_type::SYSTEM {
+                    META_MIN_NODES / 8
+                } else {
+                    META_MIN_NODES
+                };
+                if free < min * nb {
+                    return Err(match e {
+                        Error::NoSpace(m) => Error::NoSpace(format!("metadata: {m}")),
+                        e => e,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Create a chunk and its block group; its items are inserted at commit.
+    pub fn new_chunk(&mut self, t: u64) -> Result<Arc<BlockGroup>> {
+        let profile = if t == bg_type::DATA {
+            self.st.data_profile
+        } else {
+            self.st.metadata_profile
+        };
+        let logical = self.fs.mapping.next_logical();
+        let item = alloc_chunk(&self.fs.devices(), logical, t, profile)?;
+        if t == bg_type::SYSTEM {
+            let mut sys: Vec<ChunkItem> = self
+                .fs
+                .mapping
+                .all()
+                .iter()
+                .filter(|m| m.item.bg_type == bg_type::SYSTEM)
+                .map(|m| m.item.clone())
+                .collect();
+            sys.push(item.clone());
+            if Superblock::encode_sys_chunks(&sys).len() > SYS_ARRAY_MAX_BYTES {
+                self.undo_chunk_alloc(&item);
+                return Err(Error::NoSpace("system chunk array is full".into()));
+            }
+        }
+        self.fs.mapping.insert(item.clone());
+        let bg = Arc::new(BlockGroup::new(item.logical, item.length, t, item.profile));
+        bg.lock().free.insert(item.logical, item.length);
+        write(&self.fs.block_groups).insert(item.logical, bg.clone());
+        self.st.dirty_bgs.insert(item.logical);
+        self.st.pending_chunks.push(item);
+        self.st.dirty = true;
+        tracing::debug!(
+            "new {} chunk at {logical:#x} ({} bytes)",
+            bg_type::name(t),
+            bg.length
+        );
+        Ok(bg)
+    }
+
+    fn undo_chunk_alloc(&self, item: &ChunkItem) {
+        for s in &item.stripes {
+            if let Some(d) = self.fs.device(s.devid) {
+                write(&d.extents).remove(&s.physical);
+            }
+        }
+    }
+
+    /// Take [min, max] bytes from a group of type `t`, creating a chunk when
+    /// none has room. Data space is reserved (the caller inserts its extent
+    /// item later); metadata space counts as used at once.
+    pub fn alloc_extent(&mut self, t: u64, min: u64, max: u64) -> Result<(u64, u64)> {
+        for attempt in 0..2 {
+            for bg in self.fs.block_group_list() {
+                if bg.bg_type != t {
+                    continue;
+                }
+                let mut s = bg.lock();
+                if s.ro > 0 || s.removed {
+                    continue;
+                }
+                if let Some((addr, len)) = s.free.alloc(min, max) {
+                    if t == bg_type::DATA {
+                        s.reserved += len;
+                    } else {
+                        s.used += len;
+                        drop(s);
+                        self.st.dirty_bgs.insert(bg.start);
+                    }
+                    self.st.dirty = true;
+                    return Ok((addr, len));
+                }
+            }
+            if attempt == 0 {
+                self.new_chunk(t)?;
+            }
+        }
+        Err(Error::NoSpace(format!(
+            "no free {} space",
+            bg_type::name(t)
+        )))
+    }
+
+    /// Give back an unused data reservation (a write that failed).
+    pub fn unreserve(&mut self, logical: u64, len: u64) {
+        if let Some(bg) = self.fs.block_group(logical) {
+            let mut s = bg.lock();
+            s.reserved -= len;
+            s.free.insert(logical, len);
+        }
+    }
+
+    /// A reservation became an extent item.
+    pub fn commit_reservation(&mut self, logical: u64, len: u64) {
+        if let Some(bg) = self.fs.block_group(logical) {
+            let mut s = bg.lock();
+            s.reserved -= len;
+            s.used += len;
+            drop(s);
+            self.st.dirty_bgs.insert(bg.start);
+        }
+    }
+
+    /// [logical, +len) no longer holds live data or metadata: pin it.
+    pub fn free_extent(&mut self, logical: u64, len: u64) {
+        let Some(bg) = self.fs.block_group(logical) else {
+            return;
+        };
+        let mut s = bg.lock();
+        debug_assert!(s.used >= len, "block group {:#x} used underflow", bg.start);
+        s.used = s.used.saturating_sub(len);
+        s.pinned += len;
+        let now_unused = s.used == 0 && s.reserved == 0 && !s.on_unused_list && !s.removed;
+        if now_unused {
+            s.on_unused_list = true;
+        }
+        drop(s);
+        if now_unused {
+            lock(&self.fs.unused_bgs).push_back(bg.start);
+        }
+        self.fs.pin(self.st.gen, logical, len);
+        self.st.dirty_bgs.insert(bg.start);
+        self.st.dirty = true;
+    }
+
+    /// Run `f` on a tree's live root; an error while changing a tree aborts
+    /// the pool, since the in-memory tree may be half changed.
+    pub fn with_tree<R>(
+        &mut self,
+        tree: u64,
+        f: impl FnOnce(&mut Ctx<'a>, &mut Arc<Node>) -> Result<R>,
+    ) -> Result<R> {
+        let i = tree_index(tree);
+        let mut root = self.st.roots[i].take().expect("tree root taken out");
+        let r = f(self, &mut root);
+        self.st.roots[i] = Some(root);
+        self.st.dirty = true;
+        r.map_err(|e| match e {
+            Error::Aborted(_) => e,
+            e => self
+                .fs
+                .abort(&format!("changing the {} tree: {e}", tree_id::name(tree))),
+        })
+    }
+
+    pub fn insert(&mut self, tree: u64, key: Key, val: Vec<u8>) -> Result<()> {
+        self.with_tree(tree, |c, root| btree::insert(c, root, key, val))
+    }
+    pub fn delete(&mut self, tree: u64, key: &Key) -> Result<bool> {
+        self.with_tree(tree, |c, root| btree::delete(c, root, key))
+    }
+    pub fn get(&self, tree: u64, key: &Key) -> Result<Option<Vec<u8>>> {
+        btree::get(self.fs, &self.st.root(tree), key)
+    }
+    /// Items with keys in [start, end].
+    pub fn range(&self, tree: u64, start: Key, end: Key) -> Result<Vec<(Key, Vec<u8>)>> {
+        btree::Iter::new(self.fs, &self.st.root(tree), start, end).collect()
+    }
+
+    /// Apply delayed work until nothing more is pending.
+    fn run_delayed(&mut self) -> Result<()> {
+        for _round in 0..64 {
+            let mut did = false;
+            for c in std::mem::take(&mut self.st.pending_chunks) {
+                did = true;
+                self.insert(
+                    tree_id::CHUNK,
+                    Key::new(objectid::FIRST_CHUNK, item::CHUNK, c.logical),
+                    c.encode(),
+                )?;
+                for s in &c.stripes {
+                    let de = DevExtent {
+                        chunk_logical: c.logical,
+                        length: c.stripe_bytes,
+                    };
+                    self.insert(
+                        tree_id::DEV,
+                        Key::new(s.devid, item::DEV_EXTENT, s.physical),
+                        de.encode(),
+                    )?;
+                }
+            }
+            if self.fs.dev_stats_dirty.swap(false, Ordering::AcqRel) {
+                did = true;
+                for d in self.fs.devices() {
+                    self.insert(
+                        tree_id::DEV,
+                        Key::new(objectid::DEV_STATS, item::DEV_STATS, d.devid),
+                        d.stats.snapshot().encode(),
+                    )?;
+                }
+            }
+            let refs = std::mem::take(&mut self.st.delayed_meta);
+            for (addr, r) in refs {
+                did = true;
+                match r {
+                    MetaRef::Insert { level, owner } => {
+                        let v = MetadataItem {
+                            gen: self.st.gen,
+                            owner,
+                        };
+                        self.insert(
+                            tree_id::EXTENT,
+                            Key::new(addr, item::METADATA, level as u64),
+                            v.encode(),
+                        )?;
+                    }
+                    MetaRef::Delete { level } => {
+                        let k = Key::new(addr, item::METADATA, level as u64);
+                        if !self.delete(tree_id::EXTENT, &k)? {
+                            return Err(self
+                                .fs
+                                .abort(&format!("freed tree block {addr:#x} has no extent item")));
+                        }
+                    }
+                }
+            }
+            for start in std::mem::take(&mut self.st.dirty_bgs) {
+                let Some(bg) = crate::sync::read(&self.fs.block_groups)
+                    .get(&start)
+                    .cloned()
+                else {
+                    continue;
+                };
+                let used = {
+                    let s = bg.lock();
+                    if s.removed {
+                        continue;
+                    }
+                    s.used
+                };
+                let k = Key::new(bg.start, item::BLOCK_GROUP, bg.length);
+                let v = BlockGroupItem {
+                    used,
+                    bg_type: bg.bg_type,
+                }
+                .encode();
+                if self.get(tree_id::EXTENT, &k)?.as_deref() != Some(&v[..]) {
+                    did = true;
+                    self.insert(tree_id::EXTENT, k, v)?;
+                }
+            }
+            if !did {
+                return Ok(());
+            }
+        }
+        Err(self.fs.abort("commit did not converge"))
+    }
+}
+
+/// Serialise every node of the running transaction under `node`, returning
+/// the clean (children unlinked) version.
+fn writeout(
+    fs: &FsInfo,
+    node: &Arc<Node>,
+    gen: u64,
+    out: &mut Vec<(u64, Vec<u8>)>,
+    clean: &mut Vec<Arc<Node>>,
+) -> Arc<Node> {
+    if node.gen != gen {
+        return node.clone();
+    }
+    let mut n = (**node).clone();
+    if let Body::Internal(ch) = &mut n.body {
+        for c in ch.iter_mut() {
+            if let Some(child) = c.node.take() {
+                let w = writeout(fs, &child, gen, out, clean);
+                c.addr = w.addr;
+                c.gen = w.gen;
+            }
+        }
+    }
+    out.push((n.addr, n.encode(&fs.pool_uuid, fs.node_bytes, fs.csum_type)));
+    let a = Arc::new(n);
+    clean.push(a.clone());
+    a
+}
+
+/// The superblock fields shared by every device for generation `gen`.
+pub struct SuperTemplate {
+    pub sb: Superblock,
+}
+
+/// Generation of the running transaction.
+pub fn running_gen(fs: &FsInfo) -> u64 {
+    lock(&fs.trans).gen
+}
+
+/// Commit the running transaction if it has changes; otherwise just flush.
+/// Returns the generation that is now durable.
+pub fn commit(fs: &FsInfo) -> Result<u64> {
+    let _commit = lock(&fs.commit_lock);
+    fs.check_abort()?;
+    let mut bufs = Vec::new();
+    let mut written = Vec::new();
+    let (gen, sb, clean_roots) = {
+        let mut st = lock(&fs.trans);
+        if !st.dirty && !fs.dev_stats_dirty.load(Ordering::Acquire) {
+            drop(st);
+            fs.flush_devices()?;
+            return Ok(fs.committed_gen.load(Ordering::Acquire));
+        }
+        Ctx::join(fs, &mut st).run_delayed()?;
+        let gen = st.gen;
+        let mut ptrs = [RootPtr::default(); 5];
+        let mut clean_roots = Vec::new();
+        for (i, ptr) in ptrs.iter_mut().enumerate() {
+            let root = st.roots[i].take().expect("tree root taken out");
+            let c = writeout(fs, &root, gen, &mut bufs, &mut written);
+            *ptr = RootPtr {
+                addr: c.addr,
+                gen: c.gen,
+                level: c.level,
+            };
+            clean_roots.push(c.clone());
+            st.roots[i] = Some(c);
+        }
+        let sys: Vec<ChunkItem> = fs
+            .mapping
+            .all()
+            .iter()
+            .filter(|m| m.item.bg_type == bg_type::SYSTEM)
+            .map(|m| m.item.clone())
+            .collect();
+        let sb = Superblock {
+            pool_uuid: fs.pool_uuid,
+            dev_uuid: [0; 16],
+            devid: 0,
+            generation: gen,
+            csum_type: fs.csum_type,
+            sector_bytes: crate::format::SECTOR_BYTES as u32,
+            node_bytes: fs.node_bytes as u32,
+            num_devices: fs.devices().len() as u64,
+            data_profile: st.data_profile,
+            metadata_profile: st.metadata_profile,
+            next_volume_id: st.next_volume_id,
+            roots: ptrs,
+            label: fs.label.clone(),
+            sys_chunk_array: Superblock::encode_sys_chunks(&sys),
+        };
+        st.gen += 1;
+        st.dirty = false;
+        {
+            let mut wb = lock(&fs.writeback);
+            for n in &written {
+                wb.insert(n.addr, n.clone());
+            }
+        }
+        (gen, sb, clean_roots)
+    };
+    // The next transaction runs while this one is written: it copies every
+    // node of `gen` before changing it, and what `gen` freed stays pinned.
+    let io = (|| -> Result<()> {
+        for (addr, buf) in &bufs {
+            fs.write_logical(*addr, buf)?;
+        }
+        fs.flush_devices()?;
+        write_supers(fs, &sb)?;
+        fs.flush_devices()
+    })();
+    if let Err(e) = io {
+        return Err(fs.abort(&format!("commit of generation {gen}: {e}")));
+    }
+    for n in written {
+        fs.cache.insert(n);
+    }
+    lock(&fs.writeback).clear();
+    fs.committed_gen.store(gen, Ordering::Release);
+    *write(&fs.commit_roots) = CommitRoots {
+        gen,
+        roots: clean_roots,
+    };
+    fs.release_pinned();
+    Ok(gen)
+}
+
+/// Write every superblock copy on every device.
+pub fn write_supers(fs: &FsInfo, sb: &Superblock) -> Result<()> {
+    for d in fs.devices() {
+        let mut s = sb.clone();
+        s.devid = d.devid;
+        s.dev_uuid = d.uuid;
+        let buf = s.encode();
+        for &o in &SUPER_OFFSETS {
+            if o + SUPER_BYTES as u64 > d.total_bytes {
+                break;
+            }
+            d.dev.write_at(&buf, o).map_err(|e| {
+                d.stats.write_errs.fetch_add(1, Ordering::Relaxed);
+                Error::DeviceIo {
+                    path: d.dev.path().into(),
+                    op: "superblock write",
+                    physical: o,
+                    len: SUPER_BYTES as u64,
+                    source: e,
+                }
+            })?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,357 @@
+//! Volumes: thin LBA spaces. Writes are copy-on-write into data block groups
+//! and reach every mirror before their mapping is inserted; reads verify
+//! every sector and repair a bad copy from a good one.
+
+use crate::btree::{self, Iter};
+use crate::error::{Error, Result};
+use crate::extent;
+use crate::format::{bg_type, item, objectid, tree_id, Key, VolumeExtent, SECTOR_BYTES};
+use crate::fs_info::FsInfo;
+use crate::sync::{lock, Arc, Mutex};
+use crate::transaction::{commit, Ctx};
+
+/// Striped locks for read-modify-write of partial sectors.
+const RMW_LOCKS: usize = 64;
+
+/// A handle on one volume. Cheap to clone; safe to use from many threads.
+#[derive(Clone)]
+pub struct Volume {
+    fs: Arc<FsInfo>,
+    id: u64,
+    name: Arc<str>,
+    rmw: Arc<[Mutex<()>; RMW_LOCKS]>,
+}
+
+/// One run of a volume's allocation map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    pub allocated: bool,
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let mut chunks = b.chunks_exact(16);
+    chunks
+        .by_ref()
+        .all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0)
+        && chunks.remainder().iter().all(|&x| x == 0)
+}
+
+impl Volume {
+    pub(crate) fn new(fs: Arc<FsInfo>, id: u64, name: &str) -> Volume {
+        Volume {
+            fs,
+            id,
+            name: name.into(),
+            rmw: Arc::new(std::array::from_fn(|_| Mutex::new(()))),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Current size; errors if the volume was deleted.
+    pub fn size_bytes(&self) -> Result<u64> {
+        let st = lock(&self.fs.trans);
+        st.volumes
+            .get(&*self.name)
+            .filter(|v| v.id == self.id)
+            .map(|v| v.size_bytes)
+            .ok_or_else(|| Error::NoVolume(self.name.to_string()))
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.size_bytes()?;
+        if offset.checked_add(len).is_none_or(|e| e > size) {
+            return Err(Error::OutOfRange {
+                volume: self.name.to_string(),
+                offset,
+                len,
+                size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Read `buf.len()` bytes at `offset`. Unmapped ranges read as zeroes.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let len = buf.len() as u64;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let start = offset / SECTOR_BYTES * SECTOR_BYTES;
+        let end = (offset + len).div_ceil(SECTOR_BYTES) * SECTOR_BYTES;
+        if start == offset && end == offset + len {
+            return self.read_aligned(buf, offset);
+        }
+        let mut tmp = vec![0u8; (end - start) as usize];
+        self.read_aligned(&mut tmp, start)?;
+        let a = (offset - start) as usize;
+        buf.copy_from_slice(&tmp[a..a + buf.len()]);
+        Ok(())
+    }
+
+    fn read_aligned(&self, out: &mut [u8], start: u64) -> Result<()> {
+        let fs = &*self.fs;
+        let end = start + out.len() as u64;
+        let (vroot, croot, _guard) = {
+            let st = lock(&fs.trans);
+            (
+                st.root(tree_id::VOLUME),
+                st.root(tree_id::CSUM),
+                fs.register_reader(st.gen),
+            )
+        };
+        let back = fs.max_extent_bytes - SECTOR_BYTES;
+        let it = Iter::new(
+            fs,
+            &vroot,
+            Key::new(self.id, item::VOLUME_EXTENT, start.saturating_sub(back)),
+            Key::new(self.id, item::VOLUME_EXTENT, end - 1),
+        );
+        let mut pos = start;
+        let cs = fs.csum_type.size_bytes();
+        for r in it {
+            let (k, v) = r?;
+            let ve = VolumeExtent::decode(&v).map_err(|e| Error::Corrupt(format!("{k}: {e}")))?;
+            let (s, e) = (k.offset, k.offset + ve.len);
+            if e <= start {
+                continue;
+            }
+            let (os, oe) = (s.max(start), e.min(end));
+            if os > pos {
+                out[(pos - start) as usize..(os - start) as usize].fill(0);
+            }
+            let sums = btree::get(
+                fs,
+                &croot,
+                &Key::new(objectid::CSUM, item::CSUM, ve.logical),
+            )?;
+            let a = ((os - s) / SECTOR_BYTES) as usize * cs;
+            let b = ((oe - s) / SECTOR_BYTES) as usize * cs;
+            let sums = sums.as_ref().filter(|x| x.len() >= b).map(|x| &x[a..b]);
+            let sub = ve.logical + (os - s);
+            let name = &self.name;
+            fs.read_data(
+                sub,
+                &mut out[(os - start) as usize..(oe - start) as usize],
+                sums,
+                &|lg, l| Error::Unrecoverable {
+                    volume: name.to_string(),
+                    lba: os + (lg - sub),
+                    len: l,
+                    logical: lg,
+                },
+            )?;
+            pos = oe;
+        }
+        if pos < end {
+            out[(pos - start) as usize..].fill(0);
+        }
+        Ok(())
+    }
+
+    /// Write `data` at `offset`. Partial sectors are read, merged and
+    /// rewritten; all-zero sectors become holes.
+    pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
+        let len = data.len() as u64;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let start = offset / SECTOR_BYTES * SECTOR_BYTES;
+        let end = (offset + len).div_ceil(SECTOR_BYTES) * SECTOR_BYTES;
+        if start == offset && end == offset + len {
+            return self.write_aligned(data, offset);
+        }
+        // Two partial writes to one sector must not lose each other's bytes.
+        let mut idx = [
+            (start / SECTOR_BYTES) as usize % RMW_LOCKS,
+            ((end - 1) / SECTOR_BYTES) as usize % RMW_LOCKS,
+        ];
+        idx.sort_unstable();
+        let _g1 = lock(&self.rmw[idx[0]]);
+        let _g2 = (idx[1] != idx[0]).then(|| lock(&self.rmw[idx[1]]));
+        let mut tmp = vec![0u8; (end - start) as usize];
+        let s = SECTOR_BYTES as usize;
+        if offset != start {
+            self.read_aligned(&mut tmp[..s], start)?;
+        }
+        if offset + len != end && (end - SECTOR_BYTES > start || offset == start) {
+            let n = tmp.len();
+            self.read_aligned(&mut tmp[n - s..], end - SECTOR_BYTES)?;
+        }
+        let a = (offset - start) as usize;
+        tmp[a..a + data.len()].copy_from_slice(data);
+        self.write_aligned(&tmp, start)
+    }
+
+    fn write_aligned(&self, data: &[u8], offset: u64) -> Result<()> {
+        let s = SECTOR_BYTES as usize;
+        let mut i = 0;
+        while i < data.len() {
+            let zero = is_zero(&data[i..i + s]);
+            let mut j = i + s;
+            while j < data.len() && is_zero(&data[j..j + s]) == zero {
+                j += s;
+            }
+            let lba = offset + i as u64;
+            if zero {
+                self.punch_range(lba, (j - i) as u64)?;
+            } else {
+                self.write_run(&data[i..j], lba)?;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    fn alloc_data(&self, want: u64) -> Result<(u64, u64)> {
+        for attempt in 0..2 {
+            let r = {
+                let mut st = lock(&self.fs.trans);
+                let mut ctx = Ctx::begin(&self.fs, &mut st)?;
+                ctx.alloc_extent(bg_type::DATA, SECTOR_BYTES, want)
+            };
+            match r {
+                // Space freed by the running transaction comes back at commit.
+                Err(Error::NoSpace(_)) if attempt == 0 && self.fs.pinned_bytes() > 0 => {
+                    commit(&self.fs)?;
+                }
+                r => return r,
+            }
+        }
+        unreachable!()
+    }
+
+    fn write_run(&self, data: &[u8], lba: u64) -> Result<()> {
+        let fs = &*self.fs;
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let want = fs.max_extent_bytes.min((data.len() - pos) as u64);
+            let (logical, got) = self.alloc_data(want)?;
+            let piece = &data[pos..pos + got as usize];
+            let mut sums = Vec::with_capacity(piece.len() / SECTOR_BYTES as usize * 8);
+            fs.csum_type
+                .compute_sectors(piece, SECTOR_BYTES as usize, &mut sums);
+            let r = fs.write_logical(logical, piece).and_then(|_| {
+                let mut st = lock(&fs.trans);
+                if !st.volumes.values().any(|v| v.id == self.id) {
+                    return Err(Error::NoVolume(self.name.to_string()));
+                }
+                let mut ctx = Ctx::begin(fs, &mut st)?;
+                extent::insert_data_extent(&mut ctx, self.id, lba + pos as u64, logical, got, sums)
+            });
+            if let Err(e) = r {
+                if !fs.is_aborted() {
+                    let mut st = lock(&fs.trans);
+                    Ctx::join(fs, &mut st).unreserve(logical, got);
+                }
+                return Err(e);
+            }
+            pos += got as usize;
+        }
+        Ok(())
+    }
+
+    fn punch_range(&self, start: u64, len: u64) -> Result<()> {
+        let mut st = lock(&self.fs.trans);
+        let mut ctx = Ctx::begin(&self.fs, &mut st)?;
+        extent::punch(&mut ctx, self.id, start, len)
+    }
+
+    /// Free the whole sectors inside [offset, +len). Partial sectors at the
+    /// edges are left as they are (discard is advisory).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        let a = offset.div_ceil(SECTOR_BYTES) * SECTOR_BYTES;
+        let b = (offset + len) / SECTOR_BYTES * SECTOR_BYTES;
+        if b > a {
+            self.punch_range(a, b - a)?;
+        }
+        Ok(())
+    }
+
+    /// Make [offset, +len) read as zeroes, freeing whole sectors.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        let a = offset.div_ceil(SECTOR_BYTES) * SECTOR_BYTES;
+        let b = (offset + len) / SECTOR_BYTES * SECTOR_BYTES;
+        if b <= a {
+            return self.write_at(&vec![0u8; len as usize], offset);
+        }
+        if a > offset {
+            self.write_at(&vec![0u8; (a - offset) as usize], offset)?;
+        }
+        self.punch_range(a, b - a)?;
+        if offset + len > b {
+            self.write_at(&vec![0u8; (offset + len - b) as usize], b)?;
+        }
+        Ok(())
+    }
+
+    /// Make every acknowledged write durable (group commit).
+    pub fn flush(&self) -> Result<()> {
+        commit(&self.fs).map(|_| ())
+    }
+
+    /// Allocation map of [offset, +len): runs of allocated data and holes.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check_range(offset, len)?;
+        let end = offset + len;
+        let fs = &*self.fs;
+        let vroot = lock(&fs.trans).root(tree_id::VOLUME);
+        let back = fs.max_extent_bytes - SECTOR_BYTES;
+        let it = Iter::new(
+            fs,
+            &vroot,
+            Key::new(self.id, item::VOLUME_EXTENT, offset.saturating_sub(back)),
+            Key::new(self.id, item::VOLUME_EXTENT, end.saturating_sub(1)),
+        );
+        let mut out: Vec<Extent> = Vec::new();
+        let mut push = |o: u64, l: u64, allocated: bool| {
+            if l == 0 {
+                return;
+            }
+            match out.last_mut() {
+                Some(x) if x.allocated == allocated && x.offset + x.len == o => x.len += l,
+                _ => out.push(Extent {
+                    offset: o,
+                    len: l,
+                    allocated,
+                }),
+            }
+        };
+        let mut pos = offset;
+        for r in it {
+            let (k, v) = r?;
+            let ve = VolumeExtent::decode(&v).map_err(|e| Error::Corrupt(format!("{k}: {e}")))?;
+            let (s, e) = (k.offset.max(offset), (k.offset + ve.len).min(end));
+            if e <= pos {
+                continue;
+            }
+            push(pos, s.saturating_sub(pos), false);
+            push(s.max(pos), e - s.max(pos), true);
+            pos = e;
+        }
+        push(pos, end - pos, false);
+        Ok(out)
+    }
+
+    /// Bytes of data the volume references.
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        let size = self.size_bytes()?;
+        Ok(self
+            .block_status(0, size)?
+            .iter()
+            .filter(|e| e.allocated)
+            .map(|e| e.len)
+            .sum())
+    }
+}

@@ -1,0 +1,72 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use chunkvol::device::BlockDevice;
+use chunkvol::fault::{CrashMode, FaultyDevice, Rng};
+use chunkvol::format::Profile;
+use chunkvol::{MkfsOptions, Pool};
+
+/// In-memory devices for a pool.
+pub fn mem_devices(n: usize, size_bytes: u64) -> Vec<Arc<FaultyDevice>> {
+    (0..n)
+        .map(|i| Arc::new(FaultyDevice::new(format!("/mem/dev{}", i + 1), size_bytes)))
+        .collect()
+}
+
+pub fn as_block(devs: &[Arc<FaultyDevice>]) -> Vec<Arc<dyn BlockDevice>> {
+    devs.iter()
+        .map(|d| d.clone() as Arc<dyn BlockDevice>)
+        .collect()
+}
+
+/// Devices needed by a profile.
+pub fn devices_for(p: Profile) -> usize {
+    match p {
+        Profile::Single | Profile::Dup => 1,
+        Profile::Raid1 => 2,
+        Profile::Raid1c3 => 3,
+        Profile::Raid10 => 4,
+    }
+}
+
+pub fn mkfs_mem(p: Profile, size_bytes: u64) -> Vec<Arc<FaultyDevice>> {
+    let devs = mem_devices(devices_for(p), size_bytes);
+    let opts = MkfsOptions {
+        data: Some(p),
+        metadata: Some(if p == Profile::Single {
+            Profile::Dup
+        } else {
+            p
+        }),
+        node_bytes: 4096,
+        ..Default::default()
+    };
+    Pool::mkfs(as_block(&devs), &opts).expect("mkfs");
+    devs
+}
+
+pub fn open_mem(devs: &[Arc<FaultyDevice>]) -> Pool {
+    Pool::open(as_block(devs)).expect("open")
+}
+
+/// Devices as a crash now would leave them.
+pub fn crash(devs: &[Arc<FaultyDevice>], mode: CrashMode, rng: &mut Rng) -> Vec<Arc<FaultyDevice>> {
+    devs.iter()
+        .map(|d| {
+            Arc::new(FaultyDevice::from_image(
+                d.path().to_path_buf(),
+                d.crash_image(mode, rng),
+            ))
+        })
+        .collect()
+}
+
+/// Deterministic pattern bytes for (seed, offset).
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut r = Rng::new(seed);
+    let mut v = vec![0u8; len];
+    r.fill(&mut v);
+    v
+}
