@@ -24,3 +24,7 @@ pub mod volumes;
 pub use error::{Error, Result};
 pub use pool::{MkfsOptions, Pool};
 pub use volume::Volume;
+pub mod check;
+pub mod cli;
+pub mod control;
+pub mod ops;

@@ -1,0 +1,441 @@
+//! Offline consistency check: every node, every tree's order, chunk / device
+//! extent / block group agreement, extent references against their
+//! referrers, used-byte accounting and, optionally, every data sector on
+//! every copy. Read-only: it repairs nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::btree::{Body, Node};
+use crate::error::Result;
+use crate::format::{
+    bg_type, item, objectid, tree_id, BlockGroupItem, ChunkItem, DevExtent, ExtentItem, Key,
+    MetadataItem, VolumeExtent, VolumeItem, SECTOR_BYTES,
+};
+use crate::fs_info::FsInfo;
+use crate::pool::{read_supers, Pool};
+use crate::sync::{read, Arc};
+use crate::volumes::Mapped;
+
+/// What check found.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct CheckReport {
+    pub problems: Vec<String>,
+    pub tree_blocks: u64,
+    pub data_extents: u64,
+    pub data_bytes: u64,
+    pub sectors_verified: u64,
+    pub csum_errors: u64,
+}
+
+impl CheckReport {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+struct Walk<'a> {
+    fs: &'a FsInfo,
+    report: &'a mut CheckReport,
+    /// addr -> (level, owner, gen)
+    blocks: BTreeMap<u64, (u8, u64, u64)>,
+    items: Vec<(u64, Key, Vec<u8>)>,
+}
+
+impl Walk<'_> {
+    fn node(&mut self, n: &Arc<Node>, tree: u64, lo: Key, hi: Option<Key>) {
+        self.report.tree_blocks += 1;
+        if self
+            .blocks
+            .insert(n.addr, (n.level, n.owner, n.gen))
+            .is_some()
+        {
+            self.report
+                .problems
+                .push(format!("tree block {:#x} is referenced twice", n.addr));
+        }
+        let want = if tree == tree_id::CHUNK {
+            bg_type::SYSTEM
+        } else {
+            bg_type::METADATA
+        };
+        match self.fs.block_group(n.addr) {
+            Some(bg) if bg.bg_type == want => {}
+            _ => self.report.problems.push(format!(
+                "{} tree block {:#x} is not in a {} block group",
+                tree_id::name(tree),
+                n.addr,
+                bg_type::name(want)
+            )),
+        }
+        let in_range = |k: &Key| *k >= lo && hi.is_none_or(|h| *k < h);
+        match &n.body {
+            Body::Leaf(items) => {
+                for (k, v) in items {
+                    if !in_range(k) {
+                        self.report.problems.push(format!(
+                            "{} tree: key {k} in block {:#x} is outside its parent's range",
+                            tree_id::name(tree),
+                            n.addr
+                        ));
+                    }
+                    self.items.push((tree, *k, v.clone()));
+                }
+            }
+            Body::Internal(ch) => {
+                for (i, c) in ch.iter().enumerate() {
+                    if !in_range(&c.key) {
+                        self.report.problems.push(format!(
+                            "{} tree: child key {} in block {:#x} is outside its parent's range",
+                            tree_id::name(tree),
+                            c.key,
+                            n.addr
+                        ));
+                    }
+                    let next = ch.get(i + 1).map(|x| x.key).or(hi);
+                    match self.fs.load_node(c.addr, c.gen, n.owner, n.level - 1) {
+                        Ok(child) => {
+                            if child.first_key() != Some(c.key) {
+                                self.report.problems.push(format!(
+                                    "{} tree: block {:#x} starts at {:?}, parent says {}",
+                                    tree_id::name(tree),
+                                    c.addr,
+                                    child.first_key(),
+                                    c.key
+                                ));
+                            }
+                            self.node(&child, tree, c.key, next);
+                        }
+                        Err(e) => self.report.problems.push(format!(
+                            "{} tree: cannot read block {:#x}: {e}",
+                            tree_id::name(tree),
+                            c.addr
+                        )),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Run every check on an open (offline) pool.
+pub fn check(pool: &Pool, check_data_csum: bool) -> Result<CheckReport> {
+    let fs = &**pool.fs();
+    let mut report = CheckReport::default();
+    for d in fs.devices() {
+        match read_supers(d.dev.as_ref()) {
+            Ok(sbs) => {
+                if sbs.iter().any(|s| s.generation != sbs[0].generation) {
+                    report.problems.push(format!(
+                        "{}: superblock copies disagree on the generation",
+                        d.dev.path().display()
+                    ));
+                }
+            }
+            Err(e) => report.problems.push(e.to_string()),
+        }
+    }
+    let roots = read(&fs.commit_roots).roots.clone();
+    let mut w = Walk {
+        fs,
+        report: &mut report,
+        blocks: BTreeMap::new(),
+        items: Vec::new(),
+    };
+    for (i, r) in roots.iter().enumerate() {
+        w.node(r, tree_id::ALL[i], Key::MIN, None);
+    }
+    let Walk { blocks, items, .. } = w;
+    let p = &mut report.problems;
+    macro_rules! dec {
+        ($t:ty, $k:expr, $v:expr) => {
+            match <$t>::decode($v) {
+                Ok(x) => x,
+                Err(e) => {
+                    p.push(format!("item {}: {e}", $k));
+                    continue;
+                }
+            }
+        };
+    }
+    let mut chunks = BTreeMap::new();
+    let mut dev_extents = BTreeMap::new();
+    let mut bg_items = BTreeMap::new();
+    let mut extents: BTreeMap<u64, (u64, ExtentItem)> = BTreeMap::new();
+    let mut meta = BTreeMap::new();
+    let mut csums = BTreeMap::new();
+    let mut vols = BTreeMap::new();
+    let mut ves = BTreeMap::new();
+    for (tree, k, v) in &items {
+        match (*tree, k.ty) {
+            (tree_id::CHUNK, item::CHUNK) => match ChunkItem::decode(k.offset, v) {
+                Ok(c) => {
+                    chunks.insert(k.offset, c);
+                }
+                Err(e) => p.push(format!("item {k}: {e}")),
+            },
+            (tree_id::DEV, item::DEV_EXTENT) => {
+                dev_extents.insert((k.objectid, k.offset), dec!(DevExtent, k, v));
+            }
+            (tree_id::EXTENT, item::BLOCK_GROUP) => {
+                bg_items.insert(k.objectid, (k.offset, dec!(BlockGroupItem, k, v)));
+            }
+            (tree_id::EXTENT, item::EXTENT) => {
+                extents.insert(k.objectid, (k.offset, dec!(ExtentItem, k, v)));
+            }
+            (tree_id::EXTENT, item::METADATA) => {
+                meta.insert(k.objectid, (k.offset as u8, dec!(MetadataItem, k, v)));
+            }
+            (tree_id::CSUM, item::CSUM) => {
+                csums.insert(k.offset, v.clone());
+            }
+            (tree_id::VOLUME, item::VOLUME_ITEM) if k.objectid == objectid::VOLUMES => {
+                vols.insert(k.offset, dec!(VolumeItem, k, v));
+            }
+            (tree_id::VOLUME, item::VOLUME_EXTENT) => {
+                ves.insert((k.objectid, k.offset), dec!(VolumeExtent, k, v));
+            }
+            _ => {}
+        }
+    }
+    // Tree blocks against their extent items.
+    for (addr, &(level, owner, gen)) in &blocks {
+        match meta.get(addr) {
+            Some((l, m)) if *l == level && m.owner == owner && m.gen == gen => {}
+            Some((l, m)) => p.push(format!(
+                "tree block {addr:#x} (level {level} owner {owner} gen {gen}) has extent item level {l} owner {} gen {}",
+                m.owner, m.gen
+            )),
+            None => p.push(format!("tree block {addr:#x} has no extent item")),
+        }
+    }
+    for addr in meta.keys() {
+        if !blocks.contains_key(addr) {
+            p.push(format!(
+                "extent item for tree block {addr:#x} that no tree references"
+            ));
+        }
+    }
+    // Chunks, device extents, block groups.
+    let mut matched = BTreeSet::new();
+    for (logical, c) in &chunks {
+        match bg_items.get(logical) {
+            Some((len, bi)) if *len == c.length && bi.bg_type == c.bg_type => {}
+            _ => p.push(format!(
+                "chunk {logical:#x} has no matching block group item"
+            )),
+        }
+        for s in &c.stripes {
+            match dev_extents.get(&(s.devid, s.physical)) {
+                Some(de) if de.chunk_logical == *logical && de.length == c.stripe_bytes => {
+                    matched.insert((s.devid, s.physical));
+                }
+                _ => p.push(format!(
+                    "chunk {logical:#x}: stripe devid {} physical {:#x} has no device extent",
+                    s.devid, s.physical
+                )),
+            }
+        }
+    }
+    for (start, _) in &bg_items {
+        if !chunks.contains_key(start) {
+            p.push(format!("block group {start:#x} has no chunk"));
+        }
+    }
+    let mut last: BTreeMap<u64, u64> = BTreeMap::new();
+    for ((devid, phys), de) in &dev_extents {
+        if !matched.contains(&(*devid, *phys)) {
+            p.push(format!(
+                "device extent devid {devid} physical {phys:#x} belongs to no chunk stripe"
+            ));
+        }
+        let end = last.entry(*devid).or_insert(0);
+        if *phys < *end {
+            p.push(format!(
+                "device extents overlap on devid {devid} at {phys:#x}"
+            ));
+        }
+        *end = phys + de.length;
+        if let Some(d) = fs.device(*devid) {
+            if phys + de.length > d.total_bytes {
+                p.push(format!(
+                    "device extent devid {devid} {phys:#x} runs past the device end"
+                ));
+            }
+        }
+    }
+    // Data extents against their referrers.
+    let cs = fs.csum_type.size_bytes() as u64;
+    let mut prev_end = 0;
+    let mut used: BTreeMap<u64, u64> = BTreeMap::new();
+    for (&start, (len, ei)) in &extents {
+        report.data_extents += 1;
+        report.data_bytes += len;
+        if start < prev_end {
+            p.push(format!("data extent {start:#x} overlaps the previous one"));
+        }
+        prev_end = start + len;
+        match fs.block_group(start) {
+            Some(bg) if bg.bg_type == bg_type::DATA && start + len <= bg.end() => {
+                *used.entry(bg.start).or_default() += len;
+            }
+            _ => p.push(format!(
+                "data extent {start:#x}+{len} is not inside a data block group"
+            )),
+        }
+        if ei.refs != ei.backrefs.len() as u64 || ei.refs == 0 {
+            p.push(format!(
+                "data extent {start:#x}: refcount {} but {} back references",
+                ei.refs,
+                ei.backrefs.len()
+            ));
+        }
+        for b in &ei.backrefs {
+            match ves.get(&(b.volume_id, b.lba_bytes)) {
+                Some(ve) if ve.logical == start && ve.len == *len => {}
+                _ => p.push(format!(
+                    "data extent {start:#x}+{len}: volume {} LBA {} does not map it",
+                    b.volume_id, b.lba_bytes
+                )),
+            }
+        }
+        match csums.get(&start) {
+            Some(s) if s.len() as u64 == len / SECTOR_BYTES * cs => {}
+            Some(_) => p.push(format!(
+                "data extent {start:#x}: checksum item has the wrong length"
+            )),
+            None => p.push(format!("data extent {start:#x}: no checksum item")),
+        }
+    }
+    for start in csums.keys() {
+        if !extents.contains_key(start) {
+            p.push(format!("checksum item {start:#x} belongs to no extent"));
+        }
+    }
+    for ((vid, lba), ve) in &ves {
+        match extents.get(&ve.logical) {
+            Some((len, ei))
+                if *len == ve.len
+                    && ei
+                        .backrefs
+                        .iter()
+                        .any(|b| b.volume_id == *vid && b.lba_bytes == *lba) => {}
+            _ => p.push(format!(
+                "volume {vid} LBA {lba}: maps logical {:#x}+{} with no matching extent",
+                ve.logical, ve.len
+            )),
+        }
+        match vols.get(vid) {
+            Some(v) if lba + ve.len <= v.size_bytes => {}
+            Some(v) => p.push(format!(
+                "volume {} LBA {lba}+{} is past its end",
+                v.name, ve.len
+            )),
+            None => p.push(format!("volume id {vid} has mappings but no volume item")),
+        }
+    }
+    for addr in blocks.keys() {
+        if let Some(bg) = fs.block_group(*addr) {
+            *used.entry(bg.start).or_default() += fs.node_bytes as u64;
+        }
+    }
+    for (start, (_, bi)) in &bg_items {
+        let actual = used.get(start).copied().unwrap_or(0);
+        if bi.used != actual {
+            p.push(format!(
+                "block group {start:#x}: item says {} bytes used, extents add up to {actual}",
+                bi.used
+            ));
+        }
+    }
+    if check_data_csum {
+        let names: BTreeMap<u64, String> =
+            vols.iter().map(|(id, v)| (*id, v.name.clone())).collect();
+        verify_data(fs, &extents, &csums, &names, &mut report);
+    }
+    Ok(report)
+}
+
+fn verify_data(
+    fs: &FsInfo,
+    extents: &BTreeMap<u64, (u64, ExtentItem)>,
+    csums: &BTreeMap<u64, Vec<u8>>,
+    names: &BTreeMap<u64, String>,
+    report: &mut CheckReport,
+) {
+    let cs = fs.csum_type.size_bytes();
+    let s = SECTOR_BYTES as usize;
+    for (&start, (len, ei)) in extents {
+        let Some(sums) = csums.get(&start) else {
+            continue;
+        };
+        let Some(map) = fs.mapping.lookup(start) else {
+            continue;
+        };
+        let Ok(pieces) = map.map(start, *len) else {
+            continue;
+        };
+        for piece in &pieces {
+            for m in 0..piece.mirrors.len() {
+                let mut buf = vec![0u8; piece.len as usize];
+                let read_ok = fs.read_copy(piece, m, &mut buf).is_ok();
+                for i in 0..buf.len() / s {
+                    report.sectors_verified += 1;
+                    let off = piece.logical - start + (i * s) as u64;
+                    let idx = (off / SECTOR_BYTES) as usize;
+                    let good = read_ok
+                        && fs.csum_type.compute(&buf[i * s..(i + 1) * s])[..cs]
+                            == sums[idx * cs..(idx + 1) * cs];
+                    if !good {
+                        report.csum_errors += 1;
+                        report.problems.push(describe_bad_sector(
+                            fs, piece, m, i, start, off, ei, names, read_ok,
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn describe_bad_sector(
+    fs: &FsInfo,
+    piece: &Mapped,
+    m: usize,
+    i: usize,
+    start: u64,
+    off: u64,
+    ei: &ExtentItem,
+    names: &BTreeMap<u64, String>,
+    read_ok: bool,
+) -> String {
+    let (devid, phys) = piece.mirrors[m];
+    let path = fs
+        .device(devid)
+        .map(|d| d.dev.path().display().to_string())
+        .unwrap_or_else(|| format!("devid {devid}"));
+    let who = ei
+        .backrefs
+        .first()
+        .map(|b| {
+            format!(
+                "volume {} LBA {}",
+                names
+                    .get(&b.volume_id)
+                    .cloned()
+                    .unwrap_or_else(|| b.volume_id.to_string()),
+                b.lba_bytes + off
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "data {} at {path} physical {:#x}, logical {:#x}, {who}",
+        if read_ok {
+            "checksum mismatch"
+        } else {
+            "read error"
+        },
+        phys + (i as u64) * SECTOR_BYTES,
+        start + off
+    )
+}

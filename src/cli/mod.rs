@@ -1,0 +1,430 @@
+//! The `chunkvol` command line (contract: docs/CLI.md).
+
+pub mod size;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::btree::{Body, Node};
+use crate::csum::CsumType;
+use crate::format::{tree_id, Profile};
+use crate::fs_info::FsInfo;
+use crate::ops::{self, Op, OpOutput};
+use crate::pool::{MkfsOptions, Pool};
+
+/// chunkvol: self-healing, multi-device, copy-on-write block storage served over NBD.
+#[derive(Parser, Debug)]
+#[command(name = "chunkvol", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Where a pool command acts: a running server, or device files.
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// Control socket of the running `chunkvol serve` that owns the pool.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Device files of the pool (offline).
+    devs: Vec<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create a pool on devices.
+    Mkfs(MkfsArgs),
+    /// Manage volumes.
+    Volume {
+        #[command(subcommand)]
+        cmd: VolumeCmd,
+    },
+    /// Show space usage.
+    Usage {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Check a pool offline (exit 0 consistent, 1 problems found, 2 could not run).
+    Check {
+        /// Also read and verify every data sector on every copy.
+        #[arg(long)]
+        check_data_csum: bool,
+        #[arg(long)]
+        json: bool,
+        #[arg(required = true)]
+        devs: Vec<PathBuf>,
+    },
+    /// Print tree contents.
+    DumpTree {
+        /// chunk, dev, extent, csum or volume (default: all).
+        #[arg(long)]
+        tree: Option<String>,
+        #[arg(required = true)]
+        devs: Vec<PathBuf>,
+    },
+    /// Device commands.
+    Device {
+        #[command(subcommand)]
+        cmd: DeviceCmd,
+    },
+}
+
+#[derive(Args, Debug)]
+struct MkfsArgs {
+    /// Data profile: single, dup, raid1, raid1c3, raid10.
+    #[arg(long)]
+    data: Option<String>,
+    /// Metadata profile.
+    #[arg(long)]
+    metadata: Option<String>,
+    /// Checksum: crc32c, xxhash64, sha256, blake3.
+    #[arg(long, default_value = "crc32c")]
+    csum: String,
+    /// Create missing device files (sparse) of this size.
+    #[arg(long, value_parser = size::parse_size)]
+    size: Option<u64>,
+    /// Tree node size.
+    #[arg(long, value_parser = size::parse_size, default_value = "16K")]
+    node_size: u64,
+    #[arg(long, default_value = "")]
+    label: String,
+    /// Overwrite devices that already hold a pool.
+    #[arg(long)]
+    force: bool,
+    #[arg(required = true)]
+    devs: Vec<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCmd {
+    /// Create a thin volume.
+    Create {
+        name: String,
+        #[arg(long, value_parser = size::parse_size)]
+        size: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List volumes.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Delete a volume and free its space.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Grow or shrink a volume.
+    Resize {
+        name: String,
+        #[arg(long, value_parser = size::parse_size)]
+        size: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Copy FILE's bytes into the volume (all-zero sectors stay unallocated).
+    Import {
+        name: String,
+        file: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Copy the volume into FILE.
+    Export {
+        name: String,
+        file: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DeviceCmd {
+    /// Error counters per device.
+    Stats {
+        #[arg(long)]
+        json: bool,
+        /// Zero the counters after printing them.
+        #[arg(long)]
+        reset: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CHUNKVOL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn emit(out: OpOutput) -> i32 {
+    use std::io::Write;
+    print!("{}", out.stdout);
+    eprint!("{}", out.stderr);
+    let _ = std::io::stdout().flush();
+    out.exit
+}
+
+fn fail(code: i32, msg: impl std::fmt::Display) -> i32 {
+    eprintln!("error: {msg}");
+    code
+}
+
+fn absolute(p: &std::path::Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Run a pool command online (through the server) or offline.
+fn run_op(target: &Target, op: Op) -> i32 {
+    match (&target.socket, target.devs.is_empty()) {
+        (Some(_), false) => fail(2, "give either --socket or device paths, not both"),
+        (None, true) => fail(
+            2,
+            "no target: give --socket PATH or the pool's device paths",
+        ),
+        (Some(sock), true) => match crate::control::request(sock, &op) {
+            Ok(out) => emit(out),
+            Err(e) => fail(2, e),
+        },
+        (None, false) => {
+            let pool = match Pool::open_paths(&target.devs) {
+                Ok(p) => p,
+                Err(e) => return fail(2, e),
+            };
+            let out = ops::run(&pool, &op);
+            if let Err(e) = pool.close() {
+                return fail(1, e);
+            }
+            emit(out)
+        }
+    }
+}
+
+fn mkfs(a: MkfsArgs) -> i32 {
+    let parse = |s: &Option<String>| -> Result<Option<Profile>, String> {
+        s.as_deref().map(Profile::parse).transpose()
+    };
+    let (data, metadata) = match (parse(&a.data), parse(&a.metadata)) {
+        (Ok(d), Ok(m)) => (d, m),
+        (Err(e), _) | (_, Err(e)) => return fail(2, e),
+    };
+    let csum = match CsumType::parse(&a.csum) {
+        Ok(c) => c,
+        Err(e) => return fail(2, e),
+    };
+    if a.node_size > u32::MAX as u64 {
+        return fail(2, "node size too large");
+    }
+    let opts = MkfsOptions {
+        data,
+        metadata,
+        csum,
+        node_bytes: a.node_size as u32,
+        label: a.label,
+        force: a.force,
+    };
+    match Pool::mkfs_paths(&a.devs, a.size, &opts) {
+        Ok(()) => {
+            let pool = match Pool::open_paths(&a.devs) {
+                Ok(p) => p,
+                Err(e) => return fail(1, e),
+            };
+            let u = pool.usage();
+            println!(
+                "created pool on {} device(s), {} total; data {}, metadata {}, checksum {}",
+                a.devs.len(),
+                size::human(u.device_size_bytes),
+                data.map(|p| p.name())
+                    .unwrap_or(if a.devs.len() > 1 { "raid1" } else { "single" }),
+                metadata.map(|p| p.name()).unwrap_or(if a.devs.len() > 1 {
+                    "raid1"
+                } else {
+                    "dup"
+                }),
+                csum.name()
+            );
+            0
+        }
+        Err(e @ crate::Error::Invalid(_)) => fail(2, e),
+        Err(e) => fail(1, e),
+    }
+}
+
+fn check(devs: &[PathBuf], data: bool, json: bool) -> i32 {
+    let pool = match Pool::open_paths(devs) {
+        Ok(p) => p,
+        Err(e) => return fail(2, e),
+    };
+    let r = match crate::check::check(&pool, data) {
+        Ok(r) => r,
+        Err(e) => return fail(2, e),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+    } else {
+        for p in &r.problems {
+            println!("problem: {p}");
+        }
+        println!(
+            "checked {} tree blocks, {} data extents ({}){}: {}",
+            r.tree_blocks,
+            r.data_extents,
+            size::human(r.data_bytes),
+            if data {
+                format!(
+                    ", {} sectors verified, {} checksum errors",
+                    r.sectors_verified, r.csum_errors
+                )
+            } else {
+                String::new()
+            },
+            if r.ok() {
+                "no problems found"
+            } else {
+                "PROBLEMS FOUND"
+            }
+        );
+    }
+    if r.ok() {
+        0
+    } else {
+        1
+    }
+}
+
+fn dump_node(fs: &FsInfo, n: &Node, indent: usize, out: &mut String) {
+    let pad = " ".repeat(indent);
+    out.push_str(&format!(
+        "{pad}node {:#x} level {} gen {} owner {} items {}\n",
+        n.addr,
+        n.level,
+        n.gen,
+        tree_id::name(n.owner),
+        n.len()
+    ));
+    match &n.body {
+        Body::Leaf(items) => {
+            for (k, v) in items {
+                out.push_str(&format!("{pad}  item {k} size {}\n", v.len()));
+            }
+        }
+        Body::Internal(ch) => {
+            for c in ch {
+                out.push_str(&format!(
+                    "{pad}  ptr {} -> {:#x} gen {}\n",
+                    c.key, c.addr, c.gen
+                ));
+                match fs.load_node(c.addr, c.gen, n.owner, n.level - 1) {
+                    Ok(child) => dump_node(fs, &child, indent + 4, out),
+                    Err(e) => out.push_str(&format!("{pad}    unreadable: {e}\n")),
+                }
+            }
+        }
+    }
+}
+
+fn dump_tree(devs: &[PathBuf], which: Option<&str>) -> i32 {
+    let pool = match Pool::open_paths(devs) {
+        Ok(p) => p,
+        Err(e) => return fail(2, e),
+    };
+    let fs = pool.fs();
+    let roots = crate::sync::read(&fs.commit_roots).clone();
+    let mut out = String::new();
+    let mut found = false;
+    for (i, t) in tree_id::ALL.iter().enumerate() {
+        if which.is_some_and(|w| w != tree_id::name(*t)) {
+            continue;
+        }
+        found = true;
+        out.push_str(&format!(
+            "{} tree (generation {}):\n",
+            tree_id::name(*t),
+            roots.gen
+        ));
+        dump_node(fs, &roots.roots[i], 2, &mut out);
+    }
+    if !found {
+        return fail(
+            2,
+            format!(
+                "unknown tree '{}' (chunk, dev, extent, csum, volume)",
+                which.unwrap_or("")
+            ),
+        );
+    }
+    print!("{out}");
+    0
+}
+
+/// Entry point; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    init_logging("warn");
+    match cli.cmd {
+        Cmd::Mkfs(a) => mkfs(a),
+        Cmd::Volume { cmd } => match cmd {
+            VolumeCmd::Create { name, size, target } => run_op(
+                &target,
+                Op::VolumeCreate {
+                    name,
+                    size_bytes: size,
+                },
+            ),
+            VolumeCmd::List { json, target } => run_op(&target, Op::VolumeList { json }),
+            VolumeCmd::Delete { name, target } => run_op(&target, Op::VolumeDelete { name }),
+            VolumeCmd::Resize { name, size, target } => run_op(
+                &target,
+                Op::VolumeResize {
+                    name,
+                    size_bytes: size,
+                },
+            ),
+            VolumeCmd::Import { name, file, target } => run_op(
+                &target,
+                Op::VolumeImport {
+                    name,
+                    file: absolute(&file),
+                },
+            ),
+            VolumeCmd::Export { name, file, target } => run_op(
+                &target,
+                Op::VolumeExport {
+                    name,
+                    file: absolute(&file),
+                },
+            ),
+        },
+        Cmd::Usage { json, target } => run_op(&target, Op::Usage { json }),
+        Cmd::Check {
+            check_data_csum,
+            json,
+            devs,
+        } => check(&devs, check_data_csum, json),
+        Cmd::DumpTree { tree, devs } => dump_tree(&devs, tree.as_deref()),
+        Cmd::Device { cmd } => match cmd {
+            DeviceCmd::Stats {
+                json,
+                reset,
+                target,
+            } => run_op(&target, Op::DeviceStats { json, reset }),
+        },
+    }
+}

@@ -1,0 +1,238 @@
+//! Pool commands shared by the offline CLI and the control socket of a
+//! running server: one implementation, two transports.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+use crate::pool::Pool;
+
+/// A command that acts on an open pool.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    Usage { json: bool },
+    VolumeCreate { name: String, size_bytes: u64 },
+    VolumeList { json: bool },
+    VolumeDelete { name: String },
+    VolumeResize { name: String, size_bytes: u64 },
+    VolumeImport { name: String, file: PathBuf },
+    VolumeExport { name: String, file: PathBuf },
+    DeviceStats { json: bool, reset: bool },
+}
+
+/// What a command prints and how it exits.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct OpOutput {
+    pub stdout: String,
+    pub stderr: String,
+    pub exit: i32,
+}
+
+impl OpOutput {
+    fn ok(stdout: String) -> OpOutput {
+        OpOutput {
+            stdout,
+            ..Default::default()
+        }
+    }
+    /// A failed command (exit 1 or 2), message on stderr.
+    pub fn err(e: &Error) -> OpOutput {
+        let exit = match e {
+            Error::Invalid(_) => 2,
+            _ => 1,
+        };
+        OpOutput {
+            stderr: format!("error: {e}\n"),
+            exit,
+            ..Default::default()
+        }
+    }
+}
+
+/// Copy unit for import and export.
+const COPY_UNIT_BYTES: usize = 4 << 20;
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    let mut s =
+        serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    s.push('\n');
+    s
+}
+
+/// Run `op` against `pool`.
+pub fn run(pool: &Pool, op: &Op) -> OpOutput {
+    match run_inner(pool, op) {
+        Ok(o) => o,
+        Err(e) => OpOutput::err(&e),
+    }
+}
+
+fn run_inner(pool: &Pool, op: &Op) -> Result<OpOutput> {
+    use crate::cli::size::human;
+    Ok(match op {
+        Op::Usage { json: j } => {
+            let u = pool.usage();
+            if *j {
+                OpOutput::ok(json(&u))
+            } else {
+                let mut s = String::new();
+                s += &format!(
+                    "Device size:     {:>12}\nDevice allocated:{:>12}\nDevice unallocated:{:>10}\nUsed:            {:>12}\nData ratio: {:.2}  Metadata ratio: {:.2}\n\n",
+                    human(u.device_size_bytes),
+                    human(u.allocated_bytes),
+                    human(u.unallocated_bytes),
+                    human(u.used_bytes),
+                    u.data_ratio,
+                    u.metadata_ratio
+                );
+                s += "devid  size        allocated   path\n";
+                for d in &u.devices {
+                    s += &format!(
+                        "{:<6} {:<11} {:<11} {}\n",
+                        d.devid,
+                        human(d.size_bytes),
+                        human(d.allocated_bytes),
+                        d.path
+                    );
+                }
+                s += "\nblock group          type      profile  length      used\n";
+                for b in &u.block_groups {
+                    s += &format!(
+                        "{:<20} {:<9} {:<8} {:<11} {}{}\n",
+                        format!("{:#x}", b.start),
+                        b.bg_type,
+                        b.profile,
+                        human(b.length),
+                        human(b.used_bytes),
+                        if b.ro { " (ro)" } else { "" }
+                    );
+                }
+                OpOutput::ok(s)
+            }
+        }
+        Op::VolumeCreate { name, size_bytes } => {
+            pool.create_volume(name, *size_bytes)?;
+            pool.flush()?;
+            OpOutput::ok(format!("created volume {name} ({})\n", human(*size_bytes)))
+        }
+        Op::VolumeList { json: j } => {
+            let vols = pool.list_volumes()?;
+            if *j {
+                OpOutput::ok(json(&serde_json::json!({ "volumes": vols })))
+            } else {
+                let mut s = String::from("name                 size        allocated\n");
+                for v in vols {
+                    s += &format!(
+                        "{:<20} {:<11} {}\n",
+                        v.name,
+                        human(v.size_bytes),
+                        human(v.allocated_bytes)
+                    );
+                }
+                OpOutput::ok(s)
+            }
+        }
+        Op::VolumeDelete { name } => {
+            pool.delete_volume(name)?;
+            pool.flush()?;
+            OpOutput::ok(format!("deleted volume {name}\n"))
+        }
+        Op::VolumeResize { name, size_bytes } => {
+            pool.resize_volume(name, *size_bytes)?;
+            pool.flush()?;
+            OpOutput::ok(format!("resized volume {name} to {}\n", human(*size_bytes)))
+        }
+        Op::VolumeImport { name, file } => {
+            let n = import(pool, name, file)?;
+            OpOutput::ok(format!("imported {} into volume {name}\n", human(n)))
+        }
+        Op::VolumeExport { name, file } => {
+            let n = export(pool, name, file)?;
+            OpOutput::ok(format!("exported {} from volume {name}\n", human(n)))
+        }
+        Op::DeviceStats { json: j, reset } => {
+            let stats = pool.device_stats();
+            if *reset {
+                pool.reset_device_stats();
+                pool.flush()?;
+            }
+            if *j {
+                OpOutput::ok(json(&serde_json::json!({ "devices": stats })))
+            } else {
+                let mut s = String::new();
+                for d in stats {
+                    let p = &d.path;
+                    s += &format!("[{p}].read_errs        {}\n", d.stats.read_errs);
+                    s += &format!("[{p}].write_errs       {}\n", d.stats.write_errs);
+                    s += &format!("[{p}].flush_errs       {}\n", d.stats.flush_errs);
+                    s += &format!("[{p}].corruption_errs  {}\n", d.stats.corruption_errs);
+                    s += &format!("[{p}].generation_errs  {}\n", d.stats.generation_errs);
+                }
+                OpOutput::ok(s)
+            }
+        }
+    })
+}
+
+fn io_err(file: &std::path::Path, what: &str, e: std::io::Error) -> Error {
+    Error::Device {
+        path: file.into(),
+        msg: format!("{what}: {e}"),
+    }
+}
+
+/// Copy a file's bytes into a volume; all-zero sectors stay unallocated.
+pub fn import(pool: &Pool, name: &str, file: &std::path::Path) -> Result<u64> {
+    let v = pool.volume(name)?;
+    let mut f = File::open(file).map_err(|e| io_err(file, "cannot open", e))?;
+    let len = f
+        .metadata()
+        .map_err(|e| io_err(file, "cannot stat", e))?
+        .len();
+    let size = v.size_bytes()?;
+    if len > size {
+        return Err(Error::Invalid(format!(
+            "{} is {len} bytes, larger than volume {name} ({size} bytes)",
+            file.display()
+        )));
+    }
+    let mut buf = vec![0u8; COPY_UNIT_BYTES];
+    let mut off = 0u64;
+    while off < len {
+        let n = (len - off).min(COPY_UNIT_BYTES as u64) as usize;
+        f.read_exact(&mut buf[..n])
+            .map_err(|e| io_err(file, "read failed", e))?;
+        v.write_at(&buf[..n], off)?;
+        off += n as u64;
+    }
+    v.flush()?;
+    Ok(len)
+}
+
+/// Copy a volume into a file (sparse where the volume has holes).
+pub fn export(pool: &Pool, name: &str, file: &std::path::Path) -> Result<u64> {
+    let v = pool.volume(name)?;
+    let size = v.size_bytes()?;
+    let mut f = File::create(file).map_err(|e| io_err(file, "cannot create", e))?;
+    let mut buf = vec![0u8; COPY_UNIT_BYTES];
+    let mut off = 0u64;
+    while off < size {
+        let n = (size - off).min(COPY_UNIT_BYTES as u64) as usize;
+        v.read_at(&mut buf[..n], off)?;
+        if buf[..n].iter().all(|&b| b == 0) {
+            use std::io::Seek;
+            f.seek(std::io::SeekFrom::Current(n as i64))
+                .map_err(|e| io_err(file, "seek failed", e))?;
+        } else {
+            f.write_all(&buf[..n])
+                .map_err(|e| io_err(file, "write failed", e))?;
+        }
+        off += n as u64;
+    }
+    f.set_len(size)
+        .map_err(|e| io_err(file, "cannot size", e))?;
+    f.sync_all().map_err(|e| io_err(file, "sync failed", e))?;
+    Ok(size)
+}
