@@ -460,21 +460,32 @@ fn writeout(
     a
 }
 
-/// The superblock fields shared by every device for generation `gen`.
-pub struct SuperTemplate {
-    pub sb: Superblock,
-}
-
 /// Generation of the running transaction.
 pub fn running_gen(fs: &FsInfo) -> u64 {
     lock(&fs.trans).gen
 }
 
+/// Make everything done so far durable, sharing a commit with concurrent
+/// callers (group commit): a caller whose changes a commit that started after
+/// them already covered returns without committing again.
+pub fn flush(fs: &FsInfo) -> Result<u64> {
+    let target = running_gen(fs);
+    commit_upto(fs, target)
+}
+
 /// Commit the running transaction if it has changes; otherwise just flush.
 /// Returns the generation that is now durable.
 pub fn commit(fs: &FsInfo) -> Result<u64> {
+    commit_upto(fs, u64::MAX)
+}
+
+fn commit_upto(fs: &FsInfo, target: u64) -> Result<u64> {
     let _commit = lock(&fs.commit_lock);
     fs.check_abort()?;
+    let done = fs.committed_gen.load(Ordering::Acquire);
+    if done >= target {
+        return Ok(done);
+    }
     let mut bufs = Vec::new();
     let mut written = Vec::new();
     let (gen, sb, clean_roots) = {
@@ -504,6 +515,10 @@ pub fn commit(fs: &FsInfo) -> Result<u64> {
             .all()
             .iter()
             .filter(|m| m.item.bg_type == bg_type::SYSTEM)
+            .filter(|m| {
+                fs.block_group(m.start())
+                    .is_some_and(|b| b.start == m.start())
+            })
             .map(|m| m.item.clone())
             .collect();
         let sb = Superblock {

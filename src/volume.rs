@@ -298,7 +298,7 @@ impl Volume {
 
     /// Make every acknowledged write durable (group commit).
     pub fn flush(&self) -> Result<()> {
-        commit(&self.fs).map(|_| ())
+        crate::transaction::flush(&self.fs).map(|_| ())
     }
 
     /// Allocation map of [offset, +len): runs of allocated data and holes.

@@ -35,6 +35,19 @@ pub struct Target {
 enum Cmd {
     /// Create a pool on devices.
     Mkfs(MkfsArgs),
+    /// Serve the pool's volumes over NBD (no DEV: the demo pool in ./chunkvol-data).
+    Serve {
+        /// ADDR:PORT, or unix:PATH.
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        listen: String,
+        /// Control socket (default: chunkvol.sock beside the first device).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Seconds between background commits.
+        #[arg(long, default_value_t = 30)]
+        commit_interval: u64,
+        devs: Vec<PathBuf>,
+    },
     /// Manage volumes.
     Volume {
         #[command(subcommand)]
@@ -377,8 +390,26 @@ pub fn main() -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    init_logging("warn");
+    let serving = matches!(cli.cmd, Cmd::Serve { .. });
+    init_logging(if serving { "info" } else { "warn" });
     match cli.cmd {
+        Cmd::Serve {
+            listen,
+            socket,
+            commit_interval,
+            devs,
+        } => {
+            let cfg = crate::server::ServeConfig {
+                listen,
+                socket,
+                commit_interval: std::time::Duration::from_secs(commit_interval.max(1)),
+                devs,
+            };
+            match crate::server::run(cfg) {
+                Ok(()) => 0,
+                Err(e) => fail(2, e),
+            }
+        }
         Cmd::Mkfs(a) => mkfs(a),
         Cmd::Volume { cmd } => match cmd {
             VolumeCmd::Create { name, size, target } => run_op(

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the real clients and peers the test suite drives (Debian packages).
+# A fresh machine has only Rust, gcc, Python and qemu-utils.
+set -euo pipefail
+need=()
+for t in nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:nbdfuse nbdkit:nbdkit fio:fio \
+         qemu-io:qemu-utils qemu-img:qemu-utils mkfs.ext4:e2fsprogs losetup:mount \
+         fusermount3:fuse3 cmp:diffutils; do
+  cmd=${t%%:*}; pkg=${t##*:}
+  command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  # shellcheck disable=SC2068
+  $SUDO apt-get install -y -qq $(printf '%s\n' ${need[@]} | sort -u) >/dev/null
+fi
+echo "test dependencies present"

@@ -1,0 +1,166 @@
+//! The cleaner: deletes block groups that became unused, after the
+//! transaction that emptied them is durable. It follows the btrfs rules that
+//! keep scrub safe without scrub taking the cleaner's locks: `ro++` first,
+//! `removed` set before the chunk map goes, and the map (with its device
+//! extents) dropped only once no scrubber has the group frozen.
+
+use crate::block_group::BlockGroup;
+use crate::error::Result;
+use crate::format::{item, objectid, tree_id, Key};
+use crate::fs_info::FsInfo;
+use crate::sync::{lock, read, write, Arc};
+use crate::transaction::Ctx;
+
+/// Outcome of one cleaner pass.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CleanerPass {
+    pub deleted: usize,
+    pub requeued: usize,
+    pub skipped: usize,
+}
+
+/// Delete every deletable group on the unused list.
+pub fn delete_unused_bgs(fs: &FsInfo) -> Result<CleanerPass> {
+    let mut pass = CleanerPass::default();
+    let queued: Vec<u64> = lock(&fs.unused_bgs).drain(..).collect();
+    let mut requeue = Vec::new();
+    for start in queued {
+        let Some(bg) = read(&fs.block_groups).get(&start).cloned() else {
+            continue;
+        };
+        let same_type = fs
+            .block_group_list()
+            .iter()
+            .filter(|b| b.bg_type == bg.bg_type)
+            .count();
+        {
+            let mut s = bg.lock();
+            s.on_unused_list = false;
+            if s.removed || s.used > 0 || s.reserved > 0 || s.ro > 0 || same_type <= 1 {
+                // Scrub re-queues a group it held read-only when it lets go (R3).
+                pass.skipped += 1;
+                continue;
+            }
+            if s.pinned > 0 {
+                // Emptied by a transaction that is not durable yet.
+                s.on_unused_list = true;
+                requeue.push(start);
+                pass.requeued += 1;
+                continue;
+            }
+            s.ro += 1;
+        }
+        crate::failpoint!("cleaner::after_ro");
+        let r = {
+            let mut st = lock(&fs.trans);
+            let still_empty = {
+                let s = bg.lock();
+                s.used == 0 && s.reserved == 0 && s.pinned == 0
+            };
+            if still_empty {
+                let mut ctx = Ctx::begin(fs, &mut st)?;
+                remove_block_group(&mut ctx, &bg).map(|_| true)
+            } else {
+                Ok(false)
+            }
+        };
+        match r {
+            Ok(true) => pass.deleted += 1,
+            Ok(false) => {
+                bg.lock().ro -= 1;
+                pass.skipped += 1;
+            }
+            Err(e) => {
+                bg.lock().ro -= 1;
+                return Err(e);
+            }
+        }
+    }
+    let mut q = lock(&fs.unused_bgs);
+    q.extend(requeue);
+    Ok(pass)
+}
+
+/// Delete a block group's items in the running transaction and retire it in
+/// memory. The group must be read-only and empty.
+pub fn remove_block_group(ctx: &mut Ctx, bg: &Arc<BlockGroup>) -> Result<()> {
+    let fs = ctx.fs;
+    let map = fs.mapping.get(bg.start);
+    if let Some(m) = &map {
+        for s in &m.item.stripes {
+            ctx.delete(
+                tree_id::DEV,
+                &Key::new(s.devid, item::DEV_EXTENT, s.physical),
+            )?;
+        }
+    }
+    ctx.delete(
+        tree_id::CHUNK,
+        &Key::new(objectid::FIRST_CHUNK, item::CHUNK, bg.start),
+    )?;
+    ctx.delete(
+        tree_id::EXTENT,
+        &Key::new(bg.start, item::BLOCK_GROUP, bg.length),
+    )?;
+    ctx.st.dirty_bgs.remove(&bg.start);
+    ctx.st.pending_chunks.retain(|c| c.logical != bg.start);
+    crate::failpoint!("cleaner::before_removed");
+    write(&fs.block_groups).remove(&bg.start);
+    let drop_now = {
+        let mut s = bg.lock();
+        s.removed = true;
+        if s.frozen > 0 {
+            s.map_drop_deferred = true;
+        }
+        s.frozen == 0
+    };
+    crate::failpoint!("cleaner::before_map_drop");
+    if drop_now {
+        drop_chunk_map(fs, bg.start);
+    }
+    tracing::info!(
+        "deleted unused {} block group {:#x} ({} bytes)",
+        crate::format::bg_type::name(bg.bg_type),
+        bg.start,
+        bg.length
+    );
+    Ok(())
+}
+
+/// Drop a removed group's chunk map and give its device extents back.
+pub fn drop_chunk_map(fs: &FsInfo, start: u64) {
+    if let Some(m) = fs.mapping.remove(start) {
+        for s in &m.item.stripes {
+            if let Some(d) = fs.device(s.devid) {
+                write(&d.extents).remove(&s.physical);
+            }
+        }
+    }
+}
+
+/// Take a freeze on a group (scrub): while frozen, its map is not dropped.
+/// Returns false if the group is already removed.
+pub fn freeze(bg: &BlockGroup) -> bool {
+    let mut s = bg.lock();
+    if s.removed {
+        return false;
+    }
+    s.frozen += 1;
+    true
+}
+
+/// Release a freeze, performing a map drop the remover deferred (R4).
+pub fn unfreeze(fs: &FsInfo, bg: &BlockGroup) {
+    let drop_now = {
+        let mut s = bg.lock();
+        s.frozen -= 1;
+        let d = s.frozen == 0 && s.removed && s.map_drop_deferred;
+        if d {
+            s.map_drop_deferred = false;
+        }
+        d
+    };
+    if drop_now {
+        drop_chunk_map(fs, bg.start);
+    }
+}

@@ -1,0 +1,380 @@
+//! Transmission phase of one connection.
+//!
+//! The calling thread reads and validates requests, then hands them to a
+//! fixed pool of worker threads through a bounded queue; replies may complete
+//! out of order and are serialised by one writer lock. Memory is bounded by a
+//! [`ByteBudget`]: the reader reserves a request's data size before buffering
+//! a WRITE payload or queueing a READ, and the reservation is returned when
+//! the reply has been sent.
+
+use std::io::{self, Read};
+use std::net::Shutdown;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Mutex;
+use std::thread;
+
+use thiserror::Error;
+
+use super::budget::{ByteBudget, Permit};
+use super::command::{block_status_descriptors, validate, Limits, Op, Rejection};
+use super::errno::nbd_error_from_io;
+use super::export::Export;
+use super::handshake::Negotiated;
+use super::io_util::read_exact_or_eof;
+use super::ordering::{WriteOrder, WriteTicket};
+use super::proto::*;
+use super::stream::Stream;
+
+/// Requests parsed but not yet picked up by a worker, per connection. Data
+/// is bounded by the byte budget; this bounds the count of data-less ones.
+pub const MAX_QUEUED_REQUESTS_PER_CONN: usize = 64;
+
+/// Tuning for one connection's transmission phase.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    pub worker_threads: usize,
+    pub max_in_flight_bytes: usize,
+}
+
+/// Why a transmission phase ended.
+#[derive(Debug, Error)]
+pub enum EndReason {
+    #[error("client sent NBD_CMD_DISC")]
+    Disconnect,
+    #[error("client closed the connection")]
+    Closed,
+    #[error("client closed the connection mid-request")]
+    Truncated,
+    #[error("protocol violation: {0}")]
+    BadRequest(ProtoError),
+    #[error("write payload of {0} bytes exceeds the {MAX_PAYLOAD_BYTES} byte limit")]
+    OversizedWrite(u32),
+    #[error("i/o error reading requests: {0}")]
+    Io(io::Error),
+    #[error("sending a reply failed")]
+    ReplyFailed,
+    #[error("could not start worker threads: {0}")]
+    NoWorkers(io::Error),
+}
+
+/// Counters reported when a connection closes.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub requests: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+}
+
+/// Serialises reply writes; after the first failure every reply is dropped.
+struct ReplySink {
+    stream: Mutex<Box<dyn Stream>>,
+    broken: AtomicBool,
+}
+
+impl ReplySink {
+    fn send(&self, bytes: &[u8]) {
+        if self.broken.load(Ordering::Acquire) {
+            return;
+        }
+        let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = stream.write_all(bytes) {
+            tracing::debug!(error = %e, "nbd reply write failed");
+            self.broken.store(true, Ordering::Release);
+            // Wake the reader so the connection winds down.
+            let _ = stream.shutdown_stream(Shutdown::Both);
+        }
+    }
+
+    fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+}
+
+/// State shared by the reader and the workers of one connection.
+struct Conn<'a> {
+    export: &'a dyn Export,
+    limits: Limits,
+    replies: ReplySink,
+    budget: ByteBudget,
+    order: WriteOrder,
+    stats: &'a Stats,
+}
+
+/// One validated request on its way to a worker.
+struct Job<'a> {
+    cookie: u64,
+    op: Op,
+    /// WRITE data.
+    payload: Vec<u8>,
+    /// For FLUSH: writes registered before this point must finish first.
+    flush_barrier: u64,
+    ticket: Option<WriteTicket<'a>>,
+    _permit: Permit<'a>,
+}
+
+/// Serves requests until the client disconnects or breaks the protocol, then
+/// waits for every in-flight request to be answered.
+pub fn serve<R: Read>(
+    reader: &mut R,
+    writer: Box<dyn Stream>,
+    session: &Negotiated,
+    limits: ConnLimits,
+    stats: &Stats,
+    thread_name: &str,
+) -> EndReason {
+    let conn = Conn {
+        export: session.export.as_ref(),
+        limits: Limits {
+            export_size_bytes: session.size_bytes,
+            structured_replies: session.structured_replies,
+            base_allocation_id: session.base_allocation_id,
+        },
+        replies: ReplySink {
+            stream: Mutex::new(writer),
+            broken: AtomicBool::new(false),
+        },
+        budget: ByteBudget::new(limits.max_in_flight_bytes),
+        order: WriteOrder::default(),
+        stats,
+    };
+    let (tx, rx) = sync_channel::<Job>(MAX_QUEUED_REQUESTS_PER_CONN);
+    let rx = Mutex::new(rx);
+    let end = thread::scope(|s| {
+        let mut spawn_error = None;
+        let mut workers = 0;
+        for i in 0..limits.worker_threads.max(1) {
+            let spawned = thread::Builder::new()
+                .name(format!("{thread_name}-w{i}"))
+                .spawn_scoped(s, || worker_loop(&conn, &rx));
+            match spawned {
+                Ok(_) => workers += 1,
+                Err(e) => spawn_error = Some(e),
+            }
+        }
+        if workers == 0 {
+            return EndReason::NoWorkers(spawn_error.unwrap_or_else(|| io::Error::other("none")));
+        }
+        // Dropping the sender when reading stops lets the workers drain the
+        // queue and exit; the scope then joins them.
+        read_loop(reader, &conn, tx)
+    });
+    match end {
+        // Our own shutdown after a failed reply shows up as an EOF.
+        EndReason::Closed | EndReason::Truncated if conn.replies.is_broken() => {
+            EndReason::ReplyFailed
+        }
+        end => end,
+    }
+}
+
+fn worker_loop<'a>(conn: &'a Conn<'a>, rx: &Mutex<Receiver<Job<'a>>>) {
+    loop {
+        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        match job {
+            Ok(job) => execute(conn, job),
+            Err(_) => return,
+        }
+    }
+}
+
+fn read_loop<'a, R: Read>(
+    reader: &mut R,
+    conn: &'a Conn<'a>,
+    tx: SyncSender<Job<'a>>,
+) -> EndReason {
+    let io_end = |e: io::Error| match e.kind() {
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::BrokenPipe => EndReason::Truncated,
+        _ => EndReason::Io(e),
+    };
+    loop {
+        if conn.replies.is_broken() {
+            return EndReason::ReplyFailed;
+        }
+        let mut hdr = [0u8; REQUEST_HEADER_BYTES];
+        match read_exact_or_eof(reader, &mut hdr) {
+            Ok(true) => {}
+            Ok(false) => return EndReason::Closed,
+            Err(e) => return io_end(e),
+        }
+        // A bad magic means we can no longer find request boundaries.
+        let req = match parse_request(&hdr) {
+            Ok(req) => req,
+            Err(e) => return EndReason::BadRequest(e),
+        };
+        conn.stats.requests.fetch_add(1, Ordering::Relaxed);
+        if req.command() == Some(Command::Disc) {
+            return EndReason::Disconnect;
+        }
+
+        // Consume the payload before judging the request so that the stream
+        // stays in sync even when the request is refused.
+        let mut payload = Vec::new();
+        let mut permit = conn.budget.acquire(0);
+        let payload_bytes = req.payload_bytes();
+        if payload_bytes > 0 {
+            if payload_bytes > MAX_PAYLOAD_BYTES {
+                // Skipping up to 4 GiB to resync is not worth it; the client
+                // broke the advertised limit, so answer and hang up.
+                let msg = "write payload exceeds the maximum payload size";
+                conn.replies
+                    .send(&error_reply(&conn.limits, req.cookie, NBD_EINVAL, msg));
+                return EndReason::OversizedWrite(payload_bytes);
+            }
+            permit = conn.budget.acquire(payload_bytes as usize);
+            payload = vec![0u8; payload_bytes as usize];
+            if let Err(e) = reader.read_exact(&mut payload) {
+                return io_end(e);
+            }
+        }
+
+        let op = match validate(&req, &conn.limits) {
+            Ok(op) => op,
+            Err(Rejection { error, message }) => {
+                conn.replies
+                    .send(&error_reply(&conn.limits, req.cookie, error, message));
+                continue;
+            }
+        };
+        if let Op::Read { len, .. } = op {
+            permit = conn.budget.acquire(len as usize);
+        }
+        let job = Job {
+            cookie: req.cookie,
+            op,
+            payload,
+            flush_barrier: conn.order.barrier(),
+            ticket: op.is_write().then(|| conn.order.begin_write()),
+            _permit: permit,
+        };
+        if tx.send(job).is_err() {
+            // Every worker is gone; nothing can be answered any more.
+            return EndReason::ReplyFailed;
+        }
+    }
+}
+
+/// Runs one job and sends its reply. A panicking export fails the request
+/// with EIO instead of taking the connection (or the server) down.
+fn execute<'a>(conn: &'a Conn<'a>, job: Job<'a>) {
+    let Job {
+        cookie,
+        op,
+        payload,
+        flush_barrier,
+        ticket,
+        _permit,
+    } = job;
+    let reply = catch_unwind(AssertUnwindSafe(|| {
+        run_op(conn, cookie, op, &payload, flush_barrier)
+    }));
+    // The export call is over: a FLUSH queued behind this write may proceed.
+    drop(ticket);
+    let reply = reply.unwrap_or_else(|_| {
+        tracing::error!(?op, "nbd export panicked while serving a request");
+        error_reply(&conn.limits, cookie, NBD_EIO, "internal server error")
+    });
+    conn.replies.send(&reply);
+}
+
+/// Performs `op` on the export and encodes the reply.
+fn run_op(conn: &Conn<'_>, cookie: u64, op: Op, payload: &[u8], flush_barrier: u64) -> Vec<u8> {
+    let export = conn.export;
+    let limits = &conn.limits;
+    let result = match op {
+        Op::Read { offset, len } => return read_reply(conn, cookie, offset, len),
+        Op::Write { offset, fua, .. } => {
+            let r = export.write(offset, payload, fua);
+            if r.is_ok() {
+                let n = payload.len() as u64;
+                conn.stats.bytes_written.fetch_add(n, Ordering::Relaxed);
+            }
+            r
+        }
+        Op::Flush => {
+            conn.order.wait_for(flush_barrier);
+            export.flush()
+        }
+        Op::Trim { offset, len, fua } => export.trim(offset, u64::from(len), fua),
+        // A hint only; the range has been checked, there is nothing to do.
+        Op::Cache => Ok(()),
+        Op::WriteZeroes {
+            offset,
+            len,
+            may_unmap,
+            fast_only,
+            fua,
+        } => {
+            if fast_only && !export.fast_zero() {
+                let msg = "fast zeroing is not supported by this export";
+                return error_reply(limits, cookie, NBD_ENOTSUP, msg);
+            }
+            export.write_zeroes(offset, u64::from(len), may_unmap, fua)
+        }
+        Op::BlockStatus {
+            offset,
+            len,
+            req_one,
+            context_id,
+        } => match export.block_status(offset, u64::from(len)) {
+            Ok(extents) => {
+                let descriptors = block_status_descriptors(&extents, len, req_one);
+                return encode_block_status_chunk(cookie, context_id, &descriptors);
+            }
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        // A simple reply is allowed for data-less success even with
+        // structured replies, and is the cheapest.
+        Ok(()) => encode_simple_reply(0, cookie).to_vec(),
+        Err(e) => error_reply(limits, cookie, nbd_error_from_io(&e), &e.to_string()),
+    }
+}
+
+/// READ reply: the data is read straight into the reply buffer behind room
+/// for the header, so it is sent with a single write.
+fn read_reply(conn: &Conn<'_>, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let structured = conn.limits.structured_replies;
+    let header_bytes = if structured {
+        CHUNK_HEADER_BYTES + 8
+    } else {
+        SIMPLE_REPLY_HEADER_BYTES
+    };
+    let mut buf = vec![0u8; header_bytes + len as usize];
+    if let Err(e) = conn.export.read(offset, &mut buf[header_bytes..]) {
+        return error_reply(&conn.limits, cookie, nbd_error_from_io(&e), &e.to_string());
+    }
+    if structured {
+        // One data chunk covering the whole request, so DF is always honoured.
+        let chunk_len = 8 + len;
+        put_chunk_header(
+            &mut buf,
+            NBD_REPLY_FLAG_DONE,
+            NBD_REPLY_TYPE_OFFSET_DATA,
+            cookie,
+            chunk_len,
+        );
+        buf[CHUNK_HEADER_BYTES..CHUNK_HEADER_BYTES + 8].copy_from_slice(&offset.to_be_bytes());
+    } else {
+        put_simple_reply_header(&mut buf, 0, cookie);
+    }
+    conn.stats
+        .bytes_read
+        .fetch_add(u64::from(len), Ordering::Relaxed);
+    buf
+}
+
+/// An error reply: a structured error chunk with a message when negotiated
+/// (required for READ, preferred otherwise), else a simple reply.
+fn error_reply(limits: &Limits, cookie: u64, error: u32, message: &str) -> Vec<u8> {
+    if limits.structured_replies {
+        encode_error_chunk(cookie, error, message)
+    } else {
+        encode_simple_reply(error, cookie).to_vec()
+    }
+}

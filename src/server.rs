@@ -1,0 +1,298 @@
+//! `chunkvol serve`: owns a pool, serves every volume as an NBD export,
+//! commits in the background, runs the cleaner, and answers the control
+//! socket.
+
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::device::owner_note_path;
+use crate::error::{Error, Result};
+use crate::format::Profile;
+use crate::nbd::{self, Export, ExportProvider};
+use crate::pool::{MkfsOptions, Pool};
+use crate::sync::{thread, Arc, AtomicBool, Ordering};
+use crate::volume::Volume;
+
+/// Demo pool: directory, device size, volume size.
+pub const DEMO_DIR: &str = "chunkvol-data";
+pub const DEMO_DEVICE_BYTES: u64 = 4 << 30;
+pub const DEMO_VOLUME_BYTES: u64 = 4 << 30;
+
+/// Settings of `chunkvol serve`.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// "ADDR:PORT" or "unix:PATH".
+    pub listen: String,
+    pub socket: Option<PathBuf>,
+    pub commit_interval: Duration,
+    pub devs: Vec<PathBuf>,
+}
+
+struct VolumeExport(Volume);
+
+impl Export for VolumeExport {
+    fn size_bytes(&self) -> u64 {
+        self.0.size_bytes().unwrap_or(0)
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        Ok(self.0.read_at(buf, offset)?)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()> {
+        self.0.write_at(data, offset)?;
+        if fua {
+            self.0.flush()?;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(self.0.flush()?)
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> std::io::Result<()> {
+        self.0.discard(offset, len)?;
+        if fua {
+            self.0.flush()?;
+        }
+        Ok(())
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        _may_unmap: bool,
+        fua: bool,
+    ) -> std::io::Result<()> {
+        // Zeroes are always holes here: a thin volume reads them back as
+        // zeroes without storing them, so NO_HOLE changes nothing we keep.
+        self.0.write_zeroes(offset, len)?;
+        if fua {
+            self.0.flush()?;
+        }
+        Ok(())
+    }
+    fn block_status(&self, offset: u64, len: u64) -> std::io::Result<Vec<(u64, u32)>> {
+        Ok(self
+            .0
+            .block_status(offset, len)?
+            .into_iter()
+            .map(|e| (e.len, if e.allocated { 0 } else { 3 }))
+            .collect())
+    }
+}
+
+struct PoolExports(Pool);
+
+impl ExportProvider for PoolExports {
+    fn list(&self) -> Vec<String> {
+        self.0.volume_names()
+    }
+    fn open(&self, name: &str) -> Option<Arc<dyn Export>> {
+        self.0
+            .volume(name)
+            .ok()
+            .map(|v| Arc::new(VolumeExport(v)) as Arc<dyn Export>)
+    }
+    fn default_name(&self) -> Option<String> {
+        let names = self.0.volume_names();
+        if names.iter().any(|n| n == "disk0") {
+            return Some("disk0".into());
+        }
+        names.into_iter().next()
+    }
+}
+
+/// Create the demo pool if it does not exist; return its device paths.
+pub fn demo_pool(dir: &Path) -> Result<Vec<PathBuf>> {
+    let devs = vec![dir.join("dev1.img"), dir.join("dev2.img")];
+    let exist: Vec<bool> = devs.iter().map(|d| d.exists()).collect();
+    if exist.iter().all(|&e| e) {
+        return Ok(devs);
+    }
+    if exist.iter().any(|&e| e) {
+        return Err(Error::Invalid(format!(
+            "demo pool in {} is incomplete: one device file is missing",
+            dir.display()
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::Device {
+        path: dir.into(),
+        msg: format!("cannot create directory: {e}"),
+    })?;
+    let opts = MkfsOptions {
+        data: Some(Profile::Raid1),
+        metadata: Some(Profile::Raid1),
+        ..Default::default()
+    };
+    Pool::mkfs_paths(&devs, Some(DEMO_DEVICE_BYTES), &opts)?;
+    let pool = Pool::open_paths(&devs)?;
+    pool.create_volume("disk0", DEMO_VOLUME_BYTES)?;
+    pool.close()?;
+    println!(
+        "created demo pool in {}: two {} GiB sparse devices, raid1, volume disk0",
+        dir.display(),
+        DEMO_DEVICE_BYTES >> 30
+    );
+    Ok(devs)
+}
+
+/// Background commits and the cleaner.
+fn background(pool: Pool, interval: Duration, stop: Arc<AtomicBool>) {
+    let fs = pool.fs().clone();
+    let mut last = Instant::now();
+    while !stop.load(Ordering::Acquire) {
+        thread::sleep(Duration::from_millis(200));
+        if fs.is_aborted() {
+            continue;
+        }
+        if last.elapsed() >= interval {
+            last = Instant::now();
+            if let Err(e) = crate::transaction::commit(&fs) {
+                tracing::error!("background commit: {e}");
+                continue;
+            }
+        }
+        let pending = !crate::sync::lock(&fs.unused_bgs).is_empty();
+        if pending {
+            match crate::cleaner::delete_unused_bgs(&fs) {
+                Ok(p) if p.deleted > 0 => {
+                    if let Err(e) = crate::transaction::commit(&fs) {
+                        tracing::error!("commit after cleaner: {e}");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!("cleaner: {e}"),
+            }
+        }
+    }
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+/// Run the server until SIGINT or SIGTERM. Returns the exit code.
+pub fn run(cfg: ServeConfig) -> Result<()> {
+    let devs = if cfg.devs.is_empty() {
+        demo_pool(Path::new(DEMO_DIR))?
+    } else {
+        cfg.devs.clone()
+    };
+    let pool = Pool::open_paths(&devs)?;
+    let sock_path = cfg.socket.clone().unwrap_or_else(|| {
+        devs[0]
+            .parent()
+            .map(|p| p.join("chunkvol.sock"))
+            .unwrap_or_else(|| PathBuf::from("chunkvol.sock"))
+    });
+    let sock_path = std::path::absolute(&sock_path).unwrap_or(sock_path);
+    let _ = std::fs::remove_file(&sock_path);
+    let control = UnixListener::bind(&sock_path).map_err(|e| Error::Device {
+        path: sock_path.clone(),
+        msg: format!("cannot bind control socket: {e}"),
+    })?;
+    for d in &devs {
+        let _ = std::fs::write(
+            owner_note_path(d),
+            format!(
+                "held by chunkvol serve pid {}, control socket {}",
+                std::process::id(),
+                sock_path.display()
+            ),
+        );
+    }
+    let listener = if let Some(p) = cfg.listen.strip_prefix("unix:") {
+        let _ = std::fs::remove_file(p);
+        Listener::Unix(
+            UnixListener::bind(p).map_err(|e| Error::Device {
+                path: p.into(),
+                msg: format!("cannot listen: {e}"),
+            })?,
+            p.into(),
+        )
+    } else {
+        Listener::Tcp(
+            TcpListener::bind(&cfg.listen)
+                .map_err(|e| Error::Invalid(format!("cannot listen on {}: {e}", cfg.listen)))?,
+        )
+    };
+    let server = nbd::Server::new(
+        Arc::new(PoolExports(pool.clone())),
+        nbd::ServerConfig::default(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let shutdown = server.shutdown_handle();
+    {
+        let stop = stop.clone();
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+        ])
+        .map_err(|e| Error::Invalid(format!("cannot install signal handlers: {e}")))?;
+        thread::spawn(move || {
+            let mut seen = 0;
+            for sig in signals.forever() {
+                seen += 1;
+                if seen == 1 {
+                    tracing::info!("signal {sig}: finishing in-flight requests, then exiting");
+                    stop.store(true, Ordering::Release);
+                    shutdown.shutdown();
+                } else {
+                    // Acknowledged flushes are durable already.
+                    std::process::exit(130);
+                }
+            }
+        });
+    }
+    let ctl = {
+        let (p, s) = (pool.clone(), stop.clone());
+        thread::spawn(move || crate::control::serve(p, control, s))
+    };
+    let bg = {
+        let (p, s, i) = (pool.clone(), stop.clone(), cfg.commit_interval);
+        thread::spawn(move || background(p, i, s))
+    };
+    let exports = pool.volume_names();
+    let first = exports.first().cloned().unwrap_or_else(|| "NAME".into());
+    let uri = match &listener {
+        Listener::Tcp(l) => {
+            let a = l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or(cfg.listen.clone());
+            format!("nbd://{a}")
+        }
+        Listener::Unix(_, p) => format!("nbd+unix:///?socket={}", p.display()),
+    };
+    println!("chunkvol serving {} on {uri}", exports.join(", "));
+    println!("control socket: {}", sock_path.display());
+    match &listener {
+        Listener::Tcp(_) => println!("try: nbdinfo {uri}/{first}"),
+        Listener::Unix(_, p) => {
+            println!("try: nbdinfo 'nbd+unix:///{first}?socket={}'", p.display())
+        }
+    }
+    {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
+    let served = match listener {
+        Listener::Tcp(l) => server.serve_tcp(l),
+        Listener::Unix(l, p) => {
+            let r = server.serve_unix(l);
+            let _ = std::fs::remove_file(p);
+            r
+        }
+    };
+    stop.store(true, Ordering::Release);
+    let _ = ctl.join();
+    let _ = bg.join();
+    let closed = pool.close();
+    let _ = std::fs::remove_file(&sock_path);
+    for d in &devs {
+        let _ = std::fs::remove_file(owner_note_path(d));
+    }
+    served.map_err(|e| Error::Invalid(format!("NBD server: {e}")))?;
+    closed
+}
