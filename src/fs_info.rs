@@ -404,7 +404,9 @@ impl FsInfo {
             let off = (p.logical - logical) as usize;
             let buf = &mut out[off..off + p.len as usize];
             let copies = p.mirrors.len();
-            let first = ((p.logical / (64 << 10)) % copies as u64) as usize;
+            // Copy 0 first, the others only on failure: predictable, and a
+            // read then repairs what it finds on the copy it uses.
+            let first = 0;
             let sums = csums.map(|c| &c[off / sector * cs..(off + buf.len()) / sector * cs]);
             let whole_ok = self.read_copy(p, first, buf).is_ok();
             if !whole_ok {

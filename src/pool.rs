@@ -729,6 +729,34 @@ impl Pool {
         self.fs.dev_stats_dirty.store(true, Ordering::Release);
     }
 
+    /// Data extents (logical start, length) as of the last commit.
+    pub fn data_extents(&self) -> Result<Vec<(u64, u64)>> {
+        let root = read(&self.fs.commit_roots).roots[tree_index(tree_id::EXTENT)].clone();
+        let mut out = Vec::new();
+        for r in Iter::new(&*self.fs as &dyn NodeLoader, &root, Key::MIN, Key::MAX) {
+            let (k, _) = r?;
+            if k.ty == item::EXTENT {
+                out.push((k.objectid, k.offset));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Where each copy of the sector at `logical` lives: (device path, physical).
+    pub fn sector_copies(&self, logical: u64) -> Result<Vec<(PathBuf, u64)>> {
+        let map = self
+            .fs
+            .mapping
+            .lookup(logical)
+            .ok_or(Error::NoChunk { logical })?;
+        let m = map.map(logical, SECTOR_BYTES)?;
+        Ok(m[0]
+            .mirrors
+            .iter()
+            .filter_map(|&(d, p)| self.fs.device(d).map(|d| (d.dev.path().to_path_buf(), p)))
+            .collect())
+    }
+
     /// Paths of the devices, by devid.
     pub fn device_paths(&self) -> Vec<PathBuf> {
         read(&self.fs.devices)
