@@ -7,7 +7,8 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use crate::device::BlockDevice;
-use crate::sync::{lock, Mutex};
+use crate::sync::{lock, Arc, Mutex};
+use std::sync::atomic::{AtomicI64, Ordering};
 
 /// How a simulated power loss treats writes that were not flushed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +32,8 @@ struct State {
     write_errors: Vec<Range<u64>>,
     /// Every I/O fails (a vanished device).
     gone: bool,
+    /// Writes left before a simulated power cut (shared between devices).
+    power: Option<Arc<AtomicI64>>,
     writes_total: u64,
 }
 
@@ -89,6 +92,7 @@ impl FaultyDevice {
                 read_errors: Vec::new(),
                 write_errors: Vec::new(),
                 gone: false,
+                power: None,
                 writes_total: 0,
             }),
         }
@@ -154,6 +158,12 @@ impl FaultyDevice {
         st.gone = false;
     }
 
+    /// Share a write budget: once it runs out, every write and flush fails,
+    /// as if power were cut at that moment.
+    pub fn set_power_budget(&self, budget: Arc<AtomicI64>) {
+        lock(&self.state).power = Some(budget);
+    }
+
     /// Every I/O fails from now on.
     pub fn vanish(&self) {
         lock(&self.state).gone = true;
@@ -205,6 +215,11 @@ impl BlockDevice for FaultyDevice {
         if st.gone || overlaps(&st.write_errors, offset, buf.len() as u64) {
             return Err(io::Error::from_raw_os_error(5));
         }
+        if let Some(p) = &st.power {
+            if p.fetch_sub(1, Ordering::AcqRel) <= 0 {
+                return Err(io::Error::from_raw_os_error(5));
+            }
+        }
         st.current[offset as usize..end].copy_from_slice(buf);
         st.pending.push((offset, buf.to_vec()));
         st.writes_total += 1;
@@ -212,7 +227,12 @@ impl BlockDevice for FaultyDevice {
     }
     fn flush(&self) -> io::Result<()> {
         let mut st = lock(&self.state);
-        if st.gone {
+        if st.gone
+            || st
+                .power
+                .as_ref()
+                .is_some_and(|p| p.load(Ordering::Acquire) <= 0)
+        {
             return Err(io::Error::from_raw_os_error(5));
         }
         let pending = std::mem::take(&mut st.pending);

@@ -13,11 +13,28 @@ const S: u64 = 4096;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { off: u64, len: u64, seed: u64 },
-    WriteAligned { sector: u64, sectors: u64, seed: u64 },
-    Discard { off: u64, len: u64 },
-    Zero { off: u64, len: u64 },
-    Read { off: u64, len: u64 },
+    Write {
+        off: u64,
+        len: u64,
+        seed: u64,
+    },
+    WriteAligned {
+        sector: u64,
+        sectors: u64,
+        seed: u64,
+    },
+    Discard {
+        off: u64,
+        len: u64,
+    },
+    Zero {
+        off: u64,
+        len: u64,
+    },
+    Read {
+        off: u64,
+        len: u64,
+    },
     Flush,
     Reopen,
 }
@@ -60,7 +77,11 @@ fn run(p: Profile, ops: &[Op]) {
                 vol.write_at(&d, off).unwrap();
                 model[off as usize..(off + len) as usize].copy_from_slice(&d);
             }
-            Op::WriteAligned { sector, sectors, seed } => {
+            Op::WriteAligned {
+                sector,
+                sectors,
+                seed,
+            } => {
                 let (off, len) = (sector * S, sectors * S);
                 let d = data(seed, len as usize);
                 vol.write_at(&d, off).unwrap();
@@ -81,7 +102,10 @@ fn run(p: Profile, ops: &[Op]) {
             Op::Read { off, len } => {
                 let mut b = vec![0u8; len as usize];
                 vol.read_at(&mut b, off).unwrap();
-                assert!(b == model[off as usize..(off + len) as usize], "{p:?} read {off}+{len}");
+                assert!(
+                    b == model[off as usize..(off + len) as usize],
+                    "{p:?} read {off}+{len}"
+                );
             }
             Op::Flush => vol.flush().unwrap(),
             Op::Reopen => {
@@ -96,8 +120,15 @@ fn run(p: Profile, ops: &[Op]) {
     assert!(all == model, "{p:?}: final contents differ");
     // Allocation map agrees with the model's non-zero sectors.
     let alloc: u64 = vol.allocated_bytes().unwrap();
-    let nonzero = model.chunks(S as usize).filter(|c| c.iter().any(|&x| x != 0)).count() as u64 * S;
-    assert!(alloc >= nonzero, "{p:?}: allocated {alloc} < non-zero {nonzero}");
+    let nonzero = model
+        .chunks(S as usize)
+        .filter(|c| c.iter().any(|&x| x != 0))
+        .count() as u64
+        * S;
+    assert!(
+        alloc >= nonzero,
+        "{p:?}: allocated {alloc} < non-zero {nonzero}"
+    );
     pool.close().unwrap();
     let pool = open_mem(&devs);
     let r = chunkvol::check::check(&pool, true).unwrap();

@@ -26,7 +26,9 @@ struct MemStore {
 impl NodeLoader for MemStore {
     fn load(&self, c: &Child, owner: u64, level: u8) -> Result<Arc<Node>> {
         let disk = self.disk.borrow();
-        let buf = disk.get(&c.addr).ok_or(Error::NoChunk { logical: c.addr })?;
+        let buf = disk
+            .get(&c.addr)
+            .ok_or(Error::NoChunk { logical: c.addr })?;
         let n = Node::decode(buf, c.addr, &UUID, CsumType::Crc32c).map_err(|e| Error::BadNode {
             logical: c.addr,
             msg: e.0,
@@ -49,7 +51,11 @@ impl NodeStore for MemStore {
         Ok(self.next)
     }
     fn free_node(&mut self, node: &Node) {
-        assert!(self.live_allocs.remove(&node.addr), "double free {:#x}", node.addr);
+        assert!(
+            self.live_allocs.remove(&node.addr),
+            "double free {:#x}",
+            node.addr
+        );
     }
 }
 
@@ -128,7 +134,10 @@ fn run(node_bytes: usize, ops: &[Op]) {
                 assert_eq!(had, model.remove(&key(k)).is_some());
             }
             Op::Range(a, b) => {
-                let (lo, hi) = (key(a.min(b)).min(key(a.max(b))), key(a.min(b)).max(key(a.max(b))));
+                let (lo, hi) = (
+                    key(a.min(b)).min(key(a.max(b))),
+                    key(a.min(b)).max(key(a.max(b))),
+                );
                 let got: Vec<(Key, Vec<u8>)> =
                     Iter::new(&s, &root, lo, hi).collect::<Result<_>>().unwrap();
                 let want: Vec<(Key, Vec<u8>)> =
