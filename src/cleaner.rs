@@ -24,6 +24,7 @@ pub fn delete_unused_bgs(fs: &FsInfo) -> Result<CleanerPass> {
     let mut pass = CleanerPass::default();
     let queued: Vec<u64> = lock(&fs.unused_bgs).drain(..).collect();
     let mut requeue = Vec::new();
+    let mut first_err = None;
     for start in queued {
         let Some(bg) = read(&fs.block_groups).get(&start).cloned() else {
             continue;
@@ -58,8 +59,9 @@ pub fn delete_unused_bgs(fs: &FsInfo) -> Result<CleanerPass> {
                 s.used == 0 && s.reserved == 0 && s.pinned == 0
             };
             if still_empty {
-                let mut ctx = Ctx::begin(fs, &mut st)?;
-                remove_block_group(&mut ctx, &bg).map(|_| true)
+                Ctx::begin(fs, &mut st)
+                    .and_then(|mut ctx| remove_block_group(&mut ctx, &bg))
+                    .map(|_| true)
             } else {
                 Ok(false)
             }
@@ -71,14 +73,23 @@ pub fn delete_unused_bgs(fs: &FsInfo) -> Result<CleanerPass> {
                 pass.skipped += 1;
             }
             Err(e) => {
-                bg.lock().ro -= 1;
-                return Err(e);
+                // Keep it queued for a later pass (e.g. after space is freed).
+                let mut s = bg.lock();
+                s.ro -= 1;
+                s.on_unused_list = true;
+                drop(s);
+                requeue.push(start);
+                if first_err.is_none() {
+                    first_err = Some(e);
+                }
             }
         }
     }
-    let mut q = lock(&fs.unused_bgs);
-    q.extend(requeue);
-    Ok(pass)
+    lock(&fs.unused_bgs).extend(requeue);
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(pass),
+    }
 }
 
 /// Delete a block group's items in the running transaction and retire it in

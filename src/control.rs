@@ -34,6 +34,7 @@ pub fn request(socket: &Path, op: &Op) -> std::io::Result<OpOutput> {
 }
 
 fn handle(pool: &Pool, stream: UnixStream) {
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(30)));
     let mut reader = BufReader::new((&stream).take(MAX_REQUEST_BYTES));
     let mut line = String::new();
     let out = match reader.read_line(&mut line) {

@@ -15,6 +15,9 @@ use crate::sync::{lock, read, Arc, AtomicBool, AtomicU64, Mutex, Ordering, RwLoc
 use crate::transaction::TransState;
 use crate::volumes::{Device, Mapped, MappingTree};
 
+/// Stripes of [`FsInfo::rmw_locks`].
+pub const RMW_LOCKS: usize = 64;
+
 /// Index of a tree in root arrays, in [`tree_id::ALL`] order.
 pub fn tree_index(id: u64) -> usize {
     tree_id::ALL.iter().position(|&t| t == id).unwrap_or(0)
@@ -66,6 +69,11 @@ pub struct FsInfo {
     readers: Mutex<BTreeMap<u64, usize>>,
     pinned: Mutex<Vec<Pinned>>,
     aborted: Mutex<Option<String>>,
+    /// Striped locks for read-modify-write of partial sectors, shared by
+    /// every handle and connection of every volume.
+    pub rmw_locks: [Mutex<()>; RMW_LOCKS],
+    /// Reads do not rewrite bad copies (check, dump-tree).
+    pub no_repair: AtomicBool,
     /// Device error counters changed since the last commit.
     pub dev_stats_dirty: AtomicBool,
     /// Longest data extent (bounded so its checksum item fits a leaf).
@@ -133,6 +141,8 @@ impl FsInfo {
             pinned: Mutex::new(Vec::new()),
             aborted: Mutex::new(None),
             dev_stats_dirty: AtomicBool::new(false),
+            rmw_locks: std::array::from_fn(|_| Mutex::new(())),
+            no_repair: AtomicBool::new(false),
             max_extent_bytes: sectors * SECTOR_BYTES,
         }
     }
@@ -178,6 +188,16 @@ impl FsInfo {
     pub fn register_reader(&self, gen: u64) -> ReadGuard<'_> {
         *lock(&self.readers).entry(gen).or_insert(0) += 1;
         ReadGuard { fs: self, gen }
+    }
+
+    /// The last committed roots, registered as a reader so that nothing
+    /// they reference is reused while the guard lives. Registration happens
+    /// under the commit-roots lock: a commit swaps the roots before it
+    /// releases pinned extents, so the reader is always seen in time.
+    pub fn commit_snapshot(&self) -> (CommitRoots, ReadGuard<'_>) {
+        let roots = read(&self.commit_roots);
+        let g = self.register_reader(roots.gen);
+        (roots.clone(), g)
     }
 
     /// Record that [logical, +len) was freed by transaction `gen`.
@@ -349,7 +369,10 @@ impl FsInfo {
                     continue;
                 }
             }
-            for &b in &bad {
+            for &b in bad
+                .iter()
+                .filter(|_| !self.no_repair.load(Ordering::Relaxed))
+            {
                 for p in &pieces {
                     let off = (p.logical - addr) as usize;
                     if self
@@ -459,7 +482,10 @@ impl FsInfo {
                 if !good {
                     return Err(name(sec_logical, SECTOR_BYTES));
                 }
-                for &m in &failed {
+                for &m in failed
+                    .iter()
+                    .filter(|_| !self.no_repair.load(Ordering::Relaxed))
+                {
                     if self.write_copy(&one, m, dst).is_ok() {
                         tracing::warn!(
                             "repaired data sector at logical {sec_logical:#x} on devid {} physical {:#x}",

@@ -307,6 +307,17 @@ impl Pool {
 
     /// Open a pool from its devices. Builds free space from metadata only.
     pub fn open(devs: Vec<Arc<dyn BlockDevice>>) -> Result<Pool> {
+        Self::open_with(devs, true)
+    }
+
+    /// Open device files without rewriting bad copies found while reading
+    /// (for check and dump-tree, which must not change the devices).
+    pub fn open_paths_no_repair(paths: &[PathBuf]) -> Result<Pool> {
+        Self::open_with(open_files(paths)?, false)
+    }
+
+    /// Open, choosing whether reads repair bad copies.
+    pub fn open_with(devs: Vec<Arc<dyn BlockDevice>>, repair: bool) -> Result<Pool> {
         if devs.is_empty() {
             return Err(Error::Invalid("no devices given".into()));
         }
@@ -363,6 +374,7 @@ impl Pool {
             best.generation,
             DEFAULT_CACHE_BYTES,
         );
+        fs.no_repair.store(!repair, Ordering::Relaxed);
         let bad = |m: String| {
             Error::Corrupt(format!(
                 "pool {}: {m}",
@@ -511,7 +523,7 @@ impl Pool {
             if bg.end() > pos {
                 s.free.insert(pos, bg.end() - pos);
             }
-            if s.used == 0 && bg.bg_type == bg_type::DATA {
+            if s.used == 0 {
                 s.on_unused_list = true;
                 lock(&fs.unused_bgs).push_back(bg.start);
             }
@@ -731,7 +743,8 @@ impl Pool {
 
     /// Data extents (logical start, length) as of the last commit.
     pub fn data_extents(&self) -> Result<Vec<(u64, u64)>> {
-        let root = read(&self.fs.commit_roots).roots[tree_index(tree_id::EXTENT)].clone();
+        let (roots, _guard) = self.fs.commit_snapshot();
+        let root = roots.roots[tree_index(tree_id::EXTENT)].clone();
         let mut out = Vec::new();
         for r in Iter::new(&*self.fs as &dyn NodeLoader, &root, Key::MIN, Key::MAX) {
             let (k, _) = r?;

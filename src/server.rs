@@ -187,6 +187,12 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
             .unwrap_or_else(|| PathBuf::from("chunkvol.sock"))
     });
     let sock_path = std::path::absolute(&sock_path).unwrap_or(sock_path);
+    if std::os::unix::net::UnixStream::connect(&sock_path).is_ok() {
+        return Err(Error::Busy(format!(
+            "{}: another chunkvol serve is answering on this control socket",
+            sock_path.display()
+        )));
+    }
     let _ = std::fs::remove_file(&sock_path);
     let control = UnixListener::bind(&sock_path).map_err(|e| Error::Device {
         path: sock_path.clone(),

@@ -271,6 +271,12 @@ impl<'a> Ctx<'a> {
             let mut s = bg.lock();
             s.reserved -= len;
             s.free.insert(logical, len);
+            let queue = s.used == 0 && s.reserved == 0 && !s.on_unused_list && !s.removed;
+            if queue {
+                s.on_unused_list = true;
+                drop(s);
+                lock(&self.fs.unused_bgs).push_back(bg.start);
+            }
         }
     }
 

@@ -6,12 +6,9 @@ use crate::btree::{self, Iter};
 use crate::error::{Error, Result};
 use crate::extent;
 use crate::format::{bg_type, item, objectid, tree_id, Key, VolumeExtent, SECTOR_BYTES};
-use crate::fs_info::FsInfo;
-use crate::sync::{lock, Arc, Mutex};
+use crate::fs_info::{FsInfo, RMW_LOCKS};
+use crate::sync::{lock, Arc};
 use crate::transaction::{commit, Ctx};
-
-/// Striped locks for read-modify-write of partial sectors.
-const RMW_LOCKS: usize = 64;
 
 /// A handle on one volume. Cheap to clone; safe to use from many threads.
 #[derive(Clone)]
@@ -19,7 +16,6 @@ pub struct Volume {
     fs: Arc<FsInfo>,
     id: u64,
     name: Arc<str>,
-    rmw: Arc<[Mutex<()>; RMW_LOCKS]>,
 }
 
 /// One run of a volume's allocation map.
@@ -44,7 +40,6 @@ impl Volume {
             fs,
             id,
             name: name.into(),
-            rmw: Arc::new(std::array::from_fn(|_| Mutex::new(()))),
         }
     }
 
@@ -171,13 +166,13 @@ impl Volume {
             return self.write_aligned(data, offset);
         }
         // Two partial writes to one sector must not lose each other's bytes.
-        let mut idx = [
-            (start / SECTOR_BYTES) as usize % RMW_LOCKS,
-            ((end - 1) / SECTOR_BYTES) as usize % RMW_LOCKS,
-        ];
+        let stripe =
+            |lba: u64| ((lba / SECTOR_BYTES) ^ self.id.rotate_left(17)) as usize % RMW_LOCKS;
+        let mut idx = [stripe(start), stripe(end - 1)];
         idx.sort_unstable();
-        let _g1 = lock(&self.rmw[idx[0]]);
-        let _g2 = (idx[1] != idx[0]).then(|| lock(&self.rmw[idx[1]]));
+        let locks = &self.fs.rmw_locks;
+        let _g1 = lock(&locks[idx[0]]);
+        let _g2 = (idx[1] != idx[0]).then(|| lock(&locks[idx[1]]));
         let mut tmp = vec![0u8; (end - start) as usize];
         let s = SECTOR_BYTES as usize;
         if offset != start {
@@ -242,8 +237,19 @@ impl Volume {
                 .compute_sectors(piece, SECTOR_BYTES as usize, &mut sums);
             let r = fs.write_logical(logical, piece).and_then(|_| {
                 let mut st = lock(&fs.trans);
-                if !st.volumes.values().any(|v| v.id == self.id) {
-                    return Err(Error::NoVolume(self.name.to_string()));
+                let at = lba + pos as u64;
+                match st.volumes.values().find(|v| v.id == self.id) {
+                    None => return Err(Error::NoVolume(self.name.to_string())),
+                    // Shrunk while this write was in flight.
+                    Some(v) if at + got > v.size_bytes => {
+                        return Err(Error::OutOfRange {
+                            volume: self.name.to_string(),
+                            offset: at,
+                            len: got,
+                            size: v.size_bytes,
+                        })
+                    }
+                    Some(_) => {}
                 }
                 let mut ctx = Ctx::begin(fs, &mut st)?;
                 extent::insert_data_extent(&mut ctx, self.id, lba + pos as u64, logical, got, sums)
@@ -306,7 +312,10 @@ impl Volume {
         self.check_range(offset, len)?;
         let end = offset + len;
         let fs = &*self.fs;
-        let vroot = lock(&fs.trans).root(tree_id::VOLUME);
+        let (vroot, _guard) = {
+            let st = lock(&fs.trans);
+            (st.root(tree_id::VOLUME), fs.register_reader(st.gen))
+        };
         let back = fs.max_extent_bytes - SECTOR_BYTES;
         let it = Iter::new(
             fs,

@@ -275,7 +275,7 @@ fn mkfs(a: MkfsArgs) -> i32 {
 }
 
 fn check(devs: &[PathBuf], data: bool, json: bool) -> i32 {
-    let pool = match Pool::open_paths(devs) {
+    let pool = match Pool::open_paths_no_repair(devs) {
         Ok(p) => p,
         Err(e) => return fail(2, e),
     };
@@ -348,7 +348,7 @@ fn dump_node(fs: &FsInfo, n: &Node, indent: usize, out: &mut String) {
 }
 
 fn dump_tree(devs: &[PathBuf], which: Option<&str>) -> i32 {
-    let pool = match Pool::open_paths(devs) {
+    let pool = match Pool::open_paths_no_repair(devs) {
         Ok(p) => p,
         Err(e) => return fail(2, e),
     };
