@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh
 cargo build --release --all-targets
-cargo test --release --features failpoints -- --test-threads=2
+cargo test --release -- --test-threads=2

@@ -1,82 +1,114 @@
 //! Failpoints: named places where a test can pause a thread to force an
-//! interleaving. Compiled to nothing unless the `failpoints` feature is on.
+//! interleaving (see tests/scrub_races.rs). Always compiled: an unarmed
+//! failpoint costs one relaxed atomic load.
 
-#[cfg(feature = "failpoints")]
-mod imp {
-    use std::collections::HashMap;
-    use std::sync::{Condvar, Mutex, OnceLock};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::Duration;
 
-    /// What a failpoint does when reached.
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub enum Action {
-        /// Block until the test calls [`release`].
-        Pause,
-        /// Return an error from the enclosing function (where supported).
-        Off,
-    }
-
-    #[derive(Default)]
-    struct Registry {
-        actions: HashMap<String, Action>,
-        /// How many threads reached each point.
-        hits: HashMap<String, u64>,
-    }
-
-    fn reg() -> &'static (Mutex<Registry>, Condvar) {
-        static R: OnceLock<(Mutex<Registry>, Condvar)> = OnceLock::new();
-        R.get_or_init(Default::default)
-    }
-
-    /// Arm a failpoint.
-    pub fn set(name: &str, a: Action) {
-        let (m, _) = reg();
-        m.lock().unwrap().actions.insert(name.into(), a);
-    }
-
-    /// Disarm and wake anyone paused there.
-    pub fn release(name: &str) {
-        let (m, c) = reg();
-        m.lock().unwrap().actions.remove(name);
-        c.notify_all();
-    }
-
-    /// Times `name` was reached.
-    pub fn hits(name: &str) -> u64 {
-        reg().0.lock().unwrap().hits.get(name).copied().unwrap_or(0)
-    }
-
-    /// Wait until `name` has been reached `n` times (for tests).
-    pub fn wait_hits(name: &str, n: u64) {
-        let (m, c) = reg();
-        let mut g = m.lock().unwrap();
-        while g.hits.get(name).copied().unwrap_or(0) < n {
-            g = c
-                .wait_timeout(g, std::time::Duration::from_millis(20))
-                .unwrap()
-                .0;
-        }
-    }
-
-    /// Called at the failpoint.
-    pub fn hit(name: &str) {
-        let (m, c) = reg();
-        let mut g = m.lock().unwrap();
-        *g.hits.entry(name.into()).or_insert(0) += 1;
-        c.notify_all();
-        while g.actions.get(name) == Some(&Action::Pause) {
-            g = c.wait(g).unwrap();
-        }
-    }
+/// What an armed failpoint does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Block every thread that reaches it until [`release`].
+    Pause,
+    /// Block only when the failpoint's argument equals this value.
+    PauseIf(u64),
 }
 
-#[cfg(feature = "failpoints")]
-pub use imp::*;
+#[derive(Default)]
+struct Registry {
+    actions: HashMap<String, Action>,
+    hits: HashMap<String, u64>,
+    paused: HashMap<String, u64>,
+}
 
-/// Mark a failpoint.
+static ARMED: AtomicBool = AtomicBool::new(false);
+
+fn reg() -> &'static (Mutex<Registry>, Condvar) {
+    static R: OnceLock<(Mutex<Registry>, Condvar)> = OnceLock::new();
+    R.get_or_init(Default::default)
+}
+
+fn guard() -> std::sync::MutexGuard<'static, Registry> {
+    reg().0.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Arm a failpoint.
+pub fn set(name: &str, a: Action) {
+    ARMED.store(true, Ordering::Release);
+    guard().actions.insert(name.into(), a);
+}
+
+/// Disarm and wake anyone paused there.
+pub fn release(name: &str) {
+    guard().actions.remove(name);
+    reg().1.notify_all();
+}
+
+/// Disarm everything and forget all counts.
+pub fn reset() {
+    let mut g = guard();
+    g.actions.clear();
+    g.hits.clear();
+    g.paused.clear();
+    reg().1.notify_all();
+}
+
+/// Times `name` was reached.
+pub fn hits(name: &str) -> u64 {
+    guard().hits.get(name).copied().unwrap_or(0)
+}
+
+/// Wait until a thread is paused at `name`; false after `timeout`.
+pub fn wait_paused(name: &str, timeout: Duration) -> bool {
+    let end = std::time::Instant::now() + timeout;
+    let (_, c) = reg();
+    let mut g = guard();
+    while g.paused.get(name).copied().unwrap_or(0) == 0 {
+        let now = std::time::Instant::now();
+        if now >= end {
+            return false;
+        }
+        g = c
+            .wait_timeout(g, end - now)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+    true
+}
+
+/// Called at the failpoint.
+pub fn hit(name: &str, arg: u64) {
+    if !ARMED.load(Ordering::Relaxed) {
+        return;
+    }
+    let (_, c) = reg();
+    let mut g = guard();
+    *g.hits.entry(name.into()).or_insert(0) += 1;
+    let stop = |g: &Registry| match g.actions.get(name) {
+        Some(Action::Pause) => true,
+        Some(Action::PauseIf(v)) => *v == arg,
+        None => false,
+    };
+    if stop(&g) {
+        *g.paused.entry(name.into()).or_insert(0) += 1;
+        c.notify_all();
+        while stop(&g) {
+            g = c.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        *g.paused.entry(name.into()).or_insert(1) -= 1;
+    }
+    c.notify_all();
+}
+
+/// Mark a failpoint, optionally with an argument tests can match on.
 #[macro_export]
 macro_rules! failpoint {
     ($name:expr) => {
-        #[cfg(feature = "failpoints")]
-        $crate::failpoint::hit($name);
+        $crate::failpoint::hit($name, 0)
+    };
+    ($name:expr, $arg:expr) => {
+        $crate::failpoint::hit($name, $arg)
     };
 }

@@ -72,6 +72,10 @@ pub struct FsInfo {
     /// Striped locks for read-modify-write of partial sectors, shared by
     /// every handle and connection of every volume.
     pub rmw_locks: [Mutex<()>; RMW_LOCKS],
+    /// The scrub of this process, running or last finished.
+    pub scrub: Mutex<Option<Arc<crate::scrub::ScrubRun>>>,
+    /// Client reads and writes so far (scrub yields when it moves).
+    pub client_ops: AtomicU64,
     /// Reads do not rewrite bad copies (check, dump-tree).
     pub no_repair: AtomicBool,
     /// Device error counters changed since the last commit.
@@ -143,6 +147,8 @@ impl FsInfo {
             dev_stats_dirty: AtomicBool::new(false),
             rmw_locks: std::array::from_fn(|_| Mutex::new(())),
             no_repair: AtomicBool::new(false),
+            scrub: Mutex::new(None),
+            client_ops: AtomicU64::new(0),
             max_extent_bytes: sectors * SECTOR_BYTES,
         }
     }

@@ -31,4 +31,5 @@ pub mod control;
 pub mod failpoint;
 pub mod nbd;
 pub mod ops;
+pub mod scrub;
 pub mod server;

@@ -12,14 +12,51 @@ use crate::pool::Pool;
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    Usage { json: bool },
-    VolumeCreate { name: String, size_bytes: u64 },
-    VolumeList { json: bool },
-    VolumeDelete { name: String },
-    VolumeResize { name: String, size_bytes: u64 },
-    VolumeImport { name: String, file: PathBuf },
-    VolumeExport { name: String, file: PathBuf },
-    DeviceStats { json: bool, reset: bool },
+    Usage {
+        json: bool,
+    },
+    VolumeCreate {
+        name: String,
+        size_bytes: u64,
+    },
+    VolumeList {
+        json: bool,
+    },
+    VolumeDelete {
+        name: String,
+    },
+    VolumeResize {
+        name: String,
+        size_bytes: u64,
+    },
+    VolumeImport {
+        name: String,
+        file: PathBuf,
+    },
+    VolumeExport {
+        name: String,
+        file: PathBuf,
+    },
+    DeviceStats {
+        json: bool,
+        reset: bool,
+    },
+    ScrubStart {
+        opts: crate::scrub::ScrubOptions,
+        json: bool,
+        /// Wait for the end (offline always waits).
+        wait: bool,
+    },
+    ScrubStatus {
+        json: bool,
+        errors: bool,
+    },
+    ScrubCancel,
+    ScrubPause,
+    ScrubResume {
+        json: bool,
+        wait: bool,
+    },
 }
 
 /// What a command prints and how it exits.
@@ -71,7 +108,30 @@ pub fn run(pool: &Pool, op: &Op) -> OpOutput {
 
 fn run_inner(pool: &Pool, op: &Op) -> Result<OpOutput> {
     use crate::cli::size::human;
+    use crate::scrub;
     Ok(match op {
+        Op::ScrubStart { opts, json, wait } => {
+            let run = scrub::start(pool.fs(), opts.clone())?;
+            let s = if *wait { run.wait() } else { run.status(false) };
+            scrub_output(&s, *json, *wait)
+        }
+        Op::ScrubResume { json, wait } => {
+            let run = scrub::resume(pool.fs())?;
+            let s = if *wait { run.wait() } else { run.status(false) };
+            scrub_output(&s, *json, *wait)
+        }
+        Op::ScrubStatus { json, errors } => {
+            let s = scrub::status(pool.fs(), *errors)?;
+            scrub_output(&s, *json, false)
+        }
+        Op::ScrubCancel => {
+            scrub::cancel(pool.fs())?;
+            OpOutput::ok("scrub cancel requested\n".into())
+        }
+        Op::ScrubPause => {
+            scrub::pause(pool.fs())?;
+            OpOutput::ok("scrub paused\n".into())
+        }
         Op::Usage { json: j } => {
             let u = pool.usage();
             if *j {
@@ -235,4 +295,79 @@ pub fn export(pool: &Pool, name: &str, file: &std::path::Path) -> Result<u64> {
         .map_err(|e| io_err(file, "cannot size", e))?;
     f.sync_all().map_err(|e| io_err(file, "sync failed", e))?;
     Ok(size)
+}
+
+/// Print a scrub status; exit 3 when a finished scrub left uncorrectable errors.
+pub fn scrub_output(s: &crate::scrub::ScrubStatus, as_json: bool, final_status: bool) -> OpOutput {
+    use crate::cli::size::human;
+    let mut out = if as_json {
+        OpOutput::ok(json(s))
+    } else {
+        let c = &s.counters;
+        let mut t = String::new();
+        t += &format!(
+            "Scrub state:      {:?}{}\n",
+            s.state,
+            if s.readonly { " (read-only)" } else { "" }
+        );
+        if s.started_at > 0 {
+            t += &format!("Started at:       {} (unix time)\n", s.started_at);
+        }
+        t += &format!(
+            "Duration:         {:.1}s (paused time excluded)\n",
+            s.duration_s
+        );
+        if let Some(e) = s.eta_s {
+            t += &format!("Time left:        {e}s\n");
+        }
+        let pct = if s.bytes_total > 0 {
+            100.0 * c.bytes_scrubbed as f64 / s.bytes_total as f64
+        } else {
+            100.0
+        };
+        t += &format!("Total to scrub:   {}\n", human(s.bytes_total));
+        t += &format!(
+            "Bytes scrubbed:   {} ({pct:.1}%)  data {} tree {}\n",
+            human(c.bytes_scrubbed),
+            human(c.data_bytes_scrubbed),
+            human(c.tree_bytes_scrubbed)
+        );
+        t += &format!("Rate:             {}/s\n", human(s.rate_bytes_per_s));
+        t += &format!(
+            "Error summary:    read={} super={} verify={} csum={}\n  Corrected:      {}\n  Uncorrectable:  {}\n  Unverified:     {}\n",
+            c.read_errors, c.super_errors, c.verify_errors, c.csum_errors, c.corrected_errors, c.uncorrectable_errors, c.unverified_errors
+        );
+        t += &format!(
+            "No-csum sectors:  {}\nGroups skipped (removed meanwhile): {}\n",
+            c.no_csum_sectors, c.block_groups_skipped_removed
+        );
+        if let Some(f) = &s.failure {
+            t += &format!("Failure:          {f}\n");
+        }
+        if let Some(errs) = &s.errors {
+            for e in errs {
+                t += &format!(
+                    "  {} devid {} physical {:#x} logical {:#x}{} {} bytes{}\n",
+                    e.kind,
+                    e.devid,
+                    e.physical,
+                    e.logical,
+                    match (&e.volume, e.lba) {
+                        (Some(v), Some(l)) => format!(" volume {v} LBA {l}"),
+                        _ => String::new(),
+                    },
+                    e.length_bytes,
+                    if e.repaired { " repaired" } else { "" }
+                );
+            }
+        }
+        OpOutput::ok(t)
+    };
+    if final_status && s.counters.uncorrectable_errors > 0 {
+        out.exit = 3;
+    }
+    if final_status && s.failure.is_some() {
+        out.exit = 1;
+    }
+    out
 }

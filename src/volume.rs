@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::extent;
 use crate::format::{bg_type, item, objectid, tree_id, Key, VolumeExtent, SECTOR_BYTES};
 use crate::fs_info::{FsInfo, RMW_LOCKS};
-use crate::sync::{lock, Arc};
+use crate::sync::{lock, Arc, Ordering};
 use crate::transaction::{commit, Ctx};
 
 /// A handle on one volume. Cheap to clone; safe to use from many threads.
@@ -75,6 +75,7 @@ impl Volume {
 
     /// Read `buf.len()` bytes at `offset`. Unmapped ranges read as zeroes.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.fs.client_ops.fetch_add(1, Ordering::Relaxed);
         let len = buf.len() as u64;
         self.check_range(offset, len)?;
         if len == 0 {
@@ -155,6 +156,7 @@ impl Volume {
     /// Write `data` at `offset`. Partial sectors are read, merged and
     /// rewritten; all-zero sectors become holes.
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
+        self.fs.client_ops.fetch_add(1, Ordering::Relaxed);
         let len = data.len() as u64;
         self.check_range(offset, len)?;
         if len == 0 {

@@ -78,6 +78,11 @@ enum Cmd {
         #[arg(required = true)]
         devs: Vec<PathBuf>,
     },
+    /// Verify every copy of everything and repair from good mirrors.
+    Scrub {
+        #[command(subcommand)]
+        cmd: ScrubCmd,
+    },
     /// Device commands.
     Device {
         #[command(subcommand)]
@@ -156,6 +161,141 @@ enum VolumeCmd {
         #[command(flatten)]
         target: Target,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ScrubCmd {
+    /// Start a scrub.
+    Start {
+        /// Wait for the end, with a progress bar on a terminal.
+        #[arg(short = 'B')]
+        wait: bool,
+        /// Read-only: report, never repair.
+        #[arg(short = 'r')]
+        readonly: bool,
+        /// Only this device.
+        #[arg(short = 'd')]
+        devid: Option<u64>,
+        /// Read rate cap per device (e.g. 100M); default yields to client I/O.
+        #[arg(long, value_parser = size::parse_size)]
+        limit: Option<u64>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Progress and errors of the current or last scrub.
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// List what was found.
+        #[arg(long)]
+        errors: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Stop the running scrub (progress is kept for resume).
+    Cancel {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Pause the running scrub.
+    Pause {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Continue a paused, canceled or interrupted scrub where it stopped.
+    Resume {
+        #[arg(short = 'B')]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// Start or resume online, and with -B poll until the end.
+fn scrub_online(target: &Target, op: Op, wait: bool, json: bool) -> i32 {
+    let Some(sock) = &target.socket else {
+        // Offline always waits.
+        return run_op(target, op);
+    };
+    let out = match crate::control::request(sock, &op) {
+        Ok(o) => o,
+        Err(e) => return fail(2, e),
+    };
+    if out.exit != 0 || !wait {
+        return emit(out);
+    }
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let st = match crate::control::request(
+            sock,
+            &Op::ScrubStatus {
+                json: true,
+                errors: false,
+            },
+        ) {
+            Ok(o) => o,
+            Err(e) => return fail(2, e),
+        };
+        let v: serde_json::Value = serde_json::from_str(&st.stdout).unwrap_or_default();
+        let state = v["state"].as_str().unwrap_or("").to_string();
+        if tty {
+            let done = v["bytes_scrubbed"].as_u64().unwrap_or(0);
+            let total = v["bytes_total"].as_u64().unwrap_or(0).max(1);
+            let width = 40usize;
+            let fill = ((done as f64 / total as f64).min(1.0) * width as f64) as usize;
+            eprint!(
+                "\r[{}{}] {:>5.1}% {}/s eta {}s   ",
+                "#".repeat(fill),
+                "-".repeat(width - fill),
+                100.0 * done as f64 / total as f64,
+                size::human(v["rate_bytes_per_s"].as_u64().unwrap_or(0)),
+                v["eta_s"].as_u64().unwrap_or(0)
+            );
+        }
+        if state != "running" && state != "paused" {
+            if tty {
+                eprintln!();
+            }
+            break;
+        }
+    }
+    match crate::control::request(
+        sock,
+        &Op::ScrubStatus {
+            json,
+            errors: false,
+        },
+    ) {
+        Ok(o) => {
+            let v: serde_json::Value = serde_json::from_str(
+                &crate::control::request(
+                    sock,
+                    &Op::ScrubStatus {
+                        json: true,
+                        errors: false,
+                    },
+                )
+                .map(|x| x.stdout)
+                .unwrap_or_default(),
+            )
+            .unwrap_or_default();
+            let code = emit(o);
+            if v["uncorrectable_errors"].as_u64().unwrap_or(0) > 0 {
+                3
+            } else if v["failure"].is_string() {
+                1
+            } else {
+                code
+            }
+        }
+        Err(e) => fail(2, e),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -450,6 +590,52 @@ pub fn main() -> i32 {
             devs,
         } => check(&devs, check_data_csum, json),
         Cmd::DumpTree { tree, devs } => dump_tree(&devs, tree.as_deref()),
+        Cmd::Scrub { cmd } => match cmd {
+            ScrubCmd::Start {
+                wait,
+                readonly,
+                devid,
+                limit,
+                json,
+                target,
+            } => {
+                let opts = crate::scrub::ScrubOptions {
+                    readonly,
+                    devid,
+                    limit_bytes_per_s: limit,
+                };
+                let offline = target.socket.is_none();
+                scrub_online(
+                    &target,
+                    Op::ScrubStart {
+                        opts,
+                        json,
+                        wait: offline,
+                    },
+                    wait,
+                    json,
+                )
+            }
+            ScrubCmd::Status {
+                json,
+                errors,
+                target,
+            } => run_op(&target, Op::ScrubStatus { json, errors }),
+            ScrubCmd::Cancel { target } => run_op(&target, Op::ScrubCancel),
+            ScrubCmd::Pause { target } => run_op(&target, Op::ScrubPause),
+            ScrubCmd::Resume { wait, json, target } => {
+                let offline = target.socket.is_none();
+                scrub_online(
+                    &target,
+                    Op::ScrubResume {
+                        json,
+                        wait: offline,
+                    },
+                    wait,
+                    json,
+                )
+            }
+        },
         Cmd::Device { cmd } => match cmd {
             DeviceCmd::Stats {
                 json,

@@ -1,0 +1,1740 @@
+//! `chunkvol serve` driven by real NBD clients: qemu-io, nbdcopy, qemu-img,
+//! nbdinfo, fio, libnbd (Python), and a kernel ext4 on nbdfuse + loop.
+//!
+//! Every test starts its own server on a free loopback port with its own
+//! pool in its own directory, so tests can run two at a time. The tools are
+//! required: a missing one fails the test (scripts/install-test-deps.sh
+//! installs them; the crash test also needs python3-libnbd).
+//!
+//! Run: `cargo test --release --test serve_clients -- --test-threads=2`
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_chunkvol");
+
+/// How long the fio test writes and verifies (seconds).
+const FIO_RUNTIME_SECS: u64 = 30;
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+/// Bound for one ordinary client command.
+const CMD_TIMEOUT: Duration = Duration::from_secs(180);
+/// Bound for the server to start accepting connections.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// Bound for the server to exit after SIGINT (its shutdown grace is 30 s).
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------
+// Tools
+
+/// Path of a required tool; panics (the test fails) when it is missing.
+fn tool(name: &str) -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    for d in [
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+    ] {
+        dirs.push(PathBuf::from(d));
+    }
+    for d in dirs {
+        let p = d.join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "required tool `{name}` is not installed (run scripts/install-test-deps.sh; \
+         Debian packages: qemu-utils libnbd-bin nbdfuse nbdkit fio fuse3 e2fsprogs mount \
+         python3-libnbd)"
+    )
+}
+
+fn require_tools(names: &[&str]) {
+    for n in names {
+        tool(n);
+    }
+}
+
+/// /usr/bin/python3 with the libnbd bindings (`import nbd`).
+fn python_with_libnbd() -> PathBuf {
+    let py = PathBuf::from("/usr/bin/python3");
+    assert!(
+        py.is_file(),
+        "/usr/bin/python3 is required (the libnbd Python bindings are packaged for it)"
+    );
+    let o = run(
+        Command::new(&py).args(["-c", "import nbd; print(nbd.__file__)"]),
+        Duration::from_secs(30),
+    );
+    assert!(
+        o.code == 0,
+        "the libnbd Python bindings are missing: `apt-get install python3-libnbd`\n{}",
+        o.text()
+    );
+    py
+}
+
+// ---------------------------------------------------------------------------
+// Running commands with a time bound
+
+struct Out {
+    desc: String,
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    fn text(&self) -> String {
+        format!(
+            "$ {}\nexit code: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.desc,
+            self.code,
+            tail(&self.stdout, 8000),
+            tail(&self.stderr, 8000)
+        )
+    }
+    fn all(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+fn tail(s: &str, n: usize) -> &str {
+    if s.len() <= n {
+        return s;
+    }
+    let mut i = s.len() - n;
+    while !s.is_char_boundary(i) {
+        i += 1;
+    }
+    &s[i..]
+}
+
+/// Run to completion, killing it after `timeout` (then the test fails).
+fn run(cmd: &mut Command, timeout: Duration) -> Out {
+    let desc = format!("{cmd:?}");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {desc}: {e}"));
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let t1 = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = so.read_to_end(&mut v);
+        v
+    });
+    let t2 = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = se.read_to_end(&mut v);
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break Some(s);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let out = Out {
+        desc,
+        code: status.map(|s| s.code().unwrap_or(-1000)).unwrap_or(-2000),
+        stdout: String::from_utf8_lossy(&t1.join().unwrap()).into_owned(),
+        stderr: String::from_utf8_lossy(&t2.join().unwrap()).into_owned(),
+    };
+    if status.is_none() {
+        panic!("timed out after {timeout:?}:\n{}", out.text());
+    }
+    out
+}
+
+fn run_ok(cmd: &mut Command, timeout: Duration) -> Out {
+    let o = run(cmd, timeout);
+    assert_eq!(o.code, 0, "command failed:\n{}", o.text());
+    o
+}
+
+fn cv(args: &[&str]) -> Out {
+    run(Command::new(BIN).args(args), CMD_TIMEOUT)
+}
+
+fn cv_ok(args: &[&str]) -> Out {
+    let o = cv(args);
+    assert_eq!(o.code, 0, "chunkvol failed:\n{}", o.text());
+    o
+}
+
+fn cv_json(args: &[&str]) -> Value {
+    let o = cv_ok(args);
+    serde_json::from_str(&o.stdout)
+        .unwrap_or_else(|e| panic!("not one JSON object ({e}):\n{}", o.text()))
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+// ---------------------------------------------------------------------------
+// Test directory, pool, server
+
+/// A fresh directory; removed when the test passes, kept when it fails.
+struct TestDir(PathBuf);
+
+impl TestDir {
+    fn new(name: &str) -> TestDir {
+        let d = std::env::temp_dir().join(format!("chunkvol-serve-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        TestDir(d)
+    }
+    fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!("test files kept in {}", self.0.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// mkfs a raid1 pool of two sparse files of `dev_size`, create volume
+/// disk0 of `vol_size` (offline). Returns the device paths.
+fn make_pool(dir: &TestDir, dev_size: &str, vol_size: &str) -> Vec<PathBuf> {
+    let devs = vec![dir.join("a.img"), dir.join("b.img")];
+    cv_ok(&[
+        "mkfs",
+        "--data",
+        "raid1",
+        "--metadata",
+        "raid1",
+        "--size",
+        dev_size,
+        s(&devs[0]),
+        s(&devs[1]),
+    ]);
+    cv_ok(&[
+        "volume",
+        "create",
+        "disk0",
+        "--size",
+        vol_size,
+        s(&devs[0]),
+        s(&devs[1]),
+    ]);
+    devs
+}
+
+fn offline_check(devs: &[PathBuf], data: bool) -> Out {
+    let mut a = vec!["check"];
+    if data {
+        a.push("--check-data-csum");
+    }
+    a.extend(devs.iter().map(|d| s(d)));
+    let o = cv(&a);
+    assert_eq!(o.code, 0, "chunkvol check found problems:\n{}", o.text());
+    assert!(o.stdout.contains("no problems found"), "{}", o.text());
+    o
+}
+
+/// Ports handed out by this process, so two tests never get the same one.
+static PORTS: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+fn free_port() -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        let p = l.local_addr().unwrap().port();
+        drop(l);
+        let mut g = PORTS.lock().unwrap_or_else(|e| e.into_inner());
+        if g.get_or_insert_with(HashSet::new).insert(p) {
+            return p;
+        }
+    }
+}
+
+/// A running `chunkvol serve`; SIGINT and wait on drop.
+struct Server {
+    child: Option<Child>,
+    port: u16,
+    sock: PathBuf,
+    devs: Vec<PathBuf>,
+    interval: u64,
+    log: PathBuf,
+}
+
+fn sigint(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            return Some(st);
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(25));
+    }
+}
+
+impl Server {
+    fn start(dir: &TestDir, devs: &[PathBuf], interval: u64) -> Server {
+        let mut srv = Server {
+            child: None,
+            port: 0,
+            sock: dir.join("ctl.sock"),
+            devs: devs.to_vec(),
+            interval,
+            log: dir.join("serve.log"),
+        };
+        srv.launch();
+        srv
+    }
+
+    fn launch(&mut self) {
+        assert!(self.child.is_none(), "server already running");
+        for attempt in 0..3 {
+            let port = free_port();
+            let mut log = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .unwrap();
+            writeln!(
+                log,
+                "==== chunkvol serve on port {port} (attempt {attempt})"
+            )
+            .unwrap();
+            let log_start = log.metadata().unwrap().len();
+            let mut cmd = Command::new(BIN);
+            cmd.arg("serve")
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--socket")
+                .arg(&self.sock)
+                .arg("--commit-interval")
+                .arg(self.interval.to_string())
+                .args(&self.devs)
+                .env("NO_COLOR", "1")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log);
+            let mut child = cmd.spawn().expect("spawn chunkvol serve");
+            let start = Instant::now();
+            loop {
+                if let Some(st) = child.try_wait().unwrap() {
+                    let text = fs::read_to_string(&self.log).unwrap_or_default();
+                    let mine = text.get(log_start as usize..).unwrap_or("");
+                    if mine.contains("cannot listen") && attempt < 2 {
+                        break; // port taken meanwhile: try another
+                    }
+                    panic!("chunkvol serve exited early ({st}):\n{}", tail(mine, 8000));
+                }
+                if TcpStream::connect_timeout(
+                    &format!("127.0.0.1:{port}").parse().unwrap(),
+                    Duration::from_millis(200),
+                )
+                .is_ok()
+                {
+                    // The probe could have reached another process if our
+                    // server failed to bind: make sure it is still running.
+                    thread::sleep(Duration::from_millis(50));
+                    if child.try_wait().unwrap().is_none() {
+                        self.child = Some(child);
+                        self.port = port;
+                        return;
+                    }
+                    continue;
+                }
+                if start.elapsed() > START_TIMEOUT {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "chunkvol serve did not accept on port {port} within {START_TIMEOUT:?}:\n{}",
+                        self.log_tail()
+                    );
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        panic!("could not start chunkvol serve:\n{}", self.log_tail());
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server running").id()
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{export}", self.port)
+    }
+
+    fn base_uri(&self) -> String {
+        format!("nbd://127.0.0.1:{}", self.port)
+    }
+
+    fn sock(&self) -> &str {
+        s(&self.sock)
+    }
+
+    fn log_tail(&self) -> String {
+        tail(&fs::read_to_string(&self.log).unwrap_or_default(), 8000).to_string()
+    }
+
+    /// SIGINT, wait, and require a clean exit (status 0).
+    fn stop(&mut self) {
+        let mut child = self.child.take().expect("server running");
+        sigint(child.id());
+        match wait_timeout(&mut child, STOP_TIMEOUT) {
+            Some(st) => assert!(
+                st.success(),
+                "chunkvol serve exited with {st} after SIGINT:\n{}",
+                self.log_tail()
+            ),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "chunkvol serve did not exit within {STOP_TIMEOUT:?} of SIGINT:\n{}",
+                    self.log_tail()
+                );
+            }
+        }
+    }
+
+    /// SIGKILL: a crash.
+    fn kill9(&mut self) {
+        let mut child = self.child.take().expect("server running");
+        child.kill().expect("kill -9 the server");
+        let _ = child.wait();
+    }
+
+    fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    fn usage(&self) -> Value {
+        cv_json(&["usage", "--json", "--socket", self.sock()])
+    }
+
+    fn volumes(&self) -> Value {
+        cv_json(&["volume", "list", "--json", "--socket", self.sock()])
+    }
+
+    fn volume_allocated(&self, name: &str) -> u64 {
+        let v = self.volumes();
+        v["volumes"]
+            .as_array()
+            .expect("volumes list")
+            .iter()
+            .find(|x| x["name"] == name)
+            .unwrap_or_else(|| panic!("no volume {name} in {v}"))["allocated_bytes"]
+            .as_u64()
+            .expect("allocated_bytes")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            sigint(child.id());
+            if wait_timeout(&mut child, STOP_TIMEOUT).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            if thread::panicking() {
+                eprintln!(
+                    "--- server log tail ({}) ---\n{}",
+                    self.log.display(),
+                    self.log_tail()
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Clients
+
+fn qemu_io(uri: &str, cmds: &[String]) -> Out {
+    let mut c = Command::new(tool("qemu-io"));
+    c.args(["-f", "raw", uri]);
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    let o = run(&mut c, CMD_TIMEOUT);
+    assert!(
+        !o.all().contains("Pattern verification failed"),
+        "qemu-io read back wrong data:\n{}",
+        o.text()
+    );
+    assert!(
+        !o.all().contains("failed"),
+        "a qemu-io command failed:\n{}",
+        o.text()
+    );
+    assert_eq!(o.code, 0, "qemu-io failed:\n{}", o.text());
+    o
+}
+
+/// Deterministic pseudo-random bytes (splitmix64).
+fn fill_random(buf: &mut [u8], state: &mut u64) {
+    for c in buf.chunks_mut(8) {
+        *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = *state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let b = z.to_le_bytes();
+        c.copy_from_slice(&b[..c.len()]);
+    }
+}
+
+fn write_random_file(path: &Path, len: u64, seed: u64) {
+    let mut f = fs::File::create(path).unwrap();
+    let mut st = seed;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        fill_random(&mut buf[..n], &mut st);
+        f.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+    }
+    f.sync_all().unwrap();
+}
+
+fn cmp_files(a: &Path, b: &Path) {
+    run_ok(Command::new(tool("cmp")).arg(a).arg(b), CMD_TIMEOUT);
+}
+
+fn qemu_img_compare(file: &Path, uri: &str) {
+    let o = run(
+        Command::new(tool("qemu-img")).args(["compare", "-f", "raw", "-F", "raw", s(file), uri]),
+        CMD_TIMEOUT,
+    );
+    assert_eq!(o.code, 0, "qemu-img compare: images differ:\n{}", o.text());
+    assert!(o.stdout.contains("Images are identical"), "{}", o.text());
+}
+
+/// (offset, length, type) from `nbdinfo --map --json`.
+fn nbdinfo_map(uri: &str) -> Vec<(u64, u64, u64)> {
+    let o = run_ok(
+        Command::new(tool("nbdinfo")).args(["--map", "--json", uri]),
+        CMD_TIMEOUT,
+    );
+    let v: Value = serde_json::from_str(&o.stdout)
+        .unwrap_or_else(|e| panic!("nbdinfo --map --json: {e}\n{}", o.text()));
+    v.as_array()
+        .expect("map is a list")
+        .iter()
+        .map(|e| {
+            (
+                e["offset"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["type"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Every extent of `map` that overlaps [a, b) satisfies `want`; the map
+/// covers [a, b) without gaps.
+fn map_range_is(map: &[(u64, u64, u64)], a: u64, b: u64, hole: bool, what: &str) {
+    let mut covered = 0;
+    for &(off, len, ty) in map {
+        let (lo, hi) = (off.max(a), (off + len).min(b));
+        if lo < hi {
+            covered += hi - lo;
+            assert_eq!(
+                ty & 1 == 1,
+                hole,
+                "{what}: [{a:#x}, {b:#x}) should be {}; extent at {off:#x}+{len:#x} has type {ty}\nmap: {map:?}",
+                if hole { "a hole" } else { "data" }
+            );
+        }
+    }
+    assert_eq!(
+        covered,
+        b - a,
+        "{what}: map does not cover [{a:#x}, {b:#x}): {map:?}"
+    );
+}
+
+fn data_bgs(u: &Value) -> Vec<&Value> {
+    u["block_groups"]
+        .as_array()
+        .expect("block_groups")
+        .iter()
+        .filter(|b| b["type"] == "data")
+        .collect()
+}
+
+fn u64f(v: &Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("missing u64 field {k} in {v}"))
+}
+
+fn poll_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. qemu-io
+
+#[test]
+fn qemu_io_patterns_aligned_and_unaligned() {
+    require_tools(&["qemu-io"]);
+    let dir = TestDir::new("qemu-io");
+    let devs = make_pool(&dir, "2G", "1G");
+    let mut srv = Server::start(&dir, &devs, 2);
+    let uri = srv.uri("disk0");
+
+    let c = |v: &str| v.to_string();
+    let w = |p: u8, off: u64, len: u64| format!("write -P {p:#x} {off} {len}");
+    let r = |p: u8, off: u64, len: u64| format!("read -P {p:#x} {off} {len}");
+
+    // Final contents, checked again after a restart.
+    let mut fin: Vec<String> = Vec::new();
+    let mut cmds: Vec<String> = Vec::new();
+
+    // [0, 2M): a 1 MiB pattern, then unaligned overwrites inside it and
+    // across its end; then an aligned discard of the first MiB.
+    cmds.push(w(0xab, 0, MIB));
+    cmds.push(r(0xab, 0, MIB));
+    cmds.push(w(0x11, 513, 1000));
+    cmds.push(w(0x22, 4097, 70000));
+    cmds.push(w(0x33, MIB - 7, 20));
+    let mid = vec![
+        r(0xab, 0, 513),
+        r(0x11, 513, 1000),
+        r(0xab, 1513, 4097 - 1513),
+        r(0x22, 4097, 70000),
+        r(0xab, 74097, MIB - 7 - 74097),
+        r(0x33, MIB - 7, 20),
+        r(0, MIB + 13, MIB - 13),
+    ];
+    cmds.extend(mid);
+    cmds.push(format!("discard 0 {MIB}"));
+    let after_discard = vec![r(0, 0, MIB), r(0x33, MIB, 13), r(0, MIB + 13, MIB - 13)];
+    cmds.extend(after_discard.clone());
+    fin.extend(after_discard);
+
+    // [4M, 8M): unaligned write-zeroes inside a pattern; an aligned one too.
+    let (za, zl) = (5 * MIB + 513, 2 * MIB - 1000);
+    cmds.push(w(0x44, 4 * MIB, 4 * MIB));
+    cmds.push(format!("write -z {za} {zl}"));
+    cmds.push(format!("write -z {} {}", 7 * MIB + 4 * KIB, 8 * KIB));
+    let zeroed = vec![
+        r(0x44, 4 * MIB, za - 4 * MIB),
+        r(0, za, zl),
+        r(0x44, za + zl, 7 * MIB + 4 * KIB - (za + zl)),
+        r(0, 7 * MIB + 4 * KIB, 8 * KIB),
+        r(0x44, 7 * MIB + 12 * KIB, MIB - 12 * KIB),
+    ];
+    cmds.extend(zeroed.clone());
+    fin.extend(zeroed);
+
+    // [8M, 10M): an unaligned discard leaves its neighbours alone (what it
+    // trims is unspecified by NBD, so it is not read).
+    cmds.push(w(0x66, 8 * MIB, 2 * MIB));
+    cmds.push(format!("discard {} {}", 8 * MIB + 100, MIB - 200));
+    let nb = vec![r(0x66, 8 * MIB, 100), r(0x66, 9 * MIB - 100, MIB + 100)];
+    cmds.extend(nb.clone());
+    fin.extend(nb);
+
+    // [2M, 4M): pipelined writes, then one flush.
+    cmds.push(c("aio_write -P 0x55 2097152 65536"));
+    cmds.push(format!(
+        "aio_write -P 0x56 {} 3000",
+        2 * MIB + 64 * KIB + 513
+    ));
+    cmds.push(format!("aio_write -P 0x57 {} {}", 3 * MIB, MIB));
+    cmds.push(format!("aio_write -P 0x58 {} 4096", 2 * MIB + 512 * KIB));
+    cmds.push(c("aio_flush"));
+    let aio = vec![
+        r(0x55, 2 * MIB, 64 * KIB),
+        r(0, 2 * MIB + 64 * KIB, 513),
+        r(0x56, 2 * MIB + 64 * KIB + 513, 3000),
+        r(0, 2 * MIB + 64 * KIB + 3513, 512 * KIB - 64 * KIB - 3513),
+        r(0x58, 2 * MIB + 512 * KIB, 4096),
+        r(0, 2 * MIB + 516 * KIB, 508 * KIB),
+        r(0x57, 3 * MIB, MIB),
+    ];
+    cmds.extend(aio.clone());
+    fin.extend(aio);
+
+    // FUA write across a 512 MiB boundary, in a hole.
+    cmds.push(format!("write -f -P 0x77 {} 9", 512 * MIB - 3));
+    let fua = vec![
+        r(0, 512 * MIB - 4096, 4093),
+        r(0x77, 512 * MIB - 3, 9),
+        r(0, 512 * MIB + 6, 4096 - 6),
+    ];
+    cmds.extend(fua.clone());
+    fin.extend(fua);
+
+    // A write larger than the 32 MiB maximum request (qemu splits it), then
+    // an unaligned overwrite of 2 bytes straddling a 4 KiB boundary.
+    cmds.push(w(0x99, 64 * MIB, 40 * MIB));
+    cmds.push(w(0xaa, 64 * MIB + 4095, 2));
+    let big = vec![
+        r(0x99, 64 * MIB, 4095),
+        r(0xaa, 64 * MIB + 4095, 2),
+        r(0x99, 64 * MIB + 4097, 40 * MIB - 4097),
+        r(0, 104 * MIB, 4096),
+    ];
+    cmds.extend(big.clone());
+    fin.extend(big);
+
+    // The last bytes of the export.
+    cmds.push(w(0x88, GIB - 4097, 4097));
+    let end = vec![r(0, GIB - 8192, 4095), r(0x88, GIB - 4097, 4097)];
+    cmds.extend(end.clone());
+    fin.extend(end);
+    cmds.push(c("flush"));
+
+    qemu_io(&uri, &cmds);
+    // A second connection sees the same bytes.
+    qemu_io(&uri, &fin);
+    srv.restart();
+    qemu_io(&srv.uri("disk0"), &fin);
+    srv.stop();
+    offline_check(&devs, true);
+}
+
+// ---------------------------------------------------------------------------
+// 2. nbdcopy + qemu-img compare
+
+#[test]
+fn nbdcopy_512m_roundtrip_survives_restart() {
+    require_tools(&["nbdcopy", "qemu-img", "cmp"]);
+    let dir = TestDir::new("nbdcopy");
+    let devs = make_pool(&dir, "2G", "512M");
+    let mut srv = Server::start(&dir, &devs, 2);
+    let input = dir.join("in.bin");
+    write_random_file(&input, 512 * MIB, 0x5eed_0002);
+
+    let t = Instant::now();
+    run_ok(
+        Command::new(tool("nbdcopy"))
+            .arg(&input)
+            .arg(srv.uri("disk0")),
+        CMD_TIMEOUT,
+    );
+    eprintln!("nbdcopy in: {:?}", t.elapsed());
+    let out = dir.join("out.bin");
+    run_ok(
+        Command::new(tool("nbdcopy"))
+            .arg(srv.uri("disk0"))
+            .arg(&out),
+        CMD_TIMEOUT,
+    );
+    cmp_files(&input, &out);
+    qemu_img_compare(&input, &srv.uri("disk0"));
+    assert_eq!(srv.volume_allocated("disk0"), 512 * MIB);
+
+    srv.stop();
+    offline_check(&devs, false);
+    srv.launch();
+    fs::remove_file(&out).unwrap();
+    run_ok(
+        Command::new(tool("nbdcopy"))
+            .arg(srv.uri("disk0"))
+            .arg(&out),
+        CMD_TIMEOUT,
+    );
+    cmp_files(&input, &out);
+    qemu_img_compare(&input, &srv.uri("disk0"));
+    srv.stop();
+}
+
+// ---------------------------------------------------------------------------
+// 3. nbdinfo --list with volumes created online; the map shows a trim
+
+#[test]
+fn nbdinfo_lists_online_volumes_and_maps_trimmed_hole() {
+    require_tools(&["nbdinfo", "qemu-io", "qemu-img"]);
+    let dir = TestDir::new("nbdinfo");
+    let devs = make_pool(&dir, "2G", "1G");
+    let mut srv = Server::start(&dir, &devs, 2);
+    for name in ["extra1", "extra2"] {
+        cv_ok(&[
+            "volume",
+            "create",
+            name,
+            "--size",
+            "64M",
+            "--socket",
+            srv.sock(),
+        ]);
+    }
+    let o = run_ok(
+        Command::new(tool("nbdinfo")).args(["--list", "--json", &srv.base_uri()]),
+        CMD_TIMEOUT,
+    );
+    let v: Value = serde_json::from_str(&o.stdout).unwrap();
+    let mut got: Vec<(String, u64)> = v["exports"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no exports:\n{}", o.text()))
+        .iter()
+        .map(|e| {
+            (
+                e["export-name"].as_str().unwrap().to_string(),
+                e["export-size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("disk0".to_string(), GIB),
+            ("extra1".to_string(), 64 * MIB),
+            ("extra2".to_string(), 64 * MIB)
+        ],
+        "nbdinfo --list:\n{}",
+        o.text()
+    );
+    // The plain listing names them too.
+    let o = run_ok(
+        Command::new(tool("nbdinfo")).args(["--list", &srv.base_uri()]),
+        CMD_TIMEOUT,
+    );
+    for n in ["disk0", "extra1", "extra2"] {
+        assert!(
+            o.stdout.contains(&format!("export=\"{n}\"")),
+            "{}",
+            o.text()
+        );
+    }
+
+    // Map: write 8 MiB, trim the middle 4 MiB.
+    let uri = srv.uri("extra1");
+    let (a, b) = (16 * MIB, 24 * MIB);
+    qemu_io(
+        &uri,
+        &[format!("write -P 0x5a {a} {}", b - a), "flush".into()],
+    );
+    let m = nbdinfo_map(&uri);
+    map_range_is(&m, a, b, false, "after the write");
+    map_range_is(&m, 0, a, true, "never written head");
+    map_range_is(&m, b, 64 * MIB, true, "never written tail");
+    qemu_io(
+        &uri,
+        &[
+            format!("discard {} {}", a + 2 * MIB, 4 * MIB),
+            "flush".into(),
+        ],
+    );
+    let m = nbdinfo_map(&uri);
+    map_range_is(&m, a, a + 2 * MIB, false, "kept head of the write");
+    map_range_is(&m, a + 2 * MIB, a + 6 * MIB, true, "trimmed middle");
+    map_range_is(&m, a + 6 * MIB, b, false, "kept tail of the write");
+    qemu_io(
+        &uri,
+        &[
+            format!("read -P 0x5a {a} {}", 2 * MIB),
+            format!("read -P 0 {} {}", a + 2 * MIB, 4 * MIB),
+            format!("read -P 0x5a {} {}", a + 6 * MIB, 2 * MIB),
+        ],
+    );
+    // qemu-img map agrees: the trimmed middle is zero and not data.
+    let o = run_ok(
+        Command::new(tool("qemu-img")).args(["map", "-f", "raw", "--output=json", &uri]),
+        CMD_TIMEOUT,
+    );
+    let qm: Value = serde_json::from_str(&o.stdout).unwrap();
+    let ext: Vec<(u64, u64, bool)> = qm
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (u64f(e, "start"), u64f(e, "length"), e["data"] == true))
+        .collect();
+    let data_at = |x: u64| {
+        ext.iter()
+            .find(|&&(st, l, _)| st <= x && x < st + l)
+            .unwrap_or_else(|| panic!("qemu-img map has no extent at {x}:\n{}", o.stdout))
+            .2
+    };
+    assert!(data_at(a) && data_at(a + 2 * MIB - 1), "{}", o.stdout);
+    assert!(
+        !data_at(a + 2 * MIB) && !data_at(a + 6 * MIB - 1),
+        "{}",
+        o.stdout
+    );
+    assert!(data_at(a + 6 * MIB) && data_at(b - 1), "{}", o.stdout);
+
+    // The other new volume is a working disk.
+    let u2 = srv.uri("extra2");
+    qemu_io(
+        &u2,
+        &["write -P 0x21 0 64M".into(), "read -P 0x21 0 64M".into()],
+    );
+    srv.stop();
+    offline_check(&devs, false);
+}
+
+// ---------------------------------------------------------------------------
+// 4. fio, two jobs on separate ranges, verified random writes
+
+#[test]
+fn fio_two_jobs_randwrite_verify_then_check() {
+    require_tools(&["fio"]);
+    let dir = TestDir::new("fio");
+    let devs = make_pool(&dir, "2G", "1G");
+    let mut srv = Server::start(&dir, &devs, 2);
+    let uri = srv.uri("disk0");
+    let o = run(
+        Command::new(tool("fio")).args([
+            "--name=nbdverify",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            "--numjobs=2",
+            "--size=256M",
+            "--offset_increment=256M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            // With time_based the verify phase after the writes never
+            // starts; a backlog verifies while writing.
+            "--verify_backlog=1024",
+            "--time_based",
+            &format!("--runtime={FIO_RUNTIME_SECS}"),
+            "--output-format=json",
+        ]),
+        Duration::from_secs(FIO_RUNTIME_SECS + 180),
+    );
+    let all = o.all();
+    assert_eq!(o.code, 0, "fio failed:\n{}", o.text());
+    for bad in [
+        "verify failed",
+        "bad magic",
+        "bad header",
+        "verify: ",
+        "crc32c: verify",
+    ] {
+        assert!(
+            !all.contains(bad),
+            "fio reported a verify problem ({bad}):\n{}",
+            o.text()
+        );
+    }
+    let js = &o.stdout[o.stdout.find("\n{").map(|i| i + 1).unwrap_or(0)..];
+    let j: Value =
+        serde_json::from_str(js).unwrap_or_else(|e| panic!("fio JSON ({e}):\n{}", o.text()));
+    let jobs = j["jobs"].as_array().expect("jobs");
+    assert_eq!(jobs.len(), 2, "{}", o.text());
+    for job in jobs {
+        assert_eq!(job["error"], 0, "fio job error:\n{}", o.text());
+        let wr = u64f(&job["write"], "io_bytes");
+        let rd = u64f(&job["read"], "io_bytes");
+        eprintln!("fio job: wrote {} MiB, verified {} MiB", wr >> 20, rd >> 20);
+        assert!(wr > 0, "fio wrote nothing:\n{}", o.text());
+        assert!(rd > 0, "fio verified nothing:\n{}", o.text());
+    }
+    srv.stop();
+    offline_check(&devs, false);
+}
+
+// ---------------------------------------------------------------------------
+// 5. Trimming everything gives emptied data block groups back
+
+#[test]
+fn trim_reclaims_emptied_data_block_groups() {
+    require_tools(&["qemu-io"]);
+    let dir = TestDir::new("reclaim");
+    let devs = make_pool(&dir, "2G", "1G");
+    let interval = 2;
+    let mut srv = Server::start(&dir, &devs, interval);
+    let uri = srv.uri("disk0");
+    let u0 = srv.usage();
+
+    qemu_io(&uri, &["write -P 0x5c 0 1G".into(), "flush".into()]);
+    let u1 = srv.usage();
+    let full: Vec<&Value> = data_bgs(&u1)
+        .into_iter()
+        .filter(|b| u64f(b, "used_bytes") > 0)
+        .collect();
+    let used: u64 = full.iter().map(|b| u64f(b, "used_bytes")).sum();
+    assert!(
+        full.len() >= 3,
+        "1 GiB of data should span at least 3 data block groups:\n{u1:#}"
+    );
+    assert_eq!(used, GIB, "data used_bytes after writing 1 GiB:\n{u1:#}");
+    assert_eq!(srv.volume_allocated("disk0"), GIB);
+
+    qemu_io(&uri, &[format!("discard 0 {GIB}"), "flush".into()]);
+    let t = Instant::now();
+    let u2 = poll_until(
+        Duration::from_secs(2 * interval + 10),
+        "the cleaner to delete the emptied data block groups",
+        || {
+            let u = srv.usage();
+            let d = data_bgs(&u);
+            let used: u64 = d.iter().map(|b| u64f(b, "used_bytes")).sum();
+            (d.len() <= 1 && used == 0).then_some(u)
+        },
+    );
+    eprintln!(
+        "reclaimed after {:?} (commit interval {interval} s)",
+        t.elapsed()
+    );
+    assert_eq!(srv.volume_allocated("disk0"), 0);
+    // What is still allocated is the system and metadata groups plus at
+    // most one (empty) data group, times two copies.
+    let bgs = u2["block_groups"].as_array().unwrap();
+    let non_data: u64 = bgs
+        .iter()
+        .filter(|b| b["type"] != "data")
+        .map(|b| u64f(b, "length") * 2)
+        .sum();
+    let data: u64 = data_bgs(&u2).iter().map(|b| u64f(b, "length") * 2).sum();
+    let alloc = u64f(&u2, "allocated_bytes");
+    assert_eq!(
+        alloc,
+        non_data + data,
+        "allocated_bytes vs block groups:\n{u2:#}"
+    );
+    let chunk = full.iter().map(|b| u64f(b, "length")).max().unwrap();
+    assert!(data <= 2 * chunk, "{u2:#}");
+    assert!(
+        alloc <= u64f(&u0, "allocated_bytes").max(non_data + 2 * chunk),
+        "allocated_bytes did not drop back: before {} after {}\n{u2:#}",
+        u64f(&u0, "allocated_bytes"),
+        alloc
+    );
+    assert!(
+        u64f(&u1, "allocated_bytes") - alloc >= 2 * 2 * chunk,
+        "at least two data chunks (both copies) should be gone: {} -> {}",
+        u64f(&u1, "allocated_bytes"),
+        alloc
+    );
+
+    // The freed space is usable again, and everything survives a restart.
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0x77 0 1G".into(),
+            "flush".into(),
+            "read -P 0x77 0 1G".into(),
+        ],
+    );
+    srv.restart();
+    qemu_io(&srv.uri("disk0"), &["read -P 0x77 0 1G".into()]);
+    srv.stop();
+    offline_check(&devs, false);
+}
+
+// ---------------------------------------------------------------------------
+// 6. ext4 on loop on nbdfuse
+
+/// nbdfuse + losetup + mount, undone in reverse order (also on failure).
+struct KernelDisk {
+    mnt: PathBuf,
+    fs: PathBuf,
+    nbdfuse: Option<Child>,
+    fuse_mounted: bool,
+    loopdev: Option<String>,
+    mounted: bool,
+}
+
+impl KernelDisk {
+    fn attach(dir: &TestDir, uri: &str) -> KernelDisk {
+        assert!(
+            Path::new("/dev/fuse").exists(),
+            "/dev/fuse is missing: FUSE is needed for nbdfuse"
+        );
+        let mnt = dir.join("mnt");
+        let fsdir = dir.join("fs");
+        fs::create_dir_all(&mnt).unwrap();
+        fs::create_dir_all(&fsdir).unwrap();
+        let pidfile = dir.join("nbdfuse.pid");
+        let _ = fs::remove_file(&pidfile);
+        let log = fs::File::create(dir.join("nbdfuse.log")).unwrap();
+        let child = Command::new(tool("nbdfuse"))
+            .arg("-P")
+            .arg(&pidfile)
+            .arg(&mnt)
+            .arg(uri)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn nbdfuse");
+        let mut kd = KernelDisk {
+            mnt,
+            fs: fsdir,
+            nbdfuse: Some(child),
+            fuse_mounted: false,
+            loopdev: None,
+            mounted: false,
+        };
+        let image = kd.mnt.join("nbd");
+        let start = Instant::now();
+        loop {
+            let ready = fs::read_to_string(&pidfile)
+                .map(|p| !p.trim().is_empty())
+                .unwrap_or(false);
+            if ready && image.exists() {
+                break;
+            }
+            if let Some(st) = kd.nbdfuse.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "nbdfuse exited ({st}) before mounting (is FUSE usable here?):\n{}",
+                    fs::read_to_string(dir.join("nbdfuse.log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                start.elapsed() < START_TIMEOUT,
+                "nbdfuse did not expose {} within {START_TIMEOUT:?}",
+                image.display()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        kd.fuse_mounted = true;
+        let o = run(
+            Command::new(tool("losetup")).args(["-f", "--show", s(&image)]),
+            CMD_TIMEOUT,
+        );
+        assert_eq!(
+            o.code,
+            0,
+            "cannot attach a loop device (loop devices are needed for this test):\n{}",
+            o.text()
+        );
+        let dev = o.stdout.trim().to_string();
+        assert!(dev.starts_with("/dev/loop"), "{}", o.text());
+        kd.loopdev = Some(dev);
+        kd
+    }
+
+    fn dev(&self) -> &str {
+        self.loopdev.as_deref().unwrap()
+    }
+
+    fn mount(&mut self) {
+        run_ok(
+            Command::new(tool("mount")).args([self.dev(), s(&self.fs)]),
+            CMD_TIMEOUT,
+        );
+        self.mounted = true;
+    }
+
+    fn umount(&mut self) {
+        run_ok(Command::new(tool("umount")).arg(&self.fs), CMD_TIMEOUT);
+        self.mounted = false;
+    }
+
+    /// Undo everything; `strict` asserts each step worked.
+    fn detach(&mut self, strict: bool) {
+        if self.mounted {
+            let o = run(Command::new(tool("umount")).arg(&self.fs), CMD_TIMEOUT);
+            if o.code != 0 {
+                let _ = run(
+                    Command::new(tool("umount")).arg("-l").arg(&self.fs),
+                    CMD_TIMEOUT,
+                );
+            }
+            assert!(!strict || o.code == 0, "{}", o.text());
+            self.mounted = false;
+        }
+        if let Some(dev) = self.loopdev.take() {
+            let o = run(
+                Command::new(tool("losetup")).args(["-d", &dev]),
+                CMD_TIMEOUT,
+            );
+            assert!(!strict || o.code == 0, "{}", o.text());
+        }
+        if self.fuse_mounted {
+            let o = run(
+                Command::new(tool("fusermount3")).arg("-u").arg(&self.mnt),
+                CMD_TIMEOUT,
+            );
+            if o.code != 0 {
+                let _ = run(
+                    Command::new(tool("fusermount3")).arg("-uz").arg(&self.mnt),
+                    CMD_TIMEOUT,
+                );
+            }
+            assert!(!strict || o.code == 0, "{}", o.text());
+            self.fuse_mounted = false;
+        }
+        if let Some(mut c) = self.nbdfuse.take() {
+            if wait_timeout(&mut c, Duration::from_secs(20)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+                assert!(!strict, "nbdfuse did not exit after fusermount3 -u");
+            }
+        }
+    }
+}
+
+impl Drop for KernelDisk {
+    fn drop(&mut self) {
+        self.detach(false);
+    }
+}
+
+#[test]
+fn ext4_on_nbdfuse_loop_fsck_clean_after_fstrim_and_restart() {
+    require_tools(&[
+        "nbdfuse",
+        "losetup",
+        "mkfs.ext4",
+        "fsck.ext4",
+        "mount",
+        "umount",
+        "fstrim",
+        "fusermount3",
+        "sha256sum",
+        "sync",
+    ]);
+    let dir = TestDir::new("ext4");
+    let devs = make_pool(&dir, "2G", "1G");
+    let mut srv = Server::start(&dir, &devs, 2);
+    let mut kd = KernelDisk::attach(&dir, &srv.uri("disk0"));
+    run_ok(
+        Command::new(tool("mkfs.ext4")).args(["-q", kd.dev()]),
+        CMD_TIMEOUT,
+    );
+    kd.mount();
+
+    // ~200 MiB of files: some large, many small, in a few directories.
+    let mut names = Vec::new();
+    let mut st = 0x6e78_7434u64;
+    let mut total = 0u64;
+    let mut i = 0;
+    while total < 200 * MIB {
+        let sub = format!("d{}", i % 5);
+        fs::create_dir_all(kd.fs.join(&sub)).unwrap();
+        let len = if i % 4 == 0 {
+            8 * MIB + (i as u64 * 4099) % (8 * MIB)
+        } else {
+            1 + (i as u64 * 7919 * 13) % (200 * KIB)
+        };
+        let mut buf = vec![0u8; len as usize];
+        fill_random(&mut buf, &mut st);
+        let name = format!("{sub}/f{i:03}.bin");
+        fs::write(kd.fs.join(&name), &buf).unwrap();
+        names.push(name);
+        total += len;
+        i += 1;
+    }
+    eprintln!("wrote {} files, {} MiB", names.len(), total >> 20);
+    let o = run_ok(
+        Command::new(tool("sha256sum"))
+            .args(&names)
+            .current_dir(&kd.fs),
+        CMD_TIMEOUT,
+    );
+    let manifest = dir.join("sha256.txt");
+    fs::write(&manifest, &o.stdout).unwrap();
+
+    // A scratch file, written and deleted: fstrim must give its space back.
+    let scratch = kd.fs.join("scratch.bin");
+    let mut buf = vec![0u8; 64 * MIB as usize];
+    fill_random(&mut buf, &mut st);
+    fs::write(&scratch, &buf).unwrap();
+    run_ok(&mut Command::new(tool("sync")), CMD_TIMEOUT);
+    let before = srv.volume_allocated("disk0");
+    fs::remove_file(&scratch).unwrap();
+    run_ok(&mut Command::new(tool("sync")), CMD_TIMEOUT);
+    let o = run_ok(
+        Command::new(tool("fstrim")).arg("-v").arg(&kd.fs),
+        CMD_TIMEOUT,
+    );
+    eprintln!("{}", o.stdout.trim());
+    run_ok(&mut Command::new(tool("sync")), CMD_TIMEOUT);
+    let after = srv.volume_allocated("disk0");
+    assert!(
+        after + 48 * MIB <= before,
+        "fstrim should have freed the deleted 64 MiB in the volume: allocated {before} -> {after}"
+    );
+    assert!(
+        after >= total,
+        "allocated {after} is less than the files ({total})"
+    );
+
+    kd.umount();
+    run_ok(
+        Command::new(tool("fsck.ext4")).args(["-fn", kd.dev()]),
+        CMD_TIMEOUT,
+    );
+    kd.detach(true);
+
+    // Everything again from the server's disks alone.
+    srv.restart();
+    let mut kd = KernelDisk::attach(&dir, &srv.uri("disk0"));
+    let o = run(
+        Command::new(tool("fsck.ext4")).args(["-fn", kd.dev()]),
+        CMD_TIMEOUT,
+    );
+    assert_eq!(
+        o.code,
+        0,
+        "fsck after the restart is not clean:\n{}",
+        o.text()
+    );
+    kd.mount();
+    let o = run(
+        Command::new(tool("sha256sum"))
+            .arg("-c")
+            .arg("--quiet")
+            .arg(&manifest)
+            .current_dir(&kd.fs),
+        CMD_TIMEOUT,
+    );
+    assert_eq!(o.code, 0, "file contents changed:\n{}", o.text());
+    kd.detach(true);
+    srv.stop();
+    offline_check(&devs, false);
+}
+
+// ---------------------------------------------------------------------------
+// 7. kill -9 while a client writes and flushes: every flushed write stays
+
+const CRASHIO_PY: &str = r#####"
+# Crash-consistency writer and verifier for an NBD export (libnbd bindings).
+#
+#   crashio.py write URI LOG SEED SEQ0 REGION MAXSECS
+#   crashio.py verify URI LOG REGION STATE_IN STATE_OUT
+#
+# The region is cut into 4 KiB blocks. A block written by write number SEQ
+# holds struct.pack('<QQ', SEQ, BLOCK) * 256, so its content names the write
+# that put it there. Writes go in batches; within a batch no block is written
+# twice and up to QD writes are in flight; once the whole batch has been
+# acknowledged a FLUSH is sent and, once that is acknowledged, "F LASTSEQ" is
+# logged. Each write is logged ("W SEQ BLOCK NBLOCKS FUA") before it is sent,
+# and "A SEQ" once acknowledged. About one write in eight carries FUA.
+#
+# Oracle after a crash: let S be the seq of the last logged F. Each block
+# must hold exactly its newest write with seq <= S (or what it held before
+# this round if there is none). A block written by a later write (seq > S)
+# may hold that write instead, and must hold it if the write had FUA and was
+# acknowledged. Any other content (torn, foreign, older) is an error.
+import json
+import random
+import struct
+import sys
+import time
+
+import nbd
+
+BS = 4096
+QD = 16
+BATCH = 48
+
+
+def payload(seq, blk, n):
+    return b"".join(struct.pack("<QQ", seq, blk + i) * (BS // 16) for i in range(n))
+
+
+def write(uri, logpath, seed, seq0, region, maxsecs):
+    rng = random.Random(seed)
+    nblk = region // BS
+    log = open(logpath, "w", buffering=1)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    log.write("C connected\n")
+    seq = seq0
+    deadline = time.monotonic() + maxsecs
+    batches = 0
+    try:
+        while time.monotonic() < deadline:
+            used = set()
+            todo = []
+            while len(todo) < BATCH:
+                n = rng.randint(1, 16)
+                b = rng.randrange(0, nblk - n + 1)
+                if any((b + i) in used for i in range(n)):
+                    continue
+                used.update(range(b, b + n))
+                seq += 1
+                todo.append((seq, b, n, rng.random() < 0.125))
+            inflight = {}
+            while todo or inflight:
+                while todo and len(inflight) < QD:
+                    s, b, n, fua = todo.pop(0)
+                    log.write("W %d %d %d %d\n" % (s, b, n, int(fua)))
+                    buf = nbd.Buffer.from_bytearray(bytearray(payload(s, b, n)))
+                    c = h.aio_pwrite(buf, b * BS, flags=nbd.CMD_FLAG_FUA if fua else 0)
+                    inflight[c] = (s, buf)
+                h.poll(1000)
+                for c in list(inflight):
+                    if h.aio_command_completed(c):
+                        log.write("A %d\n" % inflight[c][0])
+                        del inflight[c]
+            h.flush()
+            log.write("F %d\n" % seq)
+            batches += 1
+    except Exception as e:  # the server went away
+        log.write("E %s\n" % str(e).replace("\n", " "))
+        print("writer stopped after %d flushed batches: %s" % (batches, e))
+        return 0
+    print("writer ran out of time after %d batches (the server never went away)" % batches)
+    return 2
+
+
+def verify(uri, logpath, region, state_in, state_out):
+    nblk = region // BS
+    state = {}
+    if state_in != "-":
+        state = {int(k): v for k, v in json.load(open(state_in)).items()}
+    flushed = dict(state)  # block -> seq that must be there
+    writes = {}
+    acked = set()
+    last_f = -1
+    for ln in open(logpath).read().splitlines():
+        p = ln.split()
+        if not p:
+            continue
+        if p[0] == "W":
+            writes[int(p[1])] = (int(p[2]), int(p[3]), p[4] == "1")
+        elif p[0] == "A":
+            acked.add(int(p[1]))
+        elif p[0] == "F":
+            last_f = int(p[1])
+    maybe = {}  # block -> later seqs that may be there
+    for s in sorted(writes):
+        b, n, fua = writes[s]
+        for i in range(n):
+            if s <= last_f or (fua and s in acked):
+                flushed[b + i] = s
+            else:
+                maybe.setdefault(b + i, set()).add(s)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    zero = bytes(BS)
+    bad = []
+    actual = {}
+    chunk = 4 << 20
+    n_exact = n_later = 0
+    for off in range(0, region, chunk):
+        data = h.pread(min(chunk, region - off), off)
+        for j in range(0, len(data), BS):
+            blk = (off + j) // BS
+            d = data[j:j + BS]
+            want = flushed.get(blk)
+            if d == zero:
+                got = None
+            else:
+                got, who = struct.unpack("<QQ", d[:16])
+                if who != blk or d != payload(got, blk, 1):
+                    bad.append("block %d: torn or foreign content (header: write %d, block %d)"
+                               % (blk, got, who))
+                    continue
+            if got == want:
+                n_exact += 1
+            elif got in maybe.get(blk, ()):
+                n_later += 1
+            else:
+                bad.append("block %d: holds write %s, expected write %s%s" % (
+                    blk, got, want,
+                    (" or one of %s" % sorted(maybe[blk])) if blk in maybe else ""))
+            if got is not None:
+                actual[blk] = got
+    h.shutdown()
+    json.dump({str(k): v for k, v in actual.items()}, open(state_out, "w"))
+    print("verified %d blocks: last acknowledged flush after write %d; %d writes logged, "
+          "%d acknowledged; %d blocks as flushed, %d hold a later unflushed write; %d bad" % (
+              nblk, last_f, len(writes), len(acked), n_exact, n_later, len(bad)))
+    for b in bad[:50]:
+        print("BAD " + b)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    a = sys.argv
+    if a[1] == "write":
+        sys.exit(write(a[2], a[3], int(a[4]), int(a[5]), int(a[6]), float(a[7])))
+    if a[1] == "verify":
+        sys.exit(verify(a[2], a[3], int(a[4]), a[5], a[6]))
+    sys.exit("usage: crashio.py write|verify ...")
+"#####;
+
+#[test]
+fn kill9_mid_write_keeps_every_flushed_write() {
+    let py = python_with_libnbd();
+    let dir = TestDir::new("crash");
+    let devs = make_pool(&dir, "2G", "1G");
+    let script = dir.join("crashio.py");
+    fs::write(&script, CRASHIO_PY).unwrap();
+    let region = 128 * MIB;
+    // (commit interval, seconds of writing before kill -9)
+    let rounds = [(2u64, 2.5f64), (1, 4.0), (5, 3.0)];
+    let mut state_in = "-".to_string();
+    let mut srv = Server::start(&dir, &devs, rounds[0].0);
+    for (round, &(interval, secs)) in rounds.iter().enumerate() {
+        if round > 0 {
+            srv.interval = interval;
+            srv.launch();
+        }
+        let log = dir.join(format!("writes{round}.log"));
+        let out = dir.join(format!("writer{round}.out"));
+        let mut writer = Command::new(&py)
+            .arg(&script)
+            .args(["write", &srv.uri("disk0"), s(&log)])
+            .arg((1000 + round).to_string())
+            .arg(((round as u64 + 1) * 1_000_000_000).to_string())
+            .arg(region.to_string())
+            .arg("120")
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&out).unwrap())
+            .stderr(fs::File::create(dir.join(format!("writer{round}.err"))).unwrap())
+            .spawn()
+            .expect("spawn the python writer");
+        let flushes = |log: &Path| {
+            fs::read_to_string(log)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.starts_with("F "))
+                .count()
+        };
+        let start = Instant::now();
+        poll_until(
+            Duration::from_secs(60),
+            "the writer to flush a few batches",
+            || {
+                if let Some(st) = writer.try_wait().unwrap() {
+                    panic!(
+                        "writer exited early ({st}):\n{}\n{}",
+                        fs::read_to_string(&out).unwrap_or_default(),
+                        fs::read_to_string(dir.join(format!("writer{round}.err")))
+                            .unwrap_or_default()
+                    );
+                }
+                (flushes(&log) >= 5 && start.elapsed().as_secs_f64() >= secs).then_some(())
+            },
+        );
+        srv.kill9();
+        let st = wait_timeout(&mut writer, Duration::from_secs(60));
+        if st.is_none() {
+            let _ = writer.kill();
+            let _ = writer.wait();
+        }
+        let wout = fs::read_to_string(&out).unwrap_or_default();
+        assert!(
+            st.is_some_and(|s| s.success()),
+            "writer did not stop cleanly after the crash ({st:?}):\n{wout}\n{}",
+            fs::read_to_string(dir.join(format!("writer{round}.err"))).unwrap_or_default()
+        );
+        eprintln!("round {round}: {} flushes; {}", flushes(&log), wout.trim());
+
+        srv.launch();
+        let state_out = dir.join(format!("state{round}.json"));
+        let o = run(
+            Command::new(&py)
+                .arg(&script)
+                .args(["verify", &srv.uri("disk0"), s(&log)])
+                .arg(region.to_string())
+                .arg(&state_in)
+                .arg(&state_out),
+            CMD_TIMEOUT,
+        );
+        eprintln!("round {round}: {}", o.stdout.lines().next().unwrap_or(""));
+        assert_eq!(
+            o.code,
+            0,
+            "round {round}: acknowledged-and-flushed writes lost after kill -9:\n{}",
+            o.text()
+        );
+        state_in = s(&state_out).to_string();
+        srv.stop();
+        offline_check(&devs, false);
+    }
+    offline_check(&devs, true);
+}
+
+// ---------------------------------------------------------------------------
+// 8. Control socket online; offline commands refused while serving
+
+#[test]
+fn online_control_socket_and_offline_refusal() {
+    require_tools(&["nbdinfo", "qemu-io"]);
+    let dir = TestDir::new("control");
+    let devs = make_pool(&dir, "2G", "1G");
+    let mut srv = Server::start(&dir, &devs, 2);
+    let sock = srv.sock().to_string();
+
+    let u = srv.usage();
+    for k in [
+        "device_size_bytes",
+        "allocated_bytes",
+        "unallocated_bytes",
+        "used_bytes",
+    ] {
+        assert!(u[k].is_u64(), "usage --json lacks {k}: {u:#}");
+    }
+    assert_eq!(u64f(&u, "device_size_bytes"), 4 * GIB);
+    assert!(
+        u["data_ratio"].is_number() && u["metadata_ratio"].is_number(),
+        "{u:#}"
+    );
+    let d = u["devices"].as_array().expect("devices");
+    assert_eq!(d.len(), 2, "{u:#}");
+    for x in d {
+        for k in ["devid", "size_bytes", "allocated_bytes"] {
+            assert!(x[k].is_u64(), "device lacks {k}: {u:#}");
+        }
+        assert!(x["path"].is_string(), "{u:#}");
+    }
+    for b in u["block_groups"].as_array().expect("block_groups") {
+        for k in ["start", "length", "used_bytes"] {
+            assert!(b[k].is_u64(), "block group lacks {k}: {u:#}");
+        }
+        assert!(
+            ["data", "metadata", "system"].contains(&b["type"].as_str().unwrap()),
+            "{u:#}"
+        );
+        assert_eq!(b["profile"], "raid1", "{u:#}");
+        assert!(b["ro"].is_boolean(), "{u:#}");
+    }
+
+    let v = srv.volumes();
+    let vols = v["volumes"].as_array().expect("volumes");
+    assert_eq!(vols.len(), 1, "{v:#}");
+    assert_eq!(vols[0]["name"], "disk0");
+    assert_eq!(u64f(&vols[0], "size_bytes"), GIB);
+    assert_eq!(u64f(&vols[0], "allocated_bytes"), 0);
+
+    // Online resize: a new connection sees the new size and can use it.
+    cv_ok(&[
+        "volume", "resize", "disk0", "--size", "2G", "--socket", &sock,
+    ]);
+    let o = run_ok(
+        Command::new(tool("nbdinfo")).args(["--size", &srv.uri("disk0")]),
+        CMD_TIMEOUT,
+    );
+    assert_eq!(o.stdout.trim(), (2 * GIB).to_string(), "{}", o.text());
+    let off = GIB + 512 * MIB;
+    qemu_io(
+        &srv.uri("disk0"),
+        &[
+            format!("write -P 0x3c {off} 1M"),
+            "flush".into(),
+            format!("read -P 0x3c {off} 1M"),
+        ],
+    );
+    let v = srv.volumes();
+    assert_eq!(u64f(&v["volumes"][0], "size_bytes"), 2 * GIB, "{v:#}");
+    assert_eq!(u64f(&v["volumes"][0], "allocated_bytes"), MIB, "{v:#}");
+
+    // Offline access while the server holds the pool: refused, exit 2, and
+    // the message says who holds it and where to talk to it.
+    let pid = srv.pid();
+    let dv: Vec<&str> = devs.iter().map(|p| s(p)).collect();
+    let offline: Vec<Vec<&str>> = vec![
+        [&["usage"][..], &dv[..]].concat(),
+        [&["usage", "--json"][..], &dv[..]].concat(),
+        [&["volume", "list"][..], &dv[..]].concat(),
+        [&["volume", "create", "x", "--size", "1M"][..], &dv[..]].concat(),
+        [&["check"][..], &dv[..]].concat(),
+    ];
+    for args in &offline {
+        let o = cv(args);
+        assert_eq!(
+            o.code,
+            2,
+            "offline command while serving should exit 2:\n{}",
+            o.text()
+        );
+        assert!(
+            o.stderr.contains(&format!("pid {pid}")),
+            "message should name the server pid {pid}:\n{}",
+            o.text()
+        );
+        assert!(
+            o.stderr.contains(&sock),
+            "message should name the control socket {sock}:\n{}",
+            o.text()
+        );
+        assert!(o.stdout.is_empty(), "{}", o.text());
+    }
+    // mkfs --force on the live pool must not touch it.
+    let o = cv(&[&["mkfs", "--force"][..], &dv[..]].concat());
+    assert_ne!(
+        o.code,
+        0,
+        "mkfs --force on a served pool succeeded:\n{}",
+        o.text()
+    );
+    assert!(o.stderr.contains(&format!("pid {pid}")), "{}", o.text());
+    // Both a socket and devices: bad usage.
+    let o = cv(&[&["usage", "--socket", &sock][..], &dv[..]].concat());
+    assert_eq!(o.code, 2, "{}", o.text());
+
+    // The server is unharmed.
+    qemu_io(&srv.uri("disk0"), &[format!("read -P 0x3c {off} 1M")]);
+    assert_eq!(srv.volumes()["volumes"].as_array().unwrap().len(), 1);
+
+    // Shrink back online, then the pool works offline once the server is gone.
+    cv_ok(&[
+        "volume", "resize", "disk0", "--size", "1G", "--socket", &sock,
+    ]);
+    let o = run_ok(
+        Command::new(tool("nbdinfo")).args(["--size", &srv.uri("disk0")]),
+        CMD_TIMEOUT,
+    );
+    assert_eq!(o.stdout.trim(), GIB.to_string(), "{}", o.text());
+    srv.stop();
+    assert!(
+        !srv.sock.exists(),
+        "control socket left behind after shutdown"
+    );
+    let o = cv_ok(&[&["volume", "list", "--json"][..], &dv[..]].concat());
+    let v: Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(u64f(&v["volumes"][0], "size_bytes"), GIB, "{v:#}");
+    assert_eq!(u64f(&v["volumes"][0], "allocated_bytes"), 0, "{v:#}");
+    let o = cv(&["usage", "--socket", &sock]);
+    assert_eq!(o.code, 2, "usage through a dead socket:\n{}", o.text());
+    offline_check(&devs, false);
+}
