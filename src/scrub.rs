@@ -97,6 +97,17 @@ pub enum State {
 }
 
 impl State {
+    /// Name as printed and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Never => "never",
+            State::Running => "running",
+            State::Paused => "paused",
+            State::Finished => "finished",
+            State::Canceled => "canceled",
+            State::Interrupted => "interrupted",
+        }
+    }
     fn to_u8(self) -> u8 {
         self as u8
     }
@@ -159,6 +170,8 @@ pub struct ScrubStatus {
     pub bytes_total: u64,
     pub rate_bytes_per_s: u64,
     pub eta_s: Option<u64>,
+    /// Bytes verified by this run alone (less than the total after a resume).
+    pub bytes_scrubbed_this_run: u64,
     #[serde(flatten)]
     pub counters: Counters,
     pub devices: Vec<DevProgress>,
@@ -232,6 +245,7 @@ impl ScrubRun {
             bytes_total: total,
             rate_bytes_per_s: rate,
             eta_s: eta,
+            bytes_scrubbed_this_run: devs.iter().map(|d| d.bytes_scrubbed_this_run).sum(),
             counters: c,
             devices: devs,
             errors: with_errors.then(|| lock(&self.errors).clone()),
@@ -329,6 +343,7 @@ fn decode_dev(devid: u64, b: &[u8]) -> Option<Persisted> {
             last_physical,
             bytes_total,
             done,
+            bytes_scrubbed_this_run: 0,
             counters,
         },
     })
@@ -431,6 +446,7 @@ pub fn status(fs: &FsInfo, with_errors: bool) -> Result<ScrubStatus> {
             bytes_total: 0,
             rate_bytes_per_s: 0,
             eta_s: None,
+            bytes_scrubbed_this_run: 0,
             counters: Counters::default(),
             devices: Vec::new(),
             errors: with_errors.then(Vec::new),
@@ -459,6 +475,7 @@ pub fn status(fs: &FsInfo, with_errors: bool) -> Result<ScrubStatus> {
             0
         },
         eta_s: None,
+        bytes_scrubbed_this_run: 0,
         counters: c,
         devices: p.iter().map(|d| d.dev.clone()).collect(),
         errors: if with_errors {
@@ -1050,6 +1067,7 @@ fn scrub_unit(
                 update(run, devid, |p| {
                     p.counters.bytes_scrubbed += oe - os;
                     p.counters.data_bytes_scrubbed += oe - os;
+                    p.bytes_scrubbed_this_run += oe - os;
                 });
                 let Some(sums) = sums.filter(|x| x.len() as u64 >= alen / s * cs as u64) else {
                     update(run, devid, |p| p.counters.no_csum_sectors += (oe - os) / s);
@@ -1094,6 +1112,7 @@ fn scrub_unit(
                 update(run, devid, |p| {
                     p.counters.bytes_scrubbed += nb;
                     p.counters.tree_bytes_scrubbed += nb;
+                    p.bytes_scrubbed_this_run += nb;
                 });
                 if *addr < logical || addr + nb > end {
                     continue;

@@ -203,14 +203,15 @@ fn s(p: &Path) -> &str {
 // Test directory, pool, server
 
 /// A fresh directory; removed when the test passes, kept when it fails.
-struct TestDir(PathBuf);
+/// Prints how long the test took.
+struct TestDir(PathBuf, Instant);
 
 impl TestDir {
     fn new(name: &str) -> TestDir {
         let d = std::env::temp_dir().join(format!("chunkvol-serve-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).unwrap();
-        TestDir(d)
+        TestDir(d, Instant::now())
     }
     fn join(&self, p: impl AsRef<Path>) -> PathBuf {
         self.0.join(p)
@@ -219,6 +220,11 @@ impl TestDir {
 
 impl Drop for TestDir {
     fn drop(&mut self) {
+        eprintln!(
+            "[{}] {:.1} s",
+            self.0.file_name().unwrap().to_string_lossy(),
+            self.1.elapsed().as_secs_f64()
+        );
         if thread::panicking() {
             eprintln!("test files kept in {}", self.0.display());
         } else {
