@@ -51,7 +51,7 @@ pub fn delete_unused_bgs(fs: &FsInfo) -> Result<CleanerPass> {
             }
             s.ro += 1;
         }
-        crate::failpoint!("cleaner::after_ro");
+        crate::failpoint!("cleaner::after_ro", start);
         let r = {
             let mut st = lock(&fs.trans);
             let still_empty = {
@@ -115,7 +115,7 @@ pub fn remove_block_group(ctx: &mut Ctx, bg: &Arc<BlockGroup>) -> Result<()> {
     )?;
     ctx.st.dirty_bgs.remove(&bg.start);
     ctx.st.pending_chunks.retain(|c| c.logical != bg.start);
-    crate::failpoint!("cleaner::before_removed");
+    crate::failpoint!("cleaner::before_removed", bg.start);
     write(&fs.block_groups).remove(&bg.start);
     let drop_now = {
         let mut s = bg.lock();
@@ -125,7 +125,7 @@ pub fn remove_block_group(ctx: &mut Ctx, bg: &Arc<BlockGroup>) -> Result<()> {
         }
         s.frozen == 0
     };
-    crate::failpoint!("cleaner::before_map_drop");
+    crate::failpoint!("cleaner::before_map_drop", bg.start);
     if drop_now {
         drop_chunk_map(fs, bg.start);
     }

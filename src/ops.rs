@@ -306,8 +306,8 @@ pub fn scrub_output(s: &crate::scrub::ScrubStatus, as_json: bool, final_status: 
         let c = &s.counters;
         let mut t = String::new();
         t += &format!(
-            "Scrub state:      {:?}{}\n",
-            s.state,
+            "Scrub state:      {}{}\n",
+            s.state.name(),
             if s.readonly { " (read-only)" } else { "" }
         );
         if s.started_at > 0 {

@@ -553,6 +553,7 @@ fn commit_upto(fs: &FsInfo, target: u64) -> Result<u64> {
         }
         (gen, sb, clean_roots)
     };
+    crate::failpoint!("transaction::before_io", gen);
     // The next transaction runs while this one is written: it copies every
     // node of `gen` before changing it, and what `gen` freed stays pinned.
     let io = (|| -> Result<()> {
