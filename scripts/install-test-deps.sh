@@ -9,6 +9,7 @@ for t in nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:nbdfuse nbdkit:nbdkit fio
   cmd=${t%%:*}; pkg=${t##*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
+/usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need+=(python3-libnbd)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
   export DEBIAN_FRONTEND=noninteractive

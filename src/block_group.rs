@@ -111,16 +111,26 @@ pub struct BlockGroup {
     pub length: u64,
     pub bg_type: u64,
     pub profile: Profile,
+    /// Transaction that created the group (0: found at open). A reader of an
+    /// older commit root must not take this group for the one it saw (R4).
+    pub created_gen: u64,
     state: Mutex<BgState>,
 }
 
 impl BlockGroup {
-    pub fn new(start: u64, length: u64, bg_type: u64, profile: Profile) -> BlockGroup {
+    pub fn new(
+        start: u64,
+        length: u64,
+        bg_type: u64,
+        profile: Profile,
+        created_gen: u64,
+    ) -> BlockGroup {
         BlockGroup {
             start,
             length,
             bg_type,
             profile,
+            created_gen,
             state: Mutex::new(BgState::default()),
         }
     }

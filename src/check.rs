@@ -232,7 +232,7 @@ pub fn check(pool: &Pool, check_data_csum: bool) -> Result<CheckReport> {
             }
         }
     }
-    for (start, _) in &bg_items {
+    for start in bg_items.keys() {
         if !chunks.contains_key(start) {
             p.push(format!("block group {start:#x} has no chunk"));
         }

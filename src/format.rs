@@ -361,10 +361,10 @@ impl ChunkItem {
         );
         let expect_len = match self.profile {
             Profile::Raid10 => {
-                if n < 4 || n % 2 != 0 || self.stripe_unit_bytes == 0 {
+                if n < 4 || !n.is_multiple_of(2) || self.stripe_unit_bytes == 0 {
                     return Err(DecodeError("bad raid10 geometry".into()));
                 }
-                if self.stripe_bytes % self.stripe_unit_bytes != 0 {
+                if !self.stripe_bytes.is_multiple_of(self.stripe_unit_bytes) {
                     return Err(DecodeError("raid10 stripe not a multiple of unit".into()));
                 }
                 self.stripe_bytes.checked_mul(n / 2)
@@ -379,8 +379,8 @@ impl ChunkItem {
         if !ok_type
             || self.length == 0
             || expect_len != Some(self.length)
-            || self.length % SECTOR_BYTES != 0
-            || self.logical % SECTOR_BYTES != 0
+            || !self.length.is_multiple_of(SECTOR_BYTES)
+            || !self.logical.is_multiple_of(SECTOR_BYTES)
             || self.logical.checked_add(self.length).is_none()
         {
             return Err(DecodeError(format!(

@@ -128,7 +128,7 @@ pub fn validate_volume_name(name: &str) -> Result<()> {
 }
 
 fn validate_volume_size(name: &str, size: u64) -> Result<()> {
-    if size == 0 || size % SECTOR_BYTES != 0 || size > MAX_VOLUME_BYTES {
+    if size == 0 || !size.is_multiple_of(SECTOR_BYTES) || size > MAX_VOLUME_BYTES {
         return Err(Error::Invalid(format!(
             "volume {name}: size {size} must be a non-zero multiple of 4096 and at most 2^60"
         )));
@@ -160,7 +160,7 @@ pub fn read_supers(dev: &dyn BlockDevice) -> Result<Vec<Superblock>> {
             msg: format!("no valid superblock ({last})"),
         });
     }
-    out.sort_by(|a, b| b.generation.cmp(&a.generation));
+    out.sort_by_key(|s| std::cmp::Reverse(s.generation));
     Ok(out)
 }
 
@@ -494,6 +494,7 @@ impl Pool {
                         k.offset,
                         bi.bg_type,
                         map.item.profile,
+                        0,
                     );
                     bg.lock().used = bi.used;
                     write(&fs.block_groups).insert(k.objectid, Arc::new(bg));

@@ -649,8 +649,17 @@ fn coordinate(fs: Arc<FsInfo>, run: Arc<ScrubRun>) {
     run.set_paused(true);
     *lock(&run.state) = end;
     *lock(&run.failure) = failed.clone();
-    if !fs.is_aborted() && !run.opts.readonly {
+    if !fs.is_aborted() {
         checkpoint(&fs, &run);
+    }
+    // Waiters learn the outcome before the final commit: scrub never waits
+    // on a commit to report (a stuck commit must not hang `scrub -B`).
+    {
+        let (m, c) = &run.done;
+        *lock(m) = true;
+        c.notify_all();
+    }
+    if !fs.is_aborted() && !run.opts.readonly {
         if let Err(e) = crate::transaction::commit(&fs) {
             tracing::warn!("scrub: final commit: {e}");
         }
@@ -665,9 +674,6 @@ fn coordinate(fs: Arc<FsInfo>, run: Arc<ScrubRun>) {
         s.counters.uncorrectable_errors,
         failed.map(|f| format!(" ({f})")).unwrap_or_default()
     );
-    let (m, c) = &run.done;
-    *lock(m) = true;
-    c.notify_all();
 }
 
 /// Ask a running scrub to stop; progress is kept for `resume`.
@@ -897,13 +903,14 @@ fn scrub_dev_extent(
     let Some(bg) = fs.block_group(de.chunk_logical) else {
         return skip("block group is gone");
     };
-    if bg.start != de.chunk_logical {
+    if bg.start != de.chunk_logical || bg.created_gen > roots.gen {
         // Deleted, and its range reused by a newer group (R4).
         return skip("range reused by a newer block group");
     }
     if !freeze(&bg) {
         return skip("block group was removed");
     }
+    failpoint!("scrub::frozen", bg.start);
     // Read-only so allocation stays out while scrub repairs. Taking it never
     // waits for a commit, so there is nothing to deadlock with (R6).
     bg.lock().ro += 1;
@@ -1000,7 +1007,7 @@ fn scrub_group(
             );
             pacer.pace(fs, n);
             off += len;
-            if off % CHECKPOINT_BYTES == 0 {
+            if off.is_multiple_of(CHECKPOINT_BYTES) {
                 update(run, devid, |p| p.last_physical = phys + off);
                 checkpoint(fs, run);
             }

@@ -208,7 +208,13 @@ impl<'a> Ctx<'a> {
             }
         }
         self.fs.mapping.insert(item.clone());
-        let bg = Arc::new(BlockGroup::new(item.logical, item.length, t, item.profile));
+        let bg = Arc::new(BlockGroup::new(
+            item.logical,
+            item.length,
+            t,
+            item.profile,
+            self.st.gen,
+        ));
         bg.lock().free.insert(item.logical, item.length);
         write(&self.fs.block_groups).insert(item.logical, bg.clone());
         self.st.dirty_bgs.insert(item.logical);

@@ -647,15 +647,15 @@ fn qemu_io_patterns_aligned_and_unaligned() {
 
     // Final contents, checked again after a restart.
     let mut fin: Vec<String> = Vec::new();
-    let mut cmds: Vec<String> = Vec::new();
-
     // [0, 2M): a 1 MiB pattern, then unaligned overwrites inside it and
     // across its end; then an aligned discard of the first MiB.
-    cmds.push(w(0xab, 0, MIB));
-    cmds.push(r(0xab, 0, MIB));
-    cmds.push(w(0x11, 513, 1000));
-    cmds.push(w(0x22, 4097, 70000));
-    cmds.push(w(0x33, MIB - 7, 20));
+    let mut cmds: Vec<String> = vec![
+        w(0xab, 0, MIB),
+        r(0xab, 0, MIB),
+        w(0x11, 513, 1000),
+        w(0x22, 4097, 70000),
+        w(0x33, MIB - 7, 20),
+    ];
     let mid = vec![
         r(0xab, 0, 513),
         r(0x11, 513, 1000),
@@ -937,26 +937,30 @@ fn fio_two_jobs_randwrite_verify_then_check() {
     let mut srv = Server::start(&dir, &devs, 2);
     let uri = srv.uri("disk0");
     let o = run(
-        Command::new(tool("fio")).args([
-            "--name=nbdverify",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=8",
-            "--numjobs=2",
-            "--size=256M",
-            "--offset_increment=256M",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            // With time_based the verify phase after the writes never
-            // starts; a backlog verifies while writing.
-            "--verify_backlog=1024",
-            "--time_based",
-            &format!("--runtime={FIO_RUNTIME_SECS}"),
-            "--output-format=json",
-        ]),
+        Command::new(tool("fio"))
+            .args([
+                "--name=nbdverify",
+                "--ioengine=nbd",
+                &format!("--uri={uri}"),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=8",
+                "--numjobs=2",
+                "--size=256M",
+                "--offset_increment=256M",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                // With time_based the verify phase after the writes never
+                // starts; a backlog verifies while writing.
+                "--verify_backlog=1024",
+                "--time_based",
+                &format!("--runtime={FIO_RUNTIME_SECS}"),
+                "--output-format=json",
+                // No local-*-verify.state files (and none in the work tree).
+                "--verify_state_save=0",
+            ])
+            .current_dir(dir.join("")),
         Duration::from_secs(FIO_RUNTIME_SECS + 180),
     );
     let all = o.all();
@@ -1356,19 +1360,26 @@ const CRASHIO_PY: &str = r#####"
 #
 # The region is cut into 4 KiB blocks. A block written by write number SEQ
 # holds struct.pack('<QQ', SEQ, BLOCK) * 256, so its content names the write
-# that put it there. Writes go in batches; within a batch no block is written
-# twice and up to QD writes are in flight; once the whole batch has been
-# acknowledged a FLUSH is sent and, once that is acknowledged, "F LASTSEQ" is
-# logged. Each write is logged ("W SEQ BLOCK NBLOCKS FUA") before it is sent,
-# and "A SEQ" once acknowledged. About one write in eight carries FUA.
+# that put it there; a block zeroed by a WRITE_ZEROES holds zeroes.
+#
+# The writer uses two connections (the server advertises multi-conn, so a
+# flush on either covers writes completed on both). Operations go in
+# batches; within a batch no block is touched twice, and up to QD operations
+# are in flight, spread over both connections. About one operation in eight
+# is a WRITE_ZEROES, and one in eight carries FUA. Once the whole batch has
+# been acknowledged, a FLUSH is sent on one of the connections (alternating),
+# and once that is acknowledged "F LASTSEQ" is logged. Each operation is
+# logged ("W SEQ BLOCK NBLOCKS FUA KIND", KIND w or z) before it is sent, and
+# "A SEQ" once acknowledged.
 #
 # Oracle after a crash: let S be the seq of the last logged F. Each block
-# must hold exactly its newest write with seq <= S (or what it held before
-# this round if there is none). A block written by a later write (seq > S)
-# may hold that write instead, and must hold it if the write had FUA and was
-# acknowledged. Any other content (torn, foreign, older) is an error.
+# must hold exactly its newest operation with seq <= S (or what it held
+# before this round if there is none). A block touched by a later operation
+# (seq > S) may hold that instead, and must hold it if the operation had FUA
+# and was acknowledged. Any other content (torn, foreign, older) is an error.
 import json
 import random
+import select
 import struct
 import sys
 import time
@@ -1384,12 +1395,38 @@ def payload(seq, blk, n):
     return b"".join(struct.pack("<QQ", seq, blk + i) * (BS // 16) for i in range(n))
 
 
+def pump(hs):
+    """Wait (at most 1 s) for progress on any connection."""
+    rl, wl = [], []
+    for h in hs:
+        if h.aio_in_flight() == 0:
+            continue
+        d = h.aio_get_direction()
+        if d & nbd.AIO_DIRECTION_READ:
+            rl.append(h.aio_get_fd())
+        if d & nbd.AIO_DIRECTION_WRITE:
+            wl.append(h.aio_get_fd())
+    r, w, _ = select.select(rl, wl, [], 1.0)
+    for h in hs:
+        if h.aio_in_flight() == 0:
+            continue
+        fd = h.aio_get_fd()
+        if fd in r:
+            h.aio_notify_read()
+        if fd in w:
+            h.aio_notify_write()
+
+
 def write(uri, logpath, seed, seq0, region, maxsecs):
     rng = random.Random(seed)
     nblk = region // BS
     log = open(logpath, "w", buffering=1)
-    h = nbd.NBD()
-    h.connect_uri(uri)
+    hs = []
+    for _ in range(2):
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        assert h.can_multi_conn(), "server does not advertise multi-conn"
+        hs.append(h)
     log.write("C connected\n")
     seq = seq0
     deadline = time.monotonic() + maxsecs
@@ -1405,21 +1442,31 @@ def write(uri, logpath, seed, seq0, region, maxsecs):
                     continue
                 used.update(range(b, b + n))
                 seq += 1
-                todo.append((seq, b, n, rng.random() < 0.125))
-            inflight = {}
+                kind = "z" if rng.random() < 0.125 else "w"
+                todo.append((seq, b, n, rng.random() < 0.125, kind))
+            inflight = {}  # (conn, cookie) -> (seq, buffer)
+            k = 0
             while todo or inflight:
                 while todo and len(inflight) < QD:
-                    s, b, n, fua = todo.pop(0)
-                    log.write("W %d %d %d %d\n" % (s, b, n, int(fua)))
-                    buf = nbd.Buffer.from_bytearray(bytearray(payload(s, b, n)))
-                    c = h.aio_pwrite(buf, b * BS, flags=nbd.CMD_FLAG_FUA if fua else 0)
-                    inflight[c] = (s, buf)
-                h.poll(1000)
-                for c in list(inflight):
+                    s, b, n, fua, kind = todo.pop(0)
+                    h = hs[k % 2]
+                    k += 1
+                    log.write("W %d %d %d %d %s\n" % (s, b, n, int(fua), kind))
+                    fl = nbd.CMD_FLAG_FUA if fua else 0
+                    if kind == "z":
+                        buf = None
+                        c = h.aio_zero(n * BS, b * BS, flags=fl)
+                    else:
+                        buf = nbd.Buffer.from_bytearray(bytearray(payload(s, b, n)))
+                        c = h.aio_pwrite(buf, b * BS, flags=fl)
+                    inflight[(id(h), c)] = (s, buf, h, c)
+                pump(hs)
+                for key in list(inflight):
+                    s, _, h, c = inflight[key]
                     if h.aio_command_completed(c):
-                        log.write("A %d\n" % inflight[c][0])
-                        del inflight[c]
-            h.flush()
+                        log.write("A %d\n" % s)
+                        del inflight[key]
+            hs[batches % 2].flush()
             log.write("F %d\n" % seq)
             batches += 1
     except Exception as e:  # the server went away
@@ -1435,8 +1482,8 @@ def verify(uri, logpath, region, state_in, state_out):
     state = {}
     if state_in != "-":
         state = {int(k): v for k, v in json.load(open(state_in)).items()}
-    flushed = dict(state)  # block -> seq that must be there
-    writes = {}
+    flushed = dict(state)  # block -> seq that must be there (None: zeroes)
+    ops = {}
     acked = set()
     last_f = -1
     for ln in open(logpath).read().splitlines():
@@ -1444,19 +1491,20 @@ def verify(uri, logpath, region, state_in, state_out):
         if not p:
             continue
         if p[0] == "W":
-            writes[int(p[1])] = (int(p[2]), int(p[3]), p[4] == "1")
+            ops[int(p[1])] = (int(p[2]), int(p[3]), p[4] == "1", p[5])
         elif p[0] == "A":
             acked.add(int(p[1]))
         elif p[0] == "F":
             last_f = int(p[1])
-    maybe = {}  # block -> later seqs that may be there
-    for s in sorted(writes):
-        b, n, fua = writes[s]
+    maybe = {}  # block -> what later operations may have left there
+    for s in sorted(ops):
+        b, n, fua, kind = ops[s]
+        v = None if kind == "z" else s
         for i in range(n):
             if s <= last_f or (fua and s in acked):
-                flushed[b + i] = s
+                flushed[b + i] = v
             else:
-                maybe.setdefault(b + i, set()).add(s)
+                maybe.setdefault(b + i, set()).add(v)
     h = nbd.NBD()
     h.connect_uri(uri)
     zero = bytes(BS)
@@ -1483,16 +1531,18 @@ def verify(uri, logpath, region, state_in, state_out):
             elif got in maybe.get(blk, ()):
                 n_later += 1
             else:
-                bad.append("block %d: holds write %s, expected write %s%s" % (
+                bad.append("block %d: holds write %s, expected write %s%s (None: zeroes)" % (
                     blk, got, want,
-                    (" or one of %s" % sorted(maybe[blk])) if blk in maybe else ""))
+                    (" or one of %s" % sorted(maybe[blk], key=str)) if blk in maybe else ""))
             if got is not None:
                 actual[blk] = got
     h.shutdown()
     json.dump({str(k): v for k, v in actual.items()}, open(state_out, "w"))
-    print("verified %d blocks: last acknowledged flush after write %d; %d writes logged, "
-          "%d acknowledged; %d blocks as flushed, %d hold a later unflushed write; %d bad" % (
-              nblk, last_f, len(writes), len(acked), n_exact, n_later, len(bad)))
+    print("verified %d blocks: last acknowledged flush after op %d; %d ops logged "
+          "(%d write-zeroes), %d acknowledged; %d blocks as flushed, %d hold a later "
+          "unflushed op; %d bad" % (
+              nblk, last_f, len(ops), sum(1 for o in ops.values() if o[3] == "z"),
+              len(acked), n_exact, n_later, len(bad)))
     for b in bad[:50]:
         print("BAD " + b)
     return 1 if bad else 0

@@ -56,7 +56,7 @@ fn op() -> impl Strategy<Value = Op> {
 fn data(seed: u64, len: usize) -> Vec<u8> {
     // Some all-zero sectors so the zero-detection path (holes) is exercised.
     let mut d = pattern(seed, len);
-    if seed % 3 == 0 {
+    if seed.is_multiple_of(3) {
         let z = (seed as usize / 3) % len;
         let e = (z + 8192).min(len);
         d[z..e].fill(0);

@@ -409,7 +409,7 @@ fn mkfs(a: MkfsArgs) -> i32 {
             );
             0
         }
-        Err(e @ crate::Error::Invalid(_)) => fail(2, e),
+        Err(e @ (crate::Error::Invalid(_) | crate::Error::Busy(_))) => fail(2, e),
         Err(e) => fail(1, e),
     }
 }

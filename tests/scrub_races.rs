@@ -1,0 +1,393 @@
+//! The race catalogue (docs/ARCHITECTURE.md, btrfs-model.md R1-R9), each
+//! interleaving forced with failpoints. Each test names the rule it proves
+//! and what goes wrong without it.
+
+mod common;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chunkvol::cleaner::delete_unused_bgs;
+use chunkvol::failpoint::{self, Action};
+use chunkvol::fault::FaultyDevice;
+use chunkvol::format::{bg_type, Profile};
+use chunkvol::fs_info::FsInfo;
+use chunkvol::scrub::{self, ScrubOptions, State};
+use chunkvol::transaction::{commit, Ctx};
+use chunkvol::Pool;
+use common::*;
+
+const T: Duration = Duration::from_secs(20);
+
+/// Failpoints are process-wide: one race test at a time.
+fn serial() -> MutexGuard<'static, ()> {
+    static L: Mutex<()> = Mutex::new(());
+    let g = L.lock().unwrap_or_else(|e| e.into_inner());
+    failpoint::reset();
+    g
+}
+
+struct Setup {
+    devs: Vec<Arc<FaultyDevice>>,
+    pool: Pool,
+}
+
+impl Setup {
+    fn fs(&self) -> &Arc<FsInfo> {
+        self.pool.fs()
+    }
+}
+
+fn setup() -> Setup {
+    let devs = mkfs_mem(Profile::Raid1, 128 << 20);
+    let pool = open_mem(&devs);
+    let v = pool.create_volume("v", 64 << 20).unwrap();
+    v.write_at(&pattern(1, 40 << 20), 0).unwrap();
+    pool.flush().unwrap();
+    Setup { devs, pool }
+}
+
+/// A new, empty data group (the last chunk), queued for the cleaner and committed.
+fn empty_group(s: &Setup) -> u64 {
+    let fs = s.fs();
+    let start = {
+        let mut st = chunkvol::sync::lock(&fs.trans);
+        let mut ctx = Ctx::join(fs, &mut st);
+        ctx.new_chunk(bg_type::DATA).unwrap().start
+    };
+    commit(fs).unwrap();
+    let bg = fs.block_group(start).unwrap();
+    bg.lock().on_unused_list = true;
+    chunkvol::sync::lock(&fs.unused_bgs).push_back(start);
+    start
+}
+
+fn start_dev1(s: &Setup, readonly: bool) -> Arc<scrub::ScrubRun> {
+    scrub::start(
+        s.fs(),
+        ScrubOptions {
+            readonly,
+            devid: Some(1),
+            limit_bytes_per_s: None,
+        },
+    )
+    .unwrap()
+}
+
+fn paused(name: &str) {
+    assert!(failpoint::wait_paused(name, T), "nobody reached {name}");
+}
+
+/// Corrupt copy 0 (devid 1) of one data sector; returns its logical address.
+fn corrupt_one(s: &Setup) -> u64 {
+    let (start, _) = s.pool.data_extents().unwrap()[0];
+    let copies = s.pool.sector_copies(start).unwrap();
+    let (path, phys) = &copies[0];
+    let d = s
+        .devs
+        .iter()
+        .find(|d| chunkvol::device::BlockDevice::path(d.as_ref()) == path)
+        .unwrap();
+    d.corrupt(*phys, &[0xEE; 4096]);
+    start
+}
+
+/// R1, the seed: scrub read the group's device extent from the commit root;
+/// the cleaner then deleted the group completely. Scrub must skip it quietly
+/// and scrub the rest. Without the rule (a missing group or map treated as an
+/// error) scrub fails with a spurious error, as btrfs did.
+#[test]
+fn r1_cleaner_deletes_group_after_scrub_found_its_dev_extent() {
+    let _g = serial();
+    let s = setup();
+    let x = empty_group(&s);
+    failpoint::set("scrub::dev_extent_found", Action::PauseIf(x));
+    let run = start_dev1(&s, false);
+    paused("scrub::dev_extent_found");
+    let pass = delete_unused_bgs(s.fs()).unwrap();
+    assert_eq!(pass.deleted, 1, "{pass:?}");
+    commit(s.fs()).unwrap();
+    assert!(
+        s.fs().mapping.get(x).is_none(),
+        "map dropped: nobody froze it"
+    );
+    failpoint::release("scrub::dev_extent_found");
+    let st = run.wait();
+    assert_eq!(st.state, State::Finished, "{:?}", st.failure);
+    assert_eq!(st.counters.errors(), 0);
+    assert_eq!(st.counters.block_groups_skipped_removed, 1);
+    assert!(
+        st.counters.data_bytes_scrubbed >= 40 << 20,
+        "the rest was scrubbed"
+    );
+}
+
+/// R1 variant: the group is removed while scrub holds it frozen; its map
+/// stays until scrub lets go, then is dropped (no leak, no error).
+#[test]
+fn r1_removed_while_frozen_is_quiet_and_map_dropped_on_release() {
+    let _g = serial();
+    let s = setup();
+    let x = empty_group(&s);
+    failpoint::set("scrub::frozen", Action::PauseIf(x));
+    let run = start_dev1(&s, false);
+    paused("scrub::frozen");
+    assert_eq!(delete_unused_bgs(s.fs()).unwrap().deleted, 1);
+    assert!(
+        s.fs().mapping.get(x).is_some(),
+        "map drop deferred while frozen"
+    );
+    failpoint::release("scrub::frozen");
+    let st = run.wait();
+    assert_eq!(st.state, State::Finished, "{:?}", st.failure);
+    assert_eq!(st.counters.errors(), 0);
+    assert!(
+        s.fs().mapping.get(x).is_none(),
+        "unfreeze performs the deferred drop"
+    );
+}
+
+/// R2: the chunk map is dropped from the mapping tree while scrub is using
+/// it. Scrub holds its own reference and finishes the repair with it.
+/// Without the reference (looking the map up again) the repair fails and the
+/// bad copy stays bad.
+#[test]
+fn r2_map_dropped_while_scrub_uses_it() {
+    let _g = serial();
+    let s = setup();
+    let logical = corrupt_one(&s);
+    let x = s.fs().block_group(logical).unwrap().start;
+    failpoint::set("scrub::before_repair", Action::PauseIf(x));
+    let run = start_dev1(&s, false);
+    paused("scrub::before_repair");
+    let map = s.fs().mapping.remove(x).expect("map present");
+    failpoint::release("scrub::before_repair");
+    let st = run.wait();
+    s.fs().mapping.insert(map.item.clone());
+    assert_eq!(st.state, State::Finished, "{:?}", st.failure);
+    assert_eq!(st.counters.csum_errors, 1);
+    assert_eq!(st.counters.corrected_errors, 1, "repair used the held map");
+    assert_eq!(st.counters.uncorrectable_errors, 0);
+}
+
+/// R3: the cleaner pops an empty group while scrub holds it read-only and
+/// drops it from the list. Scrub must hand it back when it lets go, or the
+/// group is never deleted (space leak).
+#[test]
+fn r3_scrub_requeues_group_the_cleaner_skipped() {
+    let _g = serial();
+    let s = setup();
+    let x = empty_group(&s);
+    failpoint::set("scrub::group_frozen", Action::PauseIf(x));
+    let run = start_dev1(&s, false);
+    paused("scrub::group_frozen");
+    let pass = delete_unused_bgs(s.fs()).unwrap();
+    assert_eq!(pass.deleted, 0, "read-only group must be skipped: {pass:?}");
+    assert!(!chunkvol::sync::lock(&s.fs().unused_bgs).contains(&x));
+    failpoint::release("scrub::group_frozen");
+    let st = run.wait();
+    assert_eq!(st.counters.errors(), 0);
+    assert!(
+        chunkvol::sync::lock(&s.fs().unused_bgs).contains(&x),
+        "re-queued on release"
+    );
+    assert_eq!(delete_unused_bgs(s.fs()).unwrap().deleted, 1);
+}
+
+/// R4: the group is deleted while scrub is on it, and a new group is
+/// allocated. The remover defers dropping the map (and the device extents)
+/// while scrub has it frozen, so the new group cannot take its logical range
+/// or physical space; without that, scrub would verify the new group's bytes
+/// against the old group's view (false errors, or a "repair" over live data).
+#[test]
+fn r4_no_reuse_of_a_frozen_groups_range() {
+    let _g = serial();
+    let s = setup();
+    let x = empty_group(&s);
+    let xmap = s.fs().mapping.get(x).unwrap();
+    failpoint::set("scrub::frozen", Action::PauseIf(x));
+    let run = start_dev1(&s, false);
+    paused("scrub::frozen");
+    assert_eq!(delete_unused_bgs(s.fs()).unwrap().deleted, 1);
+    let y = {
+        let mut st = chunkvol::sync::lock(&s.fs().trans);
+        Ctx::join(s.fs(), &mut st).new_chunk(bg_type::DATA).unwrap()
+    };
+    assert!(
+        y.start >= xmap.end(),
+        "logical range of a frozen group reused"
+    );
+    let ymap = s.fs().mapping.get(y.start).unwrap();
+    for a in &xmap.item.stripes {
+        for b in &ymap.item.stripes {
+            let overlap = a.devid == b.devid
+                && a.physical < b.physical + ymap.item.stripe_bytes
+                && b.physical < a.physical + xmap.item.stripe_bytes;
+            assert!(!overlap, "device extent of a frozen group reused");
+        }
+    }
+    failpoint::release("scrub::frozen");
+    let st = run.wait();
+    assert_eq!(st.counters.errors(), 0);
+    assert!(s.fs().mapping.get(x).is_none());
+}
+
+/// R4, reuse detected: the group is deleted before scrub froze it and a new
+/// group takes the same logical start (and likely the same device space).
+/// Scrub must recognise the group as newer than its view and skip it.
+#[test]
+fn r4_reused_range_is_detected_and_skipped() {
+    let _g = serial();
+    let s = setup();
+    let x = empty_group(&s);
+    failpoint::set("scrub::dev_extent_found", Action::PauseIf(x));
+    let run = start_dev1(&s, false);
+    paused("scrub::dev_extent_found");
+    assert_eq!(delete_unused_bgs(s.fs()).unwrap().deleted, 1);
+    let y = {
+        let mut st = chunkvol::sync::lock(&s.fs().trans);
+        Ctx::join(s.fs(), &mut st).new_chunk(bg_type::DATA).unwrap()
+    };
+    assert_eq!(y.start, x, "the new group reuses the range");
+    let writes = s.devs[0].writes_total();
+    failpoint::release("scrub::dev_extent_found");
+    let st = run.wait();
+    assert_eq!(st.counters.errors(), 0);
+    assert_eq!(st.counters.block_groups_skipped_removed, 1);
+    // Only the final progress commit writes; no repair touched the new group.
+    assert_eq!(st.counters.corrected_errors, 0);
+    assert!(s.devs[0].writes_total() >= writes);
+}
+
+/// R5: relocation deletes the group between verification and repair. The
+/// repair uses the references it holds and, seeing the group removed, writes
+/// nothing. Without the rule it would write into space that now belongs to
+/// someone else.
+#[test]
+fn r5_repair_after_group_removed_writes_nothing() {
+    let _g = serial();
+    let s = setup();
+    let logical = corrupt_one(&s);
+    let bg = s.fs().block_group(logical).unwrap();
+    failpoint::set("scrub::before_repair", Action::PauseIf(bg.start));
+    let run = start_dev1(&s, false);
+    paused("scrub::before_repair");
+    {
+        // What relocation does after moving the data: remove the chunk.
+        let mut st = chunkvol::sync::lock(&s.fs().trans);
+        bg.lock().ro += 1;
+        let mut ctx = Ctx::join(s.fs(), &mut st);
+        chunkvol::cleaner::remove_block_group(&mut ctx, &bg).unwrap();
+    }
+    let before = s.devs[0].image();
+    failpoint::release("scrub::before_repair");
+    let st = run.wait();
+    assert_eq!(st.state, State::Finished, "{:?}", st.failure);
+    assert_eq!(st.counters.corrected_errors, 0);
+    let after = s.devs[0].image();
+    let copies = s.pool.sector_copies(logical);
+    // The group's map is gone now, so look at the bytes scrub would have written.
+    assert!(copies.is_err());
+    let changed = before
+        .chunks(4096)
+        .zip(after.chunks(4096))
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(
+        changed <= 64,
+        "only metadata commits may write, not a repair"
+    );
+}
+
+/// R6: scrub holds a group read-only while a commit runs, and the other way
+/// round: neither waits for the other, so there is no deadlock.
+#[test]
+fn r6_commit_never_waits_for_scrub() {
+    let _g = serial();
+    let s = setup();
+    let x = s
+        .fs()
+        .block_group(s.pool.data_extents().unwrap()[0].0)
+        .unwrap()
+        .start;
+    failpoint::set("scrub::group_frozen", Action::PauseIf(x));
+    let run = start_dev1(&s, false);
+    paused("scrub::group_frozen");
+    let (fs, v) = (s.fs().clone(), s.pool.volume("v").unwrap());
+    let h = std::thread::spawn(move || {
+        v.write_at(&pattern(5, 1 << 20), 50 << 20).unwrap();
+        commit(&fs).unwrap();
+    });
+    let t0 = std::time::Instant::now();
+    while !h.is_finished() {
+        assert!(t0.elapsed() < T, "commit deadlocked behind a paused scrub");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    h.join().unwrap();
+    failpoint::release("scrub::group_frozen");
+    assert_eq!(run.wait().state, State::Finished);
+
+    // A commit stuck in its write-out does not stop scrub either.
+    failpoint::reset();
+    let gen = chunkvol::transaction::running_gen(s.fs());
+    failpoint::set("transaction::before_io", Action::PauseIf(gen));
+    let v = s.pool.volume("v").unwrap();
+    v.write_at(&pattern(6, 1 << 20), 52 << 20).unwrap();
+    let fs = s.fs().clone();
+    let h = std::thread::spawn(move || commit(&fs).unwrap());
+    paused("transaction::before_io");
+    let st = start_dev1(&s, false).wait();
+    assert_eq!(
+        st.state,
+        State::Finished,
+        "scrub finished while a commit was stuck"
+    );
+    failpoint::release("transaction::before_io");
+    h.join().unwrap();
+}
+
+/// R7: the pool fails (transaction abort) while scrub is paused: scrub stops
+/// with an error instead of waiting forever.
+#[test]
+fn r7_aborted_pool_stops_scrub() {
+    let _g = serial();
+    let s = setup();
+    let x = s
+        .fs()
+        .block_group(s.pool.data_extents().unwrap()[0].0)
+        .unwrap()
+        .start;
+    failpoint::set("scrub::unit", Action::PauseIf(x));
+    let run = start_dev1(&s, false);
+    paused("scrub::unit");
+    scrub::pause(s.fs()).unwrap();
+    let _ = s.fs().abort("test: transaction aborted");
+    failpoint::release("scrub::unit");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let r2 = run.clone();
+    std::thread::spawn(move || tx.send(r2.wait()).unwrap());
+    let st = rx
+        .recv_timeout(T)
+        .expect("scrub hung after the pool failed");
+    assert_eq!(st.state, State::Interrupted);
+    assert!(st.failure.unwrap().contains("pool failed"));
+}
+
+/// R9: read-only scrub reports corruption and writes nothing at all.
+#[test]
+fn r9_readonly_scrub_writes_nothing() {
+    let _g = serial();
+    let s = setup();
+    corrupt_one(&s);
+    let before: Vec<u64> = s.devs.iter().map(|d| d.writes_total()).collect();
+    let st = start_dev1(&s, true).wait();
+    assert_eq!(st.counters.csum_errors, 1);
+    assert_eq!(st.counters.corrected_errors, 0);
+    let after: Vec<u64> = s.devs.iter().map(|d| d.writes_total()).collect();
+    assert_eq!(before, after, "read-only scrub wrote to a device");
+    // And a normal scrub then repairs it.
+    let st = start_dev1(&s, false).wait();
+    assert_eq!(st.counters.corrected_errors, 1);
+    let st = start_dev1(&s, false).wait();
+    assert_eq!(st.counters.errors(), 0);
+}
