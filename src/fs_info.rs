@@ -257,6 +257,13 @@ impl FsInfo {
         }
     }
 
+    /// [`count_fault`](Self::count_fault) unless the reader changes nothing.
+    fn count_fault_if(&self, count: bool, devid: u64, f: CopyFault) {
+        if count {
+            self.count_fault(devid, f);
+        }
+    }
+
     /// Read `buf.len()` bytes of one mapped piece from copy `mirror`.
     pub fn read_copy(&self, m: &Mapped, mirror: usize, buf: &mut [u8]) -> Result<()> {
         let (devid, phys) = m.mirrors[mirror];
@@ -331,6 +338,16 @@ impl FsInfo {
     /// Read a tree block, trying every copy; a copy that fails is rewritten
     /// from the good one. `expect` = (generation, owner, level) from the parent.
     pub fn read_node(&self, addr: u64, expect: Option<(u64, u64, u8)>) -> Result<Arc<Node>> {
+        self.read_node_with(addr, expect, true)
+    }
+
+    /// [`read_node`](Self::read_node), choosing whether a bad copy is rewritten.
+    pub fn read_node_with(
+        &self,
+        addr: u64,
+        expect: Option<(u64, u64, u8)>,
+        repair: bool,
+    ) -> Result<Arc<Node>> {
         let map = self
             .mapping
             .lookup(addr)
@@ -345,7 +362,7 @@ impl FsInfo {
             for p in &pieces {
                 let off = (p.logical - addr) as usize;
                 if let Err(e) = self.read_copy(p, m, &mut buf[off..off + p.len as usize]) {
-                    self.count_fault(p.mirrors[m].0, CopyFault::Io);
+                    self.count_fault_if(repair, p.mirrors[m].0, CopyFault::Io);
                     last_err = e.to_string();
                     ok = false;
                     break;
@@ -358,7 +375,7 @@ impl FsInfo {
             let node = match Node::decode(&buf, addr, &self.pool_uuid, self.csum_type) {
                 Ok(n) => n,
                 Err(e) => {
-                    self.count_fault(pieces[0].mirrors[m].0, CopyFault::Csum);
+                    self.count_fault_if(repair, pieces[0].mirrors[m].0, CopyFault::Csum);
                     last_err = e.to_string();
                     bad.push(m);
                     continue;
@@ -366,7 +383,7 @@ impl FsInfo {
             };
             if let Some((gen, owner, level)) = expect {
                 if node.gen != gen || node.owner != owner || node.level != level {
-                    self.count_fault(pieces[0].mirrors[m].0, CopyFault::Generation);
+                    self.count_fault_if(repair, pieces[0].mirrors[m].0, CopyFault::Generation);
                     last_err = format!(
                         "expected gen {gen} owner {owner} level {level}, found gen {} owner {} level {}",
                         node.gen, node.owner, node.level
@@ -377,7 +394,7 @@ impl FsInfo {
             }
             for &b in bad
                 .iter()
-                .filter(|_| !self.no_repair.load(Ordering::Relaxed))
+                .filter(|_| repair && !self.no_repair.load(Ordering::Relaxed))
             {
                 for p in &pieces {
                     let off = (p.logical - addr) as usize;
@@ -399,6 +416,18 @@ impl FsInfo {
 
     /// Load a node through the write-back set and the cache.
     pub fn load_node(&self, addr: u64, gen: u64, owner: u64, level: u8) -> Result<Arc<Node>> {
+        self.load_node_with(addr, gen, owner, level, true)
+    }
+
+    /// [`load_node`](Self::load_node), choosing whether a bad copy is rewritten.
+    pub fn load_node_with(
+        &self,
+        addr: u64,
+        gen: u64,
+        owner: u64,
+        level: u8,
+        repair: bool,
+    ) -> Result<Arc<Node>> {
         if let Some(n) = lock(&self.writeback).get(&addr) {
             if n.gen == gen {
                 return Ok(n.clone());
@@ -407,7 +436,7 @@ impl FsInfo {
         if let Some(n) = self.cache.get(addr, gen) {
             return Ok(n);
         }
-        let n = self.read_node(addr, Some((gen, owner, level)))?;
+        let n = self.read_node_with(addr, Some((gen, owner, level)), repair)?;
         self.cache.insert(n.clone());
         Ok(n)
     }
@@ -503,6 +532,16 @@ impl FsInfo {
             }
         }
         Ok(())
+    }
+}
+
+/// Loads nodes without rewriting bad copies (read-only scrub).
+pub struct NoRepair<'a>(pub &'a FsInfo);
+
+impl NodeLoader for NoRepair<'_> {
+    fn load(&self, child: &Child, owner: u64, level: u8) -> Result<Arc<Node>> {
+        self.0
+            .load_node_with(child.addr, child.gen, owner, level, false)
     }
 }
 

@@ -756,6 +756,20 @@ impl Pool {
         Ok(out)
     }
 
+    /// Every tree block of the last commit: (logical, owner tree, level).
+    pub fn tree_blocks(&self) -> Result<Vec<(u64, u64, u8)>> {
+        let (roots, _guard) = self.fs.commit_snapshot();
+        let mut out = Vec::new();
+        let mut stack: Vec<Arc<crate::btree::Node>> = roots.roots.clone();
+        while let Some(n) = stack.pop() {
+            out.push((n.addr, n.owner, n.level));
+            for c in n.children() {
+                stack.push(self.fs.load_node(c.addr, c.gen, n.owner, n.level - 1)?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Where each copy of the sector at `logical` lives: (device path, physical).
     pub fn sector_copies(&self, logical: u64) -> Result<Vec<(PathBuf, u64)>> {
         let map = self

@@ -11,6 +11,8 @@
 //! reference (R2); repair uses only what it already holds (R5); commits never
 //! wait for scrub (R6); a failed pool stops scrub (R7); an emptied group is
 //! handed back to the cleaner on release (R3); `-r` never writes (R9).
+//! Scrub's own metadata lookups never rewrite what they read: a bad tree
+//! block is repaired (and counted) when scrub reaches it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -24,7 +26,7 @@ use crate::format::{
     item, objectid, tree_id, DevExtent, ExtentItem, Key, MetadataItem, Put, Reader, SECTOR_BYTES,
     SUPER_BYTES, SUPER_OFFSETS,
 };
-use crate::fs_info::{tree_index, CommitRoots, FsInfo};
+use crate::fs_info::{tree_index, CommitRoots, FsInfo, NoRepair};
 use crate::sync::{lock, read, thread, Arc, AtomicBool, Mutex, Ordering};
 use crate::transaction::Ctx;
 use crate::volumes::{ChunkMap, Mapped};
@@ -491,7 +493,7 @@ pub fn status(fs: &FsInfo, with_errors: bool) -> Result<ScrubStatus> {
 fn device_total(fs: &FsInfo, roots: &CommitRoots, devid: u64) -> Result<u64> {
     let mut total = 0;
     for r in Iter::new(
-        fs,
+        &NoRepair(fs),
         &roots.roots[tree_index(tree_id::DEV)],
         Key::new(devid, item::DEV_EXTENT, 0),
         Key::new(devid, item::DEV_EXTENT, u64::MAX),
@@ -765,7 +767,7 @@ fn scrub_device(fs: &FsInfo, run: &ScrubRun, devid: u64) -> Result<(), Stop> {
         // back the reuse of everything freed since it started.
         let (roots, guard) = fs.commit_snapshot();
         let next = Iter::new(
-            fs,
+            &NoRepair(fs),
             &roots.roots[tree_index(tree_id::DEV)],
             Key::new(devid, item::DEV_EXTENT, 0),
             Key::new(devid, item::DEV_EXTENT, u64::MAX),
@@ -853,7 +855,7 @@ impl Alloc {
 fn allocations(fs: &FsInfo, roots: &CommitRoots, bg: &BlockGroup) -> Result<Vec<Alloc>> {
     let mut out = Vec::new();
     for r in Iter::new(
-        fs,
+        &NoRepair(fs),
         &roots.roots[tree_index(tree_id::EXTENT)],
         Key::new(bg.start, 0, 0),
         Key::new(bg.end() - 1, u8::MAX, u64::MAX),
@@ -1018,7 +1020,7 @@ fn scrub_group(
 
 fn csum_item(fs: &FsInfo, roots: &CommitRoots, start: u64) -> Option<Vec<u8>> {
     crate::btree::get(
-        fs,
+        &NoRepair(fs),
         &roots.roots[tree_index(tree_id::CSUM)],
         &Key::new(objectid::CSUM, item::CSUM, start),
     )
