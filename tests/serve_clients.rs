@@ -1794,3 +1794,175 @@ fn online_control_socket_and_offline_refusal() {
     assert_eq!(o.code, 2, "usage through a dead socket:\n{}", o.text());
     offline_check(&devs, false);
 }
+
+// ---------------------------------------------------------------------------
+// Scrub online: resume after a crash, and scrub under load with the cleaner.
+
+fn scrub_status(srv: &Server) -> Value {
+    cv_json(&["scrub", "status", "--json", "--socket", srv.sock()])
+}
+
+#[test]
+fn scrub_resumes_after_kill9_without_starting_over() {
+    let dir = TestDir::new("scrub-resume");
+    let devs = make_pool(&dir, "2G", "2G");
+    let data = dir.join("data.bin");
+    write_random_file(&data, GIB, 77);
+    cv_ok(&[
+        "volume",
+        "import",
+        "disk0",
+        s(&data),
+        s(&devs[0]),
+        s(&devs[1]),
+    ]);
+    let _ = fs::remove_file(&data);
+    let mut srv = Server::start(&dir, &devs, 1);
+    // Slow enough to be killed in the middle: 1 GiB per device at 48 MiB/s.
+    cv_ok(&["scrub", "start", "--limit", "48M", "--socket", srv.sock()]);
+    let t0 = Instant::now();
+    loop {
+        let v = scrub_status(&srv);
+        let total = u64f(&v, "bytes_total");
+        if u64f(&v, "bytes_scrubbed") * 100 > total * 40 {
+            break;
+        }
+        assert_eq!(v["state"], "running", "{v}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "scrub too slow: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Let a background commit carry the latest checkpoint, then crash.
+    std::thread::sleep(Duration::from_millis(2500));
+    srv.kill9();
+    srv.launch();
+    let before = scrub_status(&srv);
+    assert_eq!(before["state"], "interrupted", "{before}");
+    let saved = u64f(&before, "bytes_scrubbed");
+    let total = u64f(&before, "bytes_total");
+    assert!(
+        saved * 100 > total * 25,
+        "progress was not checkpointed: {before}"
+    );
+    let o = cv(&["scrub", "resume", "-B", "--json", "--socket", srv.sock()]);
+    assert_eq!(o.code, 0, "{}", o.text());
+    let v: Value = serde_json::from_str(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", o.text()));
+    assert_eq!(v["state"], "finished", "{v}");
+    let this_run = u64f(&v, "bytes_scrubbed_this_run");
+    let done = u64f(&v, "bytes_scrubbed");
+    eprintln!("scrub resume: total {total}, saved {saved}, read again {this_run}, final {done}");
+    assert!(this_run * 100 < total * 75, "resume re-read too much: {v}");
+    assert!(this_run > 0);
+    assert!(
+        done * 100 >= total * 98 && done * 100 <= total * 102,
+        "totals: {v}"
+    );
+    for k in [
+        "read_errors",
+        "csum_errors",
+        "verify_errors",
+        "uncorrectable_errors",
+    ] {
+        assert_eq!(u64f(&v, k), 0, "{k}: {v}");
+    }
+    srv.stop();
+    offline_check(&devs, true);
+}
+
+/// How long the scrub-under-load storm runs.
+const SCRUB_LOAD_SECS: u64 = 60;
+
+#[test]
+fn scrub_loop_under_fio_and_cleaner_churn_reports_no_errors() {
+    require_tools(&["fio", "qemu-io"]);
+    let dir = TestDir::new("scrub-load");
+    let devs = make_pool(&dir, "2G", "512M");
+    let mut srv = Server::start(&dir, &devs, 1);
+    cv_ok(&[
+        "volume",
+        "create",
+        "churn",
+        "--size",
+        "384M",
+        "--socket",
+        srv.sock(),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(SCRUB_LOAD_SECS);
+    let fio = {
+        let uri = srv.uri("disk0");
+        let wd = dir.join("");
+        std::thread::spawn(move || {
+            run(
+                Command::new(tool("fio"))
+                    .args([
+                        "--name=load",
+                        "--ioengine=nbd",
+                        &format!("--uri={uri}"),
+                        "--rw=randwrite",
+                        "--bs=4k",
+                        "--iodepth=8",
+                        "--numjobs=2",
+                        "--size=192M",
+                        "--offset_increment=192M",
+                        "--verify=crc32c",
+                        "--do_verify=1",
+                        "--verify_fatal=1",
+                        "--verify_backlog=1024",
+                        "--time_based",
+                        &format!("--runtime={SCRUB_LOAD_SECS}"),
+                        "--verify_state_save=0",
+                    ])
+                    .current_dir(wd),
+                Duration::from_secs(SCRUB_LOAD_SECS + 180),
+            )
+        })
+    };
+    let churn = {
+        let uri = srv.uri("churn");
+        std::thread::spawn(move || {
+            let mut rounds = 0;
+            while Instant::now() < deadline {
+                let o = qemu_io(
+                    &uri,
+                    &[
+                        format!("write -P {} 0 300M", 0x10 + rounds % 200),
+                        "discard 0 384M".to_string(),
+                    ],
+                );
+                assert_eq!(o.code, 0, "churn: {}", o.text());
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let mut scrubs = 0;
+    let mut skipped = 0;
+    while Instant::now() < deadline {
+        let o = cv(&["scrub", "start", "-B", "--json", "--socket", srv.sock()]);
+        assert_eq!(o.code, 0, "scrub {scrubs}: {}", o.text());
+        let v: Value =
+            serde_json::from_str(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", o.text()));
+        assert_eq!(v["state"], "finished", "{v}");
+        for k in [
+            "read_errors",
+            "csum_errors",
+            "verify_errors",
+            "super_errors",
+            "uncorrectable_errors",
+        ] {
+            assert_eq!(u64f(&v, k), 0, "scrub {scrubs} {k}: {v}");
+        }
+        skipped += u64f(&v, "block_groups_skipped_removed");
+        scrubs += 1;
+    }
+    let rounds = churn.join().expect("churn thread");
+    let f = fio.join().expect("fio thread");
+    assert_eq!(f.code, 0, "fio: {}", f.text());
+    assert!(!f.all().contains("verify failed"), "{}", f.text());
+    eprintln!("scrub under load: {scrubs} scrubs, {rounds} fill/trim rounds, {skipped} groups skipped as removed");
+    assert!(scrubs >= 2 && rounds >= 2);
+    srv.stop();
+    offline_check(&devs, true);
+}
