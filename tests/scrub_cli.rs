@@ -176,6 +176,25 @@ fn corruption_case(profile: &str, ndev: usize, data_mib: usize) {
     );
     assert!(u(&v, "data_bytes_scrubbed") >= (data_mib as u64) << 20);
     assert!(u(&v, "tree_bytes_scrubbed") > 0);
+    let (_, out, _) = run(&a(&["scrub", "status", "--json", "--errors"], &devs), &dir);
+    let log: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let log = log["errors"].as_array().unwrap();
+    for t in &dmg.tree {
+        assert!(
+            log.iter().any(|e| e["logical"].as_u64() == Some(*t)
+                && e["kind"] == "tree csum"
+                && e["repaired"] == true),
+            "{profile}: tree block {t:#x} not logged as repaired"
+        );
+    }
+    for d in &dmg.data {
+        assert!(
+            log.iter().any(|e| e["logical"].as_u64() == Some(*d)
+                && e["volume"] == "disk0"
+                && e["repaired"] == true),
+            "{profile}: data sector {d:#x} not logged with its volume"
+        );
+    }
     let c = ok(&a(&["check", "--check-data-csum"], &devs), &dir);
     assert!(c.contains("no problems found"), "{c}");
     ok(&a(&["volume", "export", "disk0", "out.bin"], &devs), &dir);
@@ -190,14 +209,12 @@ fn corruption_case(profile: &str, ndev: usize, data_mib: usize) {
     // LBA fails to read, others read fine.
     let victim = dmg.data[0];
     let paths: Vec<PathBuf> = devs.iter().map(|d| dir.join(d)).collect();
-    let (lba, copies) = {
+    let copies = {
         let pool = chunkvol::Pool::open_paths(&paths).unwrap();
         let copies = pool.sector_copies(victim).unwrap();
         pool.close().unwrap();
-        let (_, _, _) = (0, 0, 0);
-        (None::<u64>, copies)
+        copies
     };
-    let _ = lba;
     for (p, phys) in &copies {
         corrupt(p, *phys, 4096);
     }
