@@ -92,6 +92,12 @@ pub struct BgState {
     pub pinned: u64,
     /// Allocation never happens while this is non-zero.
     pub ro: u32,
+    /// Scrubs working on the group. The cleaner leaves it alone meanwhile
+    /// (scrub hands it back, R3), but allocation goes on: scrub verifies and
+    /// repairs only what its commit root holds, which stays pinned, so new
+    /// extents in free space cannot collide with it. Taking btrfs's read-only
+    /// mark instead would starve the allocator of metadata space.
+    pub scrubbing: u32,
     /// Set by the remover before the chunk map is dropped.
     pub removed: bool,
     /// Taken by scrub while it works on the group; defers the map drop.

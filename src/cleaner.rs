@@ -37,8 +37,14 @@ pub fn delete_unused_bgs(fs: &FsInfo) -> Result<CleanerPass> {
         {
             let mut s = bg.lock();
             s.on_unused_list = false;
-            if s.removed || s.used > 0 || s.reserved > 0 || s.ro > 0 || same_type <= 1 {
-                // Scrub re-queues a group it held read-only when it lets go (R3).
+            if s.removed
+                || s.used > 0
+                || s.reserved > 0
+                || s.ro > 0
+                || s.scrubbing > 0
+                || same_type <= 1
+            {
+                // Scrub re-queues a group it held when it lets go (R3).
                 pass.skipped += 1;
                 continue;
             }
@@ -52,20 +58,17 @@ pub fn delete_unused_bgs(fs: &FsInfo) -> Result<CleanerPass> {
             s.ro += 1;
         }
         crate::failpoint!("cleaner::after_ro", start);
-        let r = {
-            let mut st = lock(&fs.trans);
+        let r = crate::transaction::change(fs, |ctx| {
             let still_empty = {
                 let s = bg.lock();
                 s.used == 0 && s.reserved == 0 && s.pinned == 0
             };
             if still_empty {
-                Ctx::begin(fs, &mut st)
-                    .and_then(|mut ctx| remove_block_group(&mut ctx, &bg))
-                    .map(|_| true)
+                remove_block_group(ctx, &bg).map(|_| true)
             } else {
                 Ok(false)
             }
-        };
+        });
         match r {
             Ok(true) => pass.deleted += 1,
             Ok(false) => {

@@ -3,7 +3,7 @@
 //! failpoint costs one relaxed atomic load.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -24,6 +24,43 @@ struct Registry {
 }
 
 static ARMED: AtomicBool = AtomicBool::new(false);
+
+/// Schedule perturbation: every failpoint reached sleeps or yields by a
+/// seeded choice, so each seed drives the threads through a different
+/// interleaving of the lifecycle steps (the explorer's scheduler).
+static CHAOS_SEED: AtomicU64 = AtomicU64::new(0);
+static CHAOS_STEP: AtomicU64 = AtomicU64::new(0);
+static CHAOS_MAX_US: AtomicU64 = AtomicU64::new(0);
+
+/// Perturb every failpoint with seed `seed` (0 turns chaos off).
+pub fn set_chaos(seed: u64, max_delay_us: u64) {
+    CHAOS_SEED.store(seed, Ordering::Release);
+    CHAOS_STEP.store(0, Ordering::Release);
+    CHAOS_MAX_US.store(max_delay_us, Ordering::Release);
+    if seed != 0 {
+        ARMED.store(true, Ordering::Release);
+    }
+}
+
+fn chaos(name: &str) {
+    let seed = CHAOS_SEED.load(Ordering::Relaxed);
+    if seed == 0 {
+        return;
+    }
+    let step = CHAOS_STEP.fetch_add(1, Ordering::Relaxed);
+    let mut x = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (name.len() as u64) << 32;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    match x % 4 {
+        0 => {}
+        1 => std::thread::yield_now(),
+        _ => {
+            let max = CHAOS_MAX_US.load(Ordering::Relaxed).max(1);
+            std::thread::sleep(Duration::from_micros((x >> 8) % max));
+        }
+    }
+}
 
 fn reg() -> &'static (Mutex<Registry>, Condvar) {
     static R: OnceLock<(Mutex<Registry>, Condvar)> = OnceLock::new();
@@ -83,6 +120,7 @@ pub fn hit(name: &str, arg: u64) {
     if !ARMED.load(Ordering::Relaxed) {
         return;
     }
+    chaos(name);
     let (_, c) = reg();
     let mut g = guard();
     *g.hits.entry(name.into()).or_insert(0) += 1;

@@ -554,6 +554,11 @@ impl Pool {
         Ok(Pool { fs: Arc::new(fs) })
     }
 
+    /// A pool handle on already-open engine state.
+    pub fn from_fs(fs: Arc<FsInfo>) -> Pool {
+        Pool { fs }
+    }
+
     /// Shared engine state (for subsystems and tests).
     pub fn fs(&self) -> &Arc<FsInfo> {
         &self.fs

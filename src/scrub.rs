@@ -913,17 +913,22 @@ fn scrub_dev_extent(
         return skip("block group was removed");
     }
     failpoint!("scrub::frozen", bg.start);
-    // Read-only so allocation stays out while scrub repairs. Taking it never
-    // waits for a commit, so there is nothing to deadlock with (R6).
-    bg.lock().ro += 1;
+    // Mark the group as being scrubbed (the cleaner skips it). Taking the
+    // mark never waits for a commit, so there is nothing to deadlock with (R6).
+    bg.lock().scrubbing += 1;
     failpoint!("scrub::group_frozen", bg.start);
     let r = scrub_group(fs, run, devid, phys, de, from, roots, &bg, pacer);
     failpoint!("scrub::before_release", bg.start);
     let requeue = {
         let mut s = bg.lock();
-        s.ro -= 1;
-        // The cleaner skipped it while it was read-only: hand it back (R3).
-        let q = s.used == 0 && s.reserved == 0 && s.ro == 0 && !s.removed && !s.on_unused_list;
+        s.scrubbing -= 1;
+        // The cleaner skipped it while scrub held it: hand it back (R3).
+        let q = s.used == 0
+            && s.reserved == 0
+            && s.ro == 0
+            && s.scrubbing == 0
+            && !s.removed
+            && !s.on_unused_list;
         if q {
             s.on_unused_list = true;
         }

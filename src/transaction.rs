@@ -129,9 +129,15 @@ impl<'a> Ctx<'a> {
     /// Join the running transaction for a change, making sure metadata space
     /// exists before anything is modified.
     pub fn begin(fs: &'a FsInfo, st: &'a mut TransState) -> Result<Ctx<'a>> {
+        Self::begin_needing(fs, st, META_MIN_NODES)
+    }
+
+    /// [`begin`](Self::begin), failing with ENOSPC unless `min_nodes` of
+    /// metadata are free (or a new chunk can be had).
+    fn begin_needing(fs: &'a FsInfo, st: &'a mut TransState, min_nodes: u64) -> Result<Ctx<'a>> {
         fs.check_abort()?;
         let mut c = Ctx { fs, st };
-        c.ensure_meta_space()?;
+        c.ensure_meta_space(min_nodes)?;
         Ok(c)
     }
 
@@ -156,7 +162,7 @@ impl<'a> Ctx<'a> {
             .sum()
     }
 
-    fn ensure_meta_space(&mut self) -> Result<()> {
+    fn ensure_meta_space(&mut self, min_nodes: u64) -> Result<()> {
         let nb = self.fs.node_bytes as u64;
         for (t, want) in [
             (bg_type::METADATA, META_RESERVE_NODES),
@@ -168,9 +174,9 @@ impl<'a> Ctx<'a> {
             }
             if let Err(e) = self.new_chunk(t) {
                 let min = if t == bg_type::SYSTEM {
-                    META_MIN_NODES / 8
+                    min_nodes / 8
                 } else {
-                    META_MIN_NODES
+                    min_nodes
                 };
                 if free < min * nb {
                     return Err(match e {
@@ -250,6 +256,7 @@ impl<'a> Ctx<'a> {
                     continue;
                 }
                 if let Some((addr, len)) = s.free.alloc(min, max) {
+                    crate::failpoint!("alloc::picked", bg.start);
                     if t == bg_type::DATA {
                         s.reserved += len;
                     } else {
@@ -302,6 +309,7 @@ impl<'a> Ctx<'a> {
         let Some(bg) = self.fs.block_group(logical) else {
             return;
         };
+        crate::failpoint!("extent::free", bg.start);
         let mut s = bg.lock();
         debug_assert!(s.used >= len, "block group {:#x} used underflow", bg.start);
         s.used = s.used.saturating_sub(len);
@@ -470,6 +478,31 @@ fn writeout(
     let a = Arc::new(n);
     clean.push(a.clone());
     a
+}
+
+/// Run a change in the running transaction. When metadata is short, commit
+/// first (what earlier transactions freed comes back once they are durable)
+/// and try again, as btrfs flushes before it gives up with ENOSPC.
+pub fn change<R>(fs: &FsInfo, mut f: impl FnMut(&mut Ctx) -> Result<R>) -> Result<R> {
+    for attempt in 0..3 {
+        // Ask for the full reserve while a commit may still help.
+        let need = if attempt < 2 {
+            META_RESERVE_NODES
+        } else {
+            META_MIN_NODES
+        };
+        {
+            let mut st = lock(&fs.trans);
+            match Ctx::begin_needing(fs, &mut st, need) {
+                Ok(mut ctx) => return f(&mut ctx),
+                Err(Error::NoSpace(m)) if attempt == 2 => return Err(Error::NoSpace(m)),
+                Err(Error::NoSpace(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        commit(fs)?;
+    }
+    unreachable!("the last attempt returns")
 }
 
 /// Generation of the running transaction.

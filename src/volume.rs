@@ -211,11 +211,9 @@ impl Volume {
 
     fn alloc_data(&self, want: u64) -> Result<(u64, u64)> {
         for attempt in 0..2 {
-            let r = {
-                let mut st = lock(&self.fs.trans);
-                let mut ctx = Ctx::begin(&self.fs, &mut st)?;
+            let r = crate::transaction::change(&self.fs, |ctx| {
                 ctx.alloc_extent(bg_type::DATA, SECTOR_BYTES, want)
-            };
+            });
             match r {
                 // Space freed by the running transaction comes back at commit.
                 Err(Error::NoSpace(_)) if attempt == 0 && self.fs.pinned_bytes() > 0 => {
@@ -238,23 +236,24 @@ impl Volume {
             fs.csum_type
                 .compute_sectors(piece, SECTOR_BYTES as usize, &mut sums);
             let r = fs.write_logical(logical, piece).and_then(|_| {
-                let mut st = lock(&fs.trans);
+                crate::failpoint!("volume::data_written", logical);
                 let at = lba + pos as u64;
-                match st.volumes.values().find(|v| v.id == self.id) {
-                    None => return Err(Error::NoVolume(self.name.to_string())),
-                    // Shrunk while this write was in flight.
-                    Some(v) if at + got > v.size_bytes => {
-                        return Err(Error::OutOfRange {
-                            volume: self.name.to_string(),
-                            offset: at,
-                            len: got,
-                            size: v.size_bytes,
-                        })
+                crate::transaction::change(fs, |ctx| {
+                    match ctx.st.volumes.values().find(|v| v.id == self.id) {
+                        None => return Err(Error::NoVolume(self.name.to_string())),
+                        // Shrunk while this write was in flight.
+                        Some(v) if at + got > v.size_bytes => {
+                            return Err(Error::OutOfRange {
+                                volume: self.name.to_string(),
+                                offset: at,
+                                len: got,
+                                size: v.size_bytes,
+                            })
+                        }
+                        Some(_) => {}
                     }
-                    Some(_) => {}
-                }
-                let mut ctx = Ctx::begin(fs, &mut st)?;
-                extent::insert_data_extent(&mut ctx, self.id, lba + pos as u64, logical, got, sums)
+                    extent::insert_data_extent(ctx, self.id, at, logical, got, sums.clone())
+                })
             });
             if let Err(e) = r {
                 if !fs.is_aborted() {
@@ -269,9 +268,7 @@ impl Volume {
     }
 
     fn punch_range(&self, start: u64, len: u64) -> Result<()> {
-        let mut st = lock(&self.fs.trans);
-        let mut ctx = Ctx::begin(&self.fs, &mut st)?;
-        extent::punch(&mut ctx, self.id, start, len)
+        crate::transaction::change(&self.fs, |ctx| extent::punch(ctx, self.id, start, len))
     }
 
     /// Free the whole sectors inside [offset, +len). Partial sectors at the

@@ -170,7 +170,7 @@ fn r2_map_dropped_while_scrub_uses_it() {
     assert_eq!(st.counters.uncorrectable_errors, 0);
 }
 
-/// R3: the cleaner pops an empty group while scrub holds it read-only and
+/// R3: the cleaner pops an empty group while scrub is working on it and
 /// drops it from the list. Scrub must hand it back when it lets go, or the
 /// group is never deleted (space leak).
 #[test]
@@ -182,7 +182,10 @@ fn r3_scrub_requeues_group_the_cleaner_skipped() {
     let run = start_dev1(&s, false);
     paused("scrub::group_frozen");
     let pass = delete_unused_bgs(s.fs()).unwrap();
-    assert_eq!(pass.deleted, 0, "read-only group must be skipped: {pass:?}");
+    assert_eq!(
+        pass.deleted, 0,
+        "a group under scrub must be skipped: {pass:?}"
+    );
     assert!(!chunkvol::sync::lock(&s.fs().unused_bgs).contains(&x));
     failpoint::release("scrub::group_frozen");
     let st = run.wait();
@@ -299,7 +302,7 @@ fn r5_repair_after_group_removed_writes_nothing() {
     );
 }
 
-/// R6: scrub holds a group read-only while a commit runs, and the other way
+/// R6: scrub holds a group (marked as scrubbed) while a commit runs, and the other way
 /// round: neither waits for the other, so there is no deadlock.
 #[test]
 fn r6_commit_never_waits_for_scrub() {

@@ -1,0 +1,352 @@
+"""chunkvol benchmarks: every figure is a ratio to a peer measured in the
+same run on the same backing storage (the machines are noisy). See
+docs/BENCHMARKS.md for the latest table; bench/run regenerates it."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+QUICK = "--quick" in sys.argv
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CV = os.path.join(ROOT, "target/release/chunkvol")
+WORK = os.environ.get("BENCH_DIR", "/var/tmp/chunkvol-bench")
+REPS = 1 if QUICK else 3
+GIB = 1 << 30
+MIB = 1 << 20
+results = {"quick": QUICK, "date": time.strftime("%Y-%m-%d %H:%M"), "sections": {}}
+commands = []
+
+
+def sh(cmd, check=True, **kw):
+    commands.append(cmd if isinstance(cmd, str) else " ".join(cmd))
+    return subprocess.run(cmd, shell=isinstance(cmd, str), check=check, capture_output=True, text=True, **kw)
+
+
+def timed(cmd, **kw):
+    t = time.perf_counter()
+    r = sh(cmd, **kw)
+    return time.perf_counter() - t, r
+
+
+def drop_caches():
+    subprocess.run("sync; echo 3 > /proc/sys/vm/drop_caches", shell=True, check=False)
+
+
+def fresh(name):
+    d = os.path.join(WORK, name)
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    return d
+
+
+def random_file(path, size):
+    if not os.path.exists(path) or os.path.getsize(path) != size:
+        sh(f"head -c {size} /dev/urandom > {path}")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_port(port, proc):
+    for _ in range(400):
+        if proc.poll() is not None:
+            raise RuntimeError("server exited early")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("server did not start")
+
+
+class Serve:
+    def __init__(self, argv, port):
+        self.port = port
+        self.p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        commands.append(" ".join(argv))
+        wait_port(port, self.p)
+
+    def stop(self):
+        self.p.send_signal(signal.SIGINT)
+        try:
+            self.p.wait(60)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+
+
+def fio(uri, rw, bs, depth, secs, jobs=1):
+    cmd = ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+           f"--iodepth={depth}", f"--numjobs={jobs}", "--size=512M", "--time_based",
+           f"--runtime={secs}", "--group_reporting", "--output-format=json"]
+    r = sh(cmd)
+    j = json.loads(r.stdout[r.stdout.find("{"):])["jobs"][0]
+    side = "read" if "read" in rw else "write"
+    return {"iops": j[side]["iops"], "bw_bytes": j[side]["bw_bytes"]}
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+# ---- 1. open time and memory vs data size ---------------------------------
+def bench_open():
+    sizes = [1, 2] if QUICK else [1, 8, 32]
+    d = fresh("open")
+    src = os.path.join(WORK, "rand-1g.bin")
+    random_file(src, GIB)
+    rows = []
+    for gib in sizes:
+        dev = os.path.join(d, f"p{gib}.img")
+        sh([CV, "mkfs", "--data", "single", "--metadata", "dup", "--size", f"{gib + 4}G", dev])
+        for i in range(gib):
+            sh([CV, "volume", "create", f"v{i}", "--size", "1G", dev])
+            sh([CV, "volume", "import", f"v{i}", src, dev])
+        times, rss, rchar = [], [], []
+        for _ in range(max(REPS, 3)):
+            drop_caches()
+            t, r = timed(["/usr/bin/time", "-f", "%M", CV, "usage", "--json", dev],
+                         env={**os.environ, "CHUNKVOL_REPORT_IO": "1"})
+            times.append(t)
+            lines = r.stderr.strip().splitlines()
+            rss.append(int(lines[-1]) * 1024)
+            io = [l for l in lines if l.startswith("chunkvol-io:")][0]
+            rchar.append(int(io.split("rchar: ")[1].split()[0]))
+        rows.append({"data_gib": gib, "open_s": median(times), "peak_rss_bytes": median(rss),
+                     "bytes_read": median(rchar)})
+        os.remove(dev)
+    results["sections"]["open"] = rows
+
+
+# ---- 2. scrub vs raw read vs kernel btrfs scrub ----------------------------
+def bench_scrub():
+    data = 512 * MIB if QUICK else 2 * GIB
+    d = fresh("scrub")
+    src = os.path.join(WORK, "rand-scrub.bin")
+    random_file(src, data)
+    a, b = os.path.join(d, "a.img"), os.path.join(d, "b.img")
+    dev_size = f"{data // GIB + 2}G"
+    sh([CV, "mkfs", "--data", "raid1", "--metadata", "raid1", "--size", dev_size, a, b])
+    sh([CV, "volume", "create", "disk0", "--size", str(data), a, b])
+    sh([CV, "volume", "import", "disk0", src, a, b])
+    cv_t, raw_t, bt_t = [], [], []
+    scrubbed = 0
+    for _ in range(REPS):
+        drop_caches()
+        t, r = timed([CV, "scrub", "start", "-B", "--json", a, b])
+        scrubbed = json.loads(r.stdout)["bytes_scrubbed"]
+        cv_t.append(t)
+        drop_caches()
+        # The raw peer reads the same device files, allocated parts included.
+        t, _ = timed(f"cat {a} > /dev/null & cat {b} > /dev/null; wait")
+        raw_t.append(t)
+    # Kernel btrfs on loop devices holding the same amount of data.
+    bd = fresh("btrfs")
+    ba, bb, mnt = os.path.join(bd, "a.img"), os.path.join(bd, "b.img"), os.path.join(bd, "mnt")
+    os.makedirs(mnt)
+    sh(f"truncate -s {dev_size} {ba} {bb}")
+    sh(["mkfs.btrfs", "-q", "-f", "-d", "raid1", "-m", "raid1", ba, bb])
+    la = sh(["losetup", "-f", "--show", ba]).stdout.strip()
+    lb = sh(["losetup", "-f", "--show", bb]).stdout.strip()
+    try:
+        sh(["btrfs", "device", "scan"], check=False)
+        sh(["mount", la, mnt])
+        sh(f"cp {src} {mnt}/data && sync")
+        for _ in range(REPS):
+            drop_caches()
+            t, r = timed(["btrfs", "scrub", "start", "-B", mnt])
+            bt_t.append(t)
+    finally:
+        sh(["umount", mnt], check=False)
+        sh(["losetup", "-d", la], check=False)
+        sh(["losetup", "-d", lb], check=False)
+    raw_bytes = os.path.getsize(a) + os.path.getsize(b)
+    cv_rate = scrubbed / median(cv_t)
+    bt_rate = 2 * data / median(bt_t)
+    results["sections"]["scrub"] = {
+        "data_bytes": data, "chunkvol_s": median(cv_t), "chunkvol_bytes_scrubbed": scrubbed,
+        "raw_read_s": median(raw_t), "btrfs_scrub_s": median(bt_t),
+        "chunkvol_rate": cv_rate, "btrfs_rate": bt_rate,
+        "ratio_vs_btrfs_time": median(bt_t) / median(cv_t),
+        "ratio_vs_raw_time": median(raw_t) / median(cv_t),
+        "raw_bytes_read": raw_bytes,
+    }
+
+
+# ---- 3. NBD I/O with fio vs qemu-nbd and nbdkit ----------------------------
+def bench_nbd():
+    secs = 5 if QUICK else 15
+    d = fresh("nbd")
+    loads = [("write", "1M", 8), ("read", "1M", 8), ("randread", "4k", 32), ("randwrite", "4k", 32)]
+    conns = [1] if QUICK else [1, 4]
+    rows = {}
+
+    def run_loads(name, uri):
+        for rw, bs, depth in loads:
+            for jobs in conns:
+                r = fio(uri, rw, bs, depth, secs, jobs)
+                rows.setdefault(f"{rw} {bs} qd{depth} x{jobs}", {})[name] = r
+
+    raw = os.path.join(d, "raw.img")
+    sh(f"truncate -s 1G {raw}")
+    qcow = os.path.join(d, "img.qcow2")
+    sh(["qemu-img", "create", "-q", "-f", "qcow2", qcow, "1G"])
+    for prof in ["single", "raid1"]:
+        devs = [os.path.join(d, f"{prof}{i}.img") for i in range(1 if prof == "single" else 2)]
+        sh([CV, "mkfs", "--data", prof, "--size", "3G", *devs])
+        sh([CV, "volume", "create", "disk0", "--size", "1G", *devs])
+        port = free_port()
+        s = Serve([CV, "serve", "--listen", f"127.0.0.1:{port}", "--socket", os.path.join(d, f"{prof}.sock"), *devs], port)
+        try:
+            run_loads(f"chunkvol {prof}", f"nbd://127.0.0.1:{port}/disk0")
+        finally:
+            s.stop()
+    for fmt, path in [("raw", raw), ("qcow2", qcow)]:
+        port = free_port()
+        s = Serve(["qemu-nbd", "-p", str(port), "-b", "127.0.0.1", "-f", fmt, "-x", "disk0", "--cache=writeback", "-e", "8", path], port)
+        try:
+            run_loads(f"qemu-nbd {fmt}", f"nbd://127.0.0.1:{port}/disk0")
+        finally:
+            s.stop()
+    port = free_port()
+    s = Serve(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", raw], port)
+    try:
+        run_loads("nbdkit file", f"nbd://127.0.0.1:{port}/")
+    finally:
+        s.stop()
+    results["sections"]["nbd"] = rows
+
+
+# ---- 4. foreground IOPS during a default scrub -----------------------------
+def bench_fg_during_scrub():
+    secs = 5 if QUICK else 15
+    d = fresh("fg")
+    devs = [os.path.join(d, "a.img"), os.path.join(d, "b.img")]
+    src = os.path.join(WORK, "rand-1g.bin")
+    random_file(src, GIB)
+    sh([CV, "mkfs", "--size", "4G", *devs])
+    sh([CV, "volume", "create", "disk0", "--size", "1G", *devs])
+    sh([CV, "volume", "import", "disk0", src, *devs])
+    port = free_port()
+    sock = os.path.join(d, "ctl.sock")
+    s = Serve([CV, "serve", "--listen", f"127.0.0.1:{port}", "--socket", sock, *devs], port)
+    uri = f"nbd://127.0.0.1:{port}/disk0"
+    try:
+        base = fio(uri, "randread", "4k", 32, secs)["iops"]
+        stop = time.time() + secs + 2
+        scrubs = subprocess.Popen(["bash", "-c", f"while [ $(date +%s) -lt {int(stop)} ]; do {CV} scrub start -B --socket {sock} >/dev/null; done"])
+        time.sleep(0.5)
+        during = fio(uri, "randread", "4k", 32, secs)["iops"]
+        scrubs.wait()
+    finally:
+        s.stop()
+    results["sections"]["fg_during_scrub"] = {"iops_without": base, "iops_during": during, "ratio": during / base}
+
+
+# ---- 5. reclaim: trim a full block group until it is deleted ----------------
+def bench_reclaim():
+    d = fresh("reclaim")
+    devs = [os.path.join(d, "a.img"), os.path.join(d, "b.img")]
+    sh([CV, "mkfs", "--size", "2G", *devs])
+    sh([CV, "volume", "create", "disk0", "--size", "1G", *devs])
+    port = free_port()
+    sock = os.path.join(d, "ctl.sock")
+    s = Serve([CV, "serve", "--listen", f"127.0.0.1:{port}", "--socket", sock, "--commit-interval", "1", *devs], port)
+    uri = f"nbd://127.0.0.1:{port}/disk0"
+    try:
+        sh(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x5a 0 900M"])
+        n0 = len([b for b in json.loads(sh([CV, "usage", "--json", "--socket", sock]).stdout)["block_groups"] if b["type"] == "data"])
+        t = time.perf_counter()
+        sh(["qemu-io", "-f", "raw", uri, "-c", "discard 0 1G"])
+        while True:
+            bgs = [b for b in json.loads(sh([CV, "usage", "--json", "--socket", sock]).stdout)["block_groups"] if b["type"] == "data"]
+            if len(bgs) <= 1:
+                break
+            if time.perf_counter() - t > 120:
+                raise RuntimeError("groups not reclaimed")
+            time.sleep(0.05)
+        results["sections"]["reclaim"] = {"data_groups_before": n0, "seconds_to_delete": time.perf_counter() - t,
+                                          "commit_interval_s": 1}
+    finally:
+        s.stop()
+
+
+def fmt_rate(b):
+    return f"{b / MIB:.0f} MiB/s"
+
+
+def report():
+    S = results["sections"]
+    out = ["# Benchmarks", "",
+           f"Produced by `bench/run{' --quick' if QUICK else ''}` on {results['date']} "
+           f"({os.cpu_count()} cores; backing storage: files under {WORK}). "
+           "Ratios compare against a peer measured in the same run; absolute numbers are noisy.", ""]
+    if "open" in S:
+        out += ["## Open time and memory (issue: pool foundation, acceptance 8)", "",
+                "`chunkvol usage --json DEV` after dropping the page cache; `bytes read` is the process's rchar.", "",
+                "| data | open (s) | peak RSS | bytes read |", "|---|---|---|---|"]
+        for r in S["open"]:
+            out.append(f"| {r['data_gib']} GiB | {r['open_s']:.3f} | {r['peak_rss_bytes'] / MIB:.1f} MiB | {r['bytes_read'] / MIB:.2f} MiB |")
+        out.append("")
+    if "scrub" in S:
+        r = S["scrub"]
+        out += ["## Scrub throughput (raid1)", "",
+                f"{r['data_bytes'] / MIB:.0f} MiB of data in raid1 (both copies verified), page cache dropped before each run.", "",
+                "| what | time (s) | rate | ratio (peer time / chunkvol time) |", "|---|---|---|---|",
+                f"| chunkvol scrub | {r['chunkvol_s']:.2f} | {fmt_rate(r['chunkvol_rate'])} | 1.00 |",
+                f"| raw read of both device files (`cat`) | {r['raw_read_s']:.2f} | {fmt_rate(r['raw_bytes_read'] / r['raw_read_s'])} | {r['ratio_vs_raw_time']:.2f} |",
+                f"| kernel btrfs scrub (loop devices) | {r['btrfs_scrub_s']:.2f} | {fmt_rate(r['btrfs_rate'])} | {r['ratio_vs_btrfs_time']:.2f} |", ""]
+    if "nbd" in S:
+        out += ["## NBD I/O (fio, nbd engine)", ""]
+        names = sorted({n for row in S["nbd"].values() for n in row})
+        out += ["| load | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for load, row in S["nbd"].items():
+            cells = []
+            for n in names:
+                v = row.get(n)
+                cells.append("" if v is None else (f"{v['bw_bytes'] / MIB:.0f} MiB/s" if "1M" in load else f"{v['iops']:.0f} IOPS"))
+            out.append(f"| {load} | " + " | ".join(cells) + " |")
+        out.append("")
+        for load, row in S["nbd"].items():
+            c, q = row.get("chunkvol single"), row.get("qemu-nbd raw")
+            if c and q:
+                key = "bw_bytes" if "1M" in load else "iops"
+                out.append(f"- {load}: chunkvol single / qemu-nbd raw = {c[key] / q[key]:.2f}; "
+                           f"vs qemu-nbd qcow2 = {c[key] / row['qemu-nbd qcow2'][key]:.2f}")
+        out.append("")
+    if "fg_during_scrub" in S:
+        r = S["fg_during_scrub"]
+        out += ["## Foreground I/O during scrub", "",
+                f"4 KiB random read, qd32: {r['iops_without']:.0f} IOPS without scrub, {r['iops_during']:.0f} during a default scrub loop: ratio **{r['ratio']:.2f}**.", ""]
+    if "reclaim" in S:
+        r = S["reclaim"]
+        out += ["## Reclaim", "",
+                f"Trim of a volume holding {r['data_groups_before']} data block groups to their deletion by the cleaner: {r['seconds_to_delete']:.2f} s (commit interval {r['commit_interval_s']} s).", ""]
+    out += ["## Commands", "", "```"] + commands[:80] + ["```", ""]
+    path = os.path.join(ROOT, "docs/BENCHMARKS.md" if not QUICK else "docs/BENCHMARKS-quick.md")
+    with open(path, "w") as f:
+        f.write("\n".join(out))
+    with open(os.path.join(ROOT, "bench/results.json" if not QUICK else "bench/results-quick.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print("\n".join(out[:60]))
+
+
+os.makedirs(WORK, exist_ok=True)
+only = [a for a in sys.argv[1:] if not a.startswith("--")]
+for name, fn in [("open", bench_open), ("scrub", bench_scrub), ("nbd", bench_nbd),
+                 ("fg", bench_fg_during_scrub), ("reclaim", bench_reclaim)]:
+    if only and name not in only:
+        continue
+    print(f"== {name}", flush=True)
+    fn()
+report()
