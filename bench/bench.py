@@ -25,7 +25,10 @@ commands = []
 
 def sh(cmd, check=True, **kw):
     commands.append(cmd if isinstance(cmd, str) else " ".join(cmd))
-    return subprocess.run(cmd, shell=isinstance(cmd, str), check=check, capture_output=True, text=True, **kw)
+    r = subprocess.run(cmd, shell=isinstance(cmd, str), check=False, capture_output=True, text=True, **kw)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{cmd} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
 
 
 def timed(cmd, **kw):
@@ -73,7 +76,8 @@ def wait_port(port, proc):
 class Serve:
     def __init__(self, argv, port):
         self.port = port
-        self.p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.log = open(os.path.join(WORK, f"server-{port}.log"), "w")
+        self.p = subprocess.Popen(argv, stdout=self.log, stderr=self.log)
         commands.append(" ".join(argv))
         wait_port(port, self.p)
 

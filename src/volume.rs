@@ -73,16 +73,25 @@ impl Volume {
         Ok(())
     }
 
-    /// Read `buf.len()` bytes at `offset`. Unmapped ranges read as zeroes.
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    /// Count a client request, check its range, and widen it to whole
+    /// sectors; None for an empty request.
+    fn client_io(&self, offset: u64, len: u64) -> Result<Option<(u64, u64)>> {
         self.fs.client_ops.fetch_add(1, Ordering::Relaxed);
-        let len = buf.len() as u64;
         self.check_range(offset, len)?;
         if len == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let start = offset / SECTOR_BYTES * SECTOR_BYTES;
         let end = (offset + len).div_ceil(SECTOR_BYTES) * SECTOR_BYTES;
+        Ok(Some((start, end)))
+    }
+
+    /// Read `buf.len()` bytes at `offset`. Unmapped ranges read as zeroes.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let len = buf.len() as u64;
+        let Some((start, end)) = self.client_io(offset, len)? else {
+            return Ok(());
+        };
         if start == offset && end == offset + len {
             return self.read_aligned(buf, offset);
         }
@@ -156,14 +165,10 @@ impl Volume {
     /// Write `data` at `offset`. Partial sectors are read, merged and
     /// rewritten; all-zero sectors become holes.
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
-        self.fs.client_ops.fetch_add(1, Ordering::Relaxed);
         let len = data.len() as u64;
-        self.check_range(offset, len)?;
-        if len == 0 {
+        let Some((start, end)) = self.client_io(offset, len)? else {
             return Ok(());
-        }
-        let start = offset / SECTOR_BYTES * SECTOR_BYTES;
-        let end = (offset + len).div_ceil(SECTOR_BYTES) * SECTOR_BYTES;
+        };
         if start == offset && end == offset + len {
             return self.write_aligned(data, offset);
         }
