@@ -10,6 +10,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 QUICK = "--quick" in sys.argv
@@ -53,6 +54,35 @@ def random_file(path, size):
         sh(f"head -c {size} /dev/urandom > {path}")
 
 
+def allocated_ranges(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        end = os.fstat(fd).st_size
+        pos = 0
+        while pos < end:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            stop = os.lseek(fd, start, os.SEEK_HOLE)
+            yield start, stop
+            pos = stop
+    finally:
+        os.close(fd)
+
+
+def allocated_bytes(path):
+    return sum(b - a for a, b in allocated_ranges(path))
+
+
+def read_allocated(path):
+    # dd with large blocks per allocated range: the kernel's read path with
+    # no user-space copy overhead to speak of.
+    for a, b in allocated_ranges(path):
+        subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=4M", "iflag=skip_bytes,count_bytes",
+                        f"skip={a}", f"count={b - a}"], check=True, capture_output=True)
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -66,10 +96,16 @@ def wait_port(port, proc):
         if proc.poll() is not None:
             raise RuntimeError("server exited early")
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
+            c = socket.create_connection(("127.0.0.1", port), timeout=0.2)
+            # A connect to a free local port can pick that same port as its
+            # source and "succeed" by connecting to itself.
+            self_connected = c.getsockname() == c.getpeername()
+            c.close()
+            if not self_connected:
+                return
         except OSError:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)
     raise RuntimeError("server did not start")
 
 
@@ -79,7 +115,9 @@ class Serve:
         self.log = open(os.path.join(WORK, f"server-{port}.log"), "w")
         self.p = subprocess.Popen(argv, stdout=self.log, stderr=self.log)
         commands.append(" ".join(argv))
+        t = time.perf_counter()
         wait_port(port, self.p)
+        print(f"  {argv[0].split('/')[-1]} up on {port} after {time.perf_counter() - t:.3f}s", flush=True)
 
     def stop(self):
         self.p.send_signal(signal.SIGINT)
@@ -93,7 +131,10 @@ def fio(uri, rw, bs, depth, secs, jobs=1):
     cmd = ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
            f"--iodepth={depth}", f"--numjobs={jobs}", "--size=512M", "--time_based",
            f"--runtime={secs}", "--group_reporting", "--output-format=json"]
-    r = sh(cmd)
+    r = sh(cmd, check=False)
+    if r.returncode != 0:
+        ss = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout
+        raise RuntimeError(f"fio failed on {uri}:\n{r.stderr[-2000:]}\nlisteners:\n{ss}")
     j = json.loads(r.stdout[r.stdout.find("{"):])["jobs"][0]
     side = "read" if "read" in rw else "write"
     return {"iops": j[side]["iops"], "bw_bytes": j[side]["bw_bytes"]}
@@ -105,7 +146,7 @@ def median(xs):
 
 # ---- 1. open time and memory vs data size ---------------------------------
 def bench_open():
-    sizes = [1, 2] if QUICK else [1, 8, 32]
+    sizes = [1, 2] if QUICK else [int(x) for x in os.environ.get("BENCH_OPEN_SIZES", "1,8,32").split(",")]
     d = fresh("open")
     src = os.path.join(WORK, "rand-1g.bin")
     random_file(src, GIB)
@@ -151,9 +192,16 @@ def bench_scrub():
         scrubbed = json.loads(r.stdout)["bytes_scrubbed"]
         cv_t.append(t)
         drop_caches()
-        # The raw peer reads the same device files, allocated parts included.
-        t, _ = timed(f"cat {a} > /dev/null & cat {b} > /dev/null; wait")
-        raw_t.append(t)
+        # The raw peer reads the allocated parts of the same device files
+        # (holes skipped with SEEK_DATA), both files at once.
+        t = time.perf_counter()
+        ths = [threading.Thread(target=read_allocated, args=(p,)) for p in (a, b)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+        raw_t.append(time.perf_counter() - t)
+        commands.append(f"dd if=DEV of=/dev/null bs=4M iflag=skip_bytes,count_bytes skip=A count=N  # per allocated range (SEEK_DATA/SEEK_HOLE) of {a} and {b}, both files at once")
     # Kernel btrfs on loop devices holding the same amount of data.
     bd = fresh("btrfs")
     ba, bb, mnt = os.path.join(bd, "a.img"), os.path.join(bd, "b.img"), os.path.join(bd, "mnt")
@@ -174,7 +222,7 @@ def bench_scrub():
         sh(["umount", mnt], check=False)
         sh(["losetup", "-d", la], check=False)
         sh(["losetup", "-d", lb], check=False)
-    raw_bytes = os.path.getsize(a) + os.path.getsize(b)
+    raw_bytes = allocated_bytes(a) + allocated_bytes(b)
     cv_rate = scrubbed / median(cv_t)
     bt_rate = 2 * data / median(bt_t)
     results["sections"]["scrub"] = {
@@ -217,7 +265,7 @@ def bench_nbd():
             s.stop()
     for fmt, path in [("raw", raw), ("qcow2", qcow)]:
         port = free_port()
-        s = Serve(["qemu-nbd", "-p", str(port), "-b", "127.0.0.1", "-f", fmt, "-x", "disk0", "--cache=writeback", "-e", "8", path], port)
+        s = Serve(["qemu-nbd", "-p", str(port), "-b", "127.0.0.1", "-f", fmt, "-x", "disk0", "--cache=writeback", "-e", "8", "-t", path], port)
         try:
             run_loads(f"qemu-nbd {fmt}", f"nbd://127.0.0.1:{port}/disk0")
         finally:
@@ -292,29 +340,36 @@ def fmt_rate(b):
 def report():
     S = results["sections"]
     out = ["# Benchmarks", "",
-           f"Produced by `bench/run{' --quick' if QUICK else ''}` on {results['date']} "
+           f"Regenerated by `bench/run{' --quick' if QUICK else ''}` (sections may come from separate runs, each named below) on {results['date']} "
            f"({os.cpu_count()} cores; backing storage: files under {WORK}). "
            "Ratios compare against a peer measured in the same run; absolute numbers are noisy.", ""]
+    def ran(sec):
+        r = sec.get("_run") if isinstance(sec, dict) else None
+        return [f"Measured {r['date']} by `{r['command']}`.", ""] if r else []
+
     if "open" in S:
-        out += ["## Open time and memory (issue: pool foundation, acceptance 8)", "",
+        rows = S["open"]["rows"] if isinstance(S["open"], dict) else S["open"]
+        out += ["## Open time and memory (issue: pool foundation, acceptance 8)", ""] + ran(S["open"]) + [
                 "`chunkvol usage --json DEV` after dropping the page cache; `bytes read` is the process's rchar.", "",
                 "| data | open (s) | peak RSS | bytes read |", "|---|---|---|---|"]
-        for r in S["open"]:
+        for r in rows:
             out.append(f"| {r['data_gib']} GiB | {r['open_s']:.3f} | {r['peak_rss_bytes'] / MIB:.1f} MiB | {r['bytes_read'] / MIB:.2f} MiB |")
         out.append("")
     if "scrub" in S:
         r = S["scrub"]
-        out += ["## Scrub throughput (raid1)", "",
+        out += ["## Scrub throughput (raid1)", ""] + ran(r) + [
                 f"{r['data_bytes'] / MIB:.0f} MiB of data in raid1 (both copies verified), page cache dropped before each run.", "",
                 "| what | time (s) | rate | ratio (peer time / chunkvol time) |", "|---|---|---|---|",
                 f"| chunkvol scrub | {r['chunkvol_s']:.2f} | {fmt_rate(r['chunkvol_rate'])} | 1.00 |",
-                f"| raw read of both device files (`cat`) | {r['raw_read_s']:.2f} | {fmt_rate(r['raw_bytes_read'] / r['raw_read_s'])} | {r['ratio_vs_raw_time']:.2f} |",
+                f"| raw read of the allocated parts of both device files | {r['raw_read_s']:.2f} | {fmt_rate(r['raw_bytes_read'] / r['raw_read_s'])} | {r['ratio_vs_raw_time']:.2f} |",
                 f"| kernel btrfs scrub (loop devices) | {r['btrfs_scrub_s']:.2f} | {fmt_rate(r['btrfs_rate'])} | {r['ratio_vs_btrfs_time']:.2f} |", ""]
     if "nbd" in S:
-        out += ["## NBD I/O (fio, nbd engine)", ""]
-        names = sorted({n for row in S["nbd"].values() for n in row})
+        out += ["## NBD I/O (fio, nbd engine)", ""] + ran(S["nbd"])
+        names = sorted({n for k, row in S["nbd"].items() if not k.startswith("_") for n in row})
         out += ["| load | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for load, row in S["nbd"].items():
+            if load.startswith("_"):
+                continue
             cells = []
             for n in names:
                 v = row.get(n)
@@ -322,6 +377,8 @@ def report():
             out.append(f"| {load} | " + " | ".join(cells) + " |")
         out.append("")
         for load, row in S["nbd"].items():
+            if load.startswith("_"):
+                continue
             c, q = row.get("chunkvol single"), row.get("qemu-nbd raw")
             if c and q:
                 key = "bw_bytes" if "1M" in load else "iops"
@@ -330,11 +387,11 @@ def report():
         out.append("")
     if "fg_during_scrub" in S:
         r = S["fg_during_scrub"]
-        out += ["## Foreground I/O during scrub", "",
+        out += ["## Foreground I/O during scrub", ""] + ran(r) + [
                 f"4 KiB random read, qd32: {r['iops_without']:.0f} IOPS without scrub, {r['iops_during']:.0f} during a default scrub loop: ratio **{r['ratio']:.2f}**.", ""]
     if "reclaim" in S:
         r = S["reclaim"]
-        out += ["## Reclaim", "",
+        out += ["## Reclaim", ""] + ran(r) + [
                 f"Trim of a volume holding {r['data_groups_before']} data block groups to their deletion by the cleaner: {r['seconds_to_delete']:.2f} s (commit interval {r['commit_interval_s']} s).", ""]
     out += ["## Commands", "", "```"] + commands[:80] + ["```", ""]
     path = os.path.join(ROOT, "docs/BENCHMARKS.md" if not QUICK else "docs/BENCHMARKS-quick.md")
@@ -346,6 +403,13 @@ def report():
 
 
 os.makedirs(WORK, exist_ok=True)
+_prev = os.path.join(ROOT, "bench/results.json" if not QUICK else "bench/results-quick.json")
+if os.path.exists(_prev):
+    # A run of some sections keeps the others' last figures.
+    try:
+        results["sections"].update(json.load(open(_prev)).get("sections", {}))
+    except (OSError, ValueError):
+        pass
 only = [a for a in sys.argv[1:] if not a.startswith("--")]
 for name, fn in [("open", bench_open), ("scrub", bench_scrub), ("nbd", bench_nbd),
                  ("fg", bench_fg_during_scrub), ("reclaim", bench_reclaim)]:
@@ -353,4 +417,13 @@ for name, fn in [("open", bench_open), ("scrub", bench_scrub), ("nbd", bench_nbd
         continue
     print(f"== {name}", flush=True)
     fn()
+    key = {"fg": "fg_during_scrub"}.get(name, name)
+    sec = results["sections"].get(key)
+    ran = " ".join(["bench/run" if a == sys.argv[0] else a for a in sys.argv])
+    env = f"BENCH_OPEN_SIZES={os.environ['BENCH_OPEN_SIZES']} " if "BENCH_OPEN_SIZES" in os.environ and name == "open" else ""
+    meta = {"command": env + ran, "date": time.strftime("%Y-%m-%d %H:%M")}
+    if isinstance(sec, dict):
+        sec["_run"] = meta
+    elif isinstance(sec, list):
+        results["sections"][key] = {"rows": sec, "_run": meta}
 report()

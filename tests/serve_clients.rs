@@ -371,12 +371,14 @@ impl Server {
                     }
                     panic!("chunkvol serve exited early ({st}):\n{}", tail(mine, 8000));
                 }
-                if TcpStream::connect_timeout(
+                let probe = TcpStream::connect_timeout(
                     &format!("127.0.0.1:{port}").parse().unwrap(),
                     Duration::from_millis(200),
-                )
-                .is_ok()
-                {
+                );
+                // A connect to a free local port can pick that port as its
+                // own source and "succeed" by connecting to itself.
+                let listening = probe.is_ok_and(|c| c.local_addr().ok() != c.peer_addr().ok());
+                if listening {
                     // The probe could have reached another process if our
                     // server failed to bind: make sure it is still running.
                     thread::sleep(Duration::from_millis(50));
