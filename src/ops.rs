@@ -50,6 +50,9 @@ pub enum Op {
     ScrubStatus {
         json: bool,
         errors: bool,
+        /// Exit as a finished `scrub -B` would (3 for uncorrectable errors).
+        #[serde(default)]
+        final_exit: bool,
     },
     ScrubCancel,
     ScrubPause,
@@ -120,9 +123,13 @@ fn run_inner(pool: &Pool, op: &Op) -> Result<OpOutput> {
             let s = if *wait { run.wait() } else { run.status(false) };
             scrub_output(&s, *json, *wait)
         }
-        Op::ScrubStatus { json, errors } => {
+        Op::ScrubStatus {
+            json,
+            errors,
+            final_exit,
+        } => {
             let s = scrub::status(pool.fs(), *errors)?;
-            scrub_output(&s, *json, false)
+            scrub_output(&s, *json, *final_exit)
         }
         Op::ScrubCancel => {
             scrub::cancel(pool.fs())?;

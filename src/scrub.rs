@@ -519,11 +519,15 @@ pub fn start(fs: &Arc<FsInfo>, opts: ScrubOptions) -> Result<Arc<ScrubRun>> {
 /// un-pause a paused one.
 pub fn resume(fs: &Arc<FsInfo>) -> Result<Arc<ScrubRun>> {
     if let Some(run) = current(fs) {
-        if *lock(&run.state) == State::Paused {
-            run.pause.store(false, Ordering::Release);
-            *lock(&run.state) = State::Running;
-            run.set_paused(false);
-            return Ok(run);
+        {
+            let mut st = lock(&run.state);
+            if *st == State::Paused {
+                run.pause.store(false, Ordering::Release);
+                *st = State::Running;
+                run.set_paused(false);
+                drop(st);
+                return Ok(run);
+            }
         }
         if is_active(&run) {
             return Err(Error::Busy("scrub is already running".into()));
@@ -607,7 +611,7 @@ fn launch(
         if let Ok(mut ctx) = Ctx::begin(fs, &mut t) {
             clear_errors(&mut ctx)?;
         }
-    } else {
+    } else if from.is_some() {
         *lock(&run.errors) = load_errors(fs)?;
     }
     *slot = Some(run.clone());
@@ -690,11 +694,14 @@ pub fn cancel(fs: &FsInfo) -> Result<()> {
 
 /// Pause a running scrub.
 pub fn pause(fs: &FsInfo) -> Result<()> {
-    let run = current(fs)
-        .filter(|r| *lock(&r.state) == State::Running)
-        .ok_or_else(|| Error::Invalid("no scrub is running".into()))?;
+    let run = current(fs).ok_or_else(|| Error::Invalid("no scrub is running".into()))?;
+    // Check and change under one lock: the coordinator may be ending the run.
+    let mut st = lock(&run.state);
+    if *st != State::Running {
+        return Err(Error::Invalid("no scrub is running".into()));
+    }
     run.pause.store(true, Ordering::Release);
-    *lock(&run.state) = State::Paused;
+    *st = State::Paused;
     run.set_paused(true);
     Ok(())
 }

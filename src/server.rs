@@ -198,15 +198,11 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
         path: sock_path.clone(),
         msg: format!("cannot bind control socket: {e}"),
     })?;
-    for d in &devs {
-        let _ = std::fs::write(
-            owner_note_path(d),
-            format!(
-                "held by chunkvol serve pid {}, control socket {}",
-                std::process::id(),
-                sock_path.display()
-            ),
-        );
+    // Control commands act as the server (import and export open files):
+    // only its owner may connect.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600));
     }
     let listener = if let Some(p) = cfg.listen.strip_prefix("unix:") {
         let _ = std::fs::remove_file(p);
@@ -223,6 +219,16 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
                 .map_err(|e| Error::Invalid(format!("cannot listen on {}: {e}", cfg.listen)))?,
         )
     };
+    for d in &devs {
+        let _ = std::fs::write(
+            owner_note_path(d),
+            format!(
+                "held by chunkvol serve pid {}, control socket {}",
+                std::process::id(),
+                sock_path.display()
+            ),
+        );
+    }
     let server = nbd::Server::new(
         Arc::new(PoolExports(pool.clone())),
         nbd::ServerConfig::default(),

@@ -484,9 +484,9 @@ fn writeout(
 /// first (what earlier transactions freed comes back once they are durable)
 /// and try again, as btrfs flushes before it gives up with ENOSPC.
 pub fn change<R>(fs: &FsInfo, mut f: impl FnMut(&mut Ctx) -> Result<R>) -> Result<R> {
-    for attempt in 0..3 {
-        // Ask for the full reserve while a commit may still help.
-        let need = if attempt < 2 {
+    for attempt in 0..2 {
+        // Ask for the full reserve before the first commit, the minimum after.
+        let need = if attempt == 0 {
             META_RESERVE_NODES
         } else {
             META_MIN_NODES
@@ -495,7 +495,7 @@ pub fn change<R>(fs: &FsInfo, mut f: impl FnMut(&mut Ctx) -> Result<R>) -> Resul
             let mut st = lock(&fs.trans);
             match Ctx::begin_needing(fs, &mut st, need) {
                 Ok(mut ctx) => return f(&mut ctx),
-                Err(Error::NoSpace(m)) if attempt == 2 => return Err(Error::NoSpace(m)),
+                Err(Error::NoSpace(m)) if attempt >= 1 => return Err(Error::NoSpace(m)),
                 Err(Error::NoSpace(_)) => {}
                 Err(e) => return Err(e),
             }
@@ -610,11 +610,14 @@ fn commit_upto(fs: &FsInfo, target: u64) -> Result<u64> {
         fs.cache.insert(n);
     }
     lock(&fs.writeback).clear();
-    fs.committed_gen.store(gen, Ordering::Release);
+    // Swap the commit roots before publishing the generation: a reader that
+    // registered on the old roots must be visible to any release_pinned that
+    // sees this generation as durable.
     *write(&fs.commit_roots) = CommitRoots {
         gen,
         roots: clean_roots,
     };
+    fs.committed_gen.store(gen, Ordering::Release);
     fs.release_pinned();
     Ok(gen)
 }

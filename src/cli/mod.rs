@@ -237,6 +237,7 @@ fn scrub_online(target: &Target, op: Op, wait: bool, json: bool) -> i32 {
             &Op::ScrubStatus {
                 json: true,
                 errors: false,
+                final_exit: false,
             },
         ) {
             Ok(o) => o,
@@ -270,30 +271,10 @@ fn scrub_online(target: &Target, op: Op, wait: bool, json: bool) -> i32 {
         &Op::ScrubStatus {
             json,
             errors: false,
+            final_exit: true,
         },
     ) {
-        Ok(o) => {
-            let v: serde_json::Value = serde_json::from_str(
-                &crate::control::request(
-                    sock,
-                    &Op::ScrubStatus {
-                        json: true,
-                        errors: false,
-                    },
-                )
-                .map(|x| x.stdout)
-                .unwrap_or_default(),
-            )
-            .unwrap_or_default();
-            let code = emit(o);
-            if v["uncorrectable_errors"].as_u64().unwrap_or(0) > 0 {
-                3
-            } else if v["failure"].is_string() {
-                1
-            } else {
-                code
-            }
-        }
+        Ok(o) => emit(o),
         Err(e) => fail(2, e),
     }
 }
@@ -620,7 +601,14 @@ pub fn main() -> i32 {
                 json,
                 errors,
                 target,
-            } => run_op(&target, Op::ScrubStatus { json, errors }),
+            } => run_op(
+                &target,
+                Op::ScrubStatus {
+                    json,
+                    errors,
+                    final_exit: false,
+                },
+            ),
             ScrubCmd::Cancel { target } => run_op(&target, Op::ScrubCancel),
             ScrubCmd::Pause { target } => run_op(&target, Op::ScrubPause),
             ScrubCmd::Resume { wait, json, target } => {
