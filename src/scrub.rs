@@ -160,6 +160,10 @@ pub struct DevProgress {
     pub bytes_scrubbed_this_run: u64,
     #[serde(flatten)]
     pub counters: Counters,
+    /// Counters as of `last_physical`: what a checkpoint saves, so a resume
+    /// from there neither loses nor counts twice what came after it.
+    #[serde(skip)]
+    pub saved: Counters,
 }
 
 /// `scrub status` output.
@@ -307,7 +311,7 @@ fn encode_dev(run: &ScrubRun, st: State, d: &DevProgress) -> Vec<u8> {
     v.put_u64(d.last_physical);
     v.put_u64(d.bytes_total);
     v.put_u8(d.done as u8);
-    let mut c = d.counters;
+    let mut c = d.saved;
     for f in c.fields() {
         v.put_u64(*f);
     }
@@ -347,6 +351,7 @@ fn decode_dev(devid: u64, b: &[u8]) -> Option<Persisted> {
             done,
             bytes_scrubbed_this_run: 0,
             counters,
+            saved: counters,
         },
     })
 }
@@ -790,7 +795,10 @@ fn scrub_device(fs: &FsInfo, run: &ScrubRun, devid: u64) -> Result<(), Stop> {
         scrub_dev_extent(fs, run, devid, phys, de, from, &roots, &mut pacer)?;
         drop(guard);
         pos = phys + de.length;
-        update(run, devid, |p| p.last_physical = pos);
+        update(run, devid, |p| {
+            p.last_physical = pos;
+            p.saved = p.counters;
+        });
         checkpoint(fs, run);
     }
     update(run, devid, |p| p.done = true);
@@ -1022,7 +1030,10 @@ fn scrub_group(
             pacer.pace(fs, n);
             off += len;
             if off.is_multiple_of(CHECKPOINT_BYTES) {
-                update(run, devid, |p| p.last_physical = phys + off);
+                update(run, devid, |p| {
+                    p.last_physical = phys + off;
+                    p.saved = p.counters;
+                });
                 checkpoint(fs, run);
             }
         }
