@@ -3,7 +3,7 @@
 # A fresh machine has only Rust, gcc, Python and qemu-utils.
 set -euo pipefail
 need=()
-for t in nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:nbdfuse nbdkit:nbdkit fio:fio \
+for t in nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:libnbd-bin nbdkit:nbdkit fio:fio \
          qemu-io:qemu-utils qemu-img:qemu-utils mkfs.ext4:e2fsprogs losetup:mount \
          fusermount3:fuse3 cmp:diffutils; do
   cmd=${t%%:*}; pkg=${t##*:}
