@@ -110,6 +110,19 @@ pub struct BgState {
     pub on_unused_list: bool,
 }
 
+impl BgState {
+    /// If the group is empty and not yet queued for the cleaner, mark it
+    /// queued and return true; the caller then pushes it on the unused list
+    /// (after dropping this lock).
+    pub fn take_unused_slot(&mut self) -> bool {
+        let q = self.used == 0 && self.reserved == 0 && !self.on_unused_list && !self.removed;
+        if q {
+            self.on_unused_list = true;
+        }
+        q
+    }
+}
+
 /// One block group (the in-memory side of a chunk).
 #[derive(Debug)]
 pub struct BlockGroup {

@@ -284,9 +284,7 @@ impl<'a> Ctx<'a> {
             let mut s = bg.lock();
             s.reserved -= len;
             s.free.insert(logical, len);
-            let queue = s.used == 0 && s.reserved == 0 && !s.on_unused_list && !s.removed;
-            if queue {
-                s.on_unused_list = true;
+            if s.take_unused_slot() {
                 drop(s);
                 lock(&self.fs.unused_bgs).push_back(bg.start);
             }
@@ -314,10 +312,7 @@ impl<'a> Ctx<'a> {
         debug_assert!(s.used >= len, "block group {:#x} used underflow", bg.start);
         s.used = s.used.saturating_sub(len);
         s.pinned += len;
-        let now_unused = s.used == 0 && s.reserved == 0 && !s.on_unused_list && !s.removed;
-        if now_unused {
-            s.on_unused_list = true;
-        }
+        let now_unused = s.take_unused_slot();
         drop(s);
         if now_unused {
             lock(&self.fs.unused_bgs).push_back(bg.start);
