@@ -108,6 +108,9 @@ pub struct BgState {
     pub free: RangeSet,
     /// Queued on the unused list.
     pub on_unused_list: bool,
+    /// Relocation emptied the group and handed it to the cleaner, keeping
+    /// its read-only mark so that nothing is allocated there meanwhile.
+    pub relocated: bool,
 }
 
 impl BgState {

@@ -37,12 +37,15 @@ pub fn delete_unused_bgs(fs: &FsInfo) -> Result<CleanerPass> {
         {
             let mut s = bg.lock();
             s.on_unused_list = false;
+            // A relocated group's own read-only mark does not hold it back,
+            // nor does being the last of its type: relocation made another.
+            let foreign_ro = s.ro > u32::from(s.relocated);
             if s.removed
                 || s.used > 0
                 || s.reserved > 0
-                || s.ro > 0
+                || foreign_ro
                 || s.scrubbing > 0
-                || same_type <= 1
+                || (same_type <= 1 && !s.relocated)
             {
                 // Scrub re-queues a group it held when it lets go (R3).
                 pass.skipped += 1;
@@ -93,6 +96,63 @@ pub fn delete_unused_bgs(fs: &FsInfo) -> Result<CleanerPass> {
         Some(e) => Err(e),
         None => Ok(pass),
     }
+}
+
+/// Automatic reclaim (btrfs's bg_reclaim_threshold): relocate the emptiest
+/// data or metadata group whose usage is below `threshold_percent`, if its
+/// live bytes fit in the free space of the other groups of its type, so that
+/// reclaim never grows the pool. Returns the group relocated.
+pub fn reclaim_pass(fs: &FsInfo, threshold_percent: u64) -> Result<Option<u64>> {
+    if threshold_percent == 0 {
+        return Ok(None);
+    }
+    let (data_p, meta_p) = {
+        let st = lock(&fs.trans);
+        (st.data_profile, st.metadata_profile)
+    };
+    let groups = fs.block_group_list();
+    let mut best: Option<(u128, u64)> = None;
+    for bg in &groups {
+        if bg.bg_type == crate::format::bg_type::SYSTEM {
+            continue;
+        }
+        let target = if bg.is_data() { data_p } else { meta_p };
+        let used = {
+            let s = bg.lock();
+            if s.ro > 0 || s.removed || s.relocated || s.used == 0 {
+                continue;
+            }
+            s.used
+        };
+        if used as u128 * 100 >= threshold_percent as u128 * bg.length as u128 {
+            continue;
+        }
+        let room: u64 = groups
+            .iter()
+            .filter(|o| o.start != bg.start && o.bg_type == bg.bg_type && o.profile == target)
+            .map(|o| {
+                let s = o.lock();
+                if s.ro > 0 || s.removed {
+                    0
+                } else {
+                    s.free.total_bytes()
+                }
+            })
+            .sum();
+        if room < used + used / 8 {
+            continue;
+        }
+        let ratio = used as u128 * 1_000_000 / bg.length as u128;
+        if best.is_none_or(|(r, _)| ratio < r) {
+            best = Some((ratio, bg.start));
+        }
+    }
+    let Some((_, start)) = best else {
+        return Ok(None);
+    };
+    tracing::info!("reclaim: relocating block group {start:#x} (below {threshold_percent}% used)");
+    crate::relocation::relocate_block_group(fs, start, &|| fs.is_aborted())?;
+    Ok(Some(start))
 }
 
 /// Delete a block group's items in the running transaction and retire it in

@@ -62,6 +62,8 @@ pub mod item {
     pub const DEV_STATS: u8 = 249;
     pub const SCRUB_STATE: u8 = 250;
     pub const SCRUB_ERROR: u8 = 251;
+    pub const BALANCE_STATE: u8 = 252;
+    pub const BALANCE_PENDING: u8 = 253;
 }
 
 /// Well-known object ids.
@@ -72,6 +74,7 @@ pub mod objectid {
     pub const FIRST_VOLUME: u64 = 256;
     pub const DEV_STATS: u64 = 0;
     pub const SCRUB: u64 = 2;
+    pub const BALANCE: u64 = 3;
     pub const CSUM: u64 = u64::MAX - 9;
 }
 

@@ -82,6 +82,18 @@ pub struct FsInfo {
     pub dev_stats_dirty: AtomicBool,
     /// Longest data extent (bounded so its checksum item fits a leaf).
     pub max_extent_bytes: u64,
+    /// Pool members that were not given at open (`--degraded`), by devid.
+    pub missing: RwLock<BTreeMap<u64, crate::format::DevItem>>,
+    /// The balance of this process, running or last finished.
+    pub balance: Mutex<Option<Arc<crate::balance::BalanceRun>>>,
+    /// The device replace of this process, running or last finished.
+    pub replace: Mutex<Option<Arc<crate::dev_replace::ReplaceRun>>>,
+    /// Relocation steps that want scrub to hold still; scrub waits between
+    /// units while this is non-zero (as btrfs pauses scrub around
+    /// relocation's critical section).
+    pub scrub_hold: AtomicU64,
+    /// Serialises relocations, device removals and replaces.
+    pub reloc_lock: Mutex<()>,
 }
 
 /// Registration of a reader of trees as of generation `gen`: extents freed at
@@ -150,6 +162,11 @@ impl FsInfo {
             scrub: Mutex::new(None),
             client_ops: AtomicU64::new(0),
             max_extent_bytes: sectors * SECTOR_BYTES,
+            missing: RwLock::new(BTreeMap::new()),
+            balance: Mutex::new(None),
+            replace: Mutex::new(None),
+            scrub_hold: AtomicU64::new(0),
+            reloc_lock: Mutex::new(()),
         }
     }
 
@@ -158,6 +175,24 @@ impl FsInfo {
     }
     pub fn devices(&self) -> Vec<Arc<Device>> {
         read(&self.devices).values().cloned().collect()
+    }
+    /// Devices new chunks may use (not being removed or replaced).
+    pub fn alloc_devices(&self) -> Vec<Arc<Device>> {
+        read(&self.devices)
+            .values()
+            .filter(|d| d.allocatable.load(Ordering::Acquire))
+            .cloned()
+            .collect()
+    }
+    /// Whether the chunk at `start` has a stripe on a missing device.
+    pub fn has_missing_stripe(&self, start: u64) -> bool {
+        let missing = read(&self.missing);
+        if missing.is_empty() {
+            return false;
+        }
+        self.mapping
+            .get(start)
+            .is_some_and(|m| m.item.stripes.iter().any(|s| missing.contains_key(&s.devid)))
     }
 
     /// The block group containing `logical`.
@@ -307,10 +342,16 @@ impl FsInfo {
             .lookup(logical)
             .ok_or(Error::NoChunk { logical })?;
         let pieces = map.map(logical, data.len() as u64)?;
+        let missing = read(&self.missing);
         for p in &pieces {
             let off = (p.logical - logical) as usize;
             let chunk = &data[off..off + p.len as usize];
             for i in 0..p.mirrors.len() {
+                // Degraded: tree blocks still reach every present mirror (data
+                // never lands in such a group; the allocator avoids it).
+                if missing.contains_key(&p.mirrors[i].0) {
+                    continue;
+                }
                 self.write_copy(p, i, chunk)?;
             }
         }

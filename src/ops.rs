@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use crate::error::{Error, Result};
 use crate::pool::Pool;
+use crate::sync::Arc;
 
 /// A command that acts on an open pool.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -60,6 +61,37 @@ pub enum Op {
         json: bool,
         wait: bool,
     },
+    DeviceAdd {
+        path: PathBuf,
+    },
+    DeviceRemove {
+        /// DEVID, `missing`, or a device path.
+        dev: String,
+    },
+    DeviceReplaceStart {
+        src: String,
+        new: PathBuf,
+        json: bool,
+        wait: bool,
+    },
+    DeviceReplaceStatus {
+        json: bool,
+    },
+    DeviceReplaceCancel,
+    BalanceStart {
+        args: crate::balance::BalanceArgs,
+        json: bool,
+        wait: bool,
+    },
+    BalanceStatus {
+        json: bool,
+    },
+    BalancePause,
+    BalanceResume {
+        json: bool,
+        wait: bool,
+    },
+    BalanceCancel,
 }
 
 /// What a command prints and how it exits.
@@ -138,6 +170,66 @@ fn run_inner(pool: &Pool, op: &Op) -> Result<OpOutput> {
         Op::ScrubPause => {
             scrub::pause(pool.fs())?;
             OpOutput::ok("scrub paused\n".into())
+        }
+        Op::DeviceAdd { path } => {
+            let d = crate::device::FileDevice::open(path)?;
+            let devid = crate::devices::add(pool.fs(), Arc::new(d))?;
+            OpOutput::ok(format!("added {} as devid {devid}\n", path.display()))
+        }
+        Op::DeviceRemove { dev } => {
+            let devid = crate::devices::resolve(pool.fs(), dev)?;
+            crate::devices::remove(pool.fs(), devid)?;
+            OpOutput::ok(format!("removed devid {devid}\n"))
+        }
+        Op::DeviceReplaceStart {
+            src,
+            new,
+            json: j,
+            wait,
+        } => {
+            let devid = crate::devices::resolve(pool.fs(), src)?;
+            let d = crate::device::FileDevice::open(new)?;
+            let run = crate::dev_replace::start(pool.fs(), devid, Arc::new(d), *wait)?;
+            let s = if *wait { run.wait() } else { run.status() };
+            replace_output(Some(&s), *j)
+        }
+        Op::DeviceReplaceStatus { json: j } => {
+            replace_output(crate::dev_replace::status(pool.fs()).as_ref(), *j)
+        }
+        Op::DeviceReplaceCancel => {
+            crate::dev_replace::cancel(pool.fs())?;
+            OpOutput::ok("device replace cancel requested\n".into())
+        }
+        Op::BalanceStart {
+            args,
+            json: j,
+            wait,
+        } => {
+            let run = crate::balance::start(pool.fs(), args.clone(), *wait)?;
+            let s = if *wait {
+                run.wait(pool.fs())
+            } else {
+                run.status(pool.fs())
+            };
+            balance_output(&s, *j)
+        }
+        Op::BalanceResume { json: j, wait } => {
+            let run = crate::balance::resume(pool.fs(), *wait)?;
+            let s = if *wait {
+                run.wait(pool.fs())
+            } else {
+                run.status(pool.fs())
+            };
+            balance_output(&s, *j)
+        }
+        Op::BalanceStatus { json: j } => balance_output(&crate::balance::status(pool.fs())?, *j),
+        Op::BalancePause => {
+            crate::balance::pause(pool.fs())?;
+            OpOutput::ok("balance pause requested\n".into())
+        }
+        Op::BalanceCancel => {
+            crate::balance::cancel(pool.fs())?;
+            OpOutput::ok("balance cancel requested\n".into())
         }
         Op::Usage { json: j } => {
             let u = pool.usage();
@@ -302,6 +394,68 @@ pub fn export(pool: &Pool, name: &str, file: &std::path::Path) -> Result<u64> {
         .map_err(|e| io_err(file, "cannot size", e))?;
     f.sync_all().map_err(|e| io_err(file, "sync failed", e))?;
     Ok(size)
+}
+
+/// Print a balance status; exit 1 when it stopped on a failure.
+pub fn balance_output(s: &crate::balance::BalanceStatus, as_json: bool) -> OpOutput {
+    let mut out = if as_json {
+        OpOutput::ok(json(s))
+    } else {
+        let mut t = format!("Balance state:    {}\n", s.state.name());
+        t += &format!(
+            "Block groups:     {} of {} done, {} left\n",
+            s.block_groups_done, s.block_groups_total, s.block_groups_left
+        );
+        t += &format!(
+            "Relocated:        {}\n",
+            crate::cli::size::human(s.bytes_relocated)
+        );
+        if let Some(f) = &s.failure {
+            t += &format!("Failure:          {f}\n");
+        }
+        OpOutput::ok(t)
+    };
+    if s.failure.is_some() && s.state == crate::balance::State::Interrupted {
+        out.exit = 1;
+    }
+    out
+}
+
+/// Print a device replace status; exit 1 when it failed.
+pub fn replace_output(s: Option<&crate::dev_replace::ReplaceStatus>, as_json: bool) -> OpOutput {
+    let Some(s) = s else {
+        return if as_json {
+            OpOutput::ok(json(&serde_json::json!({ "state": "never" })))
+        } else {
+            OpOutput::ok("Replace state:    never\n".into())
+        };
+    };
+    let mut out = if as_json {
+        OpOutput::ok(json(s))
+    } else {
+        let mut t = format!(
+            "Replace state:    {} (devid {} -> devid {} {})\n",
+            s.state.name(),
+            s.src_devid,
+            s.target_devid,
+            s.target_path
+        );
+        t += &format!(
+            "Block groups:     {} of {} copied, {} in {:.1}s\n",
+            s.block_groups_done,
+            s.block_groups_total,
+            crate::cli::size::human(s.bytes_copied),
+            s.duration_s
+        );
+        if let Some(f) = &s.failure {
+            t += &format!("Failure:          {f}\n");
+        }
+        OpOutput::ok(t)
+    };
+    if s.state == crate::dev_replace::State::Failed {
+        out.exit = 1;
+    }
+    out
 }
 
 /// Print a scrub status; exit 3 when a finished scrub left uncorrectable errors.

@@ -57,6 +57,24 @@ pub struct Pool {
     fs: Arc<FsInfo>,
 }
 
+/// How to open a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Reads rewrite bad copies they find.
+    pub repair: bool,
+    /// Open with members missing.
+    pub degraded: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            repair: true,
+            degraded: false,
+        }
+    }
+}
+
 /// Pool usage, as `usage --json` prints it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Usage {
@@ -78,6 +96,8 @@ pub struct DeviceUsage {
     pub path: String,
     pub size_bytes: u64,
     pub allocated_bytes: u64,
+    /// Not given at open (degraded); `path` is "<missing>".
+    pub missing: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -96,6 +116,8 @@ pub struct BlockGroupUsage {
 pub struct DeviceStats {
     pub devid: u64,
     pub path: String,
+    /// Not given at open (degraded).
+    pub missing: bool,
     #[serde(flatten)]
     pub stats: DevStats,
 }
@@ -235,17 +257,7 @@ impl Pool {
         let mut devices = BTreeMap::new();
         for (i, d) in devs.into_iter().enumerate() {
             let devid = i as u64 + 1;
-            devices.insert(
-                devid,
-                Arc::new(Device {
-                    devid,
-                    uuid: new_uuid(),
-                    total_bytes: d.size_bytes(),
-                    dev: d,
-                    stats: Default::default(),
-                    extents: Default::default(),
-                }),
-            );
+            devices.insert(devid, Arc::new(Device::new(devid, new_uuid(), d)));
         }
         let fs = FsInfo::new(
             new_uuid(),
@@ -318,6 +330,24 @@ impl Pool {
 
     /// Open, choosing whether reads repair bad copies.
     pub fn open_with(devs: Vec<Arc<dyn BlockDevice>>, repair: bool) -> Result<Pool> {
+        Self::open_with_options(
+            devs,
+            OpenOptions {
+                repair,
+                degraded: false,
+            },
+        )
+    }
+
+    /// Open device files with options.
+    pub fn open_paths_with(paths: &[PathBuf], opts: OpenOptions) -> Result<Pool> {
+        Self::open_with_options(open_files(paths)?, opts)
+    }
+
+    /// Open with options (degraded: members that are not given are missing;
+    /// reads use the remaining mirrors).
+    pub fn open_with_options(devs: Vec<Arc<dyn BlockDevice>>, opts: OpenOptions) -> Result<Pool> {
+        let repair = opts.repair;
         if devs.is_empty() {
             return Err(Error::Invalid("no devices given".into()));
         }
@@ -350,14 +380,7 @@ impl Pool {
             }
             devices.insert(
                 sb.devid,
-                Arc::new(Device {
-                    devid: sb.devid,
-                    uuid: sb.dev_uuid,
-                    total_bytes: d.size_bytes(),
-                    dev: d.clone(),
-                    stats: Default::default(),
-                    extents: Default::default(),
-                }),
+                Arc::new(Device::new(sb.devid, sb.dev_uuid, d.clone())),
             );
         }
         let fs = FsInfo::new(
@@ -442,11 +465,21 @@ impl Pool {
                 )
             })
             .collect();
-        if !missing.is_empty() {
+        if !missing.is_empty() && !opts.degraded {
             return Err(Error::Device {
                 path: devs[0].path().into(),
-                msg: format!("pool is missing {}", missing.join(", ")),
+                msg: format!(
+                    "pool is missing {} (open with --degraded to use the remaining mirrors)",
+                    missing.join(", ")
+                ),
             });
+        }
+        if !missing.is_empty() {
+            tracing::warn!("opening degraded: missing {}", missing.join(", "));
+            let mut m = write(&fs.missing);
+            for d in dev_items.iter().filter(|d| fs.device(d.devid).is_none()) {
+                m.insert(d.devid, d.clone());
+            }
         }
         for d in fs.devices() {
             if !dev_items
@@ -680,7 +713,7 @@ impl Pool {
 
     pub fn usage(&self) -> Usage {
         let fs = &self.fs;
-        let devices: Vec<DeviceUsage> = fs
+        let mut devices: Vec<DeviceUsage> = fs
             .devices()
             .iter()
             .map(|d| DeviceUsage {
@@ -688,20 +721,42 @@ impl Pool {
                 path: d.dev.path().display().to_string(),
                 size_bytes: d.total_bytes,
                 allocated_bytes: d.allocated_bytes(),
+                missing: false,
             })
             .collect();
+        for m in crate::sync::read(&fs.missing).values() {
+            let allocated = fs
+                .mapping
+                .all()
+                .iter()
+                .map(|c| {
+                    c.item.stripes.iter().filter(|s| s.devid == m.devid).count() as u64
+                        * c.item.stripe_bytes
+                })
+                .sum();
+            devices.push(DeviceUsage {
+                devid: m.devid,
+                path: "<missing>".into(),
+                size_bytes: m.total_bytes,
+                allocated_bytes: allocated,
+                missing: true,
+            });
+        }
+        devices.sort_by_key(|d| d.devid);
         let mut used = 0;
         let mut bgs = Vec::new();
-        let (mut dr, mut mr) = (1.0, 1.0);
+        // Ratios of the profiles new allocations use.
+        let (dr, mr) = {
+            let st = lock(&fs.trans);
+            (
+                st.data_profile.copies() as f64,
+                st.metadata_profile.copies() as f64,
+            )
+        };
         for bg in fs.block_group_list() {
             let s = bg.lock();
             let copies = bg.profile.copies() as u64;
             used += s.used * copies;
-            if bg.bg_type == bg_type::DATA {
-                dr = copies as f64;
-            } else if bg.bg_type == bg_type::METADATA {
-                mr = copies as f64;
-            }
             bgs.push(BlockGroupUsage {
                 start: bg.start,
                 length: bg.length,
@@ -728,15 +783,27 @@ impl Pool {
     }
 
     pub fn device_stats(&self) -> Vec<DeviceStats> {
-        self.fs
+        let mut out: Vec<DeviceStats> = self
+            .fs
             .devices()
             .iter()
             .map(|d| DeviceStats {
                 devid: d.devid,
                 path: d.dev.path().display().to_string(),
+                missing: false,
                 stats: d.stats.snapshot(),
             })
-            .collect()
+            .collect();
+        for m in crate::sync::read(&self.fs.missing).keys() {
+            out.push(DeviceStats {
+                devid: *m,
+                path: "<missing>".into(),
+                missing: true,
+                stats: DevStats::default(),
+            });
+        }
+        out.sort_by_key(|d| d.devid);
+        out
     }
 
     /// Zero every device's error counters (persisted at the next commit).

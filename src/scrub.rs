@@ -202,7 +202,7 @@ pub struct ScrubRun {
     done: (Mutex<bool>, crate::sync::Condvar),
 }
 
-fn now_s() -> u64 {
+pub(crate) fn now_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -759,7 +759,7 @@ fn checkpoint_wait(fs: &FsInfo, run: &ScrubRun) -> Result<(), Stop> {
         if fs.is_aborted() {
             return Err(Stop::Failed("the pool failed; scrub stopped".into()));
         }
-        if !run.pause.load(Ordering::Acquire) {
+        if !run.pause.load(Ordering::Acquire) && fs.scrub_hold.load(Ordering::Acquire) == 0 {
             return Ok(());
         }
         thread::sleep(Duration::from_millis(20));

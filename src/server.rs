@@ -28,6 +28,10 @@ pub struct ServeConfig {
     pub socket: Option<PathBuf>,
     pub commit_interval: Duration,
     pub devs: Vec<PathBuf>,
+    /// Relocate groups used below this percent in the background (0: off).
+    pub reclaim_threshold_percent: u64,
+    /// Open although members are missing.
+    pub degraded: bool,
 }
 
 struct VolumeExport(Volume);
@@ -167,6 +171,27 @@ fn background(pool: Pool, interval: Duration, stop: Arc<AtomicBool>) {
     }
 }
 
+/// Seconds between automatic reclaim passes.
+const RECLAIM_INTERVAL: Duration = Duration::from_secs(2);
+
+fn reclaimer(pool: Pool, threshold_percent: u64, stop: Arc<AtomicBool>) {
+    let fs = pool.fs().clone();
+    let mut last = Instant::now();
+    while !stop.load(Ordering::Acquire) {
+        thread::sleep(Duration::from_millis(100));
+        if fs.is_aborted() || last.elapsed() < RECLAIM_INTERVAL {
+            continue;
+        }
+        last = Instant::now();
+        match crate::cleaner::reclaim_pass(&fs, threshold_percent) {
+            // Another one may be waiting: go again at once.
+            Ok(Some(_)) => last -= RECLAIM_INTERVAL,
+            Ok(None) => {}
+            Err(e) => tracing::warn!("reclaim: {e}"),
+        }
+    }
+}
+
 enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
@@ -179,7 +204,13 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
     } else {
         cfg.devs.clone()
     };
-    let pool = Pool::open_paths(&devs)?;
+    let pool = Pool::open_paths_with(
+        &devs,
+        crate::pool::OpenOptions {
+            degraded: cfg.degraded,
+            ..Default::default()
+        },
+    )?;
     let sock_path = cfg.socket.clone().unwrap_or_else(|| {
         devs[0]
             .parent()
@@ -265,6 +296,10 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
         let (p, s, i) = (pool.clone(), stop.clone(), cfg.commit_interval);
         thread::spawn(move || background(p, i, s))
     };
+    let reclaim = (cfg.reclaim_threshold_percent > 0).then(|| {
+        let (p, s, t) = (pool.clone(), stop.clone(), cfg.reclaim_threshold_percent);
+        thread::spawn(move || reclaimer(p, t, s))
+    });
     let exports = pool.volume_names();
     let first = exports.first().cloned().unwrap_or_else(|| "NAME".into());
     let uri = match &listener {
@@ -300,6 +335,9 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
     stop.store(true, Ordering::Release);
     let _ = ctl.join();
     let _ = bg.join();
+    if let Some(r) = reclaim {
+        let _ = r.join();
+    }
     let closed = pool.close();
     let _ = std::fs::remove_file(&sock_path);
     for d in &devs {

@@ -146,11 +146,28 @@ impl<'a> Ctx<'a> {
         Ctx { fs, st }
     }
 
+    /// The profile new allocations of type `t` use (balance may convert it).
+    pub fn target_profile(&self, t: u64) -> Profile {
+        if t == bg_type::DATA {
+            self.st.data_profile
+        } else {
+            self.st.metadata_profile
+        }
+    }
+
+    /// Whether allocation of type `t` may use `bg`: same type, the target
+    /// profile, writable, and (degraded) every stripe present.
+    fn allocatable(&self, bg: &BlockGroup, t: u64) -> bool {
+        bg.bg_type == t
+            && bg.profile == self.target_profile(t)
+            && (t != bg_type::DATA || !self.fs.has_missing_stripe(bg.start))
+    }
+
     fn free_of_type(&self, t: u64) -> u64 {
         self.fs
             .block_group_list()
             .iter()
-            .filter(|b| b.bg_type == t)
+            .filter(|b| self.allocatable(b, t))
             .map(|b| {
                 let s = b.lock();
                 if s.ro > 0 || s.removed {
@@ -191,13 +208,9 @@ impl<'a> Ctx<'a> {
 
     /// Create a chunk and its block group; its items are inserted at commit.
     pub fn new_chunk(&mut self, t: u64) -> Result<Arc<BlockGroup>> {
-        let profile = if t == bg_type::DATA {
-            self.st.data_profile
-        } else {
-            self.st.metadata_profile
-        };
+        let profile = self.target_profile(t);
         let logical = self.fs.mapping.next_logical();
-        let item = alloc_chunk(&self.fs.devices(), logical, t, profile)?;
+        let item = alloc_chunk(&self.fs.alloc_devices(), logical, t, profile)?;
         if t == bg_type::SYSTEM {
             let mut sys: Vec<ChunkItem> = self
                 .fs
@@ -248,7 +261,7 @@ impl<'a> Ctx<'a> {
     pub fn alloc_extent(&mut self, t: u64, min: u64, max: u64) -> Result<(u64, u64)> {
         for attempt in 0..2 {
             for bg in self.fs.block_group_list() {
-                if bg.bg_type != t {
+                if !self.allocatable(&bg, t) {
                     continue;
                 }
                 let mut s = bg.lock();
@@ -569,7 +582,7 @@ fn commit_upto(fs: &FsInfo, target: u64) -> Result<u64> {
             csum_type: fs.csum_type,
             sector_bytes: crate::format::SECTOR_BYTES as u32,
             node_bytes: fs.node_bytes as u32,
-            num_devices: fs.devices().len() as u64,
+            num_devices: (fs.devices().len() + crate::sync::read(&fs.missing).len()) as u64,
             data_profile: st.data_profile,
             metadata_profile: st.metadata_profile,
             next_volume_id: st.next_volume_id,

@@ -80,6 +80,32 @@ impl ChunkMap {
         Ok(out)
     }
 
+    /// The parts of [logical, +len) stored on stripe `k`: (logical, len,
+    /// physical) each. Every stripe holds everything except in raid10, where
+    /// a stripe holds the units of its column.
+    pub fn stripe_span(&self, k: usize, logical: u64, len: u64) -> Result<Vec<(u64, u64, u64)>> {
+        let c = &self.item;
+        let cols = if c.profile == Profile::Raid10 {
+            c.stripes.len() / 2
+        } else {
+            1
+        };
+        let mut out = Vec::new();
+        for p in self.map(logical, len)? {
+            let col = if cols > 1 {
+                (((p.logical - c.logical) / c.stripe_unit_bytes) % cols as u64) as usize
+            } else {
+                0
+            };
+            if cols > 1 && col != k / 2 {
+                continue;
+            }
+            let i = if cols > 1 { k % 2 } else { k };
+            out.push((p.logical, p.len, p.mirrors[i].1));
+        }
+        Ok(out)
+    }
+
     /// Logical address of a physical offset within stripe `stripe_idx`, if any.
     pub fn physical_to_logical(&self, stripe_idx: usize, phys_off: u64) -> Option<u64> {
         let c = &self.item;
@@ -175,6 +201,23 @@ pub struct Device {
     pub stats: DevCounters,
     /// Allocated physical ranges (device extents): physical -> length.
     pub extents: RwLock<BTreeMap<u64, u64>>,
+    /// New chunks may use this device (false while it is removed or replaced).
+    pub allocatable: std::sync::atomic::AtomicBool,
+}
+
+impl Device {
+    /// A pool member on an open block device.
+    pub fn new(devid: u64, uuid: [u8; 16], dev: Arc<dyn BlockDevice>) -> Device {
+        Device {
+            devid,
+            uuid,
+            total_bytes: dev.size_bytes(),
+            dev,
+            stats: Default::default(),
+            extents: Default::default(),
+            allocatable: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
 }
 
 impl Device {
@@ -219,7 +262,7 @@ impl Device {
         self.holes().iter().map(|h| h.1).max().unwrap_or(0)
     }
 
-    fn take(&self, len: u64) -> Option<u64> {
+    pub(crate) fn take(&self, len: u64) -> Option<u64> {
         let (s, _) = self.holes().into_iter().find(|h| h.1 >= len)?;
         write(&self.extents).insert(s, len);
         Some(s)

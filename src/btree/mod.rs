@@ -12,7 +12,7 @@ mod node;
 mod tree;
 
 pub use node::{Body, Child, Node, CHILD_BYTES, LEAF_ITEM_OVERHEAD};
-pub use tree::{delete, get, insert, max_item_bytes, Iter, NodeLoader, NodeStore};
+pub use tree::{delete, get, insert, max_item_bytes, relocate, Iter, NodeLoader, NodeStore};
 
 #[cfg(test)]
 mod tests;

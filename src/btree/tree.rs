@@ -69,6 +69,58 @@ fn child_of(n: Arc<Node>) -> Child {
     }
 }
 
+/// Move every node of the tree whose address lies in [start, end) to a
+/// fresh address (relocation of a metadata block group, which is read-only so
+/// that the new addresses land elsewhere). Only internal nodes and the leaves
+/// inside the range are loaded. Returns how many nodes moved.
+pub fn relocate(s: &mut dyn NodeStore, root: &mut Arc<Node>, start: u64, end: u64) -> Result<u64> {
+    let mut moved = 0;
+    reloc(s, root, start, end, &mut moved)?;
+    Ok(moved)
+}
+
+fn reloc(
+    s: &mut dyn NodeStore,
+    node: &mut Arc<Node>,
+    start: u64,
+    end: u64,
+    moved: &mut u64,
+) -> Result<bool> {
+    let inside = |a: u64| a >= start && a < end;
+    let mut changed = false;
+    if inside(node.addr) {
+        // Even a node of the running transaction moves: its address is in
+        // the group being emptied.
+        let addr = s.alloc_node(node.owner, node.level)?;
+        debug_assert!(!inside(addr), "relocated node {addr:#x} back into the group");
+        s.free_node(node);
+        let gen = s.gen();
+        let n = Arc::make_mut(node);
+        n.addr = addr;
+        n.gen = gen;
+        *moved += 1;
+        changed = true;
+    }
+    if node.level == 0 {
+        return Ok(changed);
+    }
+    for i in 0..node.children().len() {
+        if node.level == 1 && !inside(node.children()[i].addr) {
+            continue;
+        }
+        let mut child = load_child(s, node, i)?;
+        if reloc(s, &mut child, start, end, moved)? {
+            let n = cow(s, node)?;
+            let Body::Internal(ch) = &mut n.body else {
+                unreachable!()
+            };
+            ch[i] = child_of(child);
+            changed = true;
+        }
+    }
+    Ok(changed)
+}
+
 /// Look a key up.
 pub fn get(l: &dyn NodeLoader, root: &Arc<Node>, key: &Key) -> Result<Option<Vec<u8>>> {
     let mut node = root.clone();

@@ -29,6 +29,10 @@ pub struct Target {
     socket: Option<PathBuf>,
     /// Device files of the pool (offline).
     devs: Vec<PathBuf>,
+    /// Open although members are missing: reads use the remaining mirrors,
+    /// data writes that cannot reach every mirror are refused.
+    #[arg(long)]
+    degraded: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -46,6 +50,13 @@ enum Cmd {
         /// Seconds between background commits.
         #[arg(long, default_value_t = 30)]
         commit_interval: u64,
+        /// Relocate block groups whose usage falls below this percent in
+        /// the background (0: off), as btrfs's bg_reclaim_threshold.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=99))]
+        reclaim_threshold: u64,
+        /// Serve although members are missing (see --degraded of pool commands).
+        #[arg(long)]
+        degraded: bool,
         devs: Vec<PathBuf>,
     },
     /// Manage volumes.
@@ -87,6 +98,93 @@ enum Cmd {
     Device {
         #[command(subcommand)]
         cmd: DeviceCmd,
+    },
+    /// Relocate block groups: reclaim space, convert profiles, spread data.
+    Balance {
+        #[command(subcommand)]
+        cmd: BalanceCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BalanceCmd {
+    /// Start a balance (FILTERS: usage=N|N..M, devid=N, drange=A..B,
+    /// vrange=A..B, profiles=P|P, convert=P, limit=N, soft).
+    Start {
+        /// Data groups, with filters (e.g. -dusage=50).
+        #[arg(short = 'd', num_args = 0..=1, default_missing_value = "", require_equals = false)]
+        data: Option<String>,
+        /// Metadata groups, with filters.
+        #[arg(short = 'm', num_args = 0..=1, default_missing_value = "")]
+        metadata: Option<String>,
+        /// System groups, with filters.
+        #[arg(short = 's', num_args = 0..=1, default_missing_value = "")]
+        system: Option<String>,
+        /// Every block group (no filters).
+        #[arg(long)]
+        full: bool,
+        /// Wait for the end.
+        #[arg(short = 'B')]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Progress of the running or last balance.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Pause the running balance after the current step.
+    Pause {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Continue a paused or interrupted balance.
+    Resume {
+        #[arg(short = 'B')]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Stop the running balance, or forget a paused or interrupted one.
+    Cancel {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ReplaceCmd {
+    /// Copy SRC's stripes to NEW_DEV while clients keep working, then drop SRC.
+    Start {
+        /// DEVID, `missing`, or device path.
+        src: String,
+        new_dev: PathBuf,
+        /// Wait for the end.
+        #[arg(short = 'B')]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Progress of the running or last replace.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Stop a running replace after the current block group.
+    Cancel {
+        #[command(flatten)]
+        target: Target,
     },
 }
 
@@ -291,6 +389,23 @@ enum DeviceCmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Add a device to the pool (online or offline).
+    Add {
+        dev: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Move everything off a device, then drop it (DEVID, `missing`, or path).
+    Remove {
+        dev: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Replace a device by a new one.
+    Replace {
+        #[command(subcommand)]
+        cmd: ReplaceCmd,
+    },
 }
 
 fn init_logging(default: &str) {
@@ -332,7 +447,11 @@ fn run_op(target: &Target, op: Op) -> i32 {
             Err(e) => fail(2, e),
         },
         (None, false) => {
-            let pool = match Pool::open_paths(&target.devs) {
+            let opts = crate::pool::OpenOptions {
+                degraded: target.degraded,
+                ..Default::default()
+            };
+            let pool = match Pool::open_paths_with(&target.devs, opts) {
                 Ok(p) => p,
                 Err(e) => return fail(2, e),
             };
@@ -518,6 +637,8 @@ pub fn main() -> i32 {
             listen,
             socket,
             commit_interval,
+            reclaim_threshold,
+            degraded,
             devs,
         } => {
             let cfg = crate::server::ServeConfig {
@@ -525,6 +646,8 @@ pub fn main() -> i32 {
                 socket,
                 commit_interval: std::time::Duration::from_secs(commit_interval.max(1)),
                 devs,
+                reclaim_threshold_percent: reclaim_threshold,
+                degraded,
             };
             match crate::server::run(cfg) {
                 Ok(()) => 0,
@@ -630,6 +753,93 @@ pub fn main() -> i32 {
                 reset,
                 target,
             } => run_op(&target, Op::DeviceStats { json, reset }),
+            DeviceCmd::Add { dev, target } => {
+                run_op(&target, Op::DeviceAdd { path: absolute(&dev) })
+            }
+            DeviceCmd::Remove { dev, target } => {
+                let dev = if dev.parse::<u64>().is_ok() || dev == "missing" {
+                    dev
+                } else {
+                    absolute(std::path::Path::new(&dev)).display().to_string()
+                };
+                run_op(&target, Op::DeviceRemove { dev })
+            }
+            DeviceCmd::Replace { cmd } => match cmd {
+                ReplaceCmd::Start {
+                    src,
+                    new_dev,
+                    wait,
+                    json,
+                    target,
+                } => {
+                    let src = if src.parse::<u64>().is_ok() || src == "missing" {
+                        src
+                    } else {
+                        absolute(std::path::Path::new(&src)).display().to_string()
+                    };
+                    let offline = target.socket.is_none();
+                    run_op(
+                        &target,
+                        Op::DeviceReplaceStart {
+                            src,
+                            new: absolute(&new_dev),
+                            json,
+                            wait: wait || offline,
+                        },
+                    )
+                }
+                ReplaceCmd::Status { json, target } => {
+                    run_op(&target, Op::DeviceReplaceStatus { json })
+                }
+                ReplaceCmd::Cancel { target } => run_op(&target, Op::DeviceReplaceCancel),
+            },
+        },
+        Cmd::Balance { cmd } => match cmd {
+            BalanceCmd::Start {
+                data,
+                metadata,
+                system,
+                full,
+                wait,
+                json,
+                target,
+            } => {
+                let offline = target.socket.is_none();
+                let args = crate::balance::BalanceArgs {
+                    data,
+                    metadata,
+                    system,
+                    full,
+                };
+                // Filters are checked here too, so a typo fails before any
+                // server round trip.
+                for f in [&args.data, &args.metadata, &args.system].into_iter().flatten() {
+                    if let Err(e) = crate::balance::Filters::parse(f) {
+                        return fail(2, e);
+                    }
+                }
+                run_op(
+                    &target,
+                    Op::BalanceStart {
+                        args,
+                        json,
+                        wait: wait || offline,
+                    },
+                )
+            }
+            BalanceCmd::Status { json, target } => run_op(&target, Op::BalanceStatus { json }),
+            BalanceCmd::Pause { target } => run_op(&target, Op::BalancePause),
+            BalanceCmd::Resume { wait, json, target } => {
+                let offline = target.socket.is_none();
+                run_op(
+                    &target,
+                    Op::BalanceResume {
+                        json,
+                        wait: wait || offline,
+                    },
+                )
+            }
+            BalanceCmd::Cancel { target } => run_op(&target, Op::BalanceCancel),
         },
     }
 }

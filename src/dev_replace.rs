@@ -1,0 +1,421 @@
+//! Device replace: copy every stripe a device holds to a new device while
+//! clients keep writing, then drop the old device. Works with the old device
+//! present (copies are read verified, from any good mirror) or missing (a
+//! pool opened `--degraded`).
+//!
+//! Per block group (R8): the group goes read-only, writers that reserved
+//! space in it before finish, and tree blocks allocated in it are committed;
+//! only then is its live content copied and the chunk switched to the new
+//! stripe. Copy-on-write does the rest: nothing rewrites a read-only group.
+
+use std::time::Instant;
+
+use crate::btree::Iter;
+use crate::device::BlockDevice;
+use crate::error::{Error, Result};
+use crate::format::{item, objectid, tree_id, DevExtent, Key, Stripe, SECTOR_BYTES};
+use crate::fs_info::FsInfo;
+use crate::relocation::{wait_for_writers, RoHold};
+use crate::sync::{lock, read, write, Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
+use crate::transaction::{self, commit};
+use crate::volumes::{ChunkMap, Device};
+
+/// Replace states, as printed and in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Never,
+    Running,
+    Finished,
+    Canceled,
+    Failed,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Never => "never",
+            State::Running => "running",
+            State::Finished => "finished",
+            State::Canceled => "canceled",
+            State::Failed => "failed",
+        }
+    }
+}
+
+/// `device replace status` output.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplaceStatus {
+    pub state: State,
+    pub src_devid: u64,
+    pub target_devid: u64,
+    pub target_path: String,
+    pub block_groups_total: u64,
+    pub block_groups_done: u64,
+    pub bytes_copied: u64,
+    pub duration_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+}
+
+/// A replace in progress (or just ended) in this process.
+pub struct ReplaceRun {
+    src_devid: u64,
+    target: Arc<Device>,
+    started: Instant,
+    state: Mutex<State>,
+    total: AtomicU64,
+    done: AtomicU64,
+    bytes: AtomicU64,
+    elapsed_s: Mutex<Option<f64>>,
+    cancel: AtomicBool,
+    failure: Mutex<Option<String>>,
+    finished: (Mutex<bool>, Condvar),
+}
+
+impl ReplaceRun {
+    pub fn status(&self) -> ReplaceStatus {
+        ReplaceStatus {
+            state: *lock(&self.state),
+            src_devid: self.src_devid,
+            target_devid: self.target.devid,
+            target_path: self.target.dev.path().display().to_string(),
+            block_groups_total: self.total.load(Ordering::Acquire),
+            block_groups_done: self.done.load(Ordering::Acquire),
+            bytes_copied: self.bytes.load(Ordering::Acquire),
+            duration_s: lock(&self.elapsed_s).unwrap_or(self.started.elapsed().as_secs_f64()),
+            failure: lock(&self.failure).clone(),
+        }
+    }
+
+    /// Block until the replace ends; its final status.
+    pub fn wait(&self) -> ReplaceStatus {
+        let (m, c) = &self.finished;
+        let mut g = lock(m);
+        while !*g {
+            g = c.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        drop(g);
+        self.status()
+    }
+}
+
+/// Status of the running or last replace of this process.
+pub fn status(fs: &FsInfo) -> Option<ReplaceStatus> {
+    lock(&fs.replace).as_ref().map(|r| r.status())
+}
+
+/// Stop a running replace after the current block group. The groups copied
+/// so far stay on the new device, which remains a pool member.
+pub fn cancel(fs: &FsInfo) -> Result<()> {
+    let run = lock(&fs.replace).clone();
+    match run {
+        Some(r) if *lock(&r.state) == State::Running => {
+            r.cancel.store(true, Ordering::Release);
+            Ok(())
+        }
+        _ => Err(Error::Invalid("no device replace is running".into())),
+    }
+}
+
+/// Bytes of stripes `devid` holds.
+fn stripe_bytes_on(fs: &FsInfo, devid: u64) -> u64 {
+    fs.mapping
+        .all()
+        .iter()
+        .flat_map(|m| {
+            m.item
+                .stripes
+                .iter()
+                .filter(|s| s.devid == devid)
+                .map(|_| m.item.stripe_bytes)
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// Start replacing `src` by `new_dev`.
+pub fn start(
+    fs: &Arc<FsInfo>,
+    src: u64,
+    new_dev: Arc<dyn BlockDevice>,
+    wait: bool,
+) -> Result<Arc<ReplaceRun>> {
+    fs.check_abort()?;
+    let mut slot = lock(&fs.replace);
+    if slot
+        .as_ref()
+        .is_some_and(|r| *lock(&r.state) == State::Running)
+    {
+        return Err(Error::Busy("a device replace is already running".into()));
+    }
+    if fs.device(src).is_none() && !read(&fs.missing).contains_key(&src) {
+        return Err(Error::Invalid(format!("no device with devid {src}")));
+    }
+    let need = stripe_bytes_on(fs, src);
+    // The first MiB and superblock copies are never allocated.
+    let usable = new_dev
+        .size_bytes()
+        .saturating_sub(crate::format::SUPER_RESERVED_BYTES * 3);
+    if usable < need {
+        return Err(Error::Device {
+            path: new_dev.path().into(),
+            msg: format!(
+                "{} bytes is smaller than the {need} bytes devid {src} holds",
+                new_dev.size_bytes()
+            ),
+        });
+    }
+    let devid = crate::devices::add(fs, new_dev)?;
+    let target = fs
+        .device(devid)
+        .ok_or_else(|| Error::Invalid(format!("devid {devid} vanished after add")))?;
+    // Only the groups that exist now move; new ones avoid the old device.
+    if let Some(d) = fs.device(src) {
+        d.allocatable.store(false, Ordering::Release);
+    }
+    let run = Arc::new(ReplaceRun {
+        src_devid: src,
+        target,
+        started: Instant::now(),
+        state: Mutex::new(State::Running),
+        total: AtomicU64::new(crate::devices::chunks_on(fs, src).len() as u64),
+        done: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
+        elapsed_s: Mutex::new(None),
+        cancel: AtomicBool::new(false),
+        failure: Mutex::new(None),
+        finished: (Mutex::new(false), Condvar::new()),
+    });
+    *slot = Some(run.clone());
+    drop(slot);
+    tracing::info!(
+        "replacing devid {src} by devid {devid} ({})",
+        run.target.dev.path().display()
+    );
+    if wait {
+        drive(fs, &run);
+    } else {
+        let (f, r) = (fs.clone(), run.clone());
+        std::thread::spawn(move || drive(&f, &r));
+    }
+    Ok(run)
+}
+
+fn drive(fs: &FsInfo, run: &ReplaceRun) {
+    let end = match drive_inner(fs, run) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("device replace of devid {} failed: {e}", run.src_devid);
+            *lock(&run.failure) = Some(e.to_string());
+            State::Failed
+        }
+    };
+    if end != State::Finished {
+        if let Some(d) = fs.device(run.src_devid) {
+            d.allocatable.store(true, Ordering::Release);
+        }
+    }
+    *lock(&run.elapsed_s) = Some(run.started.elapsed().as_secs_f64());
+    *lock(&run.state) = end;
+    let (m, c) = &run.finished;
+    *lock(m) = true;
+    c.notify_all();
+}
+
+fn drive_inner(fs: &FsInfo, run: &ReplaceRun) -> Result<State> {
+    loop {
+        let todo = crate::devices::chunks_on(fs, run.src_devid);
+        if todo.is_empty() {
+            break;
+        }
+        for start in todo {
+            if run.cancel.load(Ordering::Acquire) {
+                return Ok(State::Canceled);
+            }
+            let n = replace_group(fs, start, run.src_devid, &run.target)?;
+            run.bytes.fetch_add(n, Ordering::AcqRel);
+            run.done.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+    crate::devices::forget(fs, run.src_devid)?;
+    tracing::info!(
+        "replaced devid {} by devid {}",
+        run.src_devid,
+        run.target.devid
+    );
+    Ok(State::Finished)
+}
+
+/// A live extent of a group: where, how long, and its checksums (data).
+struct Live {
+    logical: u64,
+    len: u64,
+    tree_block: bool,
+}
+
+fn live_extents(fs: &FsInfo, start: u64, end: u64) -> Result<Vec<Live>> {
+    let st = lock(&fs.trans);
+    let mut out = Vec::new();
+    for r in Iter::new(
+        fs,
+        &st.root(tree_id::EXTENT),
+        Key::new(start, item::EXTENT, 0),
+        Key::new(end - 1, item::METADATA, u64::MAX),
+    ) {
+        let (k, _) = r?;
+        let (len, tree_block) = match k.ty {
+            item::EXTENT => (k.offset, false),
+            item::METADATA => (fs.node_bytes as u64, true),
+            _ => continue,
+        };
+        if k.objectid < start || k.objectid.checked_add(len).is_none_or(|e| e > end) {
+            return Err(Error::Corrupt(format!(
+                "extent item {k} does not fit block group {start:#x}..{end:#x}"
+            )));
+        }
+        out.push(Live {
+            logical: k.objectid,
+            len,
+            tree_block,
+        });
+    }
+    Ok(out)
+}
+
+/// Read the verified content of one live extent.
+fn read_live(fs: &FsInfo, x: &Live) -> Result<Vec<u8>> {
+    if x.tree_block {
+        let n = fs.read_node(x.logical, None)?;
+        return Ok(n.encode(&fs.pool_uuid, fs.node_bytes, fs.csum_type));
+    }
+    let sums = {
+        let st = lock(&fs.trans);
+        crate::btree::get(
+            fs,
+            &st.root(tree_id::CSUM),
+            &Key::new(objectid::CSUM, item::CSUM, x.logical),
+        )?
+    };
+    let cs = fs.csum_type.size_bytes() as u64;
+    let sums = sums.filter(|s| s.len() as u64 >= x.len / SECTOR_BYTES * cs);
+    let mut buf = vec![0u8; x.len as usize];
+    let l0 = x.logical;
+    fs.read_data(x.logical, &mut buf, sums.as_deref(), &|lg, l| {
+        Error::Corrupt(format!(
+            "device replace: logical {lg:#x}+{l} (extent {l0:#x}) has no good copy on any mirror"
+        ))
+    })?;
+    Ok(buf)
+}
+
+/// Copy one group's stripes on `src` to `dst` and switch the chunk over.
+/// Returns the bytes copied.
+fn replace_group(fs: &FsInfo, start: u64, src: u64, dst: &Arc<Device>) -> Result<u64> {
+    let _serial = lock(&fs.reloc_lock);
+    let Some(bg) = read(&fs.block_groups).get(&start).cloned() else {
+        return Ok(0);
+    };
+    let Some(hold) = RoHold::take(fs, &bg) else {
+        return Ok(0);
+    };
+    wait_for_writers(fs, &bg, &|| false)?;
+    if !bg.is_data() {
+        // Tree blocks allocated here before the mark are written now.
+        commit(fs)?;
+    }
+    crate::failpoint!("replace::before_copy", start);
+    let Some(map) = fs.mapping.get(start) else {
+        return Ok(0);
+    };
+    let idxs: Vec<usize> = (0..map.item.stripes.len())
+        .filter(|&k| map.item.stripes[k].devid == src)
+        .collect();
+    let mut item = map.item.clone();
+    let mut taken = Vec::new();
+    for &k in &idxs {
+        let Some(p) = dst.take(item.stripe_bytes) else {
+            for p in taken {
+                write(&dst.extents).remove(&p);
+            }
+            return Err(Error::NoSpace(format!(
+                "{}: no room for a {}-byte stripe of block group {start:#x}",
+                dst.dev.path().display(),
+                item.stripe_bytes
+            )));
+        };
+        taken.push(p);
+        item.stripes[k] = Stripe {
+            devid: dst.devid,
+            physical: p,
+        };
+    }
+    let new_map = ChunkMap { item: item.clone() };
+    let r = (|| -> Result<u64> {
+        let mut copied = 0;
+        for x in live_extents(fs, bg.start, bg.end())? {
+            let buf = read_live(fs, &x)?;
+            for &k in &idxs {
+                for (lg, len, phys) in new_map.stripe_span(k, x.logical, x.len)? {
+                    let off = (lg - x.logical) as usize;
+                    dst.dev
+                        .write_at(&buf[off..off + len as usize], phys)
+                        .map_err(|e| Error::DeviceIo {
+                            path: dst.dev.path().into(),
+                            op: "replace write",
+                            physical: phys,
+                            len,
+                            source: e,
+                        })?;
+                }
+            }
+            copied += x.len;
+        }
+        crate::failpoint!("replace::before_switch", start);
+        transaction::change(fs, |ctx| {
+            let pending = ctx.st.pending_chunks.iter_mut().find(|c| c.logical == start);
+            if let Some(c) = pending {
+                // Not in the trees yet: the commit inserts it, stripes and all.
+                *c = item.clone();
+            } else {
+                ctx.insert(
+                    tree_id::CHUNK,
+                    Key::new(objectid::FIRST_CHUNK, item::CHUNK, start),
+                    item.encode(),
+                )?;
+                for (&k, &p) in idxs.iter().zip(&taken) {
+                    let old = map.item.stripes[k];
+                    ctx.delete(
+                        tree_id::DEV,
+                        &Key::new(old.devid, item::DEV_EXTENT, old.physical),
+                    )?;
+                    ctx.insert(
+                        tree_id::DEV,
+                        Key::new(dst.devid, item::DEV_EXTENT, p),
+                        DevExtent {
+                            chunk_logical: start,
+                            length: item.stripe_bytes,
+                        }
+                        .encode(),
+                    )?;
+                }
+            }
+            ctx.fs.mapping.insert(item.clone());
+            if let Some(s) = ctx.fs.device(src) {
+                for &k in &idxs {
+                    write(&s.extents).remove(&map.item.stripes[k].physical);
+                }
+            }
+            ctx.st.dirty = true;
+            Ok(())
+        })?;
+        Ok(copied)
+    })();
+    if r.is_err() && !fs.is_aborted() {
+        for p in &taken {
+            write(&dst.extents).remove(p);
+        }
+    }
+    drop(hold);
+    r
+}

@@ -1,0 +1,403 @@
+//! Relocation: empty one block group by moving every live extent elsewhere,
+//! then remove it as the cleaner does. Balance, device removal and automatic
+//! reclaim are built on it.
+//!
+//! The group is read-only throughout (`ro++`), so nothing new lands in it and
+//! freed space in it is never reused: its old bytes stay readable until the
+//! group is removed, which makes the copy-then-switch below safe against
+//! concurrent client writes and discards.
+//! - Data: each extent is read (verified against its checksums, repaired
+//!   from a mirror if needed) and written to a fresh extent outside the
+//!   group; then, under the transaction lock, whatever pieces of it are still
+//!   live have their volume mappings, extent items and checksum items switched
+//!   to the new address. Pieces a client freed meanwhile are simply not moved.
+//! - Metadata and system: every tree node inside the group is copied-on-write
+//!   to a new address in one transaction (parents follow by path copying).
+//!
+//! Removal waits until what the moves freed is no longer pinned (committed,
+//! and no reader of an older view left). If that takes long (a scrub holds a
+//! view), the group is handed to the cleaner still read-only (`relocated`).
+
+use std::time::{Duration, Instant};
+
+use crate::block_group::BlockGroup;
+use crate::btree::{self, Iter};
+use crate::error::{Error, Result};
+use crate::format::{item, objectid, tree_id, ExtentItem, Key, VolumeExtent};
+use crate::fs_info::FsInfo;
+use crate::sync::{lock, read, Arc, Ordering};
+use crate::transaction::{self, commit, Ctx};
+
+/// Extents listed per pass over a data group.
+const DATA_BATCH_EXTENTS: usize = 256;
+/// How long removal waits for pinned bytes before handing off to the cleaner.
+const REMOVE_WAIT: Duration = Duration::from_secs(5);
+
+/// What relocating one group did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RelocStats {
+    /// Bytes of live extents copied out of the group.
+    pub bytes_relocated: u64,
+    pub extents: u64,
+    pub tree_blocks: u64,
+    /// The group is gone (false: handed to the cleaner, or it vanished).
+    pub removed: bool,
+    /// The group did not exist (any more) when relocation began.
+    pub vanished: bool,
+}
+
+/// Why relocation stopped early: a caller's stop request.
+pub fn stopped() -> Error {
+    Error::Busy("relocation stopped on request".into())
+}
+
+/// Holds a group read-only; gives the mark back unless handed off.
+pub(crate) struct RoHold<'a> {
+    fs: &'a FsInfo,
+    bg: Arc<BlockGroup>,
+    armed: bool,
+}
+
+impl<'a> RoHold<'a> {
+    /// `ro++` on the group unless it is already removed.
+    pub(crate) fn take(fs: &'a FsInfo, bg: &Arc<BlockGroup>) -> Option<RoHold<'a>> {
+        let mut s = bg.lock();
+        if s.removed {
+            return None;
+        }
+        s.ro += 1;
+        Some(RoHold {
+            fs,
+            bg: bg.clone(),
+            armed: true,
+        })
+    }
+}
+
+impl Drop for RoHold<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut s = self.bg.lock();
+        s.ro -= 1;
+        // The cleaner skipped it while it was read-only (as scrub, R3).
+        let q = s.ro == 0 && s.take_unused_slot();
+        drop(s);
+        if q {
+            lock(&self.fs.unused_bgs).push_back(self.bg.start);
+        }
+    }
+}
+
+/// Keeps scrub between units while held (btrfs pauses scrub around
+/// relocation's critical section). Scrub still stops at once if the pool
+/// fails, so an abort under the hold cannot deadlock (R7).
+pub struct ScrubHold<'a>(&'a FsInfo);
+
+impl<'a> ScrubHold<'a> {
+    pub fn new(fs: &'a FsInfo) -> Self {
+        fs.scrub_hold.fetch_add(1, Ordering::AcqRel);
+        ScrubHold(fs)
+    }
+}
+
+impl Drop for ScrubHold<'_> {
+    fn drop(&mut self) {
+        self.0.scrub_hold.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Relocate the group starting at `start`. `stop` is polled between extents;
+/// when it returns true the group is left as it is (partly moved, fully
+/// consistent) and [`stopped`] is returned.
+pub fn relocate_block_group(
+    fs: &FsInfo,
+    start: u64,
+    stop: &dyn Fn() -> bool,
+) -> Result<RelocStats> {
+    let _serial = lock(&fs.reloc_lock);
+    fs.check_abort()?;
+    let mut stats = RelocStats::default();
+    let Some(bg) = read(&fs.block_groups).get(&start).cloned() else {
+        stats.vanished = true;
+        return Ok(stats);
+    };
+    let Some(mut hold) = RoHold::take(fs, &bg) else {
+        stats.vanished = true;
+        return Ok(stats);
+    };
+    crate::failpoint!("relocation::after_ro", start);
+    wait_for_writers(fs, &bg, stop)?;
+    if bg.is_data() {
+        move_data(fs, &bg, stop, &mut stats)?;
+    } else {
+        move_tree_blocks(fs, &bg, &mut stats)?;
+    }
+    commit(fs)?;
+    let used = bg.lock().used;
+    if used != 0 {
+        return Err(fs.abort(&format!(
+            "relocation of block group {start:#x}: {used} bytes still used after moving every extent"
+        )));
+    }
+    crate::failpoint!("relocation::before_remove", start);
+    let deadline = Instant::now() + REMOVE_WAIT;
+    loop {
+        let removed = {
+            let _scrub = ScrubHold::new(fs);
+            transaction::change(fs, |ctx| {
+                let empty = {
+                    let s = bg.lock();
+                    !s.removed && s.used == 0 && s.reserved == 0 && s.pinned == 0
+                };
+                if empty {
+                    crate::cleaner::remove_block_group(ctx, &bg)?;
+                }
+                Ok(empty)
+            })?
+        };
+        if removed {
+            hold.armed = false;
+            stats.removed = true;
+            commit(fs)?;
+            break;
+        }
+        if Instant::now() >= deadline {
+            // A long reader (scrub) still sees the old extents: let the
+            // cleaner delete the group once it lets go.
+            let mut s = bg.lock();
+            s.relocated = true;
+            let q = s.take_unused_slot();
+            drop(s);
+            if q {
+                lock(&fs.unused_bgs).push_back(start);
+            }
+            hold.armed = false;
+            tracing::info!("relocated block group {start:#x}; the cleaner removes it");
+            break;
+        }
+        if fs.pinned_bytes() > 0 {
+            commit(fs)?;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    tracing::info!(
+        "relocated block group {start:#x}: {} extents, {} tree blocks, {} bytes",
+        stats.extents,
+        stats.tree_blocks,
+        stats.bytes_relocated
+    );
+    Ok(stats)
+}
+
+/// Writers that reserved space in the group before it went read-only finish
+/// first: their data is about to become an extent we must move.
+pub(crate) fn wait_for_writers(fs: &FsInfo, bg: &BlockGroup, stop: &dyn Fn() -> bool) -> Result<()> {
+    while bg.lock().reserved > 0 {
+        fs.check_abort()?;
+        if stop() {
+            return Err(stopped());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+/// A data extent as listed from the live extent tree.
+struct Listed {
+    start: u64,
+    len: u64,
+    sums: Option<Vec<u8>>,
+}
+
+fn csum_key(logical: u64) -> Key {
+    Key::new(objectid::CSUM, item::CSUM, logical)
+}
+
+fn list_data(fs: &FsInfo, bg: &BlockGroup) -> Result<Vec<Listed>> {
+    let st = lock(&fs.trans);
+    let mut out = Vec::new();
+    let it = Iter::new(
+        fs,
+        &st.root(tree_id::EXTENT),
+        Key::new(bg.start, item::EXTENT, 0),
+        Key::new(bg.end() - 1, item::EXTENT, u64::MAX),
+    );
+    for r in it {
+        let (k, _) = r?;
+        if k.ty != item::EXTENT {
+            continue;
+        }
+        if k.offset == 0 || k.objectid.checked_add(k.offset).is_none_or(|e| e > bg.end()) {
+            return Err(Error::Corrupt(format!(
+                "extent item {k} does not fit block group {:#x}+{}",
+                bg.start, bg.length
+            )));
+        }
+        let sums = btree::get(fs, &st.root(tree_id::CSUM), &csum_key(k.objectid))?;
+        out.push(Listed {
+            start: k.objectid,
+            len: k.offset,
+            sums,
+        });
+        if out.len() >= DATA_BATCH_EXTENTS {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+fn move_data(
+    fs: &FsInfo,
+    bg: &BlockGroup,
+    stop: &dyn Fn() -> bool,
+    stats: &mut RelocStats,
+) -> Result<()> {
+    loop {
+        let batch = list_data(fs, bg)?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        for x in batch {
+            if stop() {
+                return Err(stopped());
+            }
+            fs.check_abort()?;
+            stats.bytes_relocated += move_extent(fs, bg, &x)?;
+            stats.extents += 1;
+        }
+    }
+}
+
+/// Copy one extent out of the group and switch its live pieces over.
+/// Returns the bytes switched.
+fn move_extent(fs: &FsInfo, bg: &BlockGroup, x: &Listed) -> Result<u64> {
+    let cs = fs.csum_type.size_bytes();
+    let sums = x
+        .sums
+        .as_deref()
+        .filter(|s| s.len() as u64 >= x.len / crate::format::SECTOR_BYTES * cs as u64);
+    let mut buf = vec![0u8; x.len as usize];
+    let bg_start = bg.start;
+    fs.read_data(x.start, &mut buf, sums, &|lg, l| Error::Corrupt(format!(
+        "relocation of block group {bg_start:#x}: logical {lg:#x}+{l} has no good copy on any mirror"
+    )))?;
+    let (new, _) = transaction::change(fs, |ctx| {
+        ctx.alloc_extent(crate::format::bg_type::DATA, x.len, x.len)
+    })?;
+    crate::failpoint!("relocation::extent_copied", x.start);
+    let r = fs
+        .write_logical(new, &buf)
+        .and_then(|_| transaction::change(fs, |ctx| switch_extent(ctx, x, new)));
+    match r {
+        Ok(moved) => Ok(moved),
+        Err(e) => {
+            if !fs.is_aborted() {
+                let mut st = lock(&fs.trans);
+                Ctx::join(fs, &mut st).unreserve(new, x.len);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Point every live piece of the old extent at its copy at `new`; give back
+/// the parts of the copy nothing references any more.
+fn switch_extent(ctx: &mut Ctx, x: &Listed, new: u64) -> Result<u64> {
+    let old_end = x.start + x.len;
+    let pieces: Vec<(Key, Vec<u8>)> = ctx
+        .range(
+            tree_id::EXTENT,
+            Key::new(x.start, item::EXTENT, 0),
+            Key::new(old_end - 1, item::EXTENT, u64::MAX),
+        )?
+        .into_iter()
+        .filter(|(k, _)| k.ty == item::EXTENT)
+        .collect();
+    let mut used = Vec::new();
+    for (k, v) in pieces {
+        let (ps, pl) = (k.objectid, k.offset);
+        if ps + pl > old_end {
+            return Err(ctx.fs.abort(&format!(
+                "relocation: extent {k} grew past the extent {:#x}+{} it was cut from",
+                x.start, x.len
+            )));
+        }
+        let nps = new + (ps - x.start);
+        let ei = ExtentItem::decode(&v).map_err(|e| Error::Corrupt(format!("extent {k}: {e}")))?;
+        for b in &ei.backrefs {
+            let vk = Key::new(b.volume_id, item::VOLUME_EXTENT, b.lba_bytes);
+            let Some(raw) = ctx.get(tree_id::VOLUME, &vk)? else {
+                return Err(ctx.fs.abort(&format!(
+                    "relocation: extent {k} back reference {vk} has no mapping"
+                )));
+            };
+            let ve =
+                VolumeExtent::decode(&raw).map_err(|e| Error::Corrupt(format!("{vk}: {e}")))?;
+            if ve.logical != ps || ve.len != pl {
+                return Err(ctx.fs.abort(&format!(
+                    "relocation: mapping {vk} points at {:#x}+{}, extent is {ps:#x}+{pl}",
+                    ve.logical, ve.len
+                )));
+            }
+            ctx.insert(
+                tree_id::VOLUME,
+                vk,
+                VolumeExtent {
+                    logical: nps,
+                    ..ve
+                }
+                .encode(),
+            )?;
+        }
+        ctx.delete(tree_id::EXTENT, &k)?;
+        ctx.insert(tree_id::EXTENT, Key::new(nps, item::EXTENT, pl), v)?;
+        if let Some(s) = ctx.get(tree_id::CSUM, &csum_key(ps))? {
+            ctx.delete(tree_id::CSUM, &csum_key(ps))?;
+            ctx.insert(tree_id::CSUM, csum_key(nps), s)?;
+        }
+        ctx.free_extent(ps, pl);
+        ctx.commit_reservation(nps, pl);
+        used.push((nps, pl));
+    }
+    // Whatever of the copy is not referenced goes back to free space.
+    let mut pos = new;
+    let mut moved = 0;
+    for (s, l) in used {
+        if s > pos {
+            ctx.unreserve(pos, s - pos);
+        }
+        pos = s + l;
+        moved += l;
+    }
+    if new + x.len > pos {
+        ctx.unreserve(pos, new + x.len - pos);
+    }
+    crate::failpoint!("relocation::switched", x.start);
+    Ok(moved)
+}
+
+fn move_tree_blocks(fs: &FsInfo, bg: &BlockGroup, stats: &mut RelocStats) -> Result<()> {
+    // Nodes allocated in the group before it went read-only are written by
+    // this commit; from here on nothing new lands in it.
+    commit(fs)?;
+    let (start, end) = (bg.start, bg.end());
+    for _round in 0..3 {
+        let moved = transaction::change(fs, |ctx| {
+            let mut n = 0;
+            for t in tree_id::ALL {
+                n += ctx.with_tree(t, |c, root| btree::relocate(c, root, start, end))?;
+            }
+            Ok(n)
+        })?;
+        stats.tree_blocks += moved;
+        stats.bytes_relocated += moved * fs.node_bytes as u64;
+        // Commit so the extent-tree items of the moves are applied.
+        commit(fs)?;
+        if bg.lock().used == 0 {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
