@@ -83,9 +83,8 @@ impl Filters {
                 Some((k, v)) => (k, Some(v)),
                 None => (part, None),
             };
-            let need = || {
-                v.ok_or_else(|| Error::Invalid(format!("balance filter '{k}' needs a value")))
-            };
+            let need =
+                || v.ok_or_else(|| Error::Invalid(format!("balance filter '{k}' needs a value")));
             match k {
                 "usage" => {
                     let v = need()?;
@@ -203,8 +202,7 @@ impl Plan {
         let any = args.data.is_some() || args.metadata.is_some() || args.system.is_some();
         if !any && !args.full {
             return Err(Error::Invalid(
-                "balance needs filters (-d, -m, -s) or --full to relocate every block group"
-                    .into(),
+                "balance needs filters (-d, -m, -s) or --full to relocate every block group".into(),
             ));
         }
         for (t, f) in [

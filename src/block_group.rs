@@ -114,6 +114,12 @@ pub struct BgState {
 }
 
 impl BgState {
+    /// Read-only marks other than a finished relocation's own (which only
+    /// keeps allocation out until the cleaner removes the group).
+    pub fn foreign_ro(&self) -> u32 {
+        self.ro - u32::from(self.relocated)
+    }
+
     /// If the group is empty and not yet queued for the cleaner, mark it
     /// queued and return true; the caller then pushes it on the unused list
     /// (after dropping this lock).

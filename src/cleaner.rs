@@ -39,7 +39,7 @@ pub fn delete_unused_bgs(fs: &FsInfo) -> Result<CleanerPass> {
             s.on_unused_list = false;
             // A relocated group's own read-only mark does not hold it back,
             // nor does being the last of its type: relocation made another.
-            let foreign_ro = s.ro > u32::from(s.relocated);
+            let foreign_ro = s.foreign_ro() > 0;
             if s.removed
                 || s.used > 0
                 || s.reserved > 0

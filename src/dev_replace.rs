@@ -16,6 +16,8 @@ use crate::error::{Error, Result};
 use crate::format::{item, objectid, tree_id, DevExtent, Key, Stripe, SECTOR_BYTES};
 use crate::fs_info::FsInfo;
 use crate::relocation::{wait_for_writers, RoHold};
+use std::collections::BTreeMap;
+
 use crate::sync::{lock, read, write, Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
 use crate::transaction::{self, commit};
 use crate::volumes::{ChunkMap, Device};
@@ -71,6 +73,10 @@ pub struct ReplaceRun {
     cancel: AtomicBool,
     failure: Mutex<Option<String>>,
     finished: (Mutex<bool>, Condvar),
+    /// Target space taken up front for each chunk on the source:
+    /// chunk start -> (stripe index, physical) per source stripe. New chunks
+    /// may use the target meanwhile, but never the space the copies need.
+    reserved: Mutex<BTreeMap<u64, Vec<(usize, u64)>>>,
 }
 
 impl ReplaceRun {
@@ -174,6 +180,15 @@ pub fn start(
     if let Some(d) = fs.device(src) {
         d.allocatable.store(false, Ordering::Release);
     }
+    let reserved = match reserve_target(fs, src, &target) {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(d) = fs.device(src) {
+                d.allocatable.store(true, Ordering::Release);
+            }
+            return Err(e);
+        }
+    };
     let run = Arc::new(ReplaceRun {
         src_devid: src,
         target,
@@ -186,6 +201,7 @@ pub fn start(
         cancel: AtomicBool::new(false),
         failure: Mutex::new(None),
         finished: (Mutex::new(false), Condvar::new()),
+        reserved: Mutex::new(reserved),
     });
     *slot = Some(run.clone());
     drop(slot);
@@ -202,6 +218,40 @@ pub fn start(
     Ok(run)
 }
 
+/// Take the target space for every stripe the source holds.
+fn reserve_target(
+    fs: &FsInfo,
+    src: u64,
+    target: &Device,
+) -> Result<BTreeMap<u64, Vec<(usize, u64)>>> {
+    let mut out: BTreeMap<u64, Vec<(usize, u64)>> = BTreeMap::new();
+    for m in fs.mapping.all() {
+        for (k, st) in m.item.stripes.iter().enumerate() {
+            if st.devid != src {
+                continue;
+            }
+            match target.take(m.item.stripe_bytes) {
+                Some(p) => out.entry(m.start()).or_default().push((k, p)),
+                None => {
+                    release(target, out.values().flatten());
+                    return Err(Error::NoSpace(format!(
+                        "{}: too small to hold the stripes of devid {src}",
+                        target.dev.path().display()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn release<'a>(target: &Device, taken: impl Iterator<Item = &'a (usize, u64)>) {
+    let mut ext = write(&target.extents);
+    for (_, p) in taken {
+        ext.remove(p);
+    }
+}
+
 fn drive(fs: &FsInfo, run: &ReplaceRun) {
     let end = match drive_inner(fs, run) {
         Ok(s) => s,
@@ -211,6 +261,9 @@ fn drive(fs: &FsInfo, run: &ReplaceRun) {
             State::Failed
         }
     };
+    // Space kept for groups that went away (or were not reached).
+    let left = std::mem::take(&mut *lock(&run.reserved));
+    release(&run.target, left.values().flatten());
     if end != State::Finished {
         if let Some(d) = fs.device(run.src_devid) {
             d.allocatable.store(true, Ordering::Release);
@@ -233,7 +286,19 @@ fn drive_inner(fs: &FsInfo, run: &ReplaceRun) -> Result<State> {
             if run.cancel.load(Ordering::Acquire) {
                 return Ok(State::Canceled);
             }
-            let n = replace_group(fs, start, run.src_devid, &run.target)?;
+            let Some(slots) = lock(&run.reserved).remove(&start) else {
+                return Err(Error::Corrupt(format!(
+                    "device replace: chunk {start:#x} appeared on devid {} after the start",
+                    run.src_devid
+                )));
+            };
+            let n = match replace_group(fs, start, run.src_devid, &run.target, &slots) {
+                Ok(n) => n,
+                Err(e) => {
+                    release(&run.target, slots.iter());
+                    return Err(e);
+                }
+            };
             run.bytes.fetch_add(n, Ordering::AcqRel);
             run.done.fetch_add(1, Ordering::AcqRel);
         }
@@ -309,15 +374,26 @@ fn read_live(fs: &FsInfo, x: &Live) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Copy one group's stripes on `src` to `dst` and switch the chunk over.
-/// Returns the bytes copied.
-fn replace_group(fs: &FsInfo, start: u64, src: u64, dst: &Arc<Device>) -> Result<u64> {
+/// Copy one group's stripes on `src` to `dst` (at the physical offsets
+/// reserved in `slots`) and switch the chunk over. Returns the bytes copied.
+/// When the group is gone or no longer on `src`, its slots are released.
+fn replace_group(
+    fs: &FsInfo,
+    start: u64,
+    src: u64,
+    dst: &Arc<Device>,
+    slots: &[(usize, u64)],
+) -> Result<u64> {
     let _serial = lock(&fs.reloc_lock);
+    let gone = || {
+        release(dst, slots.iter());
+        Ok(0)
+    };
     let Some(bg) = read(&fs.block_groups).get(&start).cloned() else {
-        return Ok(0);
+        return gone();
     };
     let Some(hold) = RoHold::take(fs, &bg) else {
-        return Ok(0);
+        return gone();
     };
     wait_for_writers(fs, &bg, &|| false)?;
     if !bg.is_data() {
@@ -326,25 +402,18 @@ fn replace_group(fs: &FsInfo, start: u64, src: u64, dst: &Arc<Device>) -> Result
     }
     crate::failpoint!("replace::before_copy", start);
     let Some(map) = fs.mapping.get(start) else {
-        return Ok(0);
+        return gone();
     };
-    let idxs: Vec<usize> = (0..map.item.stripes.len())
-        .filter(|&k| map.item.stripes[k].devid == src)
-        .collect();
+    let idxs: Vec<usize> = slots.iter().map(|&(k, _)| k).collect();
+    if idxs
+        .iter()
+        .any(|&k| map.item.stripes.get(k).is_none_or(|s| s.devid != src))
+    {
+        return gone();
+    }
+    let taken: Vec<u64> = slots.iter().map(|&(_, p)| p).collect();
     let mut item = map.item.clone();
-    let mut taken = Vec::new();
-    for &k in &idxs {
-        let Some(p) = dst.take(item.stripe_bytes) else {
-            for p in taken {
-                write(&dst.extents).remove(&p);
-            }
-            return Err(Error::NoSpace(format!(
-                "{}: no room for a {}-byte stripe of block group {start:#x}",
-                dst.dev.path().display(),
-                item.stripe_bytes
-            )));
-        };
-        taken.push(p);
+    for &(k, p) in slots {
         item.stripes[k] = Stripe {
             devid: dst.devid,
             physical: p,
@@ -373,7 +442,11 @@ fn replace_group(fs: &FsInfo, start: u64, src: u64, dst: &Arc<Device>) -> Result
         }
         crate::failpoint!("replace::before_switch", start);
         transaction::change(fs, |ctx| {
-            let pending = ctx.st.pending_chunks.iter_mut().find(|c| c.logical == start);
+            let pending = ctx
+                .st
+                .pending_chunks
+                .iter_mut()
+                .find(|c| c.logical == start);
             if let Some(c) = pending {
                 // Not in the trees yet: the commit inserts it, stripes and all.
                 *c = item.clone();
@@ -411,11 +484,6 @@ fn replace_group(fs: &FsInfo, start: u64, src: u64, dst: &Arc<Device>) -> Result
         })?;
         Ok(copied)
     })();
-    if r.is_err() && !fs.is_aborted() {
-        for p in &taken {
-            write(&dst.extents).remove(p);
-        }
-    }
     drop(hold);
     r
 }

@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
-use crate::format::{
-    item, new_uuid, objectid, tree_id, DevItem, Key, SUPER_BYTES, SUPER_OFFSETS,
-};
+use crate::format::{item, new_uuid, objectid, tree_id, DevItem, Key, SUPER_BYTES, SUPER_OFFSETS};
 use crate::fs_info::FsInfo;
 use crate::relocation::relocate_block_group;
 use crate::sync::{read, write, Arc, Ordering};
@@ -108,7 +106,11 @@ pub fn add(fs: &FsInfo, dev: Arc<dyn BlockDevice>) -> Result<u64> {
 
 /// Check that the pool keeps enough devices for its profiles without `devid`.
 fn check_enough_left(fs: &FsInfo, devid: u64) -> Result<()> {
-    let left = fs.alloc_devices().iter().filter(|d| d.devid != devid).count();
+    let left = fs
+        .alloc_devices()
+        .iter()
+        .filter(|d| d.devid != devid)
+        .count();
     let (data, meta) = {
         let st = crate::sync::lock(&fs.trans);
         (st.data_profile, st.metadata_profile)

@@ -53,6 +53,8 @@ pub enum Error {
     Corrupt(String),
     #[error("{0}")]
     Busy(String),
+    #[error("{0}")]
+    Degraded(String),
 }
 
 impl Error {

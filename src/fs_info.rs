@@ -190,9 +190,12 @@ impl FsInfo {
         if missing.is_empty() {
             return false;
         }
-        self.mapping
-            .get(start)
-            .is_some_and(|m| m.item.stripes.iter().any(|s| missing.contains_key(&s.devid)))
+        self.mapping.get(start).is_some_and(|m| {
+            m.item
+                .stripes
+                .iter()
+                .any(|s| missing.contains_key(&s.devid))
+        })
     }
 
     /// The block group containing `logical`.
@@ -342,6 +345,8 @@ impl FsInfo {
             .lookup(logical)
             .ok_or(Error::NoChunk { logical })?;
         let pieces = map.map(logical, data.len() as u64)?;
+        // A writer that holds a map may be slow to use it (R8).
+        crate::failpoint!("write_logical::mapped", map.start());
         let missing = read(&self.missing);
         for p in &pieces {
             let off = (p.logical - logical) as usize;

@@ -31,7 +31,7 @@ use crate::transaction::{self, commit, Ctx};
 /// Extents listed per pass over a data group.
 const DATA_BATCH_EXTENTS: usize = 256;
 /// How long removal waits for pinned bytes before handing off to the cleaner.
-const REMOVE_WAIT: Duration = Duration::from_secs(5);
+const REMOVE_WAIT: Duration = Duration::from_secs(2);
 
 /// What relocating one group did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -193,7 +193,11 @@ pub fn relocate_block_group(
 
 /// Writers that reserved space in the group before it went read-only finish
 /// first: their data is about to become an extent we must move.
-pub(crate) fn wait_for_writers(fs: &FsInfo, bg: &BlockGroup, stop: &dyn Fn() -> bool) -> Result<()> {
+pub(crate) fn wait_for_writers(
+    fs: &FsInfo,
+    bg: &BlockGroup,
+    stop: &dyn Fn() -> bool,
+) -> Result<()> {
     while bg.lock().reserved > 0 {
         fs.check_abort()?;
         if stop() {
@@ -229,7 +233,11 @@ fn list_data(fs: &FsInfo, bg: &BlockGroup) -> Result<Vec<Listed>> {
         if k.ty != item::EXTENT {
             continue;
         }
-        if k.offset == 0 || k.objectid.checked_add(k.offset).is_none_or(|e| e > bg.end()) {
+        if k.offset == 0
+            || k.objectid
+                .checked_add(k.offset)
+                .is_none_or(|e| e > bg.end())
+        {
             return Err(Error::Corrupt(format!(
                 "extent item {k} does not fit block group {:#x}+{}",
                 bg.start, bg.length
@@ -344,11 +352,7 @@ fn switch_extent(ctx: &mut Ctx, x: &Listed, new: u64) -> Result<u64> {
             ctx.insert(
                 tree_id::VOLUME,
                 vk,
-                VolumeExtent {
-                    logical: nps,
-                    ..ve
-                }
-                .encode(),
+                VolumeExtent { logical: nps, ..ve }.encode(),
             )?;
         }
         ctx.delete(tree_id::EXTENT, &k)?;

@@ -938,7 +938,7 @@ fn scrub_dev_extent(
         let mut s = bg.lock();
         s.scrubbing -= 1;
         // The cleaner skipped it while scrub held it: hand it back (R3).
-        s.ro == 0 && s.scrubbing == 0 && s.take_unused_slot()
+        s.foreign_ro() == 0 && s.scrubbing == 0 && s.take_unused_slot()
     };
     if requeue {
         lock(&fs.unused_bgs).push_back(bg.start);

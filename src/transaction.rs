@@ -210,7 +210,22 @@ impl<'a> Ctx<'a> {
     pub fn new_chunk(&mut self, t: u64) -> Result<Arc<BlockGroup>> {
         let profile = self.target_profile(t);
         let logical = self.fs.mapping.next_logical();
-        let item = alloc_chunk(&self.fs.alloc_devices(), logical, t, profile)?;
+        let item = alloc_chunk(&self.fs.alloc_devices(), logical, t, profile).map_err(|e| {
+            let missing: Vec<String> = crate::sync::read(&self.fs.missing)
+                .keys()
+                .map(|d| format!("devid {d}"))
+                .collect();
+            if missing.is_empty() {
+                return e;
+            }
+            // Degraded: refuse rather than write fewer copies than the profile.
+            Error::Degraded(format!(
+                "pool is degraded ({} missing): no {} chunk with every {} mirror present can be made ({e}); replace or remove the missing device",
+                missing.join(", "),
+                bg_type::name(t),
+                profile.name()
+            ))
+        })?;
         if t == bg_type::SYSTEM {
             let mut sys: Vec<ChunkItem> = self
                 .fs

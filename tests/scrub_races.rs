@@ -394,3 +394,254 @@ fn r9_readonly_scrub_writes_nothing() {
     let st = start_dev1(&s, false).wait();
     assert_eq!(st.counters.errors(), 0);
 }
+
+// ---------------------------------------------------------------------------
+// The same rules with relocation (balance) and device replace as the actors.
+
+use chunkvol::relocation::relocate_block_group;
+
+fn never() -> bool {
+    false
+}
+
+/// Commit and run the cleaner until the group at `x` is gone.
+fn wait_removed(fs: &Arc<FsInfo>, x: u64) {
+    let end = std::time::Instant::now() + T;
+    while fs.block_group(x).is_some_and(|b| b.start == x) {
+        assert!(
+            std::time::Instant::now() < end,
+            "group {x:#x} never removed"
+        );
+        commit(fs).unwrap();
+        delete_unused_bgs(fs).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// R2 with relocation: scrub holds group X's map and is about to repair a bad
+/// sector when relocation moves every extent out of X. Relocation must not
+/// remove X (and drop its map) while scrub still sees its extents; scrub's
+/// repair completes with the map it holds, and X goes once scrub lets go.
+#[test]
+fn r2_relocation_empties_group_while_scrub_repairs_in_it() {
+    let _g = serial();
+    let s = setup();
+    let logical = corrupt_one(&s);
+    let x = s.fs().block_group(logical).unwrap().start;
+    failpoint::set("scrub::before_repair", Action::PauseIf(x));
+    let run = start_dev1(&s, false);
+    paused("scrub::before_repair");
+    failpoint::set("relocation::before_remove", Action::PauseIf(x));
+    let fs = s.fs().clone();
+    let h = std::thread::spawn(move || relocate_block_group(&fs, x, &never));
+    paused("relocation::before_remove");
+    let bg = s.fs().block_group(x).unwrap();
+    assert_eq!(bg.lock().used, 0, "every extent moved out");
+    assert!(
+        s.fs().mapping.get(x).is_some(),
+        "map kept while scrub uses it"
+    );
+    failpoint::release("relocation::before_remove");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !bg.lock().removed,
+        "removed while a scrub still reads the old extents"
+    );
+    failpoint::release("scrub::before_repair");
+    let st = run.wait();
+    let stats = h.join().unwrap().unwrap();
+    assert_eq!(st.state, State::Finished, "{:?}", st.failure);
+    assert_eq!(st.counters.csum_errors, 1);
+    assert_eq!(st.counters.corrected_errors, 1);
+    assert_eq!(st.counters.uncorrectable_errors, 0);
+    assert!(stats.bytes_relocated > 0);
+    wait_removed(s.fs(), x);
+    let v = s.pool.volume("v").unwrap();
+    let mut buf = vec![0u8; 40 << 20];
+    v.read_at(&mut buf, 0).unwrap();
+    assert!(buf == pattern(1, 40 << 20), "data survived relocation");
+    let r = chunkvol::check::check(&s.pool, true).unwrap();
+    assert!(r.ok(), "{r:?}");
+}
+
+/// R4 with relocation: relocation removes a group scrub has frozen. The map
+/// and device extents stay until scrub lets go, so a new group cannot take
+/// the range; scrub then finishes with no errors.
+#[test]
+fn r4_relocation_removes_frozen_group_without_reuse() {
+    let _g = serial();
+    let s = setup();
+    let x = empty_group(&s);
+    let xmap = s.fs().mapping.get(x).unwrap();
+    failpoint::set("scrub::frozen", Action::PauseIf(x));
+    let run = start_dev1(&s, false);
+    paused("scrub::frozen");
+    let stats = relocate_block_group(s.fs(), x, &never).unwrap();
+    assert!(stats.removed, "{stats:?}");
+    assert!(
+        s.fs().mapping.get(x).is_some(),
+        "map drop deferred while frozen"
+    );
+    let y = {
+        let mut st = chunkvol::sync::lock(&s.fs().trans);
+        Ctx::join(s.fs(), &mut st).new_chunk(bg_type::DATA).unwrap()
+    };
+    assert!(
+        y.start >= xmap.end(),
+        "logical range of a frozen group reused"
+    );
+    let ymap = s.fs().mapping.get(y.start).unwrap();
+    for a in &xmap.item.stripes {
+        for b in &ymap.item.stripes {
+            let overlap = a.devid == b.devid
+                && a.physical < b.physical + ymap.item.stripe_bytes
+                && b.physical < a.physical + xmap.item.stripe_bytes;
+            assert!(!overlap, "device extent of a frozen group reused");
+        }
+    }
+    failpoint::release("scrub::frozen");
+    let st = run.wait();
+    assert_eq!(st.counters.errors(), 0);
+    assert!(s.fs().mapping.get(x).is_none(), "dropped on unfreeze");
+}
+
+/// R5 with relocation: balance wants group X gone while scrub is between
+/// verifying a bad sector and repairing it. Relocation cannot remove X
+/// until scrub is done with it (its view pins the old extents); the repair
+/// lands in X, which still owns that space, and X is removed afterwards.
+/// Data stays intact and the pool checks clean.
+#[test]
+fn r5_relocation_waits_out_a_pending_repair() {
+    let _g = serial();
+    let s = setup();
+    let logical = corrupt_one(&s);
+    let x = s.fs().block_group(logical).unwrap().start;
+    failpoint::set("scrub::before_repair", Action::PauseIf(x));
+    let run = start_dev1(&s, false);
+    paused("scrub::before_repair");
+    // Relocation runs to completion: it hands X to the cleaner because the
+    // scrub's view still pins X's old extents.
+    let stats = relocate_block_group(s.fs(), x, &never).unwrap();
+    assert!(!stats.removed, "removed under a pending repair: {stats:?}");
+    let bg = s.fs().block_group(x).unwrap();
+    assert!(
+        bg.lock().relocated && bg.lock().ro > 0,
+        "handed off read-only"
+    );
+    assert!(!bg.lock().removed);
+    assert_eq!(
+        delete_unused_bgs(s.fs()).unwrap().deleted,
+        0,
+        "cleaner waits too"
+    );
+    failpoint::release("scrub::before_repair");
+    let st = run.wait();
+    assert_eq!(st.state, State::Finished, "{:?}", st.failure);
+    assert_eq!(st.counters.uncorrectable_errors, 0);
+    wait_removed(s.fs(), x);
+    let v = s.pool.volume("v").unwrap();
+    let mut buf = vec![0u8; 40 << 20];
+    v.read_at(&mut buf, 0).unwrap();
+    assert!(buf == pattern(1, 40 << 20));
+    let r = chunkvol::check::check(&s.pool, true).unwrap();
+    assert!(r.ok(), "{r:?}");
+}
+
+/// R7 with relocation: relocation holds scrub still around its critical
+/// section when the transaction aborts. Scrub must stop at once (the pool
+/// failed) instead of waiting for a hold that is never released.
+#[test]
+fn r7_abort_while_relocation_holds_scrub() {
+    let _g = serial();
+    let s = setup();
+    let y = s
+        .fs()
+        .block_group(s.pool.data_extents().unwrap()[0].0)
+        .unwrap()
+        .start;
+    let x = empty_group(&s);
+    failpoint::set("scrub::unit", Action::PauseIf(y));
+    let run = start_dev1(&s, false);
+    paused("scrub::unit");
+    failpoint::set("cleaner::before_removed", Action::PauseIf(x));
+    let fs = s.fs().clone();
+    let h = std::thread::spawn(move || relocate_block_group(&fs, x, &never));
+    paused("cleaner::before_removed");
+    assert!(s.fs().scrub_hold.load(std::sync::atomic::Ordering::Acquire) > 0);
+    failpoint::release("scrub::unit");
+    let _ = s.fs().abort("test: transaction aborted under relocation");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let r2 = run.clone();
+    std::thread::spawn(move || tx.send(r2.wait()).unwrap());
+    let st = rx
+        .recv_timeout(T)
+        .expect("scrub hung on relocation's hold after the pool failed");
+    assert_eq!(st.state, State::Interrupted);
+    failpoint::release("cleaner::before_removed");
+    assert!(h.join().unwrap().is_err(), "relocation reports the abort");
+}
+
+/// R8: device replace copies group X while a writer that reserved space in X
+/// before it went read-only still holds X's old map. Replace must wait for
+/// that writer; otherwise the copy misses the write and the new device holds
+/// stale data (found by opening the pool with only the new device's mirror).
+#[test]
+fn r8_replace_waits_for_in_flight_writer() {
+    let _g = serial();
+    let s = setup();
+    let fs = s.fs().clone();
+    // The data group the next allocation uses: the first with free space.
+    let x = fs
+        .block_group_list()
+        .into_iter()
+        .find(|b| b.is_data() && b.lock().free.total_bytes() >= 64 << 10)
+        .expect("a data group with room")
+        .start;
+    failpoint::set("write_logical::mapped", Action::PauseIf(x));
+    let v = s.pool.volume("v").unwrap();
+    let data = pattern(8, 64 << 10);
+    let writer = {
+        let (v, d) = (v.clone(), data.clone());
+        std::thread::spawn(move || v.write_at(&d, 50 << 20))
+    };
+    paused("write_logical::mapped");
+    failpoint::set("replace::before_copy", Action::PauseIf(x));
+    let newdev = Arc::new(FaultyDevice::new("mem-new", 128 << 20));
+    let replacer = {
+        let (f, n) = (fs.clone(), newdev.clone());
+        std::thread::spawn(move || chunkvol::dev_replace::start(&f, 1, n, true).map(|r| r.status()))
+    };
+    assert!(
+        !failpoint::wait_paused("replace::before_copy", Duration::from_millis(800)),
+        "replace copied group {x:#x} while a writer was still in flight"
+    );
+    failpoint::release("write_logical::mapped");
+    writer.join().unwrap().unwrap();
+    paused("replace::before_copy");
+    failpoint::release("replace::before_copy");
+    let st = replacer.join().unwrap().unwrap();
+    assert_eq!(st.state, chunkvol::dev_replace::State::Finished, "{st:?}");
+    v.flush().unwrap();
+    // Only the new device and devid 2 remain; drop devid 2 too and read
+    // everything from the new device alone.
+    let Setup { devs, pool } = s;
+    drop(v);
+    pool.close().unwrap();
+    let only_new: Vec<Arc<dyn chunkvol::device::BlockDevice>> = vec![newdev.clone()];
+    let p = Pool::open_with_options(
+        only_new,
+        chunkvol::pool::OpenOptions {
+            repair: false,
+            degraded: true,
+        },
+    )
+    .unwrap();
+    let v = p.volume("v").unwrap();
+    let mut got = vec![0u8; 64 << 10];
+    v.read_at(&mut got, 50 << 20).unwrap();
+    assert!(got == data, "the new device misses the in-flight write");
+    let mut all = vec![0u8; 40 << 20];
+    v.read_at(&mut all, 0).unwrap();
+    assert!(all == pattern(1, 40 << 20));
+    drop(devs);
+}

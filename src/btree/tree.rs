@@ -92,7 +92,10 @@ fn reloc(
         // Even a node of the running transaction moves: its address is in
         // the group being emptied.
         let addr = s.alloc_node(node.owner, node.level)?;
-        debug_assert!(!inside(addr), "relocated node {addr:#x} back into the group");
+        debug_assert!(
+            !inside(addr),
+            "relocated node {addr:#x} back into the group"
+        );
         s.free_node(node);
         let gen = s.gen();
         let n = Arc::make_mut(node);

@@ -753,9 +753,12 @@ pub fn main() -> i32 {
                 reset,
                 target,
             } => run_op(&target, Op::DeviceStats { json, reset }),
-            DeviceCmd::Add { dev, target } => {
-                run_op(&target, Op::DeviceAdd { path: absolute(&dev) })
-            }
+            DeviceCmd::Add { dev, target } => run_op(
+                &target,
+                Op::DeviceAdd {
+                    path: absolute(&dev),
+                },
+            ),
             DeviceCmd::Remove { dev, target } => {
                 let dev = if dev.parse::<u64>().is_ok() || dev == "missing" {
                     dev
@@ -813,7 +816,10 @@ pub fn main() -> i32 {
                 };
                 // Filters are checked here too, so a typo fails before any
                 // server round trip.
-                for f in [&args.data, &args.metadata, &args.system].into_iter().flatten() {
+                for f in [&args.data, &args.metadata, &args.system]
+                    .into_iter()
+                    .flatten()
+                {
                     if let Err(e) = crate::balance::Filters::parse(f) {
                         return fail(2, e);
                     }

@@ -626,4 +626,3 @@ pub fn poll_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
         thread::sleep(Duration::from_millis(100));
     }
 }
-
