@@ -98,6 +98,19 @@ pub fn delete_unused_bgs(fs: &FsInfo) -> Result<CleanerPass> {
     }
 }
 
+/// Out of space: make what earlier transactions freed reusable (commit) and
+/// delete empty block groups now rather than at the cleaner's next pass, so
+/// their device space can hold new chunks. Returns whether anything came back.
+pub fn free_space_now(fs: &FsInfo) -> Result<bool> {
+    let pinned = fs.pinned_bytes() > 0;
+    crate::transaction::commit(fs)?;
+    let deleted = delete_unused_bgs(fs)?.deleted;
+    if deleted > 0 {
+        crate::transaction::commit(fs)?;
+    }
+    Ok(pinned || deleted > 0)
+}
+
 /// Automatic reclaim (btrfs's bg_reclaim_threshold): relocate the emptiest
 /// data or metadata group whose usage is below `threshold_percent`, if its
 /// live bytes fit in the free space of the other groups of its type, so that

@@ -291,9 +291,15 @@ fn move_extent(fs: &FsInfo, bg: &BlockGroup, x: &Listed) -> Result<u64> {
     fs.read_data(x.start, &mut buf, sums, &|lg, l| Error::Corrupt(format!(
         "relocation of block group {bg_start:#x}: logical {lg:#x}+{l} has no good copy on any mirror"
     )))?;
-    let (new, _) = transaction::change(fs, |ctx| {
-        ctx.alloc_extent(crate::format::bg_type::DATA, x.len, x.len)
-    })?;
+    let alloc = || {
+        transaction::change(fs, |ctx| {
+            ctx.alloc_extent(crate::format::bg_type::DATA, x.len, x.len)
+        })
+    };
+    let (new, _) = match alloc() {
+        Err(Error::NoSpace(_)) if crate::cleaner::free_space_now(fs)? => alloc()?,
+        r => r?,
+    };
     crate::failpoint!("relocation::extent_copied", x.start);
     let r = fs
         .write_logical(new, &buf)

@@ -8,7 +8,7 @@ use crate::extent;
 use crate::format::{bg_type, item, objectid, tree_id, Key, VolumeExtent, SECTOR_BYTES};
 use crate::fs_info::{FsInfo, RMW_LOCKS};
 use crate::sync::{lock, Arc, Ordering};
-use crate::transaction::{commit, Ctx};
+use crate::transaction::Ctx;
 
 /// A handle on one volume. Cheap to clone; safe to use from many threads.
 #[derive(Clone)]
@@ -220,10 +220,10 @@ impl Volume {
                 ctx.alloc_extent(bg_type::DATA, SECTOR_BYTES, want)
             });
             match r {
-                // Space freed by the running transaction comes back at commit.
-                Err(Error::NoSpace(_)) if attempt == 0 && self.fs.pinned_bytes() > 0 => {
-                    commit(&self.fs)?;
-                }
+                // Space freed by the running transaction comes back at
+                // commit; empty groups give their device space back.
+                Err(Error::NoSpace(_))
+                    if attempt == 0 && crate::cleaner::free_space_now(&self.fs)? => {}
                 r => return r,
             }
         }

@@ -329,60 +329,10 @@ fn fio_two_jobs_randwrite_verify_then_check() {
     let mut srv = Server::start(&dir, &devs, 2);
     let uri = srv.uri("disk0");
     let o = run(
-        Command::new(tool("fio"))
-            .args([
-                "--name=nbdverify",
-                "--ioengine=nbd",
-                &format!("--uri={uri}"),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--iodepth=8",
-                "--numjobs=2",
-                "--size=256M",
-                "--offset_increment=256M",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                // With time_based the verify phase after the writes never
-                // starts; a backlog verifies while writing.
-                "--verify_backlog=1024",
-                "--time_based",
-                &format!("--runtime={FIO_RUNTIME_SECS}"),
-                "--output-format=json",
-                // No local-*-verify.state files (and none in the work tree).
-                "--verify_state_save=0",
-            ])
-            .current_dir(dir.join("")),
+        fio_verify_cmd(&uri, 2, "256M", FIO_RUNTIME_SECS, "4k").current_dir(dir.join("")),
         Duration::from_secs(FIO_RUNTIME_SECS + 180),
     );
-    let all = o.all();
-    assert_eq!(o.code, 0, "fio failed:\n{}", o.text());
-    for bad in [
-        "verify failed",
-        "bad magic",
-        "bad header",
-        "verify: ",
-        "crc32c: verify",
-    ] {
-        assert!(
-            !all.contains(bad),
-            "fio reported a verify problem ({bad}):\n{}",
-            o.text()
-        );
-    }
-    let js = &o.stdout[o.stdout.find("\n{").map(|i| i + 1).unwrap_or(0)..];
-    let j: Value =
-        serde_json::from_str(js).unwrap_or_else(|e| panic!("fio JSON ({e}):\n{}", o.text()));
-    let jobs = j["jobs"].as_array().expect("jobs");
-    assert_eq!(jobs.len(), 2, "{}", o.text());
-    for job in jobs {
-        assert_eq!(job["error"], 0, "fio job error:\n{}", o.text());
-        let wr = u64f(&job["write"], "io_bytes");
-        let rd = u64f(&job["read"], "io_bytes");
-        eprintln!("fio job: wrote {} MiB, verified {} MiB", wr >> 20, rd >> 20);
-        assert!(wr > 0, "fio wrote nothing:\n{}", o.text());
-        assert!(rd > 0, "fio verified nothing:\n{}", o.text());
-    }
+    assert_fio_clean(&o, 2);
     srv.stop();
     offline_check(&devs, false);
 }

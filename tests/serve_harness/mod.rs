@@ -626,3 +626,68 @@ pub fn poll_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
         thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// fio through NBD: `jobs` jobs of random writes over `size_each` each,
+/// verified with crc32c while writing (a backlog, since `time_based` skips
+/// the final verify phase), for `runtime_s` seconds.
+pub fn fio_verify_cmd(uri: &str, jobs: u32, size_each: &str, runtime_s: u64, bs: &str) -> Command {
+    let mut c = Command::new(tool("fio"));
+    c.args([
+        "--name=nbdverify",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        &format!("--bs={bs}"),
+        "--iodepth=8",
+        &format!("--numjobs={jobs}"),
+        &format!("--size={size_each}"),
+        &format!("--offset_increment={size_each}"),
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--verify_backlog=1024",
+        "--time_based",
+        &format!("--runtime={runtime_s}"),
+        "--output-format=json",
+        // No local-*-verify.state files (and none in the work tree).
+        "--verify_state_save=0",
+    ]);
+    c
+}
+
+/// Check a finished fio run: exit 0, no verify complaint, every job wrote
+/// and verified something. Returns (bytes written, bytes verified).
+pub fn assert_fio_clean(o: &Out, jobs: usize) -> (u64, u64) {
+    let all = o.all();
+    assert_eq!(o.code, 0, "fio failed:\n{}", o.text());
+    for bad in [
+        "verify failed",
+        "bad magic",
+        "bad header",
+        "verify: ",
+        "crc32c: verify",
+    ] {
+        assert!(
+            !all.contains(bad),
+            "fio reported a verify problem ({bad}):\n{}",
+            o.text()
+        );
+    }
+    let js = &o.stdout[o.stdout.find("\n{").map(|i| i + 1).unwrap_or(0)..];
+    let j: Value =
+        serde_json::from_str(js).unwrap_or_else(|e| panic!("fio JSON ({e}):\n{}", o.text()));
+    let list = j["jobs"].as_array().expect("jobs");
+    assert_eq!(list.len(), jobs, "{}", o.text());
+    let (mut w, mut r) = (0, 0);
+    for job in list {
+        assert_eq!(job["error"], 0, "fio job error:\n{}", o.text());
+        let wr = u64f(&job["write"], "io_bytes");
+        let rd = u64f(&job["read"], "io_bytes");
+        eprintln!("fio job: wrote {} MiB, verified {} MiB", wr >> 20, rd >> 20);
+        assert!(wr > 0, "fio wrote nothing:\n{}", o.text());
+        assert!(rd > 0, "fio verified nothing:\n{}", o.text());
+        w += wr;
+        r += rd;
+    }
+    (w, r)
+}
