@@ -3,10 +3,11 @@
 //! present (copies are read verified, from any good mirror) or missing (a
 //! pool opened `--degraded`).
 //!
-//! Per block group (R8): the group goes read-only, writers that reserved
-//! space in it before finish, and tree blocks allocated in it are committed;
-//! only then is its live content copied and the chunk switched to the new
-//! stripe. Copy-on-write does the rest: nothing rewrites a read-only group.
+//! Per data block group (R8): the group goes read-only and writers that
+//! reserved space in it before finish; only then is its live content copied
+//! and the chunk switched to the new stripe. Copy-on-write does the rest:
+//! nothing rewrites a read-only group. Metadata groups are copied with
+//! commits held off instead (only commits write tree blocks).
 
 use std::time::Instant;
 
@@ -19,7 +20,6 @@ use crate::relocation::{wait_for_writers, RoHold};
 use std::collections::BTreeMap;
 
 use crate::sync::{lock, read, write, Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
-use crate::transaction::{self, commit};
 use crate::volumes::{ChunkMap, Device};
 
 /// Replace states, as printed and in JSON.
@@ -392,14 +392,21 @@ fn replace_group(
     let Some(bg) = read(&fs.block_groups).get(&start).cloned() else {
         return gone();
     };
-    let Some(hold) = RoHold::take(fs, &bg) else {
-        return gone();
+    // Data: read-only, and writers that reserved space here finish first
+    // (R8). Tree blocks are only ever written by commits: with commits held
+    // off, what the group holds on disk stays as it is, and blocks allocated
+    // in it meanwhile are written after the switch, through the new map. No
+    // read-only mark, so metadata needs no room elsewhere (a degraded pool
+    // being healed may have none).
+    let (hold, commits) = if bg.is_data() {
+        let Some(h) = RoHold::take(fs, &bg) else {
+            return gone();
+        };
+        wait_for_writers(fs, &bg, &|| false)?;
+        (Some(h), None)
+    } else {
+        (None, Some(lock(&fs.commit_lock)))
     };
-    wait_for_writers(fs, &bg, &|| false)?;
-    if !bg.is_data() {
-        // Tree blocks allocated here before the mark are written now.
-        commit(fs)?;
-    }
     crate::failpoint!("replace::before_copy", start);
     let Some(map) = fs.mapping.get(start) else {
         return gone();
@@ -441,7 +448,9 @@ fn replace_group(
             copied += x.len;
         }
         crate::failpoint!("replace::before_switch", start);
-        transaction::change(fs, |ctx| {
+        let mut st = lock(&fs.trans);
+        let mut ctx = crate::transaction::Ctx::begin(fs, &mut st)?;
+        (|ctx: &mut crate::transaction::Ctx| -> Result<()> {
             let pending = ctx
                 .st
                 .pending_chunks
@@ -481,9 +490,10 @@ fn replace_group(
             }
             ctx.st.dirty = true;
             Ok(())
-        })?;
+        })(&mut ctx)?;
         Ok(copied)
     })();
+    drop(commits);
     drop(hold);
     r
 }

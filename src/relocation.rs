@@ -123,6 +123,9 @@ pub fn relocate_block_group(
         stats.vanished = true;
         return Ok(stats);
     };
+    if !bg.is_data() {
+        room_elsewhere(fs, &bg)?;
+    }
     let Some(mut hold) = RoHold::take(fs, &bg) else {
         stats.vanished = true;
         return Ok(stats);
@@ -189,6 +192,25 @@ pub fn relocate_block_group(
         stats.bytes_relocated
     );
     Ok(stats)
+}
+
+/// Tree blocks of a read-only metadata group go elsewhere, and every commit
+/// needs some: make sure another group has room (or fail before anything
+/// changes) instead of running out in the middle of a commit.
+fn room_elsewhere(fs: &FsInfo, bg: &BlockGroup) -> Result<()> {
+    let need = 2 * transaction::META_RESERVE_NODES * fs.node_bytes as u64 + bg.lock().used;
+    transaction::change(fs, |ctx| {
+        if ctx.free_of_type_except(bg.bg_type, bg.start) < need {
+            ctx.new_chunk(bg.bg_type).map_err(|e| match e {
+                Error::NoSpace(m) => Error::NoSpace(format!(
+                    "no room to move the tree blocks of block group {:#x} elsewhere: {m}",
+                    bg.start
+                )),
+                e => e,
+            })?;
+        }
+        Ok(())
+    })
 }
 
 /// Writers that reserved space in the group before it went read-only finish

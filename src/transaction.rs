@@ -79,7 +79,7 @@ pub struct Ctx<'a> {
 }
 
 /// Metadata space kept free before a change starts, in nodes.
-const META_RESERVE_NODES: u64 = 128;
+pub const META_RESERVE_NODES: u64 = 128;
 /// Below this many free nodes a change fails with ENOSPC up front.
 const META_MIN_NODES: u64 = 32;
 
@@ -164,10 +164,16 @@ impl<'a> Ctx<'a> {
     }
 
     fn free_of_type(&self, t: u64) -> u64 {
+        self.free_of_type_except(t, u64::MAX)
+    }
+
+    /// Free bytes allocation of type `t` could use outside the group at
+    /// `except` (relocation checks there is room before emptying it).
+    pub fn free_of_type_except(&self, t: u64, except: u64) -> u64 {
         self.fs
             .block_group_list()
             .iter()
-            .filter(|b| self.allocatable(b, t))
+            .filter(|b| b.start != except && self.allocatable(b, t))
             .map(|b| {
                 let s = b.lock();
                 if s.ro > 0 || s.removed {
