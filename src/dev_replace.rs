@@ -160,9 +160,12 @@ pub fn start(
     }
     let need = stripe_bytes_on(fs, src);
     // The first MiB and superblock copies are never allocated.
-    let usable = new_dev
-        .size_bytes()
-        .saturating_sub(crate::format::SUPER_RESERVED_BYTES * 3);
+    let size = new_dev.size_bytes();
+    let supers_in = crate::format::SUPER_OFFSETS
+        .iter()
+        .filter(|&&o| o < size)
+        .count() as u64;
+    let usable = size.saturating_sub(crate::format::SUPER_RESERVED_BYTES * supers_in);
     if usable < need {
         return Err(Error::Device {
             path: new_dev.path().into(),
@@ -216,6 +219,30 @@ pub fn start(
         std::thread::spawn(move || drive(&f, &r));
     }
     Ok(run)
+}
+
+/// Take the target space for the stripes of one chunk on `src`.
+fn reserve_chunk(fs: &FsInfo, start: u64, src: u64, target: &Device) -> Result<Vec<(usize, u64)>> {
+    let Some(m) = fs.mapping.get(start) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for (k, st) in m.item.stripes.iter().enumerate() {
+        if st.devid != src {
+            continue;
+        }
+        match target.take(m.item.stripe_bytes) {
+            Some(p) => out.push((k, p)),
+            None => {
+                release(target, out.iter());
+                return Err(Error::NoSpace(format!(
+                    "{}: no room for the stripes of chunk {start:#x}",
+                    target.dev.path().display()
+                )));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Take the target space for every stripe the source holds.
@@ -286,11 +313,12 @@ fn drive_inner(fs: &FsInfo, run: &ReplaceRun) -> Result<State> {
             if run.cancel.load(Ordering::Acquire) {
                 return Ok(State::Canceled);
             }
-            let Some(slots) = lock(&run.reserved).remove(&start) else {
-                return Err(Error::Corrupt(format!(
-                    "device replace: chunk {start:#x} appeared on devid {} after the start",
-                    run.src_devid
-                )));
+            // A chunk whose allocation raced with the start of the replace
+            // gets its target space now.
+            let reserved = lock(&run.reserved).remove(&start);
+            let slots = match reserved {
+                Some(s) => s,
+                None => reserve_chunk(fs, start, run.src_devid, &run.target)?,
             };
             let n = match replace_group(fs, start, run.src_devid, &run.target, &slots) {
                 Ok(n) => n,

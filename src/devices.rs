@@ -83,6 +83,7 @@ pub fn add(fs: &FsInfo, dev: Arc<dyn BlockDevice>) -> Result<u64> {
     let _serial = crate::sync::lock(&fs.reloc_lock);
     let devid = next_devid(fs);
     let d = Arc::new(Device::new(devid, new_uuid(), dev));
+    d.supers_valid.store(false, Ordering::Release);
     transaction::change(fs, |ctx| {
         let it = DevItem {
             devid,
@@ -211,6 +212,7 @@ pub fn forget(fs: &FsInfo, devid: u64) -> Result<()> {
     })?;
     commit(fs)?;
     if let Some(d) = dev {
+        d.supers_valid.store(false, Ordering::Release);
         // No longer a member: a later open must not take it for one.
         let zero = vec![0u8; SUPER_BYTES];
         for &o in &SUPER_OFFSETS {

@@ -351,32 +351,78 @@ impl FsInfo {
         for p in &pieces {
             let off = (p.logical - logical) as usize;
             let chunk = &data[off..off + p.len as usize];
+            let mut written = 0;
+            let mut first_err = None;
             for i in 0..p.mirrors.len() {
                 // Degraded: tree blocks still reach every present mirror (data
                 // never lands in such a group; the allocator avoids it).
                 if missing.contains_key(&p.mirrors[i].0) {
                     continue;
                 }
-                self.write_copy(p, i, chunk)?;
+                match self.write_copy(p, i, chunk) {
+                    Ok(()) => written += 1,
+                    Err(e) => {
+                        tracing::warn!("{e}; the other copies carry the write");
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            // As btrfs: a write stands if one copy made it. The failed copy
+            // holds older bytes, which checksums reject and repair replaces;
+            // the device's write_errs counts it.
+            if written == 0 {
+                if let Some(e) = first_err {
+                    return Err(e);
+                }
             }
         }
         Ok(())
     }
 
-    /// Flush every device.
+    /// Flush every device. A device whose flush fails is tolerated only if
+    /// every chunk it holds has a copy on a device that flushed.
     pub fn flush_devices(&self) -> Result<()> {
+        let mut failed = Vec::new();
         for d in self.devices() {
-            d.dev.flush().map_err(|e| {
+            if let Err(e) = d.dev.flush() {
                 d.stats.flush_errs.fetch_add(1, Ordering::Relaxed);
                 self.dev_stats_dirty.store(true, Ordering::Release);
-                Error::DeviceIo {
+                failed.push(Error::DeviceIo {
                     path: d.dev.path().into(),
                     op: "flush",
                     physical: 0,
                     len: 0,
                     source: e,
-                }
-            })?;
+                });
+            }
+        }
+        if failed.is_empty() {
+            return Ok(());
+        }
+        let bad: Vec<u64> = self
+            .devices()
+            .iter()
+            .filter(|d| {
+                failed
+                    .iter()
+                    .any(|e| matches!(e, Error::DeviceIo { path, .. } if path == d.dev.path()))
+            })
+            .map(|d| d.devid)
+            .collect();
+        let missing = read(&self.missing);
+        let uncovered = self.mapping.all().into_iter().any(|m| {
+            m.item.stripes.iter().any(|s| bad.contains(&s.devid))
+                && !m
+                    .item
+                    .stripes
+                    .iter()
+                    .any(|s| !bad.contains(&s.devid) && !missing.contains_key(&s.devid))
+        });
+        if uncovered || bad.len() == self.devices().len() {
+            return Err(failed.remove(0));
+        }
+        for e in &failed {
+            tracing::warn!("{e}; every chunk it holds has a flushed copy elsewhere");
         }
         Ok(())
     }

@@ -37,3 +37,4 @@ pub mod ops;
 pub mod relocation;
 pub mod scrub;
 pub mod server;
+pub mod stress;

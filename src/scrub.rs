@@ -734,6 +734,11 @@ fn scrub_supers(fs: &FsInfo, run: &ScrubRun, devid: u64) {
         let ok = d.dev.read_at(&mut b, o).is_ok()
             && crate::format::Superblock::decode(&b)
                 .is_ok_and(|s| s.pool_uuid == fs.pool_uuid && s.devid == devid);
+        // A device joining (superblocks not written yet) or leaving (wiped)
+        // is not corrupt.
+        if !d.supers_valid.load(Ordering::Acquire) {
+            return;
+        }
         if !ok {
             update(run, devid, |p| p.counters.super_errors += 1);
             run.record(ErrorRecord {

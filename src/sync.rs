@@ -1,7 +1,7 @@
 //! Every lock, atomic and thread spawn goes through this module so that an
 //! interleaving explorer (shuttle) can replace them under a feature flag later.
 
-pub use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+pub use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 pub use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 pub use std::thread;
 

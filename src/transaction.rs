@@ -653,7 +653,31 @@ fn commit_upto(fs: &FsInfo, target: u64) -> Result<u64> {
 
 /// Write every superblock copy on every device.
 pub fn write_supers(fs: &FsInfo, sb: &Superblock) -> Result<()> {
-    for d in fs.devices() {
+    // One device failing does not fail the commit: the others carry it, and
+    // a later open takes the newest superblock it finds.
+    let devs = fs.devices();
+    let mut first_err = None;
+    let mut ok = 0;
+    for d in &devs {
+        match write_dev_supers(d, sb) {
+            Ok(()) => {
+                ok += 1;
+                d.supers_valid.store(true, Ordering::Release);
+            }
+            Err(e) => {
+                tracing::warn!("{e}");
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match first_err {
+        Some(e) if ok == 0 => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn write_dev_supers(d: &crate::volumes::Device, sb: &Superblock) -> Result<()> {
+    {
         let mut s = sb.clone();
         s.devid = d.devid;
         s.dev_uuid = d.uuid;

@@ -10,6 +10,10 @@ use crate::fs_info::{FsInfo, RMW_LOCKS};
 use crate::sync::{lock, Arc, Ordering};
 use crate::transaction::Ctx;
 
+/// How long a write that finds no space waits for pinned space to come
+/// back (readers of older views letting go) before it fails with ENOSPC.
+const ENOSPC_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A handle on one volume. Cheap to clone; safe to use from many threads.
 #[derive(Clone)]
 pub struct Volume {
@@ -215,19 +219,26 @@ impl Volume {
     }
 
     fn alloc_data(&self, want: u64) -> Result<(u64, u64)> {
-        for attempt in 0..2 {
+        let deadline = std::time::Instant::now() + ENOSPC_WAIT;
+        loop {
             let r = crate::transaction::change(&self.fs, |ctx| {
                 ctx.alloc_extent(bg_type::DATA, SECTOR_BYTES, want)
             });
             match r {
-                // Space freed by the running transaction comes back at
-                // commit; empty groups give their device space back.
-                Err(Error::NoSpace(_))
-                    if attempt == 0 && crate::cleaner::free_space_now(&self.fs)? => {}
+                // Freed space comes back once its transaction is durable and
+                // no reader of an older view (a scrub, a read) needs it;
+                // empty groups give their device space back. ENOSPC only
+                // when none of that helps within the bound.
+                Err(Error::NoSpace(m)) => {
+                    let pending = crate::cleaner::free_space_now(&self.fs)?;
+                    if !pending || std::time::Instant::now() >= deadline {
+                        return Err(Error::NoSpace(m));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
                 r => return r,
             }
         }
-        unreachable!()
     }
 
     fn write_run(&self, data: &[u8], lba: u64) -> Result<()> {

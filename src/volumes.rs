@@ -203,6 +203,8 @@ pub struct Device {
     pub extents: RwLock<BTreeMap<u64, u64>>,
     /// New chunks may use this device (false while it is removed or replaced).
     pub allocatable: std::sync::atomic::AtomicBool,
+    /// Its superblocks are the pool's (false while it joins or leaves).
+    pub supers_valid: std::sync::atomic::AtomicBool,
 }
 
 impl Device {
@@ -216,6 +218,7 @@ impl Device {
             stats: Default::default(),
             extents: Default::default(),
             allocatable: std::sync::atomic::AtomicBool::new(true),
+            supers_valid: std::sync::atomic::AtomicBool::new(true),
         }
     }
 }

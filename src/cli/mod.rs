@@ -104,6 +104,113 @@ enum Cmd {
         #[command(subcommand)]
         cmd: BalanceCmd,
     },
+    /// Run the stress harness on in-memory devices (docs/TESTING.md).
+    Stress(StressArgs),
+}
+
+#[derive(Args, Debug)]
+struct StressArgs {
+    /// normal (everything at once), fault (plus injected faults), or crash.
+    #[arg(long, default_value = "normal")]
+    mode: String,
+    /// Seconds per profile (normal and fault modes).
+    #[arg(long, default_value_t = 60)]
+    duration: u64,
+    /// Seed (default: from the clock; always printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Data profile, or `all`.
+    #[arg(long, default_value = "all")]
+    profile: String,
+    /// Devices (default: what the profile needs, plus one or two).
+    #[arg(long)]
+    devices: Option<usize>,
+    #[arg(long, default_value_t = 3)]
+    writers: usize,
+    #[arg(long, default_value_t = 2)]
+    readers: usize,
+    #[arg(long, default_value_t = 2)]
+    volumes: usize,
+    #[arg(long, value_parser = size::parse_size, default_value = "128M")]
+    device_size: u64,
+    #[arg(long, value_parser = size::parse_size, default_value = "16M")]
+    volume_size: u64,
+    /// Crash mode: power cuts per profile.
+    #[arg(long, default_value_t = 500)]
+    points: u64,
+}
+
+fn stress(a: StressArgs) -> i32 {
+    use crate::stress::{Mode, StressOptions};
+    let mode = match Mode::parse(&a.mode) {
+        Ok(m) => m,
+        Err(e) => return fail(2, e),
+    };
+    let profiles: Vec<Profile> = if a.profile == "all" {
+        let all = [
+            Profile::Single,
+            Profile::Dup,
+            Profile::Raid1,
+            Profile::Raid1c3,
+            Profile::Raid10,
+        ];
+        all.into_iter()
+            .filter(|p| mode != Mode::Fault || (p.copies() >= 2 && *p != Profile::Dup))
+            .collect()
+    } else {
+        match Profile::parse(&a.profile) {
+            Ok(p) => vec![p],
+            Err(e) => return fail(2, e),
+        }
+    };
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    let mut code = 0;
+    for p in profiles {
+        let mut o =
+            StressOptions::for_profile(p, mode, seed, std::time::Duration::from_secs(a.duration));
+        if let Some(d) = a.devices {
+            o.devices = d;
+        }
+        o.writers = a.writers;
+        o.readers = a.readers;
+        o.volumes = a.volumes;
+        o.device_bytes = a.device_size;
+        o.volume_bytes = a.volume_size;
+        o.crash_points = a.points;
+        if let Err(e) = o.validate() {
+            return fail(2, e);
+        }
+        println!(
+            "stress {} profile {} seed {seed} devices {}",
+            mode.name(),
+            p.name(),
+            o.devices
+        );
+        match crate::stress::run(&o) {
+            Ok(r) => {
+                println!("  ok in {:.1} s", r.seconds);
+                for l in r.lines {
+                    println!("  {l}");
+                }
+            }
+            Err(e) => {
+                println!("  FAILED: {e}");
+                println!(
+                    "  replay: chunkvol stress --mode {} --profile {} --seed {seed} --duration {}",
+                    mode.name(),
+                    p.name(),
+                    a.duration
+                );
+                code = 1;
+            }
+        }
+    }
+    code
 }
 
 #[derive(Subcommand, Debug)]
@@ -655,6 +762,7 @@ pub fn main() -> i32 {
             }
         }
         Cmd::Mkfs(a) => mkfs(a),
+        Cmd::Stress(a) => stress(a),
         Cmd::Volume { cmd } => match cmd {
             VolumeCmd::Create { name, size, target } => run_op(
                 &target,

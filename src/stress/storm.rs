@@ -1,0 +1,629 @@
+//! Everything at once on one pool (chunkvol's own fstests btrfs/071):
+//! writers, trimmers and zeroers, verifying readers, flushes, a scrub loop, a
+//! balance loop with random filters, the cleaner and committer, and a device
+//! replace loop; in fault mode also a fault injector on one device. At the
+//! end: a scrub with no errors, a clean `check --check-data-csum`, and every
+//! byte of every volume equal to the model, before and after a reopen.
+
+use std::time::{Duration, Instant};
+
+use super::model::{first_diff, VolModel};
+use super::{Mode, StressOptions, StressReport};
+use crate::balance::{self, BalanceArgs};
+use crate::device::BlockDevice;
+use crate::fault::{FaultyDevice, Rng};
+use crate::format::Profile;
+use crate::pool::{MkfsOptions, Pool};
+use crate::scrub::{self, ScrubOptions};
+use crate::sync::{lock, Arc, AtomicBool, AtomicU64, Mutex, Ordering};
+use crate::volume::Volume;
+
+/// Largest client request.
+const MAX_IO_BYTES: u64 = 256 << 10;
+const S: u64 = 4096;
+
+#[derive(Default)]
+struct Counts {
+    writes: AtomicU64,
+    reads: AtomicU64,
+    trims: AtomicU64,
+    flushes: AtomicU64,
+    scrubs: AtomicU64,
+    balances: AtomicU64,
+    groups_relocated: AtomicU64,
+    replaces: AtomicU64,
+    faults: AtomicU64,
+}
+
+struct Shared {
+    opts: StressOptions,
+    pool: Pool,
+    vols: Vec<(Volume, VolModel)>,
+    stop: AtomicBool,
+    deadline: Instant,
+    failures: Mutex<Vec<String>>,
+    counts: Counts,
+    /// Every device ever created; the members are the ones the pool lists.
+    devices: Mutex<Vec<Arc<FaultyDevice>>>,
+    /// Fault mode: the one device faults are injected into, by path.
+    victim: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn running(&self) -> bool {
+        !self.stop.load(Ordering::Acquire) && Instant::now() < self.deadline
+    }
+    fn fail(&self, msg: String) {
+        tracing::error!("stress: {msg}");
+        lock(&self.failures).push(msg);
+        self.stop.store(true, Ordering::Release);
+    }
+    fn rng(&self, actor: u64) -> Rng {
+        Rng::new(self.opts.seed ^ (actor + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    }
+}
+
+fn pattern(rng: &mut Rng, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rng.fill(&mut v);
+    v
+}
+
+/// A random range: sector aligned half of the time.
+fn range(rng: &mut Rng, size: u64) -> (u64, u64) {
+    let max = MAX_IO_BYTES.min(size);
+    if rng.below(2) == 0 {
+        let off = rng.below(size / S) * S;
+        let len = (1 + rng.below(max / S)) * S;
+        (off, len.min(size - off))
+    } else {
+        let off = rng.below(size - 1);
+        (off, 1 + rng.below(max.min(size - off)))
+    }
+}
+
+fn writer(sh: &Shared, id: u64) {
+    let mut rng = sh.rng(100 + id);
+    while sh.running() {
+        let (vol, model) = &sh.vols[rng.below(sh.vols.len() as u64) as usize];
+        let (off, len) = range(&mut rng, model.size_bytes);
+        let what = rng.below(20);
+        let mut held = model.hold(off, len);
+        let r = match what {
+            0..=13 => {
+                let d = pattern(&mut rng, len as usize);
+                let r = vol.write_at(&d, off);
+                if r.is_ok() {
+                    held.write(off, &d);
+                }
+                sh.counts.writes.fetch_add(1, Ordering::Relaxed);
+                r
+            }
+            14..=16 => {
+                let r = vol.discard(off, len);
+                if r.is_ok() {
+                    held.discard(off, len);
+                }
+                sh.counts.trims.fetch_add(1, Ordering::Relaxed);
+                r
+            }
+            17..=18 => {
+                let r = vol.write_zeroes(off, len);
+                if r.is_ok() {
+                    held.zero(off, len);
+                }
+                sh.counts.trims.fetch_add(1, Ordering::Relaxed);
+                r
+            }
+            _ => {
+                drop(held);
+                sh.counts.flushes.fetch_add(1, Ordering::Relaxed);
+                vol.flush()
+            }
+        };
+        if let Err(e) = r {
+            sh.fail(format!(
+                "volume {} op {what} at {off}+{len} failed: {e}; {}",
+                vol.name(),
+                space_summary(&sh.pool)
+            ));
+        }
+    }
+}
+
+/// Where the space is, for failure reports.
+fn space_summary(pool: &Pool) -> String {
+    let u = pool.usage();
+    let devs: Vec<String> = u
+        .devices
+        .iter()
+        .map(|d| {
+            format!(
+                "devid {} {}/{} MiB",
+                d.devid,
+                d.allocated_bytes >> 20,
+                d.size_bytes >> 20
+            )
+        })
+        .collect();
+    let bgs: Vec<String> = u
+        .block_groups
+        .iter()
+        .map(|b| {
+            format!(
+                "{:#x} {} {} {}/{}K{}",
+                b.start,
+                b.bg_type,
+                b.profile,
+                b.used_bytes >> 10,
+                b.length >> 10,
+                if b.ro { " ro" } else { "" }
+            )
+        })
+        .collect();
+    format!("devices [{}] groups [{}]", devs.join(", "), bgs.join(", "))
+}
+
+fn reader(sh: &Shared, id: u64) {
+    let mut rng = sh.rng(200 + id);
+    while sh.running() {
+        let (vol, model) = &sh.vols[rng.below(sh.vols.len() as u64) as usize];
+        let (off, len) = range(&mut rng, model.size_bytes);
+        let mut held = model.hold(off, len);
+        let mut got = vec![0u8; len as usize];
+        let mut want = vec![0u8; len as usize];
+        held.read(off, &mut want);
+        if let Err(e) = vol.read_at(&mut got, off) {
+            sh.fail(format!("volume {} read {off}+{len}: {e}", vol.name()));
+            return;
+        }
+        drop(held);
+        sh.counts.reads.fetch_add(1, Ordering::Relaxed);
+        if let Some(i) = first_diff(&got, &want) {
+            sh.fail(format!(
+                "volume {} byte {} read {:#04x}, model has {:#04x} (read {off}+{len})",
+                vol.name(),
+                off + i as u64,
+                got[i],
+                want[i]
+            ));
+        }
+    }
+}
+
+/// Scrub errors a run may report: none, except from faults injected on the
+/// victim (which must all be corrected).
+fn check_scrub(sh: &Shared, st: &scrub::ScrubStatus) {
+    let c = &st.counters;
+    if st.failure.is_some() {
+        sh.fail(format!("scrub failed: {:?}", st.failure));
+    } else if c.uncorrectable_errors > 0 {
+        sh.fail(format!(
+            "scrub: {} uncorrectable errors",
+            c.uncorrectable_errors
+        ));
+    } else if sh.opts.mode == Mode::Normal && c.errors() > 0 {
+        sh.fail(format!(
+            "scrub reported errors with no fault injected: {c:?}"
+        ));
+    }
+}
+
+fn scrubber(sh: &Shared) {
+    let fs = sh.pool.fs();
+    while sh.running() {
+        match scrub::start(fs, ScrubOptions::default()) {
+            Ok(run) => {
+                let st = run.wait();
+                check_scrub(sh, &st);
+                sh.counts.scrubs.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(crate::Error::Busy(_)) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => sh.fail(format!("scrub start: {e}")),
+        }
+    }
+}
+
+/// Profiles a random conversion may pick: ones the pool can hold even while
+/// a replace has one device out of allocation.
+fn convertible(devices: usize) -> Vec<Profile> {
+    [
+        Profile::Single,
+        Profile::Dup,
+        Profile::Raid1,
+        Profile::Raid1c3,
+        Profile::Raid10,
+    ]
+    .into_iter()
+    // One device to spare: a replace takes one out of allocation.
+    .filter(|p| p.min_devices() < devices)
+    .collect()
+}
+
+fn random_filters(rng: &mut Rng, convert: &[Profile]) -> String {
+    let mut f = Vec::new();
+    match rng.below(5) {
+        0 => f.push(format!("usage={}", rng.below(101))),
+        1 => {
+            let a = rng.below(60);
+            f.push(format!("usage={a}..{}", a + rng.below(41)));
+        }
+        2 => f.push(format!("vrange=0..{}", rng.below(1 << 34))),
+        _ => {}
+    }
+    if rng.below(2) == 0 {
+        f.push(format!("limit={}", 1 + rng.below(3)));
+    }
+    if !convert.is_empty() && rng.below(6) == 0 {
+        let p = convert[rng.below(convert.len() as u64) as usize];
+        f.push(format!("convert={}", p.name()));
+        if rng.below(2) == 0 {
+            f.push("soft".into());
+        }
+    }
+    f.join(",")
+}
+
+fn balancer(sh: &Shared) {
+    let fs = sh.pool.fs();
+    let mut rng = sh.rng(300);
+    // Conversions change redundancy; in fault mode every group keeps two copies.
+    let convert: Vec<Profile> = if sh.opts.mode == Mode::Normal {
+        convertible(sh.opts.devices)
+    } else {
+        Vec::new()
+    };
+    while sh.running() {
+        std::thread::sleep(Duration::from_millis(rng.below(200)));
+        let args = BalanceArgs {
+            data: (rng.below(4) != 0).then(|| random_filters(&mut rng, &convert)),
+            metadata: (rng.below(3) == 0).then(|| random_filters(&mut rng, &[])),
+            system: None,
+            full: false,
+        };
+        let args = if args.data.is_none() && args.metadata.is_none() {
+            BalanceArgs {
+                data: Some(String::new()),
+                ..args
+            }
+        } else {
+            args
+        };
+        match balance::start(fs, args.clone(), true) {
+            Ok(run) => {
+                let st = run.status(fs);
+                sh.counts.balances.fetch_add(1, Ordering::Relaxed);
+                sh.counts
+                    .groups_relocated
+                    .fetch_add(st.block_groups_done, Ordering::Relaxed);
+                if st.state != balance::State::Finished {
+                    let nospace = st
+                        .failure
+                        .as_deref()
+                        .is_some_and(|f| f.contains("no space"));
+                    if !nospace {
+                        sh.fail(format!("balance {args:?} ended {st:?}"));
+                    }
+                    let _ = balance::cancel(fs);
+                }
+            }
+            Err(e) => sh.fail(format!("balance {args:?}: {e}")),
+        }
+    }
+}
+
+fn housekeeper(sh: &Shared) {
+    let fs = sh.pool.fs();
+    let mut rng = sh.rng(400);
+    while sh.running() {
+        std::thread::sleep(Duration::from_millis(20 + rng.below(200)));
+        if let Err(e) = crate::transaction::commit(fs) {
+            sh.fail(format!("commit: {e}"));
+        }
+        if let Err(e) = crate::cleaner::delete_unused_bgs(fs) {
+            sh.fail(format!("cleaner: {e}"));
+        }
+    }
+}
+
+fn replacer(sh: &Shared) {
+    let fs = sh.pool.fs();
+    let mut rng = sh.rng(500);
+    let mut n = 0;
+    while sh.running() {
+        std::thread::sleep(Duration::from_millis(rng.below(500)));
+        let ids: Vec<u64> = fs.devices().iter().map(|d| d.devid).collect();
+        let src = ids[rng.below(ids.len() as u64) as usize];
+        n += 1;
+        let new = Arc::new(FaultyDevice::new(
+            format!("mem-replacement-{n}"),
+            sh.opts.device_bytes,
+        ));
+        lock(&sh.devices).push(new.clone());
+        match crate::dev_replace::start(fs, src, new, true) {
+            Ok(run) => {
+                let st = run.status();
+                if st.state != crate::dev_replace::State::Finished {
+                    let nospace = st
+                        .failure
+                        .as_deref()
+                        .is_some_and(|f| f.contains("no space"));
+                    if !nospace {
+                        sh.fail(format!("replace of devid {src}: {st:?}"));
+                    }
+                    continue;
+                }
+                sh.counts.replaces.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(crate::Error::NoSpace(_)) => {}
+            Err(e) => sh.fail(format!("replace of devid {src}: {e}")),
+        }
+    }
+}
+
+/// Fault mode: bit rot, read and write errors, on one device only, so every
+/// byte keeps a good copy elsewhere.
+fn injector(sh: &Shared) {
+    let fs = sh.pool.fs();
+    let mut rng = sh.rng(600);
+    while sh.running() {
+        std::thread::sleep(Duration::from_millis(50 + rng.below(300)));
+        let Some(path) = lock(&sh.victim).clone() else {
+            continue;
+        };
+        let dev = lock(&sh.devices)
+            .iter()
+            .find(|d| d.path().display().to_string() == path)
+            .cloned();
+        let Some(dev) = dev else {
+            continue;
+        };
+        let Some(member) = fs
+            .devices()
+            .into_iter()
+            .find(|d| d.dev.path().display().to_string() == path)
+        else {
+            continue;
+        };
+        let extents: Vec<(u64, u64)> = crate::sync::read(&member.extents)
+            .iter()
+            .map(|(&a, &b)| (a, b))
+            .collect();
+        if extents.is_empty() {
+            continue;
+        }
+        let (a, l) = extents[rng.below(extents.len() as u64) as usize];
+        let at = a + rng.below(l / S) * S;
+        match rng.below(3) {
+            0 => {
+                for _ in 0..1 + rng.below(8) {
+                    dev.flip_bit(at + rng.below(S), rng.below(8) as u8);
+                }
+            }
+            1 => {
+                dev.fail_reads(at..at + S * (1 + rng.below(64)));
+                std::thread::sleep(Duration::from_millis(rng.below(200)));
+                dev.heal();
+            }
+            _ => {
+                dev.fail_writes(at..at + S * (1 + rng.below(64)));
+                std::thread::sleep(Duration::from_millis(rng.below(200)));
+                dev.heal();
+            }
+        }
+        sh.counts.faults.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Run one storm. Returns its report, or the failures with the seed.
+pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
+    let seed = opts.seed;
+    let fail = |m: String| format!("stress seed {seed} profile {}: {m}", opts.profile.name());
+    let devs: Vec<Arc<FaultyDevice>> = (0..opts.devices)
+        .map(|i| Arc::new(FaultyDevice::new(format!("mem-dev{i}"), opts.device_bytes)))
+        .collect();
+    let block: Vec<Arc<dyn BlockDevice>> = devs.iter().map(|d| d.clone() as _).collect();
+    let meta = if opts.devices > 1 {
+        Profile::Raid1
+    } else {
+        Profile::Dup
+    };
+    Pool::mkfs(
+        block.clone(),
+        &MkfsOptions {
+            data: Some(opts.profile),
+            metadata: Some(meta),
+            node_bytes: 4096,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| fail(format!("mkfs: {e}")))?;
+    let pool = Pool::open(block).map_err(|e| fail(format!("open: {e}")))?;
+    let mut vols = Vec::new();
+    for i in 0..opts.volumes {
+        let v = pool
+            .create_volume(&format!("v{i}"), opts.volume_bytes)
+            .map_err(|e| fail(format!("create volume: {e}")))?;
+        vols.push((v, VolModel::new(opts.volume_bytes)));
+    }
+    let started = Instant::now();
+    let sh = Arc::new(Shared {
+        opts: opts.clone(),
+        pool: pool.clone(),
+        vols,
+        stop: AtomicBool::new(false),
+        deadline: started + opts.duration,
+        failures: Mutex::new(Vec::new()),
+        counts: Counts::default(),
+        devices: Mutex::new(devs.clone()),
+        victim: Mutex::new(
+            (opts.mode == Mode::Fault).then(|| devs[0].path().display().to_string()),
+        ),
+    });
+    let mut threads = Vec::new();
+    let spawn = |f: Box<dyn FnOnce() + Send>| std::thread::spawn(f);
+    for i in 0..opts.writers {
+        let s = sh.clone();
+        threads.push(spawn(Box::new(move || writer(&s, i as u64))));
+    }
+    for i in 0..opts.readers {
+        let s = sh.clone();
+        threads.push(spawn(Box::new(move || reader(&s, i as u64))));
+    }
+    for f in [scrubber, balancer, housekeeper] {
+        let s = sh.clone();
+        threads.push(spawn(Box::new(move || f(&s))));
+    }
+    // Replace needs a device to spare for profiles that want every member.
+    let can_replace = opts.devices >= 3 && opts.mode == Mode::Normal;
+    if can_replace {
+        let s = sh.clone();
+        threads.push(spawn(Box::new(move || replacer(&s))));
+    }
+    if opts.mode == Mode::Fault {
+        let s = sh.clone();
+        threads.push(spawn(Box::new(move || injector(&s))));
+    }
+    // A watchdog turns a deadlock into a failure with the seed.
+    let grace = Duration::from_secs(120);
+    for t in threads {
+        while !t.is_finished() {
+            if Instant::now() > sh.deadline + grace {
+                return Err(fail(format!(
+                    "deadlock: actors still running {grace:?} after the deadline"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if t.join().is_err() {
+            sh.fail("an actor panicked".into());
+        }
+    }
+    let failures = lock(&sh.failures).clone();
+    if !failures.is_empty() {
+        return Err(fail(failures.join("; ")));
+    }
+    finish(&sh, started).map_err(fail)
+}
+
+fn compare_all(sh: &Shared, pool: &Pool, when: &str) -> Result<(), String> {
+    for (v, model) in &sh.vols {
+        let vol = pool.volume(v.name()).map_err(|e| format!("{when}: {e}"))?;
+        let mut off = 0;
+        let unit = 1 << 20;
+        while off < model.size_bytes {
+            let n = unit.min(model.size_bytes - off);
+            let mut got = vec![0u8; n as usize];
+            let mut want = vec![0u8; n as usize];
+            vol.read_at(&mut got, off)
+                .map_err(|e| format!("{when}: read {} at {off}: {e}", v.name()))?;
+            model.hold(off, n).read(off, &mut want);
+            if let Some(i) = first_diff(&got, &want) {
+                return Err(format!(
+                    "{when}: volume {} byte {} is {:#04x}, model has {:#04x}",
+                    v.name(),
+                    off + i as u64,
+                    got[i],
+                    want[i]
+                ));
+            }
+            off += n;
+        }
+    }
+    Ok(())
+}
+
+fn finish(sh: &Shared, started: Instant) -> Result<StressReport, String> {
+    let fs = sh.pool.fs();
+    for d in lock(&sh.devices).iter() {
+        d.heal();
+    }
+    crate::transaction::commit(fs).map_err(|e| format!("final commit: {e}"))?;
+    // Fault mode: the first scrub repairs what the faults left; the next
+    // must find nothing. Normal mode: the first must find nothing.
+    let passes = if sh.opts.mode == Mode::Fault { 2 } else { 1 };
+    let mut last = None;
+    for pass in 0..passes {
+        let st = scrub::start(fs, ScrubOptions::default())
+            .map_err(|e| format!("final scrub: {e}"))?
+            .wait();
+        let c = &st.counters;
+        if st.failure.is_some() || c.uncorrectable_errors > 0 {
+            return Err(format!("final scrub {pass}: {st:?}"));
+        }
+        if pass + 1 == passes && c.errors() > 0 {
+            return Err(format!("final scrub found errors: {c:?}"));
+        }
+        last = Some(st);
+    }
+    let r = crate::check::check(&sh.pool, true).map_err(|e| format!("check: {e}"))?;
+    if !r.ok() {
+        return Err(format!("check found problems: {:?}", r.problems));
+    }
+    compare_all(sh, &sh.pool, "end of run")?;
+    let stats = sh.pool.device_stats();
+    if sh.opts.mode == Mode::Fault {
+        // Errors are counted, and only against the device that had faults.
+        let victim = lock(&sh.victim).clone().unwrap_or_default();
+        for d in &stats {
+            let e = d.stats.read_errs + d.stats.corruption_errs + d.stats.generation_errs;
+            if d.path != victim && e > 0 {
+                return Err(format!("errors counted on a healthy device: {d:?}"));
+            }
+        }
+    }
+    // Reopen from what the member devices hold.
+    let members: Vec<String> = fs
+        .devices()
+        .iter()
+        .map(|d| d.dev.path().display().to_string())
+        .collect();
+    let devs: Vec<Arc<dyn BlockDevice>> = lock(&sh.devices)
+        .iter()
+        .filter(|d| members.contains(&d.path().display().to_string()))
+        .map(|d| d.clone() as _)
+        .collect();
+    crate::transaction::commit(fs).map_err(|e| format!("commit before reopen: {e}"))?;
+    let again = Pool::open(devs).map_err(|e| format!("reopen: {e}"))?;
+    compare_all(sh, &again, "after reopen")?;
+    let r = crate::check::check(&again, true).map_err(|e| format!("check after reopen: {e}"))?;
+    if !r.ok() {
+        return Err(format!("check after reopen: {:?}", r.problems));
+    }
+    let c = &sh.counts;
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let scrub_final = last.map(|s| s.counters).unwrap_or_default();
+    Ok(StressReport {
+        seconds: started.elapsed().as_secs_f64(),
+        lines: vec![
+            format!(
+                "writes {} reads-verified {} trims {} flushes {}",
+                g(&c.writes),
+                g(&c.reads),
+                g(&c.trims),
+                g(&c.flushes)
+            ),
+            format!(
+                "scrubs {} balances {} (groups relocated {}) replaces {} faults injected {}",
+                g(&c.scrubs),
+                g(&c.balances),
+                g(&c.groups_relocated),
+                g(&c.replaces),
+                g(&c.faults)
+            ),
+            format!(
+                "final scrub: {} bytes, {} errors; device error counters: {}",
+                scrub_final.bytes_scrubbed,
+                scrub_final.errors(),
+                stats
+                    .iter()
+                    .map(|d| format!(
+                        "{}: read {} write {} csum {}",
+                        d.path, d.stats.read_errs, d.stats.write_errs, d.stats.corruption_errs
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ],
+    })
+}
