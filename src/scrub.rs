@@ -782,7 +782,8 @@ fn scrub_device(fs: &FsInfo, run: &ScrubRun, devid: u64) -> Result<(), Stop> {
         checkpoint_wait(fs, run)?;
         // A fresh snapshot per device extent: a long scrub must not hold
         // back the reuse of everything freed since it started.
-        let (roots, guard) = fs.commit_snapshot();
+        let mut snap = fs.commit_snapshot();
+        let roots = snap.0.clone();
         let next = Iter::new(
             &NoRepair(fs),
             &roots.roots[tree_index(tree_id::DEV)],
@@ -797,8 +798,8 @@ fn scrub_device(fs: &FsInfo, run: &ScrubRun, devid: u64) -> Result<(), Stop> {
         };
         failpoint!("scrub::dev_extent_found", de.chunk_logical);
         let from = pos.max(phys) - phys;
-        scrub_dev_extent(fs, run, devid, phys, de, from, &roots, &mut pacer)?;
-        drop(guard);
+        scrub_dev_extent(fs, run, devid, phys, de, from, &mut snap, &mut pacer)?;
+        drop(snap);
         pos = phys + de.length;
         update(run, devid, |p| {
             p.last_physical = pos;
@@ -907,14 +908,14 @@ fn allocations(fs: &FsInfo, roots: &CommitRoots, bg: &BlockGroup) -> Result<Vec<
 }
 
 #[allow(clippy::too_many_arguments)]
-fn scrub_dev_extent(
-    fs: &FsInfo,
+fn scrub_dev_extent<'f>(
+    fs: &'f FsInfo,
     run: &ScrubRun,
     devid: u64,
     phys: u64,
     de: DevExtent,
     from: u64,
-    roots: &CommitRoots,
+    snap: &mut Snapshot<'f>,
     pacer: &mut Pacer,
 ) -> Result<(), Stop> {
     let skip = |why: &str| {
@@ -925,7 +926,7 @@ fn scrub_dev_extent(
     let Some(bg) = fs.block_group(de.chunk_logical) else {
         return skip("block group is gone");
     };
-    if bg.start != de.chunk_logical || bg.created_gen > roots.gen {
+    if bg.start != de.chunk_logical || bg.created_gen > snap.0.gen {
         // Deleted, and its range reused by a newer group (R4).
         return skip("range reused by a newer block group");
     }
@@ -937,7 +938,7 @@ fn scrub_dev_extent(
     // mark never waits for a commit, so there is nothing to deadlock with (R6).
     bg.lock().scrubbing += 1;
     failpoint!("scrub::group_frozen", bg.start);
-    let r = scrub_group(fs, run, devid, phys, de, from, roots, &bg, pacer);
+    let r = scrub_group(fs, run, devid, phys, de, from, snap, &bg, pacer);
     failpoint!("scrub::before_release", bg.start);
     let requeue = {
         let mut s = bg.lock();
@@ -953,14 +954,14 @@ fn scrub_dev_extent(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn scrub_group(
-    fs: &FsInfo,
+fn scrub_group<'f>(
+    fs: &'f FsInfo,
     run: &ScrubRun,
     devid: u64,
     phys: u64,
     de: DevExtent,
     from: u64,
-    roots: &CommitRoots,
+    snap: &mut Snapshot<'f>,
     bg: &Arc<BlockGroup>,
     pacer: &mut Pacer,
 ) -> Result<(), Stop> {
@@ -980,7 +981,8 @@ fn scrub_group(
         update(run, devid, |p| p.counters.block_groups_skipped_removed += 1);
         return Ok(());
     }
-    let allocs = allocations(fs, roots, bg).map_err(|e| Stop::Failed(e.to_string()))?;
+    let mut allocs = allocations(fs, &snap.0, bg).map_err(|e| Stop::Failed(e.to_string()))?;
+    let mut taken = Instant::now();
     let idxs: Vec<usize> = map
         .item
         .stripes
@@ -1006,6 +1008,16 @@ fn scrub_group(
                 update(run, devid, |p| p.counters.block_groups_skipped_removed += 1);
                 return Ok(());
             }
+            if taken.elapsed() >= SNAPSHOT_REFRESH {
+                // A view held for long keeps everything freed since pinned
+                // (writers would run out of space under a slow scrub): move
+                // to the newest commit. The group is frozen, so its map and
+                // range stay; extents freed meanwhile just drop out.
+                *snap = fs.commit_snapshot();
+                allocs = allocations(fs, &snap.0, bg).map_err(|e| Stop::Failed(e.to_string()))?;
+                csums.clear();
+                taken = Instant::now();
+            }
             let len = unit.min(de.length - off);
             let Some(logical) = map.physical_to_logical(idx, off) else {
                 break;
@@ -1020,7 +1032,7 @@ fn scrub_group(
                 logical,
                 &mut buf[..len as usize],
                 &allocs,
-                roots,
+                &snap.0,
                 &mut csums,
             );
             pacer.pace(fs, n);
@@ -1036,6 +1048,12 @@ fn scrub_group(
     }
     Ok(())
 }
+
+/// A commit-root view and the reader registration that keeps it valid.
+type Snapshot<'a> = (CommitRoots, crate::fs_info::ReadGuard<'a>);
+
+/// How long scrub works from one commit-root view before taking a newer one.
+const SNAPSHOT_REFRESH: Duration = Duration::from_secs(1);
 
 fn csum_item(fs: &FsInfo, roots: &CommitRoots, start: u64) -> Option<Vec<u8>> {
     crate::btree::get(

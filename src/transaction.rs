@@ -509,11 +509,17 @@ fn writeout(
     a
 }
 
+/// How long a change (or a write) that finds no space waits for pinned
+/// space to come back (readers of older views letting go) before ENOSPC.
+pub const ENOSPC_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Run a change in the running transaction. When metadata is short, commit
 /// first (what earlier transactions freed comes back once they are durable)
-/// and try again, as btrfs flushes before it gives up with ENOSPC.
+/// and try again, as btrfs flushes before it gives up with ENOSPC; while
+/// freed space is still pinned by readers, keep trying for a bounded time.
 pub fn change<R>(fs: &FsInfo, mut f: impl FnMut(&mut Ctx) -> Result<R>) -> Result<R> {
-    for attempt in 0..2 {
+    let deadline = std::time::Instant::now() + ENOSPC_WAIT;
+    for attempt in 0.. {
         // Ask for the full reserve before the first commit, the minimum after.
         let need = if attempt == 0 {
             META_RESERVE_NODES
@@ -524,14 +530,22 @@ pub fn change<R>(fs: &FsInfo, mut f: impl FnMut(&mut Ctx) -> Result<R>) -> Resul
             let mut st = lock(&fs.trans);
             match Ctx::begin_needing(fs, &mut st, need) {
                 Ok(mut ctx) => return f(&mut ctx),
-                Err(Error::NoSpace(m)) if attempt >= 1 => return Err(Error::NoSpace(m)),
+                Err(Error::NoSpace(m))
+                    if attempt >= 1
+                        && (fs.pinned_bytes() == 0 || std::time::Instant::now() >= deadline) =>
+                {
+                    return Err(Error::NoSpace(m))
+                }
                 Err(Error::NoSpace(_)) => {}
                 Err(e) => return Err(e),
             }
         }
         commit(fs)?;
+        if attempt >= 1 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
-    unreachable!("the last attempt returns")
+    unreachable!("the loop returns")
 }
 
 /// Generation of the running transaction.

@@ -10,10 +10,6 @@ use crate::fs_info::{FsInfo, RMW_LOCKS};
 use crate::sync::{lock, Arc, Ordering};
 use crate::transaction::Ctx;
 
-/// How long a write that finds no space waits for pinned space to come
-/// back (readers of older views letting go) before it fails with ENOSPC.
-const ENOSPC_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// A handle on one volume. Cheap to clone; safe to use from many threads.
 #[derive(Clone)]
 pub struct Volume {
@@ -219,7 +215,7 @@ impl Volume {
     }
 
     fn alloc_data(&self, want: u64) -> Result<(u64, u64)> {
-        let deadline = std::time::Instant::now() + ENOSPC_WAIT;
+        let deadline = std::time::Instant::now() + crate::transaction::ENOSPC_WAIT;
         loop {
             let r = crate::transaction::change(&self.fs, |ctx| {
                 ctx.alloc_extent(bg_type::DATA, SECTOR_BYTES, want)

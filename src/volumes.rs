@@ -333,7 +333,15 @@ pub fn alloc_chunk(
     } else {
         1
     };
-    let mut stripe = (target / data_cols).max(MIN_STRIPE_BYTES);
+    // Each device holds at least eight stripes, so small devices do not
+    // end up with a few huge chunks that strand their free space.
+    let per_dev_cap = chosen
+        .iter()
+        .map(|c| c.1.total_bytes / 8 / mib * mib)
+        .min()
+        .unwrap_or(0)
+        .max(MIN_STRIPE_BYTES);
+    let mut stripe = (target / data_cols).min(per_dev_cap).max(MIN_STRIPE_BYTES);
     let smallest = chosen.iter().map(|c| c.0 / per_dev).min().unwrap_or(0);
     stripe = stripe.min(smallest);
     let align = if profile == Profile::Raid10 {

@@ -47,6 +47,10 @@ struct Shared {
     devices: Mutex<Vec<Arc<FaultyDevice>>>,
     /// Fault mode: the one device faults are injected into, by path.
     victim: Mutex<Option<String>>,
+    /// Fault mode: the victim after it vanished and was replaced.
+    vanished: Mutex<Option<String>>,
+    /// Fault mode: the victim's error counters just before it left.
+    victim_stats: Mutex<Option<crate::format::DevStats>>,
 }
 
 impl Shared {
@@ -195,9 +199,13 @@ fn reader(sh: &Shared, id: u64) {
 /// victim (which must all be corrected).
 fn check_scrub(sh: &Shared, st: &scrub::ScrubStatus) {
     let c = &st.counters;
+    // Fault mode: a bad copy whose rewrite failed (an injected write error,
+    // a vanished device) stays bad and counts as uncorrectable; the readers
+    // prove no byte is lost, and the final scrubs after healing must
+    // correct everything.
     if st.failure.is_some() {
         sh.fail(format!("scrub failed: {:?}", st.failure));
-    } else if c.uncorrectable_errors > 0 {
+    } else if sh.opts.mode == Mode::Normal && c.uncorrectable_errors > 0 {
         sh.fail(format!(
             "scrub: {} uncorrectable errors",
             c.uncorrectable_errors
@@ -366,7 +374,12 @@ fn replacer(sh: &Shared) {
 fn injector(sh: &Shared) {
     let fs = sh.pool.fs();
     let mut rng = sh.rng(600);
+    let vanish_at = Instant::now() + sh.opts.duration / 2;
     while sh.running() {
+        if Instant::now() >= vanish_at && lock(&sh.victim).is_some() {
+            vanish_and_replace(sh);
+            continue;
+        }
         std::thread::sleep(Duration::from_millis(50 + rng.below(300)));
         let Some(path) = lock(&sh.victim).clone() else {
             continue;
@@ -396,7 +409,24 @@ fn injector(sh: &Shared) {
         let at = a + rng.below(l / S) * S;
         match rng.below(3) {
             0 => {
-                for _ in 0..1 + rng.below(8) {
+                // Bit rot in live data (so someone reads it), plus a few
+                // flips anywhere on the device.
+                if let Ok(ext) = sh.pool.data_extents() {
+                    for _ in 0..1 + rng.below(4) {
+                        if ext.is_empty() {
+                            break;
+                        }
+                        let (start, len) = ext[rng.below(ext.len() as u64) as usize];
+                        let lg = start + rng.below(len / S) * S;
+                        let copies = sh.pool.sector_copies(lg).unwrap_or_default();
+                        if let Some((_, phys)) =
+                            copies.iter().find(|(p, _)| p.display().to_string() == path)
+                        {
+                            dev.flip_bit(phys + rng.below(S), rng.below(8) as u8);
+                        }
+                    }
+                }
+                for _ in 0..1 + rng.below(4) {
                     dev.flip_bit(at + rng.below(S), rng.below(8) as u8);
                 }
             }
@@ -413,6 +443,45 @@ fn injector(sh: &Shared) {
         }
         sh.counts.faults.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The victim disappears for good (every I/O fails); clients carry on from
+/// the other copies, then a replace moves its stripes to a new device.
+fn vanish_and_replace(sh: &Shared) {
+    let fs = sh.pool.fs();
+    let Some(path) = lock(&sh.victim).take() else {
+        return;
+    };
+    let dev = lock(&sh.devices)
+        .iter()
+        .find(|d| d.path().display().to_string() == path)
+        .cloned();
+    let member = fs
+        .devices()
+        .into_iter()
+        .find(|d| d.dev.path().display().to_string() == path);
+    let (Some(dev), Some(member)) = (dev, member) else {
+        return;
+    };
+    dev.vanish();
+    sh.counts.faults.fetch_add(1, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(500));
+    // What the pool counted against it, before it leaves.
+    *lock(&sh.victim_stats) = Some(member.stats.snapshot());
+    let new = Arc::new(FaultyDevice::new("mem-after-vanish", sh.opts.device_bytes));
+    lock(&sh.devices).push(new.clone());
+    match crate::dev_replace::start(fs, member.devid, new, true) {
+        Ok(run) => {
+            let st = run.status();
+            if st.state != crate::dev_replace::State::Finished {
+                sh.fail(format!("replace of the vanished device: {st:?}"));
+            } else {
+                sh.counts.replaces.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Err(e) => sh.fail(format!("replace of the vanished device: {e}")),
+    }
+    *lock(&sh.vanished) = Some(path);
 }
 
 /// Run one storm. Returns its report, or the failures with the seed.
@@ -459,6 +528,8 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
         victim: Mutex::new(
             (opts.mode == Mode::Fault).then(|| devs[0].path().display().to_string()),
         ),
+        vanished: Mutex::new(None),
+        victim_stats: Mutex::new(None),
     });
     let mut threads = Vec::new();
     let spawn = |f: Box<dyn FnOnce() + Send>| std::thread::spawn(f);
@@ -563,11 +634,18 @@ fn finish(sh: &Shared, started: Instant) -> Result<StressReport, String> {
     compare_all(sh, &sh.pool, "end of run")?;
     let stats = sh.pool.device_stats();
     if sh.opts.mode == Mode::Fault {
-        // Errors are counted, and only against the device that had faults.
-        let victim = lock(&sh.victim).clone().unwrap_or_default();
+        // Errors were counted against the device that had the faults (which
+        // vanished and left the pool), never against a healthy one.
+        if lock(&sh.vanished).is_none() {
+            return Err("the victim never vanished (run too short?)".into());
+        }
+        let v = lock(&sh.victim_stats).clone().unwrap_or_default();
+        if v.read_errs == 0 || v.corruption_errs == 0 {
+            return Err(format!("faults were injected but not counted: {v:?}"));
+        }
         for d in &stats {
             let e = d.stats.read_errs + d.stats.corruption_errs + d.stats.generation_errs;
-            if d.path != victim && e > 0 {
+            if e > 0 {
                 return Err(format!("errors counted on a healthy device: {d:?}"));
             }
         }
@@ -611,6 +689,13 @@ fn finish(sh: &Shared, started: Instant) -> Result<StressReport, String> {
                 g(&c.replaces),
                 g(&c.faults)
             ),
+            match &*lock(&sh.victim_stats) {
+                Some(v) => format!(
+                    "faulty device before it vanished: read_errs {} write_errs {} flush_errs {} corruption_errs {} generation_errs {}",
+                    v.read_errs, v.write_errs, v.flush_errs, v.corruption_errs, v.generation_errs
+                ),
+                None => "no faults injected".into(),
+            },
             format!(
                 "final scrub: {} bytes, {} errors; device error counters: {}",
                 scrub_final.bytes_scrubbed,
