@@ -582,3 +582,110 @@ fn balance_resumes_after_kill9() {
     truncate(&out, fs_len(&f));
     cmp_files(&f, &out);
 }
+
+// ---------------------------------------------------------------------------
+// The storm through NBD with real clients
+
+/// fio with verify on four connections while the server runs a scrub loop,
+/// a balance loop with varied filters, device replaces, and its cleaner
+/// (commit interval 1 s). No client error, no scrub error, a clean check.
+#[test]
+fn nbd_storm_fio_with_scrub_balance_replace() {
+    require_tools(&["fio"]);
+    let dir = TestDir::new("storm");
+    let devs: Vec<PathBuf> = ["a.img", "b.img", "c.img"]
+        .iter()
+        .map(|n| dir.join(n))
+        .collect();
+    cv_ok(&args(
+        &[
+            "mkfs",
+            "--data",
+            "raid1",
+            "--metadata",
+            "raid1",
+            "--size",
+            "2G",
+        ],
+        &devs,
+    ));
+    cv_ok(&args(&["volume", "create", "disk0", "--size", "1G"], &devs));
+    let srv = Server::start(&dir, &devs, 1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let scrubs = scrub_loop(srv.sock().to_string(), stop.clone());
+    let balances = {
+        let (sock, stop) = (srv.sock().to_string(), stop.clone());
+        thread::spawn(move || {
+            let filters = [
+                "-dusage=50",
+                "-dusage=90",
+                "-d",
+                "-dlimit=1",
+                "-m",
+                "-dusage=20..80",
+            ];
+            let (mut n, mut bad) = (0, Vec::new());
+            while !stop.load(Ordering::Acquire) {
+                let f = filters[n % filters.len()];
+                let o = cv(&["balance", "start", f, "-B", "--json", "--socket", &sock]);
+                let v: Value = serde_json::from_str(&o.stdout).unwrap_or_default();
+                if o.code != 0 || v["state"] != "finished" {
+                    bad.push(o.text());
+                }
+                n += 1;
+            }
+            (n, bad)
+        })
+    };
+    let replaces = {
+        let (sock, d) = (srv.sock().to_string(), dir.0.clone());
+        thread::spawn(move || {
+            let mut done = Vec::new();
+            for i in 0..2 {
+                thread::sleep(Duration::from_secs(5));
+                let u = cv_json(&["usage", "--json", "--socket", &sock]);
+                let src = u["devices"][i]["devid"].as_u64().unwrap().to_string();
+                let new = d.join(format!("r{i}.img"));
+                fs_create_sparse(&new, 2 * GIB);
+                let o = cv(&[
+                    "device",
+                    "replace",
+                    "start",
+                    &src,
+                    s(&new),
+                    "-B",
+                    "--json",
+                    "--socket",
+                    &sock,
+                ]);
+                done.push(o);
+            }
+            done
+        })
+    };
+    let fo = run(
+        fio_verify_cmd(&srv.uri("disk0"), 4, "128M", 30, "16k").current_dir(dir.join("")),
+        Duration::from_secs(400),
+    );
+    assert_fio_clean(&fo, 4);
+    for o in replaces.join().unwrap() {
+        assert_eq!(o.code, 0, "replace failed:\n{}", o.text());
+        assert!(o.stdout.contains("\"finished\""), "{}", o.text());
+    }
+    stop.store(true, Ordering::Release);
+    let (runs, errors, notes) = scrubs.join().unwrap();
+    assert_eq!(errors, 0, "scrub errors in the storm:\n{notes:?}");
+    assert!(runs >= 1);
+    let (n, bad) = balances.join().unwrap();
+    assert!(bad.is_empty(), "balances failed:\n{bad:?}");
+    assert!(n >= 2, "only {n} balances ran");
+    let now: Vec<PathBuf> = srv.usage()["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| PathBuf::from(d["path"].as_str().unwrap()))
+        .collect();
+    assert_eq!(now.len(), 3);
+    drop(srv);
+    offline_check(&now, true);
+}

@@ -27,6 +27,14 @@ fn all_decoders(b: &[u8]) {
     let _ = DevStats::decode(b);
     let _ = chunkvol::nbd::parse_request(b);
     let _ = proto::parse_option_header(b);
+    let _ = proto::parse_client_flags(b);
+    let _ = proto::parse_info_request(b);
+    let _ = proto::parse_meta_context_request(b);
+    let _ = proto::parse_string(b);
+    // The control protocol and balance filters come from a socket or a user.
+    let text = String::from_utf8_lossy(b);
+    let _ = serde_json::from_str::<chunkvol::ops::Op>(&text);
+    let _ = chunkvol::balance::Filters::parse(&text);
 }
 
 proptest! {

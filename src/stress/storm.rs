@@ -639,7 +639,7 @@ fn finish(sh: &Shared, started: Instant) -> Result<StressReport, String> {
         if lock(&sh.vanished).is_none() {
             return Err("the victim never vanished (run too short?)".into());
         }
-        let v = lock(&sh.victim_stats).clone().unwrap_or_default();
+        let v = (*lock(&sh.victim_stats)).unwrap_or_default();
         if v.read_errs == 0 || v.corruption_errs == 0 {
             return Err(format!("faults were injected but not counted: {v:?}"));
         }
