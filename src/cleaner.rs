@@ -40,14 +40,18 @@ pub fn delete_unused_bgs(fs: &FsInfo) -> Result<CleanerPass> {
             // A relocated group's own read-only mark does not hold it back,
             // nor does being the last of its type: relocation made another.
             let foreign_ro = s.foreign_ro() > 0;
-            if s.removed
-                || s.used > 0
-                || s.reserved > 0
-                || foreign_ro
-                || s.scrubbing > 0
-                || (same_type <= 1 && !s.relocated)
-            {
-                // Scrub re-queues a group it held when it lets go (R3).
+            if s.removed || s.used > 0 || s.reserved > 0 || foreign_ro || s.scrubbing > 0 {
+                // Whoever holds it re-queues it when it lets go (scrub, R3;
+                // relocation and replace through their read-only hold), and
+                // a writer that fills it again takes it off for good.
+                pass.skipped += 1;
+                continue;
+            }
+            if same_type <= 1 && !s.relocated {
+                // Kept while it is the only one of its type; once another
+                // exists it can go.
+                s.on_unused_list = true;
+                requeue.push(start);
                 pass.skipped += 1;
                 continue;
             }

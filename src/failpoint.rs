@@ -56,7 +56,13 @@ fn chaos(name: &str) {
         0 => {}
         1 => std::thread::yield_now(),
         _ => {
-            let max = CHAOS_MAX_US.load(Ordering::Relaxed).max(1);
+            // Steps of the block-group lifecycle (scrub, cleaner,
+            // relocation) get ten times longer: their windows are where the
+            // catalogue's races live, and the hot I/O paths stay fast.
+            let lifecycle = ["scrub::", "cleaner::", "relocation::"]
+                .iter()
+                .any(|p| name.starts_with(p));
+            let max = CHAOS_MAX_US.load(Ordering::Relaxed).max(1) * if lifecycle { 10 } else { 1 };
             std::thread::sleep(Duration::from_micros((x >> 8) % max));
         }
     }

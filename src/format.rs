@@ -588,11 +588,23 @@ impl VolumeExtent {
     }
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(buf);
-        Ok(VolumeExtent {
+        let v = VolumeExtent {
             logical: r.u64()?,
             len: r.u64()?,
             gen: r.u64()?,
-        })
+        };
+        // Lengths feed offset arithmetic: reject what no writer produces.
+        if v.len == 0
+            || !v.len.is_multiple_of(SECTOR_BYTES)
+            || v.len > 1 << 30
+            || v.logical.checked_add(v.len).is_none()
+        {
+            return Err(DecodeError(format!(
+                "volume extent of {} bytes at logical {:#x} is out of range",
+                v.len, v.logical
+            )));
+        }
+        Ok(v)
     }
 }
 

@@ -790,10 +790,19 @@ fn scrub_device(fs: &FsInfo, run: &ScrubRun, devid: u64) -> Result<(), Stop> {
             Key::new(devid, item::DEV_EXTENT, 0),
             Key::new(devid, item::DEV_EXTENT, u64::MAX),
         )
-        .filter_map(|r| r.ok())
-        .filter_map(|(k, v)| DevExtent::decode(&v).ok().map(|d| (k.offset, d)))
-        .find(|(phys, d)| phys + d.length > pos);
-        let Some((phys, de)) = next else {
+        .map(|r| {
+            let (k, v) = r?;
+            let d = DevExtent::decode(&v)
+                .map_err(|e| crate::Error::Corrupt(format!("dev extent {k}: {e}")))?;
+            Ok::<_, crate::Error>((k.offset, d))
+        })
+        .find(|r| r.as_ref().map_or(true, |(phys, d)| phys + d.length > pos));
+        // An unreadable dev tree ends this device's scrub as a failure, not
+        // as "nothing left to scrub".
+        let Some((phys, de)) = next
+            .transpose()
+            .map_err(|e| Stop::Failed(format!("devid {devid}: reading the dev tree: {e}")))?
+        else {
             break;
         };
         failpoint!("scrub::dev_extent_found", de.chunk_logical);
@@ -926,6 +935,7 @@ fn scrub_dev_extent<'f>(
     let Some(bg) = fs.block_group(de.chunk_logical) else {
         return skip("block group is gone");
     };
+    failpoint!("scrub::group_found", bg.start);
     if bg.start != de.chunk_logical || bg.created_gen > snap.0.gen {
         // Deleted, and its range reused by a newer group (R4).
         return skip("range reused by a newer block group");
@@ -996,7 +1006,7 @@ fn scrub_group<'f>(
     } else {
         SCRUB_UNIT_BYTES
     };
-    let mut csums: HashMap<u64, Option<Vec<u8>>> = HashMap::new();
+    let mut csums: HashMap<u64, CsumLookup> = HashMap::new();
     let mut buf = vec![0u8; unit as usize];
     for idx in idxs {
         let mut off = from / unit * unit;
@@ -1055,14 +1065,27 @@ type Snapshot<'a> = (CommitRoots, crate::fs_info::ReadGuard<'a>);
 /// How long scrub works from one commit-root view before taking a newer one.
 const SNAPSHOT_REFRESH: Duration = Duration::from_secs(1);
 
-fn csum_item(fs: &FsInfo, roots: &CommitRoots, start: u64) -> Option<Vec<u8>> {
-    crate::btree::get(
+/// A data extent's checksum item as scrub found it.
+#[derive(Clone)]
+enum CsumLookup {
+    Found(Vec<u8>),
+    Missing,
+    Unreadable,
+}
+
+fn csum_item(fs: &FsInfo, roots: &CommitRoots, start: u64) -> CsumLookup {
+    match crate::btree::get(
         &NoRepair(fs),
         &roots.roots[tree_index(tree_id::CSUM)],
         &Key::new(objectid::CSUM, item::CSUM, start),
-    )
-    .ok()
-    .flatten()
+    ) {
+        Ok(Some(v)) => CsumLookup::Found(v),
+        Ok(None) => CsumLookup::Missing,
+        Err(e) => {
+            tracing::warn!("scrub: checksums of extent {start:#x} unreadable: {e}");
+            CsumLookup::Unreadable
+        }
+    }
 }
 
 /// Verify one unit; returns the bytes of data and metadata it covered.
@@ -1078,7 +1101,7 @@ fn scrub_unit(
     buf: &mut [u8],
     allocs: &[Alloc],
     roots: &CommitRoots,
-    csums: &mut HashMap<u64, Option<Vec<u8>>>,
+    csums: &mut HashMap<u64, CsumLookup>,
 ) -> u64 {
     let nb = fs.node_bytes as u64;
     let end = logical + buf.len() as u64;
@@ -1115,9 +1138,21 @@ fn scrub_unit(
                     p.counters.data_bytes_scrubbed += oe - os;
                     p.bytes_scrubbed_this_run += oe - os;
                 });
-                let Some(sums) = sums.filter(|x| x.len() as u64 >= alen / s * cs as u64) else {
-                    update(run, devid, |p| p.counters.no_csum_sectors += (oe - os) / s);
-                    continue;
+                let sums = match sums {
+                    CsumLookup::Found(x) if x.len() as u64 >= alen / s * cs as u64 => x,
+                    CsumLookup::Unreadable => {
+                        // The checksums exist but their tree block cannot be
+                        // read: these sectors are not verified (counted, not
+                        // passed off as checksum-less).
+                        update(run, devid, |p| {
+                            p.counters.unverified_errors += (oe - os) / s
+                        });
+                        continue;
+                    }
+                    _ => {
+                        update(run, devid, |p| p.counters.no_csum_sectors += (oe - os) / s);
+                        continue;
+                    }
                 };
                 let mut sec = os;
                 while sec < oe {

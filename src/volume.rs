@@ -140,7 +140,15 @@ impl Volume {
             )?;
             let a = ((os - s) / SECTOR_BYTES) as usize * cs;
             let b = ((oe - s) / SECTOR_BYTES) as usize * cs;
-            let sums = sums.as_ref().filter(|x| x.len() >= b).map(|x| &x[a..b]);
+            // Every mapping has its checksums (extent.rs invariant): a
+            // missing or short item is corruption, not unverified data.
+            let Some(sums) = sums.as_ref().filter(|x| x.len() >= b).map(|x| &x[a..b]) else {
+                return Err(Error::Corrupt(format!(
+                    "volume {}: LBA range {os}..{oe} (logical {:#x}): checksum item missing or short",
+                    self.name, ve.logical
+                )));
+            };
+            let sums = Some(sums);
             let sub = ve.logical + (os - s);
             let name = &self.name;
             fs.read_data(

@@ -138,6 +138,10 @@ struct StressArgs {
     /// Crash mode: power cuts per profile.
     #[arg(long, default_value_t = 500)]
     points: u64,
+    /// Microseconds each failpoint may sleep (seeded), widening race
+    /// windows; 0 turns it off.
+    #[arg(long, default_value_t = 500)]
+    chaos_us: u64,
 }
 
 fn stress(a: StressArgs) -> i32 {
@@ -182,6 +186,7 @@ fn stress(a: StressArgs) -> i32 {
         o.device_bytes = a.device_size;
         o.volume_bytes = a.volume_size;
         o.crash_points = a.points;
+        o.chaos_us = a.chaos_us;
         if let Err(e) = o.validate() {
             return fail(2, e);
         }

@@ -57,6 +57,9 @@ pub struct StressOptions {
     pub volume_bytes: u64,
     /// Crash mode: power cuts to run (instead of a duration).
     pub crash_points: u64,
+    /// Every failpoint sleeps up to this long (or yields) by a seeded
+    /// choice, widening the windows between lifecycle steps (0: off).
+    pub chaos_us: u64,
 }
 
 impl StressOptions {
@@ -81,6 +84,7 @@ impl StressOptions {
             device_bytes: 128 << 20,
             volume_bytes: 16 << 20,
             crash_points: 500,
+            chaos_us: 500,
         }
     }
 

@@ -86,12 +86,53 @@ fn range(rng: &mut Rng, size: u64) -> (u64, u64) {
     }
 }
 
+/// Fills its own volume and trims it all, again and again, so whole block
+/// groups keep being created and emptied (and deleted by the cleaner) while
+/// scrub, balance and replace walk over them: the seed race's habitat.
+fn churner(sh: &Shared) {
+    let (vol, model) = sh.vols.last().expect("the churn volume");
+    let mut rng = sh.rng(700);
+    let step = 1 << 20;
+    while sh.running() {
+        let mut off = 0;
+        while off < model.size_bytes && sh.running() {
+            let n = step.min(model.size_bytes - off);
+            let d = pattern(&mut rng, n as usize);
+            let mut held = model.hold(off, n);
+            match vol.write_at(&d, off) {
+                Ok(()) => held.write(off, &d),
+                Err(e) => sh.fail(format!("churn write at {off}: {e}")),
+            }
+            off += n;
+        }
+        let r = vol.flush().and_then(|_| {
+            let mut held = model.hold(0, model.size_bytes);
+            vol.discard(0, model.size_bytes)?;
+            held.discard(0, model.size_bytes);
+            Ok(())
+        });
+        if let Err(e) = r.and_then(|_| vol.flush()) {
+            sh.fail(format!("churn trim: {e}"));
+        }
+        sh.counts.trims.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 fn writer(sh: &Shared, id: u64) {
     let mut rng = sh.rng(100 + id);
+    // The last volume belongs to the churner.
+    let n = sh.vols.len() - 1;
     while sh.running() {
-        let (vol, model) = &sh.vols[rng.below(sh.vols.len() as u64) as usize];
-        let (off, len) = range(&mut rng, model.size_bytes);
-        let what = rng.below(20);
+        let (vol, model) = &sh.vols[rng.below(n as u64) as usize];
+        let (mut off, mut len) = range(&mut rng, model.size_bytes);
+        let mut what = rng.below(20);
+        if rng.below(40) == 0 {
+            // A big trim now and then empties whole block groups, so the
+            // cleaner deletes groups while scrub and balance work on them.
+            len = ((2 + rng.below(7)) << 20).min(model.size_bytes);
+            off = rng.below((model.size_bytes - len) / S + 1) * S;
+            what = 14;
+        }
         let mut held = model.hold(off, len);
         let r = match what {
             0..=13 => {
@@ -324,7 +365,7 @@ fn housekeeper(sh: &Shared) {
     let fs = sh.pool.fs();
     let mut rng = sh.rng(400);
     while sh.running() {
-        std::thread::sleep(Duration::from_millis(20 + rng.below(200)));
+        std::thread::sleep(Duration::from_millis(5 + rng.below(50)));
         if let Err(e) = crate::transaction::commit(fs) {
             sh.fail(format!("commit: {e}"));
         }
@@ -509,12 +550,18 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
     .map_err(|e| fail(format!("mkfs: {e}")))?;
     let pool = Pool::open(block).map_err(|e| fail(format!("open: {e}")))?;
     let mut vols = Vec::new();
-    for i in 0..opts.volumes {
+    for i in 0..=opts.volumes {
+        let name = if i == opts.volumes {
+            "churn".to_string()
+        } else {
+            format!("v{i}")
+        };
         let v = pool
-            .create_volume(&format!("v{i}"), opts.volume_bytes)
+            .create_volume(&name, opts.volume_bytes)
             .map_err(|e| fail(format!("create volume: {e}")))?;
         vols.push((v, VolModel::new(opts.volume_bytes)));
     }
+    crate::failpoint::set_chaos(if opts.chaos_us > 0 { seed | 1 } else { 0 }, opts.chaos_us);
     let started = Instant::now();
     let sh = Arc::new(Shared {
         opts: opts.clone(),
@@ -541,7 +588,7 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
         let s = sh.clone();
         threads.push(spawn(Box::new(move || reader(&s, i as u64))));
     }
-    for f in [scrubber, balancer, housekeeper] {
+    for f in [scrubber, balancer, housekeeper, churner] {
         let s = sh.clone();
         threads.push(spawn(Box::new(move || f(&s))));
     }
@@ -570,6 +617,7 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
             sh.fail("an actor panicked".into());
         }
     }
+    crate::failpoint::set_chaos(0, 0);
     let failures = lock(&sh.failures).clone();
     if !failures.is_empty() {
         return Err(fail(failures.join("; ")));
