@@ -472,19 +472,8 @@ fn balance_usage_filter_returns_space_under_scrub_loop() {
     write_random_file(&f, 900 * MIB, 41);
     cv_ok(&args(&["volume", "import", "disk0", s(&f)], &devs));
     let srv = Server::start(&dir, &devs, 1);
-    // Discard 3 MiB of every 5: each data group ends up about 40% used.
-    let mut cmds = Vec::new();
-    let mut model = std::fs::read(&f).unwrap();
-    let mut off = 0u64;
-    while off + 5 * MIB <= 900 * MIB {
-        cmds.push(format!("discard {} {}", off, 3 * MIB));
-        model[off as usize..(off + 3 * MIB) as usize].fill(0);
-        off += 5 * MIB;
-    }
-    qemu_io(&srv.uri("disk0"), &cmds);
-    let reff = dir.join("model.bin");
-    std::fs::write(&reff, &model).unwrap();
-    drop(model);
+    // Each data group ends up about 40% used.
+    let model = thin_out(&srv, &f, 900 * MIB);
     let before = u64f(&srv.usage(), "allocated_bytes");
     let stop = Arc::new(AtomicBool::new(false));
     let scrubs = scrub_loop(srv.sock().to_string(), stop.clone());
@@ -510,6 +499,29 @@ fn balance_usage_filter_returns_space_under_scrub_loop() {
     let (runs, errors, notes) = scrubs.join().unwrap();
     assert_eq!(errors, 0, "scrub errors during balance:\n{notes:?}");
     assert!(runs >= 1);
+    assert_disk0_is(&srv, &dir, &model);
+    drop(srv);
+    offline_check(&devs, true);
+}
+
+/// Discard 3 MiB of every 5 MiB of the first `len` bytes of disk0 through
+/// NBD; returns the model of what disk0 now holds.
+fn thin_out(srv: &Server, f: &Path, len: u64) -> Vec<u8> {
+    let mut cmds = Vec::new();
+    let mut model = std::fs::read(f).unwrap();
+    let mut off = 0u64;
+    while off + 5 * MIB <= len {
+        cmds.push(format!("discard {} {}", off, 3 * MIB));
+        model[off as usize..(off + 3 * MIB) as usize].fill(0);
+        off += 5 * MIB;
+    }
+    qemu_io(&srv.uri("disk0"), &cmds);
+    model
+}
+
+fn assert_disk0_is(srv: &Server, dir: &TestDir, model: &[u8]) {
+    let reff = dir.join("model.bin");
+    std::fs::write(&reff, model).unwrap();
     let out = dir.join("out.bin");
     run_ok(
         Command::new(tool("qemu-img")).args([
@@ -523,8 +535,34 @@ fn balance_usage_filter_returns_space_under_scrub_loop() {
         ]),
         CMD_TIMEOUT,
     );
-    truncate(&out, 900 * MIB);
+    truncate(&out, model.len() as u64);
     cmp_files(&reff, &out);
+}
+
+/// `serve --reclaim-threshold 50`: groups thinned out below half used are
+/// relocated in the background, without any balance command, and the space
+/// comes back; the data stays intact.
+#[test]
+fn automatic_reclaim_relocates_sparse_groups() {
+    require_tools(&["qemu-io", "qemu-img"]);
+    let dir = TestDir::new("autoreclaim");
+    let devs = make_pool(&dir, "2G", "1G");
+    let f = dir.join("in.bin");
+    write_random_file(&f, 900 * MIB, 61);
+    cv_ok(&args(&["volume", "import", "disk0", s(&f)], &devs));
+    let srv = Server::start_with(&dir, &devs, 1, &["--reclaim-threshold", "50"]);
+    let before = u64f(&srv.usage(), "allocated_bytes");
+    let model = thin_out(&srv, &f, 900 * MIB);
+    let after = poll_until(
+        Duration::from_secs(120),
+        "reclaim to give space back",
+        || {
+            let a = u64f(&srv.usage(), "allocated_bytes");
+            (a + 300 * MIB <= before).then_some(a)
+        },
+    );
+    eprintln!("allocated {} MiB -> {} MiB", before >> 20, after >> 20);
+    assert_disk0_is(&srv, &dir, &model);
     drop(srv);
     offline_check(&devs, true);
 }

@@ -313,6 +313,11 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process
 
 impl Server {
     pub fn start(dir: &TestDir, devs: &[PathBuf], interval: u64) -> Server {
+        Self::start_with(dir, devs, interval, &[])
+    }
+
+    /// [`start`](Self::start) with extra `serve` arguments.
+    pub fn start_with(dir: &TestDir, devs: &[PathBuf], interval: u64, extra: &[&str]) -> Server {
         let mut srv = Server {
             child: None,
             port: 0,
@@ -320,7 +325,7 @@ impl Server {
             devs: devs.to_vec(),
             interval,
             log: dir.join("serve.log"),
-            extra_args: Vec::new(),
+            extra_args: extra.iter().map(|a| a.to_string()).collect(),
         };
         srv.launch();
         srv
