@@ -78,7 +78,15 @@ fn overlaps(ranges: &[Range<u64>], off: u64, len: u64) -> bool {
 impl FaultyDevice {
     /// A zero-filled device.
     pub fn new(path: impl Into<PathBuf>, size_bytes: u64) -> FaultyDevice {
-        Self::from_image(path, vec![0; size_bytes as usize])
+        // Two zeroed buffers rather than a clone: zeroed memory is only
+        // backed once written, so a large idle device costs little.
+        let dev = Self::from_image(path, Vec::new());
+        {
+            let mut st = lock(&dev.state);
+            st.durable = vec![0; size_bytes as usize];
+            st.current = vec![0; size_bytes as usize];
+        }
+        dev
     }
 
     /// A device whose durable and current content is `image`.

@@ -411,11 +411,24 @@ fn replacer(sh: &Shared) {
                     continue;
                 }
                 sh.counts.replaces.fetch_add(1, Ordering::Relaxed);
+                forget_non_members(sh);
             }
             Err(crate::Error::NoSpace(_)) => {}
             Err(e) => sh.fail(format!("replace of devid {src}: {e}")),
         }
     }
+}
+
+/// Drop devices that left the pool: each holds its whole size in memory.
+fn forget_non_members(sh: &Shared) {
+    let members: Vec<String> = sh
+        .pool
+        .fs()
+        .devices()
+        .iter()
+        .map(|d| d.dev.path().display().to_string())
+        .collect();
+    lock(&sh.devices).retain(|d| members.contains(&d.path().display().to_string()));
 }
 
 /// Fault mode: bit rot, read and write errors, on one device only, so every
