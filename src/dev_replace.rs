@@ -175,7 +175,7 @@ pub fn start(
             ),
         });
     }
-    let devid = crate::devices::add(fs, new_dev)?;
+    let devid = crate::devices::add_with(fs, new_dev, false)?;
     let target = fs
         .device(devid)
         .ok_or_else(|| Error::Invalid(format!("devid {devid} vanished after add")))?;
@@ -183,7 +183,10 @@ pub fn start(
     if let Some(d) = fs.device(src) {
         d.allocatable.store(false, Ordering::Release);
     }
-    let reserved = match reserve_target(fs, src, &target) {
+    let reserved = reserve_target(fs, src, &target);
+    // The copies' space is taken: new chunks may use the rest.
+    target.allocatable.store(true, Ordering::Release);
+    let reserved = match reserved {
         Ok(r) => r,
         Err(e) => {
             if let Some(d) = fs.device(src) {

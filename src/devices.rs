@@ -48,6 +48,12 @@ fn next_devid(fs: &FsInfo) -> u64 {
 
 /// Add `dev` to the pool; returns its devid. New chunks may use it at once.
 pub fn add(fs: &FsInfo, dev: Arc<dyn BlockDevice>) -> Result<u64> {
+    add_with(fs, dev, true)
+}
+
+/// [`add`], choosing whether new chunks may use the device yet (a replace
+/// target takes its space for the copies first).
+pub fn add_with(fs: &FsInfo, dev: Arc<dyn BlockDevice>, allocatable: bool) -> Result<u64> {
     fs.check_abort()?;
     let path = dev.path().to_path_buf();
     if dev.size_bytes() < crate::pool::MIN_DEVICE_BYTES {
@@ -84,6 +90,7 @@ pub fn add(fs: &FsInfo, dev: Arc<dyn BlockDevice>) -> Result<u64> {
     let devid = next_devid(fs);
     let d = Arc::new(Device::new(devid, new_uuid(), dev));
     d.supers_valid.store(false, Ordering::Release);
+    d.allocatable.store(allocatable, Ordering::Release);
     transaction::change(fs, |ctx| {
         let it = DevItem {
             devid,

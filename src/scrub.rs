@@ -1019,6 +1019,17 @@ fn scrub_group<'f>(
                 return Ok(());
             }
             if taken.elapsed() >= SNAPSHOT_REFRESH {
+                // A newer view only fits the map scrub holds if the chunk
+                // was not switched meanwhile (device replace): extents
+                // written since went to the new stripes, not this one.
+                let same = fs
+                    .mapping
+                    .get(bg.start)
+                    .is_some_and(|m| Arc::ptr_eq(&m, &map));
+                if !same {
+                    update(run, devid, |p| p.counters.block_groups_skipped_removed += 1);
+                    return Ok(());
+                }
                 // A view held for long keeps everything freed since pinned
                 // (writers would run out of space under a slow scrub): move
                 // to the newest commit. The group is frozen, so its map and

@@ -118,6 +118,46 @@ fn churner(sh: &Shared) {
     }
 }
 
+/// Keeps an empty data group or two around: creates one, commits, and lets
+/// the cleaner (on its own clock) delete it. Scrub keeps finding groups in
+/// its commit-root view that are deleted while it reaches them, which is
+/// the seed race's interleaving (btrfs/071 gets it from balance and the
+/// cleaner creating and deleting groups all the time).
+fn prober(sh: &Shared) {
+    let fs = sh.pool.fs();
+    let mut rng = sh.rng(800);
+    while sh.running() {
+        std::thread::sleep(Duration::from_millis(10 + rng.below(40)));
+        let empty = fs
+            .block_group_list()
+            .iter()
+            .filter(|b| b.is_data() && b.lock().used == 0)
+            .count();
+        if empty >= 2 {
+            continue;
+        }
+        let r = crate::transaction::change(fs, |ctx| {
+            ctx.new_chunk(crate::format::bg_type::DATA).map(|bg| {
+                let queue = bg.lock().take_unused_slot();
+                (bg.start, queue)
+            })
+        });
+        match r {
+            Ok((start, queue)) => {
+                if queue {
+                    // The new group is empty: the cleaner's to take.
+                    lock(&fs.unused_bgs).push_back(start);
+                }
+                if let Err(e) = crate::transaction::commit(fs) {
+                    sh.fail(format!("prober commit: {e}"));
+                }
+            }
+            Err(crate::Error::NoSpace(_)) => {}
+            Err(e) => sh.fail(format!("prober: {e}")),
+        }
+    }
+}
+
 fn writer(sh: &Shared, id: u64) {
     let mut rng = sh.rng(100 + id);
     // The last volume belongs to the churner.
@@ -246,6 +286,11 @@ fn check_scrub(sh: &Shared, st: &scrub::ScrubStatus) {
     // correct everything.
     if st.failure.is_some() {
         sh.fail(format!("scrub failed: {:?}", st.failure));
+    } else if sh.opts.mode == Mode::Normal && c.errors() + c.uncorrectable_errors > 0 {
+        let first: Vec<_> = st.errors.iter().flatten().take(4).collect();
+        sh.fail(format!(
+            "scrub reported errors with no fault injected: {c:?}; first: {first:?}"
+        ));
     } else if sh.opts.mode == Mode::Normal && c.uncorrectable_errors > 0 {
         sh.fail(format!(
             "scrub: {} uncorrectable errors",
@@ -263,7 +308,8 @@ fn scrubber(sh: &Shared) {
     while sh.running() {
         match scrub::start(fs, ScrubOptions::default()) {
             Ok(run) => {
-                let st = run.wait();
+                run.wait();
+                let st = run.status(true);
                 check_scrub(sh, &st);
                 sh.counts.scrubs.fetch_add(1, Ordering::Relaxed);
             }
@@ -609,7 +655,7 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
         let s = sh.clone();
         threads.push(spawn(Box::new(move || reader(&s, i as u64))));
     }
-    for f in [scrubber, balancer, housekeeper, churner] {
+    for f in [scrubber, balancer, housekeeper, churner, prober] {
         let s = sh.clone();
         threads.push(spawn(Box::new(move || f(&s))));
     }
