@@ -645,41 +645,69 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
         vanished: Mutex::new(None),
         victim_stats: Mutex::new(None),
     });
-    let mut threads = Vec::new();
-    let spawn = |f: Box<dyn FnOnce() + Send>| std::thread::spawn(f);
+    let mut threads: Vec<(String, std::thread::JoinHandle<()>)> = Vec::new();
+    let mut spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+        let h = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(f)
+            .expect("spawn a stress actor");
+        threads.push((name, h));
+    };
     for i in 0..opts.writers {
         let s = sh.clone();
-        threads.push(spawn(Box::new(move || writer(&s, i as u64))));
+        spawn(format!("writer{i}"), Box::new(move || writer(&s, i as u64)));
     }
     for i in 0..opts.readers {
         let s = sh.clone();
-        threads.push(spawn(Box::new(move || reader(&s, i as u64))));
+        spawn(format!("reader{i}"), Box::new(move || reader(&s, i as u64)));
     }
-    for f in [scrubber, balancer, housekeeper, churner, prober] {
+    let actors: [(&str, fn(&Shared)); 5] = [
+        ("scrubber", scrubber),
+        ("balancer", balancer),
+        ("housekeeper", housekeeper),
+        ("churner", churner),
+        ("prober", prober),
+    ];
+    for (name, f) in actors {
         let s = sh.clone();
-        threads.push(spawn(Box::new(move || f(&s))));
+        spawn(name.into(), Box::new(move || f(&s)));
     }
     // Replace needs a device to spare for profiles that want every member.
     let can_replace = opts.devices >= 3 && opts.mode == Mode::Normal;
     if can_replace {
         let s = sh.clone();
-        threads.push(spawn(Box::new(move || replacer(&s))));
+        spawn("replacer".into(), Box::new(move || replacer(&s)));
     }
     if opts.mode == Mode::Fault {
         let s = sh.clone();
-        threads.push(spawn(Box::new(move || injector(&s))));
+        spawn("injector".into(), Box::new(move || injector(&s)));
     }
-    // A watchdog turns a deadlock into a failure with the seed.
+    // A watchdog turns a deadlock into a failure with the seed, naming the
+    // actors still running and what the pool's long operations are doing.
     let grace = Duration::from_secs(120);
-    for t in threads {
+    for (_, t) in &threads {
         while !t.is_finished() {
             if Instant::now() > sh.deadline + grace {
+                let stuck: Vec<&str> = threads
+                    .iter()
+                    .filter(|(_, t)| !t.is_finished())
+                    .map(|(n, _)| n.as_str())
+                    .collect();
+                // Nothing here may take the transaction lock: it may be
+                // what is stuck.
+                let fs = sh.pool.fs();
+                let rep = crate::dev_replace::status(fs)
+                    .map(|r| format!("{r:?}"))
+                    .unwrap_or_default();
                 return Err(fail(format!(
-                    "deadlock: actors still running {grace:?} after the deadline"
+                    "deadlock: {stuck:?} still running {grace:?} after the deadline; replace {rep}; scrub_hold {}",
+                    fs.scrub_hold.load(Ordering::Acquire)
                 )));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+    for (_, t) in threads {
         if t.join().is_err() {
             sh.fail("an actor panicked".into());
         }
