@@ -592,6 +592,9 @@ fn vanish_and_replace(sh: &Shared) {
     *lock(&sh.vanished) = Some(path);
 }
 
+/// An actor's body.
+type Actor = fn(&Shared);
+
 /// Run one storm. Returns its report, or the failures with the seed.
 pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
     let seed = opts.seed;
@@ -661,7 +664,7 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
         let s = sh.clone();
         spawn(format!("reader{i}"), Box::new(move || reader(&s, i as u64)));
     }
-    let actors: [(&str, fn(&Shared)); 5] = [
+    let actors: [(&str, Actor); 5] = [
         ("scrubber", scrubber),
         ("balancer", balancer),
         ("housekeeper", housekeeper),
