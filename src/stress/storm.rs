@@ -384,13 +384,26 @@ fn balancer(sh: &Shared) {
         } else {
             args
         };
-        match balance::start(fs, args.clone(), true) {
+        match balance::start(fs, args.clone(), false) {
             Ok(run) => {
-                let st = run.status(fs);
+                // A long balance must not outlive the run: cancel it at the
+                // deadline (relocation checks between extents).
+                let mut canceled = false;
+                while run.status(fs).state == balance::State::Running {
+                    if !sh.running() && !canceled {
+                        let _ = balance::cancel(fs);
+                        canceled = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let st = run.wait(fs);
                 sh.counts.balances.fetch_add(1, Ordering::Relaxed);
                 sh.counts
                     .groups_relocated
                     .fetch_add(st.block_groups_done, Ordering::Relaxed);
+                if canceled && st.state == balance::State::Canceled {
+                    continue;
+                }
                 if st.state != balance::State::Finished {
                     let nospace = st
                         .failure
@@ -443,9 +456,21 @@ fn replacer(sh: &Shared) {
             sh.opts.device_bytes,
         ));
         lock(&sh.devices).push(new.clone());
-        match crate::dev_replace::start(fs, src, new, true) {
+        match crate::dev_replace::start(fs, src, new, false) {
             Ok(run) => {
-                let st = run.status();
+                let mut canceled = false;
+                while run.status().state == crate::dev_replace::State::Running {
+                    if !sh.running() && !canceled {
+                        let _ = crate::dev_replace::cancel(fs);
+                        canceled = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let st = run.wait();
+                if canceled && st.state == crate::dev_replace::State::Canceled {
+                    forget_non_members(sh);
+                    continue;
+                }
                 if st.state != crate::dev_replace::State::Finished {
                     let nospace = st
                         .failure
