@@ -458,10 +458,16 @@ fn replace_group(
         };
     }
     let new_map = ChunkMap { item: item.clone() };
-    let r = (|| -> Result<u64> {
+    let r = (|| -> Result<Option<u64>> {
         let mut copied = 0;
         for x in live_extents(fs, bg.start, bg.end())? {
-            let buf = read_live(fs, &x)?;
+            let buf = match read_live(fs, &x) {
+                Ok(b) => b,
+                // Deleted under the copy (metadata groups are not held
+                // read-only): nothing left to replace.
+                Err(_) if bg.lock().removed => return Ok(None),
+                Err(e) => return Err(e),
+            };
             for &k in &idxs {
                 for (lg, len, phys) in new_map.stripe_span(k, x.logical, x.len)? {
                     let off = (lg - x.logical) as usize;
@@ -481,6 +487,12 @@ fn replace_group(
         crate::failpoint!("replace::before_switch", start);
         let mut st = lock(&fs.trans);
         let mut ctx = crate::transaction::Ctx::begin(fs, &mut st)?;
+        // A metadata group is not read-only during its copy: the cleaner
+        // may have deleted it meanwhile (it removes under this same lock, so
+        // the check cannot race). Switching it would resurrect its chunk.
+        if bg.lock().removed {
+            return Ok(None);
+        }
         (|ctx: &mut crate::transaction::Ctx| -> Result<()> {
             let pending = ctx
                 .st
@@ -522,9 +534,13 @@ fn replace_group(
             ctx.st.dirty = true;
             Ok(())
         })(&mut ctx)?;
-        Ok(copied)
+        Ok(Some(copied))
     })();
     drop(commits);
     drop(hold);
-    r
+    match r {
+        Ok(None) => gone(),
+        Ok(Some(n)) => Ok(n),
+        Err(e) => Err(e),
+    }
 }
