@@ -22,6 +22,10 @@ use std::collections::BTreeMap;
 use crate::sync::{lock, read, write, Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
 use crate::volumes::{ChunkMap, Device};
 
+/// How long replace waits for chunks whose groups are gone to drop their
+/// maps before it gives up naming them.
+const STUCK_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Replace states, as printed and in JSON.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -307,11 +311,22 @@ fn drive(fs: &FsInfo, run: &ReplaceRun) {
 }
 
 fn drive_inner(fs: &FsInfo, run: &ReplaceRun) -> Result<State> {
+    let mut stuck_since: Option<Instant> = None;
     loop {
         let todo = crate::devices::chunks_on(fs, run.src_devid);
         if todo.is_empty() {
             break;
         }
+        // A chunk whose group is gone but whose map is still there (a
+        // scrub holds it frozen) comes back until the map drops: wait for
+        // that rather than spin, and say which chunks if it never ends.
+        if stuck_since.is_some_and(|t| t.elapsed() > STUCK_LIMIT) {
+            return Err(Error::Busy(format!(
+                "chunks {todo:x?} stay on devid {} although their block groups are gone",
+                run.src_devid
+            )));
+        }
+        let before = todo.clone();
         for start in todo {
             if run.cancel.load(Ordering::Acquire) {
                 return Ok(State::Canceled);
@@ -331,7 +346,15 @@ fn drive_inner(fs: &FsInfo, run: &ReplaceRun) -> Result<State> {
                 }
             };
             run.bytes.fetch_add(n, Ordering::AcqRel);
-            run.done.fetch_add(1, Ordering::AcqRel);
+            if !crate::devices::chunks_on(fs, run.src_devid).contains(&start) {
+                run.done.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        if crate::devices::chunks_on(fs, run.src_devid) == before {
+            stuck_since.get_or_insert_with(Instant::now);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        } else {
+            stuck_since = None;
         }
     }
     crate::devices::forget(fs, run.src_devid)?;
