@@ -197,21 +197,9 @@ fn r3_scrub_requeues_group_the_cleaner_skipped() {
     assert_eq!(delete_unused_bgs(s.fs()).unwrap().deleted, 1);
 }
 
-/// R4: the group is deleted while scrub is on it, and a new group is
-/// allocated. The remover defers dropping the map (and the device extents)
-/// while scrub has it frozen, so the new group cannot take its logical range
-/// or physical space; without that, scrub would verify the new group's bytes
-/// against the old group's view (false errors, or a "repair" over live data).
-#[test]
-fn r4_no_reuse_of_a_frozen_groups_range() {
-    let _g = serial();
-    let s = setup();
-    let x = empty_group(&s);
-    let xmap = s.fs().mapping.get(x).unwrap();
-    failpoint::set("scrub::frozen", Action::PauseIf(x));
-    let run = start_dev1(&s, false);
-    paused("scrub::frozen");
-    assert_eq!(delete_unused_bgs(s.fs()).unwrap().deleted, 1);
+/// A new data group takes neither the logical range nor the device space of
+/// the removed-but-frozen group whose map was `xmap` (R4).
+fn assert_new_group_avoids(s: &Setup, xmap: &chunkvol::volumes::ChunkMap) {
     let y = {
         let mut st = chunkvol::sync::lock(&s.fs().trans);
         Ctx::join(s.fs(), &mut st).new_chunk(bg_type::DATA).unwrap()
@@ -229,6 +217,24 @@ fn r4_no_reuse_of_a_frozen_groups_range() {
             assert!(!overlap, "device extent of a frozen group reused");
         }
     }
+}
+
+/// R4: the group is deleted while scrub is on it, and a new group is
+/// allocated. The remover defers dropping the map (and the device extents)
+/// while scrub has it frozen, so the new group cannot take its logical range
+/// or physical space; without that, scrub would verify the new group's bytes
+/// against the old group's view (false errors, or a "repair" over live data).
+#[test]
+fn r4_no_reuse_of_a_frozen_groups_range() {
+    let _g = serial();
+    let s = setup();
+    let x = empty_group(&s);
+    let xmap = s.fs().mapping.get(x).unwrap();
+    failpoint::set("scrub::frozen", Action::PauseIf(x));
+    let run = start_dev1(&s, false);
+    paused("scrub::frozen");
+    assert_eq!(delete_unused_bgs(s.fs()).unwrap().deleted, 1);
+    assert_new_group_avoids(&s, &xmap);
     failpoint::release("scrub::frozen");
     let st = run.wait();
     assert_eq!(st.counters.errors(), 0);
@@ -482,23 +488,7 @@ fn r4_relocation_removes_frozen_group_without_reuse() {
         s.fs().mapping.get(x).is_some(),
         "map drop deferred while frozen"
     );
-    let y = {
-        let mut st = chunkvol::sync::lock(&s.fs().trans);
-        Ctx::join(s.fs(), &mut st).new_chunk(bg_type::DATA).unwrap()
-    };
-    assert!(
-        y.start >= xmap.end(),
-        "logical range of a frozen group reused"
-    );
-    let ymap = s.fs().mapping.get(y.start).unwrap();
-    for a in &xmap.item.stripes {
-        for b in &ymap.item.stripes {
-            let overlap = a.devid == b.devid
-                && a.physical < b.physical + ymap.item.stripe_bytes
-                && b.physical < a.physical + xmap.item.stripe_bytes;
-            assert!(!overlap, "device extent of a frozen group reused");
-        }
-    }
+    assert_new_group_avoids(&s, &xmap);
     failpoint::release("scrub::frozen");
     let st = run.wait();
     assert_eq!(st.counters.errors(), 0);
