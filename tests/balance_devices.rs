@@ -278,10 +278,8 @@ fn balance_of_a_full_pool_stops_cleanly_and_resumes() {
 // ---------------------------------------------------------------------------
 // 2. device remove while fio verifies
 
-#[test]
-fn device_remove_under_fio_verify() {
-    require_tools(&["fio"]);
-    let dir = TestDir::new("remove");
+/// mkfs three 2 GiB raid1 devices with a 1 GiB volume disk0.
+fn three_device_raid1(dir: &TestDir) -> Vec<PathBuf> {
     let devs: Vec<PathBuf> = ["a.img", "b.img", "c.img"]
         .iter()
         .map(|n| dir.join(n))
@@ -299,6 +297,14 @@ fn device_remove_under_fio_verify() {
         &devs,
     ));
     cv_ok(&args(&["volume", "create", "disk0", "--size", "1G"], &devs));
+    devs
+}
+
+#[test]
+fn device_remove_under_fio_verify() {
+    require_tools(&["fio"]);
+    let dir = TestDir::new("remove");
+    let devs = three_device_raid1(&dir);
     let f = dir.join("in.bin");
     write_random_file(&f, 300 * MIB, 21);
     cv_ok(&args(&["volume", "import", "disk0", s(&f)], &devs));
@@ -631,23 +637,7 @@ fn balance_resumes_after_kill9() {
 fn nbd_storm_fio_with_scrub_balance_replace() {
     require_tools(&["fio"]);
     let dir = TestDir::new("storm");
-    let devs: Vec<PathBuf> = ["a.img", "b.img", "c.img"]
-        .iter()
-        .map(|n| dir.join(n))
-        .collect();
-    cv_ok(&args(
-        &[
-            "mkfs",
-            "--data",
-            "raid1",
-            "--metadata",
-            "raid1",
-            "--size",
-            "2G",
-        ],
-        &devs,
-    ));
-    cv_ok(&args(&["volume", "create", "disk0", "--size", "1G"], &devs));
+    let devs = three_device_raid1(&dir);
     let srv = Server::start(&dir, &devs, 1);
     let stop = Arc::new(AtomicBool::new(false));
     let scrubs = scrub_loop(srv.sock().to_string(), stop.clone());
