@@ -410,6 +410,16 @@ fn never() -> bool {
     false
 }
 
+/// The volume still holds what `setup` wrote, and the pool checks clean.
+fn assert_setup_data_intact(s: &Setup) {
+    let v = s.pool.volume("v").unwrap();
+    let mut buf = vec![0u8; 40 << 20];
+    v.read_at(&mut buf, 0).unwrap();
+    assert!(buf == pattern(1, 40 << 20), "data survived relocation");
+    let r = chunkvol::check::check(&s.pool, true).unwrap();
+    assert!(r.ok(), "{r:?}");
+}
+
 /// Commit and run the cleaner until the group at `x` is gone.
 fn wait_removed(fs: &Arc<FsInfo>, x: u64) {
     let end = std::time::Instant::now() + T;
@@ -462,12 +472,7 @@ fn r2_relocation_empties_group_while_scrub_repairs_in_it() {
     assert_eq!(st.counters.uncorrectable_errors, 0);
     assert!(stats.bytes_relocated > 0);
     wait_removed(s.fs(), x);
-    let v = s.pool.volume("v").unwrap();
-    let mut buf = vec![0u8; 40 << 20];
-    v.read_at(&mut buf, 0).unwrap();
-    assert!(buf == pattern(1, 40 << 20), "data survived relocation");
-    let r = chunkvol::check::check(&s.pool, true).unwrap();
-    assert!(r.ok(), "{r:?}");
+    assert_setup_data_intact(&s);
 }
 
 /// R4 with relocation: relocation removes a group scrub has frozen. The map
@@ -529,12 +534,7 @@ fn r5_relocation_waits_out_a_pending_repair() {
     assert_eq!(st.state, State::Finished, "{:?}", st.failure);
     assert_eq!(st.counters.uncorrectable_errors, 0);
     wait_removed(s.fs(), x);
-    let v = s.pool.volume("v").unwrap();
-    let mut buf = vec![0u8; 40 << 20];
-    v.read_at(&mut buf, 0).unwrap();
-    assert!(buf == pattern(1, 40 << 20));
-    let r = chunkvol::check::check(&s.pool, true).unwrap();
-    assert!(r.ok(), "{r:?}");
+    assert_setup_data_intact(&s);
 }
 
 /// R7 with relocation: relocation holds scrub still around its critical
