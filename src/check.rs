@@ -383,8 +383,9 @@ fn verify_data(
                     let off = piece.logical - start + (i * s) as u64;
                     let idx = (off / SECTOR_BYTES) as usize;
                     let good = read_ok
-                        && fs.csum_type.compute(&buf[i * s..(i + 1) * s])[..cs]
-                            == sums[idx * cs..(idx + 1) * cs];
+                        && fs
+                            .csum_type
+                            .matches(&buf[i * s..(i + 1) * s], &sums[idx * cs..(idx + 1) * cs]);
                     if !good {
                         report.csum_errors += 1;
                         report.problems.push(describe_bad_sector(

@@ -565,10 +565,7 @@ impl FsInfo {
             let bad: Vec<usize> = (0..buf.len() / sector)
                 .filter(|&i| {
                     !whole_ok
-                        || sums.is_some_and(|s| {
-                            self.csum_type.compute(&buf[i * sector..(i + 1) * sector])[..cs]
-                                != s[i * cs..(i + 1) * cs]
-                        })
+                        || sums.is_some_and(|s| !self.csum_type.sector_matches(buf, s, sector, i))
                 })
                 .collect();
             if whole_ok && !bad.is_empty() {
@@ -596,9 +593,8 @@ impl FsInfo {
                         failed.push(m);
                         continue;
                     }
-                    let ok = sums.is_none_or(|s| {
-                        self.csum_type.compute(dst)[..cs] == s[i * cs..(i + 1) * cs]
-                    });
+                    let ok =
+                        sums.is_none_or(|s| self.csum_type.matches(dst, &s[i * cs..(i + 1) * cs]));
                     if ok {
                         good = true;
                         break;

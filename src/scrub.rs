@@ -1170,8 +1170,7 @@ fn scrub_unit(
                     let i = ((sec - *start) / s) as usize;
                     let b = (sec - logical) as usize;
                     let want = &sums[i * cs..(i + 1) * cs];
-                    let good =
-                        read_ok && fs.csum_type.compute(&buf[b..b + s as usize])[..cs] == *want;
+                    let good = read_ok && fs.csum_type.matches(&buf[b..b + s as usize], want);
                     if !good {
                         let kind = if read_ok { "data csum" } else { "data read" };
                         update(run, devid, |p| {
@@ -1182,7 +1181,7 @@ fn scrub_unit(
                             }
                         });
                         let fixed = repair(fs, run, map, idx, devid, sec, s, &|b| {
-                            fs.csum_type.compute(b)[..cs] == *want
+                            fs.csum_type.matches(b, want)
                         });
                         let (vol, lba) = who(fs, ei, sec - *start);
                         run.record(ErrorRecord {

@@ -106,6 +106,17 @@ enum Cmd {
     },
     /// Run the stress harness on in-memory devices (docs/TESTING.md).
     Stress(StressArgs),
+    /// Measure this build's checksum paths against the raw crates (bench/run).
+    BenchCsum {
+        /// Bytes hashed per call.
+        #[arg(long, default_value_t = 1 << 20)]
+        buffer_bytes: usize,
+        /// Seconds per measured path.
+        #[arg(long, default_value_t = 0.6)]
+        seconds: f64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -142,6 +153,45 @@ struct StressArgs {
     /// windows; 0 turns it off.
     #[arg(long, default_value_t = 500)]
     chaos_us: u64,
+}
+
+fn bench_csum(buffer_bytes: usize, seconds: f64, json: bool) -> i32 {
+    let sector = crate::format::SECTOR_BYTES as usize;
+    if buffer_bytes < sector
+        || !buffer_bytes.is_multiple_of(sector)
+        || buffer_bytes > 1 << 30
+        || !(0.01..=600.0).contains(&seconds)
+    {
+        return fail(
+            2,
+            format!("--buffer-bytes must be a multiple of {sector} up to 1 GiB, and --seconds within 0.01..600"),
+        );
+    }
+    let speeds = crate::csum::measure_speeds(
+        buffer_bytes,
+        sector,
+        std::time::Duration::from_secs_f64(seconds),
+    );
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&speeds).expect("plain data")
+        );
+    } else {
+        let g = |b: f64| format!("{:.2} GB/s", b / 1e9);
+        println!("algorithm  crate/buffer  crate/sector  engine-compute  engine-verify");
+        for s in &speeds {
+            println!(
+                "{:<10} {:>12}  {:>12}  {:>14}  {:>13}",
+                s.algorithm,
+                g(s.crate_buffer_bytes_per_s),
+                g(s.crate_sector_bytes_per_s),
+                g(s.engine_compute_bytes_per_s),
+                g(s.engine_verify_bytes_per_s)
+            );
+        }
+    }
+    0
 }
 
 fn stress(a: StressArgs) -> i32 {
@@ -768,6 +818,11 @@ pub fn main() -> i32 {
         }
         Cmd::Mkfs(a) => mkfs(a),
         Cmd::Stress(a) => stress(a),
+        Cmd::BenchCsum {
+            buffer_bytes,
+            seconds,
+            json,
+        } => bench_csum(buffer_bytes, seconds, json),
         Cmd::Volume { cmd } => match cmd {
             VolumeCmd::Create { name, size, target } => run_op(
                 &target,
