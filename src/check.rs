@@ -38,7 +38,7 @@ struct Walk<'a> {
     report: &'a mut CheckReport,
     /// addr -> (level, owner, gen)
     blocks: BTreeMap<u64, (u8, u64, u64)>,
-    items: Vec<(u64, Key, Vec<u8>)>,
+    items: Vec<(u64, Key, crate::btree::Value)>,
 }
 
 impl Walk<'_> {
@@ -354,7 +354,7 @@ pub fn check(pool: &Pool, check_data_csum: bool) -> Result<CheckReport> {
 fn verify_data(
     fs: &FsInfo,
     extents: &BTreeMap<u64, (u64, ExtentItem)>,
-    csums: &BTreeMap<u64, Vec<u8>>,
+    csums: &BTreeMap<u64, crate::btree::Value>,
     names: &BTreeMap<u64, String>,
     report: &mut CheckReport,
 ) {

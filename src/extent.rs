@@ -6,11 +6,30 @@
 //! space comes back sector by sector and never hides in partly referenced
 //! extents.
 
+use crate::btree::{self, Node, NodeLoader};
 use crate::error::{Error, Result};
 use crate::format::{
     item, objectid, tree_id, BackRef, ExtentItem, Key, VolumeExtent, SECTOR_BYTES,
 };
+use crate::sync::Arc;
 use crate::transaction::Ctx;
+
+/// First key of a forward scan, in a volume tree `root`, for the volume's
+/// mappings that overlap `start`: the mapping that starts at or before it
+/// (mappings never overlap, so only that one can reach into `start`), else
+/// `start` itself.
+pub fn mapping_scan_from(
+    l: &dyn NodeLoader,
+    root: &Arc<Node>,
+    volume_id: u64,
+    start: u64,
+) -> Result<Key> {
+    let at = Key::new(volume_id, item::VOLUME_EXTENT, start);
+    Ok(match btree::last_at_or_before(l, root, &at)? {
+        Some(k) if k.objectid == volume_id && k.ty == item::VOLUME_EXTENT => k,
+        _ => at,
+    })
+}
 
 fn csum_key(logical: u64) -> Key {
     Key::new(objectid::CSUM, item::CSUM, logical)
@@ -58,10 +77,10 @@ pub fn mappings(
     start: u64,
     len: u64,
 ) -> Result<Vec<(Key, VolumeExtent)>> {
-    let back = ctx.fs.max_extent_bytes - SECTOR_BYTES;
+    let from = mapping_scan_from(ctx.fs, &ctx.st.root(tree_id::VOLUME), volume_id, start)?;
     let items = ctx.range(
         tree_id::VOLUME,
-        Key::new(volume_id, item::VOLUME_EXTENT, start.saturating_sub(back)),
+        from,
         Key::new(volume_id, item::VOLUME_EXTENT, start + len - 1),
     )?;
     let mut out = Vec::new();
@@ -107,13 +126,20 @@ pub fn punch(ctx: &mut Ctx, volume_id: u64, start: u64, len: u64) -> Result<()> 
 
 /// Remove [logical, +len) from the extent that holds it, keeping the rest.
 fn free_data_range(ctx: &mut Ctx, logical: u64, len: u64) -> Result<()> {
-    let back = ctx.fs.max_extent_bytes - SECTOR_BYTES;
-    let found: Vec<(Key, Vec<u8>)> = ctx
-        .range(
-            tree_id::EXTENT,
-            Key::new(logical.saturating_sub(back), item::EXTENT, 0),
-            Key::new(logical, item::EXTENT, u64::MAX),
-        )?
+    let end = Key::new(logical, item::EXTENT, u64::MAX);
+    // Extents never overlap: the one holding `logical` is the last extent
+    // item at or before it. Another item type there (a block group item at
+    // the group's start) falls back to a scan over the longest extent.
+    let from = match btree::last_at_or_before(ctx.fs, &ctx.st.root(tree_id::EXTENT), &end)? {
+        Some(k) if k.ty == item::EXTENT => k,
+        _ => Key::new(
+            logical.saturating_sub(ctx.fs.max_extent_bytes - SECTOR_BYTES),
+            item::EXTENT,
+            0,
+        ),
+    };
+    let found: Vec<(Key, btree::Value)> = ctx
+        .range(tree_id::EXTENT, from, end)?
         .into_iter()
         .filter(|(k, _)| k.ty == item::EXTENT && k.objectid + k.offset > logical)
         .collect();

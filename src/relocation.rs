@@ -342,7 +342,7 @@ fn move_extent(fs: &FsInfo, bg: &BlockGroup, x: &Listed) -> Result<u64> {
 /// the parts of the copy nothing references any more.
 fn switch_extent(ctx: &mut Ctx, x: &Listed, new: u64) -> Result<u64> {
     let old_end = x.start + x.len;
-    let pieces: Vec<(Key, Vec<u8>)> = ctx
+    let pieces: Vec<(Key, crate::btree::Value)> = ctx
         .range(
             tree_id::EXTENT,
             Key::new(x.start, item::EXTENT, 0),

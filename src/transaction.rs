@@ -376,7 +376,8 @@ impl<'a> Ctx<'a> {
         })
     }
 
-    pub fn insert(&mut self, tree: u64, key: Key, val: Vec<u8>) -> Result<()> {
+    pub fn insert(&mut self, tree: u64, key: Key, val: impl Into<btree::Value>) -> Result<()> {
+        let val = val.into();
         self.with_tree(tree, |c, root| btree::insert(c, root, key, val))
     }
     pub fn delete(&mut self, tree: u64, key: &Key) -> Result<bool> {
@@ -386,7 +387,7 @@ impl<'a> Ctx<'a> {
         btree::get(self.fs, &self.st.root(tree), key)
     }
     /// Items with keys in [start, end].
-    pub fn range(&self, tree: u64, start: Key, end: Key) -> Result<Vec<(Key, Vec<u8>)>> {
+    pub fn range(&self, tree: u64, start: Key, end: Key) -> Result<Vec<(Key, btree::Value)>> {
         btree::Iter::new(self.fs, &self.st.root(tree), start, end).collect()
     }
 

@@ -113,11 +113,10 @@ impl Volume {
                 fs.register_reader(st.gen),
             )
         };
-        let back = fs.max_extent_bytes - SECTOR_BYTES;
         let it = Iter::new(
             fs,
             &vroot,
-            Key::new(self.id, item::VOLUME_EXTENT, start.saturating_sub(back)),
+            extent::mapping_scan_from(fs, &vroot, self.id, start)?,
             Key::new(self.id, item::VOLUME_EXTENT, end - 1),
         );
         let mut pos = start;
@@ -335,11 +334,10 @@ impl Volume {
             let st = lock(&fs.trans);
             (st.root(tree_id::VOLUME), fs.register_reader(st.gen))
         };
-        let back = fs.max_extent_bytes - SECTOR_BYTES;
         let it = Iter::new(
             fs,
             &vroot,
-            Key::new(self.id, item::VOLUME_EXTENT, offset.saturating_sub(back)),
+            extent::mapping_scan_from(fs, &vroot, self.id, offset)?,
             Key::new(self.id, item::VOLUME_EXTENT, end.saturating_sub(1)),
         );
         let mut out: Vec<Extent> = Vec::new();

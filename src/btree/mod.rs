@@ -11,8 +11,10 @@
 mod node;
 mod tree;
 
-pub use node::{Body, Child, Node, CHILD_BYTES, LEAF_ITEM_OVERHEAD};
-pub use tree::{delete, get, insert, max_item_bytes, relocate, Iter, NodeLoader, NodeStore};
+pub use node::{Body, Child, Node, Value, CHILD_BYTES, LEAF_ITEM_OVERHEAD};
+pub use tree::{
+    delete, get, insert, last_at_or_before, max_item_bytes, relocate, Iter, NodeLoader, NodeStore,
+};
 
 #[cfg(test)]
 mod tests;

@@ -21,10 +21,14 @@ pub struct Child {
     pub node: Option<Arc<Node>>,
 }
 
+/// A leaf item's value. Shared, so that copying a node on its first change
+/// in a transaction (and reading items out) does not copy every value.
+pub type Value = std::sync::Arc<[u8]>;
+
 /// Node content.
 #[derive(Debug, Clone)]
 pub enum Body {
-    Leaf(Vec<(Key, Vec<u8>)>),
+    Leaf(Vec<(Key, Value)>),
     Internal(Vec<Child>),
 }
 
@@ -78,7 +82,7 @@ impl Node {
             Body::Internal(v) => v.len() * CHILD_BYTES,
         }
     }
-    pub fn leaf_items(&self) -> &[(Key, Vec<u8>)] {
+    pub fn leaf_items(&self) -> &[(Key, Value)] {
         match &self.body {
             Body::Leaf(v) => v,
             Body::Internal(_) => &[],
@@ -153,11 +157,11 @@ impl Node {
         let n = r.u32()? as usize;
         let mut r = Reader::new(&buf[NODE_HEADER_BYTES..]);
         let body = if level == 0 {
-            let mut items: Vec<(Key, Vec<u8>)> = Vec::with_capacity(n.min(buf.len() / 21));
+            let mut items: Vec<(Key, Value)> = Vec::with_capacity(n.min(buf.len() / 21));
             for _ in 0..n {
                 let k = r.key()?;
                 let len = r.u32()? as usize;
-                let d = r.bytes(len)?.to_vec();
+                let d: Value = r.bytes(len)?.into();
                 if items.last().is_some_and(|(p, _)| *p >= k) {
                     return Err(DecodeError(format!("keys out of order at {k}")));
                 }
@@ -205,8 +209,8 @@ mod tests {
     fn roundtrip_and_corruption() {
         let mut n = Node::new_leaf(1 << 20, 5, 2);
         if let Body::Leaf(v) = &mut n.body {
-            v.push((Key::new(1, 2, 3), vec![9; 10]));
-            v.push((Key::new(1, 2, 4), vec![]));
+            v.push((Key::new(1, 2, 3), vec![9; 10].into()));
+            v.push((Key::new(1, 2, 4), Value::from(&[][..])));
         }
         let uuid = [7u8; 16];
         let enc = n.encode(&uuid, 4096, CsumType::Crc32c);

@@ -138,11 +138,18 @@ fn run(node_bytes: usize, ops: &[Op]) {
                     key(a.min(b)).min(key(a.max(b))),
                     key(a.min(b)).max(key(a.max(b))),
                 );
-                let got: Vec<(Key, Vec<u8>)> =
-                    Iter::new(&s, &root, lo, hi).collect::<Result<_>>().unwrap();
+                let got: Vec<(Key, Vec<u8>)> = Iter::new(&s, &root, lo, hi)
+                    .map(|r| r.map(|(k, v)| (k, v.to_vec())))
+                    .collect::<Result<_>>()
+                    .unwrap();
                 let want: Vec<(Key, Vec<u8>)> =
                     model.range(lo..=hi).map(|(k, v)| (*k, v.clone())).collect();
                 assert_eq!(got, want);
+                // The predecessor seek agrees with the model at both ends.
+                for at in [lo, hi] {
+                    let want = model.range(..=at).next_back().map(|(k, _)| *k);
+                    assert_eq!(last_at_or_before(&s, &root, &at).unwrap(), want);
+                }
             }
             Op::Commit => {
                 root = s.commit(&root);
@@ -170,6 +177,7 @@ fn run(node_bytes: usize, ops: &[Op]) {
         }
     }
     let all: Vec<(Key, Vec<u8>)> = Iter::new(&s, &root, Key::MIN, Key::MAX)
+        .map(|r| r.map(|(k, v)| (k, v.to_vec())))
         .collect::<Result<_>>()
         .unwrap();
     assert_eq!(all, model.into_iter().collect::<Vec<_>>());

@@ -1,6 +1,6 @@
 //! Tree algorithms over a [`NodeStore`].
 
-use super::node::{Body, Child, Node, CHILD_BYTES, LEAF_ITEM_OVERHEAD};
+use super::node::{Body, Child, Node, Value, CHILD_BYTES, LEAF_ITEM_OVERHEAD};
 use crate::error::{Error, Result};
 use crate::format::{Key, NODE_HEADER_BYTES};
 use crate::sync::Arc;
@@ -38,6 +38,21 @@ fn load_child(l: &dyn NodeLoader, parent: &Node, idx: usize) -> Result<Arc<Node>
         return Ok(n.clone());
     }
     l.load(c, parent.owner, parent.level - 1)
+}
+
+/// The child at `idx`, taken out of its slot so that the caller holds the
+/// only reference and changing it in this transaction copies nothing (an
+/// `Arc` shared with the slot would be copied on every change). The caller
+/// puts it back with [`child_of`].
+fn take_child(l: &dyn NodeLoader, parent: &mut Node, idx: usize) -> Result<Arc<Node>> {
+    let (owner, level) = (parent.owner, parent.level);
+    let Body::Internal(ch) = &mut parent.body else {
+        unreachable!("take_child on a leaf")
+    };
+    match ch[idx].node.take() {
+        Some(n) => Ok(n),
+        None => l.load(&ch[idx], owner, level - 1),
+    }
 }
 
 fn child_index(children: &[Child], key: &Key) -> usize {
@@ -133,7 +148,7 @@ pub fn get(l: &dyn NodeLoader, root: &Arc<Node>, key: &Key) -> Result<Option<Vec
                 return Ok(items
                     .binary_search_by(|(k, _)| k.cmp(key))
                     .ok()
-                    .map(|i| items[i].1.clone()))
+                    .map(|i| items[i].1.to_vec()))
             }
             Body::Internal(ch) => {
                 let i = child_index(ch, key);
@@ -143,8 +158,40 @@ pub fn get(l: &dyn NodeLoader, root: &Arc<Node>, key: &Key) -> Result<Option<Vec
     }
 }
 
+/// The greatest key <= `key`, if any: where a forward scan for items that
+/// may extend over `key` (extents keyed by their start) begins, in
+/// O(log n) rather than a scan back over the longest possible item.
+pub fn last_at_or_before(l: &dyn NodeLoader, root: &Arc<Node>, key: &Key) -> Result<Option<Key>> {
+    match &root.body {
+        Body::Leaf(items) => {
+            let i = items.partition_point(|(k, _)| k <= key);
+            Ok(i.checked_sub(1).map(|i| items[i].0))
+        }
+        Body::Internal(ch) => {
+            // A child's recorded first key may be older (smaller) than its
+            // items, so the child it routes to can hold nothing <= key; then
+            // the answer is the last item of the child before it.
+            let mut i = ch.partition_point(|c| c.key <= *key);
+            while i > 0 {
+                i -= 1;
+                let c = load_child(l, root, i)?;
+                if let Some(k) = last_at_or_before(l, &c, key)? {
+                    return Ok(Some(k));
+                }
+            }
+            Ok(None)
+        }
+    }
+}
+
 /// Insert or replace.
-pub fn insert(s: &mut dyn NodeStore, root: &mut Arc<Node>, key: Key, val: Vec<u8>) -> Result<()> {
+pub fn insert(
+    s: &mut dyn NodeStore,
+    root: &mut Arc<Node>,
+    key: Key,
+    val: impl Into<Value>,
+) -> Result<()> {
+    let val: Value = val.into();
     let max = max_item_bytes(s.node_bytes());
     if val.len() > max {
         return Err(Error::Invalid(format!(
@@ -171,7 +218,7 @@ fn ins(
     s: &mut dyn NodeStore,
     node: &mut Arc<Node>,
     key: Key,
-    val: Vec<u8>,
+    val: Value,
 ) -> Result<Option<Arc<Node>>> {
     let cap = capacity(s.node_bytes());
     let gen = s.gen();
@@ -201,13 +248,13 @@ fn ins(
         }
         Body::Internal(_) => {
             let idx = child_index(n.children(), &key);
-            let mut child = load_child(s, n, idx)?;
-            let split = ins(s, &mut child, key, val)?;
+            let mut child = take_child(s, n, idx)?;
+            let split = ins(s, &mut child, key, val);
             let Body::Internal(ch) = &mut n.body else {
                 unreachable!()
             };
             ch[idx] = child_of(child);
-            if let Some(r) = split {
+            if let Some(r) = split? {
                 ch.insert(idx + 1, child_of(r));
             }
             if ch.len() * CHILD_BYTES <= cap {
@@ -227,7 +274,7 @@ fn ins(
 }
 
 /// Split index that keeps both halves within capacity, as even as possible.
-fn leaf_split_point(items: &[(Key, Vec<u8>)], cap: usize) -> usize {
+fn leaf_split_point(items: &[(Key, Value)], cap: usize) -> usize {
     let sizes: Vec<usize> = items
         .iter()
         .map(|(_, d)| LEAF_ITEM_OVERHEAD + d.len())
@@ -283,23 +330,19 @@ fn del(s: &mut dyn NodeStore, node: &mut Arc<Node>, key: &Key) -> Result<()> {
         return Ok(());
     }
     let idx = child_index(n.children(), key);
-    let mut child = load_child(s, n, idx)?;
-    del(s, &mut child, key)?;
-    if child.is_empty() {
+    let mut child = take_child(s, n, idx)?;
+    let r = del(s, &mut child, key);
+    let Body::Internal(ch) = &mut n.body else {
+        unreachable!()
+    };
+    if r.is_ok() && child.is_empty() {
         s.free_node(&child);
-        let Body::Internal(ch) = &mut n.body else {
-            unreachable!()
-        };
         ch.remove(idx);
         return Ok(());
     }
     let underfull = child.body_bytes() < cap / 4;
-    {
-        let Body::Internal(ch) = &mut n.body else {
-            unreachable!()
-        };
-        ch[idx] = child_of(child);
-    }
+    ch[idx] = child_of(child);
+    r?;
     if underfull && n.len() > 1 {
         let (l, r) = if idx + 1 < n.len() {
             (idx, idx + 1)
@@ -314,10 +357,12 @@ fn del(s: &mut dyn NodeStore, node: &mut Arc<Node>, key: &Key) -> Result<()> {
 /// Merge child `r` into child `l` when the result fits in one node.
 fn try_merge(s: &mut dyn NodeStore, n: &mut Node, l: usize, r: usize, cap: usize) -> Result<()> {
     let right = load_child(s, n, r)?;
-    let mut left = load_child(s, n, l)?;
+    let left = load_child(s, n, l)?;
     if left.body_bytes() + right.body_bytes() > cap {
         return Ok(());
     }
+    drop(left);
+    let mut left = take_child(s, n, l)?;
     let ln = cow(s, &mut left)?;
     match (&mut ln.body, &right.body) {
         (Body::Leaf(a), Body::Leaf(b)) => a.extend(b.iter().cloned()),
@@ -385,7 +430,7 @@ impl<'a> Iter<'a> {
 }
 
 impl Iterator for Iter<'_> {
-    type Item = Result<(Key, Vec<u8>)>;
+    type Item = Result<(Key, Value)>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.failed {
