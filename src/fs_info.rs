@@ -31,13 +31,9 @@ pub struct CommitRoots {
     pub roots: Vec<Arc<Node>>,
 }
 
-/// An extent freed by transaction `gen`, not yet reusable.
-#[derive(Debug, Clone, Copy)]
-struct Pinned {
-    gen: u64,
-    logical: u64,
-    len: u64,
-}
+/// Extents freed by each transaction, (logical, length), not yet reusable.
+/// Keyed by generation so a release takes only the ready generations.
+type Pinned = BTreeMap<u64, Vec<(u64, u64)>>;
 
 /// Which copy failed and how, for error counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +63,7 @@ pub struct FsInfo {
     pub committed_gen: AtomicU64,
     pub commit_roots: RwLock<CommitRoots>,
     readers: Mutex<BTreeMap<u64, usize>>,
-    pinned: Mutex<Vec<Pinned>>,
+    pinned: Mutex<Pinned>,
     aborted: Mutex<Option<String>>,
     /// Striped locks for read-modify-write of partial sectors, shared by
     /// every handle and connection of every volume.
@@ -105,16 +101,26 @@ pub struct ReadGuard<'a> {
 
 impl Drop for ReadGuard<'_> {
     fn drop(&mut self) {
-        {
+        // Only the last reader of the oldest generation can unpin anything:
+        // other drops skip the release (every client read takes a guard).
+        let oldest_left = {
             let mut r = lock(&self.fs.readers);
-            if let Some(c) = r.get_mut(&self.gen) {
-                *c -= 1;
-                if *c == 0 {
-                    r.remove(&self.gen);
+            let oldest = r.keys().next() == Some(&self.gen);
+            match r.get_mut(&self.gen) {
+                Some(c) if *c > 1 => {
+                    *c -= 1;
+                    false
                 }
+                Some(_) => {
+                    r.remove(&self.gen);
+                    oldest
+                }
+                None => false,
             }
+        };
+        if oldest_left {
+            self.fs.release_pinned();
         }
-        self.fs.release_pinned();
     }
 }
 
@@ -154,7 +160,7 @@ impl FsInfo {
                 roots: Vec::new(),
             }),
             readers: Mutex::new(BTreeMap::new()),
-            pinned: Mutex::new(Vec::new()),
+            pinned: Mutex::new(BTreeMap::new()),
             aborted: Mutex::new(None),
             dev_stats_dirty: AtomicBool::new(false),
             rmw_locks: std::array::from_fn(|_| Mutex::new(())),
@@ -246,12 +252,19 @@ impl FsInfo {
 
     /// Record that [logical, +len) was freed by transaction `gen`.
     pub fn pin(&self, gen: u64, logical: u64, len: u64) {
-        lock(&self.pinned).push(Pinned { gen, logical, len });
+        lock(&self.pinned)
+            .entry(gen)
+            .or_default()
+            .push((logical, len));
     }
 
     /// Bytes pinned, waiting for a commit or for readers.
     pub fn pinned_bytes(&self) -> u64 {
-        lock(&self.pinned).iter().map(|p| p.len).sum()
+        lock(&self.pinned)
+            .values()
+            .flatten()
+            .map(|&(_, len)| len)
+            .sum()
     }
 
     /// Return pinned extents to free space once their transaction is durable
@@ -263,20 +276,19 @@ impl FsInfo {
             .next()
             .copied()
             .unwrap_or(u64::MAX);
-        let ready: Vec<Pinned> = {
+        // Generations up to `limit` are ready.
+        let limit = committed.min(min_reader.saturating_sub(1));
+        let ready: Pinned = {
             let mut p = lock(&self.pinned);
-            let (ready, keep): (Vec<Pinned>, Vec<Pinned>) = p
-                .drain(..)
-                .partition(|x| x.gen <= committed && x.gen < min_reader);
-            *p = keep;
-            ready
+            let keep = p.split_off(&limit.saturating_add(1));
+            std::mem::replace(&mut *p, keep)
         };
-        for x in ready {
-            if let Some(bg) = self.block_group(x.logical) {
+        for (logical, len) in ready.into_values().flatten() {
+            if let Some(bg) = self.block_group(logical) {
                 let mut st = bg.lock();
-                st.pinned -= x.len;
+                st.pinned -= len;
                 if !st.removed {
-                    st.free.insert(x.logical, x.len);
+                    st.free.insert(logical, len);
                 }
             }
         }
