@@ -226,9 +226,16 @@ fn read_loop<'a, R: Read>(
                 return EndReason::OversizedWrite(payload_bytes);
             }
             permit = conn.budget.acquire(payload_bytes as usize);
-            payload = vec![0u8; payload_bytes as usize];
-            if let Err(e) = reader.read_exact(&mut payload) {
-                return io_end(e);
+            // Read into spare capacity: zero-filling a buffer the socket
+            // overwrites at once was a visible cost for large writes.
+            payload = Vec::with_capacity(payload_bytes as usize);
+            match reader
+                .take(u64::from(payload_bytes))
+                .read_to_end(&mut payload)
+            {
+                Ok(n) if n == payload_bytes as usize => {}
+                Ok(_) => return io_end(io::ErrorKind::UnexpectedEof.into()),
+                Err(e) => return io_end(e),
             }
         }
 
