@@ -456,6 +456,11 @@ def report():
                        f"{g(x['engine_compute_bytes_per_s'])} | {g(x['engine_verify_bytes_per_s'])} | "
                        f"{x['engine_compute_bytes_per_s'] / base:.2f} | {x['engine_verify_bytes_per_s'] / base:.2f} |")
         out.append("")
+    # What the profiles showed is written by hand (bench/profile.md); the
+    # table above is regenerated.
+    notes = os.path.join(ROOT, "bench/profile.md")
+    if os.path.exists(notes):
+        out += open(notes).read().rstrip().splitlines() + [""]
     out += ["## Commands", "", "```"] + commands[:80] + ["```", ""]
     path = os.path.join(ROOT, "docs/BENCHMARKS.md" if not QUICK else "docs/BENCHMARKS-quick.md")
     with open(path, "w") as f:
