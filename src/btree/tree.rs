@@ -357,11 +357,9 @@ fn del(s: &mut dyn NodeStore, node: &mut Arc<Node>, key: &Key) -> Result<()> {
 /// Merge child `r` into child `l` when the result fits in one node.
 fn try_merge(s: &mut dyn NodeStore, n: &mut Node, l: usize, r: usize, cap: usize) -> Result<()> {
     let right = load_child(s, n, r)?;
-    let left = load_child(s, n, l)?;
-    if left.body_bytes() + right.body_bytes() > cap {
+    if load_child(s, n, l)?.body_bytes() + right.body_bytes() > cap {
         return Ok(());
     }
-    drop(left);
     let mut left = take_child(s, n, l)?;
     let ln = cow(s, &mut left)?;
     match (&mut ln.body, &right.body) {
