@@ -168,9 +168,10 @@ pub fn last_at_or_before(l: &dyn NodeLoader, root: &Arc<Node>, key: &Key) -> Res
             Ok(i.checked_sub(1).map(|i| items[i].0))
         }
         Body::Internal(ch) => {
-            // A child's recorded first key may be older (smaller) than its
-            // items, so the child it routes to can hold nothing <= key; then
-            // the answer is the last item of the child before it.
+            // Slot keys equal their child's first key (`child_of` refreshes
+            // them on every change), so the routed child holds the answer.
+            // Stepping back a child keeps the answer right for a tree whose
+            // slot keys are merely lower bounds, as a B-tree only requires.
             let mut i = ch.partition_point(|c| c.key <= *key);
             while i > 0 {
                 i -= 1;
