@@ -226,6 +226,15 @@ fn assert_new_group_avoids(s: &Setup, xmap: &chunkvol::volumes::ChunkMap) {
 /// against the old group's view (false errors, or a "repair" over live data).
 #[test]
 fn r4_no_reuse_of_a_frozen_groups_range() {
+    r4_remove_frozen_group(|s, _| {
+        assert_eq!(delete_unused_bgs(s.fs()).unwrap().deleted, 1);
+    });
+}
+
+/// The R4 interleaving with `remove` deleting empty group X while scrub has
+/// it frozen: a new group must not take X's range, scrub must finish with no
+/// errors, and X's map must be gone once scrub lets go.
+fn r4_remove_frozen_group(remove: impl FnOnce(&Setup, u64)) {
     let _g = serial();
     let s = setup();
     let x = empty_group(&s);
@@ -233,12 +242,12 @@ fn r4_no_reuse_of_a_frozen_groups_range() {
     failpoint::set("scrub::frozen", Action::PauseIf(x));
     let run = start_dev1(&s, false);
     paused("scrub::frozen");
-    assert_eq!(delete_unused_bgs(s.fs()).unwrap().deleted, 1);
+    remove(&s, x);
     assert_new_group_avoids(&s, &xmap);
     failpoint::release("scrub::frozen");
     let st = run.wait();
     assert_eq!(st.counters.errors(), 0);
-    assert!(s.fs().mapping.get(x).is_none());
+    assert!(s.fs().mapping.get(x).is_none(), "dropped on unfreeze");
 }
 
 /// R4, reuse detected: the group is deleted before scrub froze it and a new
@@ -480,24 +489,14 @@ fn r2_relocation_empties_group_while_scrub_repairs_in_it() {
 /// the range; scrub then finishes with no errors.
 #[test]
 fn r4_relocation_removes_frozen_group_without_reuse() {
-    let _g = serial();
-    let s = setup();
-    let x = empty_group(&s);
-    let xmap = s.fs().mapping.get(x).unwrap();
-    failpoint::set("scrub::frozen", Action::PauseIf(x));
-    let run = start_dev1(&s, false);
-    paused("scrub::frozen");
-    let stats = relocate_block_group(s.fs(), x, &never).unwrap();
-    assert!(stats.removed, "{stats:?}");
-    assert!(
-        s.fs().mapping.get(x).is_some(),
-        "map drop deferred while frozen"
-    );
-    assert_new_group_avoids(&s, &xmap);
-    failpoint::release("scrub::frozen");
-    let st = run.wait();
-    assert_eq!(st.counters.errors(), 0);
-    assert!(s.fs().mapping.get(x).is_none(), "dropped on unfreeze");
+    r4_remove_frozen_group(|s, x| {
+        let stats = relocate_block_group(s.fs(), x, &never).unwrap();
+        assert!(stats.removed, "{stats:?}");
+        assert!(
+            s.fs().mapping.get(x).is_some(),
+            "map drop deferred while frozen"
+        );
+    });
 }
 
 /// R5 with relocation: balance wants group X gone while scrub is between
