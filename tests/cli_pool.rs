@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use chunkvol::fault::Rng;
+use chunkvol::device::fault::Rng;
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_chunkvol"))

@@ -5,9 +5,9 @@
 mod common;
 
 use chunkvol::btree::Node;
-use chunkvol::csum::CsumType;
+use chunkvol::device::fault::Rng;
 use chunkvol::device::BlockDevice;
-use chunkvol::fault::Rng;
+use chunkvol::format::csum::CsumType;
 use chunkvol::format::*;
 use chunkvol::nbd::proto;
 use common::*;
@@ -33,8 +33,8 @@ fn all_decoders(b: &[u8]) {
     let _ = proto::parse_string(b);
     // The control protocol and balance filters come from a socket or a user.
     let text = String::from_utf8_lossy(b);
-    let _ = serde_json::from_str::<chunkvol::ops::Op>(&text);
-    let _ = chunkvol::balance::Filters::parse(&text);
+    let _ = serde_json::from_str::<chunkvol::service::ops::Op>(&text);
+    let _ = chunkvol::jobs::balance::Filters::parse(&text);
 }
 
 proptest! {
@@ -87,12 +87,18 @@ fn corrupted_metadata_never_panics() {
         pool.create_volume("w", 4 << 20).unwrap();
         pool.close().unwrap();
         let pool = open_mem(&devs);
-        let r = chunkvol::check::check(&pool, false).unwrap();
+        let r = chunkvol::pool::check::check(&pool, false).unwrap();
         assert!(r.ok());
         // Physical addresses of every tree block on device 1.
         let mut v = Vec::new();
-        let roots = chunkvol::sync::read(&pool.fs().commit_roots).roots.clone();
-        fn walk(fs: &chunkvol::fs_info::FsInfo, n: &std::sync::Arc<Node>, out: &mut Vec<u64>) {
+        let roots = chunkvol::util::sync::read(&pool.fs().commit_roots)
+            .roots
+            .clone();
+        fn walk(
+            fs: &chunkvol::engine::fs_info::FsInfo,
+            n: &std::sync::Arc<Node>,
+            out: &mut Vec<u64>,
+        ) {
             out.push(n.addr);
             for c in n.children() {
                 if let Ok(x) = fs.load_node(c.addr, c.gen, n.owner, n.level - 1) {
@@ -122,7 +128,7 @@ fn corrupted_metadata_never_panics() {
             .iter()
             .zip(&images)
             .map(|(d, img)| {
-                std::sync::Arc::new(chunkvol::fault::FaultyDevice::from_image(
+                std::sync::Arc::new(chunkvol::device::fault::FaultyDevice::from_image(
                     d.path().to_path_buf(),
                     img.clone(),
                 ))
@@ -144,7 +150,7 @@ fn corrupted_metadata_never_panics() {
             let Ok(pool) = chunkvol::Pool::open(as_block(&fresh)) else {
                 return false;
             };
-            let _ = chunkvol::check::check(&pool, true);
+            let _ = chunkvol::pool::check::check(&pool, true);
             for name in pool.volume_names() {
                 if let Ok(v) = pool.volume(&name) {
                     let mut b = vec![0u8; 1 << 20];

@@ -35,7 +35,7 @@ fn full_pool_fails_cleanly_and_recovers() {
     }
     pool.close().unwrap();
     let pool = open_mem(&devs);
-    let r = chunkvol::check::check(&pool, true).unwrap();
+    let r = chunkvol::pool::check::check(&pool, true).unwrap();
     assert!(r.ok(), "{:#?}", r.problems);
     // Freeing space makes room again.
     let vol = pool.volume("big").unwrap();
@@ -49,5 +49,5 @@ fn full_pool_fails_cleanly_and_recovers() {
     pool.create_volume("small", 1 << 20).unwrap();
     pool.close().unwrap();
     let pool = open_mem(&devs);
-    assert!(chunkvol::check::check(&pool, true).unwrap().ok());
+    assert!(chunkvol::pool::check::check(&pool, true).unwrap().ok());
 }

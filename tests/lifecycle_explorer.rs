@@ -15,16 +15,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chunkvol::fault::Rng;
+use chunkvol::device::fault::Rng;
 use chunkvol::format::Profile;
-use chunkvol::scrub::{self, ScrubOptions, State};
+use chunkvol::jobs::scrub::{self, ScrubOptions, State};
 use common::*;
 
 const VOL: u64 = 20 << 20;
 const S: u64 = 4096;
 
 fn one_seed(seed: u64) {
-    chunkvol::failpoint::set_chaos(seed, 300);
+    chunkvol::util::failpoint::set_chaos(seed, 300);
     let devs = mkfs_mem(Profile::Raid1, 96 << 20);
     let pool = open_mem(&devs);
     let vol = pool.create_volume("v", VOL).unwrap();
@@ -63,7 +63,7 @@ fn one_seed(seed: u64) {
         let (fs, stop) = (pool.fs().clone(), stop.clone());
         handles.push(std::thread::spawn(move || {
             while !stop.load(Ordering::Acquire) {
-                if let Err(e) = chunkvol::cleaner::delete_unused_bgs(&fs) {
+                if let Err(e) = chunkvol::jobs::cleaner::delete_unused_bgs(&fs) {
                     let u = chunkvol::Pool::from_fs(fs.clone()).usage();
                     panic!(
                         "seed {seed}: cleaner: {e}\n{:#?}\npinned {}",
@@ -80,7 +80,7 @@ fn one_seed(seed: u64) {
         let (fs, stop) = (pool.fs().clone(), stop.clone());
         handles.push(std::thread::spawn(move || {
             while !stop.load(Ordering::Acquire) {
-                chunkvol::transaction::commit(&fs).unwrap();
+                chunkvol::engine::transaction::commit(&fs).unwrap();
                 std::thread::sleep(Duration::from_micros(500));
             }
         }));
@@ -120,7 +120,7 @@ fn one_seed(seed: u64) {
     scrubber
         .join()
         .unwrap_or_else(|_| panic!("seed {seed}: scrubber panicked"));
-    chunkvol::failpoint::set_chaos(0, 0);
+    chunkvol::util::failpoint::set_chaos(0, 0);
 
     // No lost byte.
     let mut all = vec![0u8; VOL as usize];
@@ -132,7 +132,7 @@ fn one_seed(seed: u64) {
     // No leaked unused group: once quiet, the cleaner deletes every empty
     // data group but the last of its type.
     pool.flush().unwrap();
-    chunkvol::cleaner::delete_unused_bgs(pool.fs()).unwrap();
+    chunkvol::jobs::cleaner::delete_unused_bgs(pool.fs()).unwrap();
     pool.flush().unwrap();
     let u = pool.usage();
     let empty = u
@@ -148,7 +148,7 @@ fn one_seed(seed: u64) {
     // No dropped map is still referenced and every structure agrees.
     pool.close().unwrap();
     let pool = open_mem(&devs);
-    let r = chunkvol::check::check(&pool, true).unwrap();
+    let r = chunkvol::pool::check::check(&pool, true).unwrap();
     assert!(r.ok(), "seed {seed}: check: {:#?}", r.problems);
 }
 

@@ -57,7 +57,7 @@ fn discard_all_empties_block_groups_and_cleaner_deletes_them() {
         );
     }
     let before = u.allocated_bytes;
-    let pass = chunkvol::cleaner::delete_unused_bgs(pool.fs()).unwrap();
+    let pass = chunkvol::jobs::cleaner::delete_unused_bgs(pool.fs()).unwrap();
     assert_eq!(pass.deleted, data_bgs.len() - 1, "{pass:?}");
     pool.flush().unwrap();
     let after = pool.usage();
@@ -70,7 +70,7 @@ fn discard_all_empties_block_groups_and_cleaner_deletes_them() {
     assert!(after.allocated_bytes < before, "allocated bytes must drop");
     pool.close().unwrap();
     let pool = open_mem(&devs);
-    let r = chunkvol::check::check(&pool, true).unwrap();
+    let r = chunkvol::pool::check::check(&pool, true).unwrap();
     assert!(r.ok(), "{:#?}", r.problems);
     assert_eq!(pool.usage().allocated_bytes, after.allocated_bytes);
     // The space is reusable: writing again works and reads back.
@@ -91,12 +91,12 @@ fn cleaner_waits_for_the_emptying_commit() {
     pool.flush().unwrap();
     vol.discard(0, 40 << 20).unwrap();
     // Not committed yet: the freed space is pinned, nothing may be deleted.
-    let pass = chunkvol::cleaner::delete_unused_bgs(pool.fs()).unwrap();
+    let pass = chunkvol::jobs::cleaner::delete_unused_bgs(pool.fs()).unwrap();
     assert_eq!(pass.deleted, 0, "{pass:?}");
     pool.flush().unwrap();
-    let pass = chunkvol::cleaner::delete_unused_bgs(pool.fs()).unwrap();
+    let pass = chunkvol::jobs::cleaner::delete_unused_bgs(pool.fs()).unwrap();
     assert!(pass.deleted >= 1, "{pass:?}");
     pool.flush().unwrap();
-    let r = chunkvol::check::check(&pool, false).unwrap();
+    let r = chunkvol::pool::check::check(&pool, false).unwrap();
     assert!(r.ok(), "{:#?}", r.problems);
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use chunkvol::fault::Rng;
+use chunkvol::device::fault::Rng;
 use chunkvol::format::tree_id;
 
 fn run(args: &[String], dir: &Path) -> (i32, String, String) {

@@ -7,13 +7,13 @@ mod common;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use chunkvol::cleaner::delete_unused_bgs;
-use chunkvol::failpoint::{self, Action};
-use chunkvol::fault::FaultyDevice;
+use chunkvol::device::fault::FaultyDevice;
+use chunkvol::engine::fs_info::FsInfo;
+use chunkvol::engine::transaction::{commit, Ctx};
 use chunkvol::format::{bg_type, Profile};
-use chunkvol::fs_info::FsInfo;
-use chunkvol::scrub::{self, ScrubOptions, State};
-use chunkvol::transaction::{commit, Ctx};
+use chunkvol::jobs::cleaner::delete_unused_bgs;
+use chunkvol::jobs::scrub::{self, ScrubOptions, State};
+use chunkvol::util::failpoint::{self, Action};
 use chunkvol::Pool;
 use common::*;
 
@@ -51,14 +51,14 @@ fn setup() -> Setup {
 fn empty_group(s: &Setup) -> u64 {
     let fs = s.fs();
     let start = {
-        let mut st = chunkvol::sync::lock(&fs.trans);
+        let mut st = chunkvol::util::sync::lock(&fs.trans);
         let mut ctx = Ctx::join(fs, &mut st);
         ctx.new_chunk(bg_type::DATA).unwrap().start
     };
     commit(fs).unwrap();
     let bg = fs.block_group(start).unwrap();
     bg.lock().on_unused_list = true;
-    chunkvol::sync::lock(&fs.unused_bgs).push_back(start);
+    chunkvol::util::sync::lock(&fs.unused_bgs).push_back(start);
     start
 }
 
@@ -186,12 +186,12 @@ fn r3_scrub_requeues_group_the_cleaner_skipped() {
         pass.deleted, 0,
         "a group under scrub must be skipped: {pass:?}"
     );
-    assert!(!chunkvol::sync::lock(&s.fs().unused_bgs).contains(&x));
+    assert!(!chunkvol::util::sync::lock(&s.fs().unused_bgs).contains(&x));
     failpoint::release("scrub::group_frozen");
     let st = run.wait();
     assert_eq!(st.counters.errors(), 0);
     assert!(
-        chunkvol::sync::lock(&s.fs().unused_bgs).contains(&x),
+        chunkvol::util::sync::lock(&s.fs().unused_bgs).contains(&x),
         "re-queued on release"
     );
     assert_eq!(delete_unused_bgs(s.fs()).unwrap().deleted, 1);
@@ -199,9 +199,9 @@ fn r3_scrub_requeues_group_the_cleaner_skipped() {
 
 /// A new data group takes neither the logical range nor the device space of
 /// the removed-but-frozen group whose map was `xmap` (R4).
-fn assert_new_group_avoids(s: &Setup, xmap: &chunkvol::volumes::ChunkMap) {
+fn assert_new_group_avoids(s: &Setup, xmap: &chunkvol::chunk::volumes::ChunkMap) {
     let y = {
-        let mut st = chunkvol::sync::lock(&s.fs().trans);
+        let mut st = chunkvol::util::sync::lock(&s.fs().trans);
         Ctx::join(s.fs(), &mut st).new_chunk(bg_type::DATA).unwrap()
     };
     assert!(
@@ -263,7 +263,7 @@ fn r4_reused_range_is_detected_and_skipped() {
     paused("scrub::dev_extent_found");
     assert_eq!(delete_unused_bgs(s.fs()).unwrap().deleted, 1);
     let y = {
-        let mut st = chunkvol::sync::lock(&s.fs().trans);
+        let mut st = chunkvol::util::sync::lock(&s.fs().trans);
         Ctx::join(s.fs(), &mut st).new_chunk(bg_type::DATA).unwrap()
     };
     assert_eq!(y.start, x, "the new group reuses the range");
@@ -292,10 +292,10 @@ fn r5_repair_after_group_removed_writes_nothing() {
     paused("scrub::before_repair");
     {
         // What relocation does after moving the data: remove the chunk.
-        let mut st = chunkvol::sync::lock(&s.fs().trans);
+        let mut st = chunkvol::util::sync::lock(&s.fs().trans);
         bg.lock().ro += 1;
         let mut ctx = Ctx::join(s.fs(), &mut st);
-        chunkvol::cleaner::remove_block_group(&mut ctx, &bg).unwrap();
+        chunkvol::jobs::cleaner::remove_block_group(&mut ctx, &bg).unwrap();
     }
     let before = s.devs[0].image();
     failpoint::release("scrub::before_repair");
@@ -347,7 +347,7 @@ fn r6_commit_never_waits_for_scrub() {
 
     // A commit stuck in its write-out does not stop scrub either.
     failpoint::reset();
-    let gen = chunkvol::transaction::running_gen(s.fs());
+    let gen = chunkvol::engine::transaction::running_gen(s.fs());
     failpoint::set("transaction::before_io", Action::PauseIf(gen));
     let v = s.pool.volume("v").unwrap();
     v.write_at(&pattern(6, 1 << 20), 52 << 20).unwrap();
@@ -413,7 +413,7 @@ fn r9_readonly_scrub_writes_nothing() {
 // ---------------------------------------------------------------------------
 // The same rules with relocation (balance) and device replace as the actors.
 
-use chunkvol::relocation::relocate_block_group;
+use chunkvol::jobs::relocation::relocate_block_group;
 
 fn never() -> bool {
     false
@@ -425,7 +425,7 @@ fn assert_setup_data_intact(s: &Setup) {
     let mut buf = vec![0u8; 40 << 20];
     v.read_at(&mut buf, 0).unwrap();
     assert!(buf == pattern(1, 40 << 20), "data survived relocation");
-    let r = chunkvol::check::check(&s.pool, true).unwrap();
+    let r = chunkvol::pool::check::check(&s.pool, true).unwrap();
     assert!(r.ok(), "{r:?}");
 }
 
@@ -598,7 +598,9 @@ fn r8_replace_waits_for_in_flight_writer() {
     let newdev = Arc::new(FaultyDevice::new("mem-new", 128 << 20));
     let replacer = {
         let (f, n) = (fs.clone(), newdev.clone());
-        std::thread::spawn(move || chunkvol::dev_replace::start(&f, 1, n, true).map(|r| r.status()))
+        std::thread::spawn(move || {
+            chunkvol::jobs::dev_replace::start(&f, 1, n, true).map(|r| r.status())
+        })
     };
     assert!(
         !failpoint::wait_paused("replace::before_copy", Duration::from_millis(800)),
@@ -609,7 +611,11 @@ fn r8_replace_waits_for_in_flight_writer() {
     paused("replace::before_copy");
     failpoint::release("replace::before_copy");
     let st = replacer.join().unwrap().unwrap();
-    assert_eq!(st.state, chunkvol::dev_replace::State::Finished, "{st:?}");
+    assert_eq!(
+        st.state,
+        chunkvol::jobs::dev_replace::State::Finished,
+        "{st:?}"
+    );
     v.flush().unwrap();
     // Only the new device and devid 2 remain; drop devid 2 too and read
     // everything from the new device alone.

@@ -131,7 +131,7 @@ fn run(p: Profile, ops: &[Op]) {
     );
     pool.close().unwrap();
     let pool = open_mem(&devs);
-    let r = chunkvol::check::check(&pool, true).unwrap();
+    let r = chunkvol::pool::check::check(&pool, true).unwrap();
     assert!(r.ok(), "{p:?}: check found {:#?}", r.problems);
 }
 

@@ -3,6 +3,6 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(s) = std::str::from_utf8(data) {
-        let _ = serde_json::from_str::<chunkvol::ops::Op>(s);
+        let _ = serde_json::from_str::<chunkvol::service::ops::Op>(s);
     }
 });

@@ -1,7 +1,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
-use chunkvol::csum::CsumType;
+use chunkvol::format::csum::CsumType;
 
 fuzz_target!(|data: &[u8]| {
     let mut b = data.to_vec();

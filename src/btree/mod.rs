@@ -8,6 +8,7 @@
 //! (allocation, loading, caching) sits behind [`NodeStore`]; this module is
 //! only tree logic.
 
+pub mod cache;
 mod node;
 mod tree;
 

@@ -5,9 +5,9 @@
 //! leaf items (key, value length, value) or child pointers (key, address,
 //! generation).
 
-use crate::csum::{CsumType, CSUM_MAX_BYTES};
+use crate::format::csum::{CsumType, CSUM_MAX_BYTES};
 use crate::format::{DecodeError, Key, Put, Reader, NODE_HEADER_BYTES};
-use crate::sync::Arc;
+use crate::util::sync::Arc;
 
 /// A pointer from an internal node to a child.
 #[derive(Debug, Clone)]

@@ -8,10 +8,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use proptest::prelude::*;
 
 use super::*;
-use crate::csum::CsumType;
-use crate::error::{Error, Result};
+use crate::format::csum::CsumType;
 use crate::format::Key;
-use crate::sync::Arc;
+use crate::util::error::{Error, Result};
+use crate::util::sync::Arc;
 
 const UUID: [u8; 16] = [3; 16];
 

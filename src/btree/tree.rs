@@ -1,9 +1,9 @@
 //! Tree algorithms over a [`NodeStore`].
 
 use super::node::{Body, Child, Node, Value, CHILD_BYTES, LEAF_ITEM_OVERHEAD};
-use crate::error::{Error, Result};
 use crate::format::{Key, NODE_HEADER_BYTES};
-use crate::sync::Arc;
+use crate::util::error::{Error, Result};
+use crate::util::sync::Arc;
 
 /// Loads children that are not in memory.
 pub trait NodeLoader {

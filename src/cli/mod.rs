@@ -1,17 +1,16 @@
 //! The `chunkvol` command line (contract: docs/CLI.md).
 
-pub mod size;
-
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::btree::{Body, Node};
-use crate::csum::CsumType;
+use crate::engine::fs_info::FsInfo;
+use crate::format::csum::CsumType;
 use crate::format::{tree_id, Profile};
-use crate::fs_info::FsInfo;
-use crate::ops::{self, Op, OpOutput};
 use crate::pool::{MkfsOptions, Pool};
+use crate::service::ops::{self, Op, OpOutput};
+use crate::util::size;
 
 /// chunkvol: self-healing, multi-device, copy-on-write block storage served over NBD.
 #[derive(Parser, Debug)]
@@ -167,7 +166,7 @@ fn bench_csum(buffer_bytes: usize, seconds: f64, json: bool) -> i32 {
             format!("--buffer-bytes must be a multiple of {sector} up to 1 GiB, and --seconds within 0.01..600"),
         );
     }
-    let speeds = crate::csum::measure_speeds(
+    let speeds = crate::format::csum::measure_speeds(
         buffer_bytes,
         sector,
         std::time::Duration::from_secs_f64(seconds),
@@ -481,7 +480,7 @@ fn scrub_online(target: &Target, op: Op, wait: bool, json: bool) -> i32 {
         // Offline always waits.
         return run_op(target, op);
     };
-    let out = match crate::control::request(sock, &op) {
+    let out = match crate::service::control::request(sock, &op) {
         Ok(o) => o,
         Err(e) => return fail(2, e),
     };
@@ -492,7 +491,7 @@ fn scrub_online(target: &Target, op: Op, wait: bool, json: bool) -> i32 {
     let tty = std::io::stderr().is_terminal();
     loop {
         std::thread::sleep(std::time::Duration::from_millis(500));
-        let st = match crate::control::request(
+        let st = match crate::service::control::request(
             sock,
             &Op::ScrubStatus {
                 json: true,
@@ -526,7 +525,7 @@ fn scrub_online(target: &Target, op: Op, wait: bool, json: bool) -> i32 {
             break;
         }
     }
-    match crate::control::request(
+    match crate::service::control::request(
         sock,
         &Op::ScrubStatus {
             json,
@@ -604,7 +603,7 @@ fn run_op(target: &Target, op: Op) -> i32 {
             2,
             "no target: give --socket PATH or the pool's device paths",
         ),
-        (Some(sock), true) => match crate::control::request(sock, &op) {
+        (Some(sock), true) => match crate::service::control::request(sock, &op) {
             Ok(out) => emit(out),
             Err(e) => fail(2, e),
         },
@@ -681,7 +680,7 @@ fn check(devs: &[PathBuf], data: bool, json: bool) -> i32 {
         Ok(p) => p,
         Err(e) => return fail(2, e),
     };
-    let r = match crate::check::check(&pool, data) {
+    let r = match crate::pool::check::check(&pool, data) {
         Ok(r) => r,
         Err(e) => return fail(2, e),
     };
@@ -755,7 +754,7 @@ fn dump_tree(devs: &[PathBuf], which: Option<&str>) -> i32 {
         Err(e) => return fail(2, e),
     };
     let fs = pool.fs();
-    let roots = crate::sync::read(&fs.commit_roots).clone();
+    let roots = crate::util::sync::read(&fs.commit_roots).clone();
     let mut out = String::new();
     let mut found = false;
     for (i, t) in tree_id::ALL.iter().enumerate() {
@@ -803,7 +802,7 @@ pub fn main() -> i32 {
             degraded,
             devs,
         } => {
-            let cfg = crate::server::ServeConfig {
+            let cfg = crate::service::server::ServeConfig {
                 listen,
                 socket,
                 commit_interval: std::time::Duration::from_secs(commit_interval.max(1)),
@@ -811,7 +810,7 @@ pub fn main() -> i32 {
                 reclaim_threshold_percent: reclaim_threshold,
                 degraded,
             };
-            match crate::server::run(cfg) {
+            match crate::service::server::run(cfg) {
                 Ok(()) => 0,
                 Err(e) => fail(2, e),
             }
@@ -871,7 +870,7 @@ pub fn main() -> i32 {
                 json,
                 target,
             } => {
-                let opts = crate::scrub::ScrubOptions {
+                let opts = crate::jobs::scrub::ScrubOptions {
                     readonly,
                     devid,
                     limit_bytes_per_s: limit,
@@ -976,7 +975,7 @@ pub fn main() -> i32 {
                 target,
             } => {
                 let offline = target.socket.is_none();
-                let args = crate::balance::BalanceArgs {
+                let args = crate::jobs::balance::BalanceArgs {
                     data,
                     metadata,
                     system,
@@ -988,7 +987,7 @@ pub fn main() -> i32 {
                     .into_iter()
                     .flatten()
                 {
-                    if let Err(e) = crate::balance::Filters::parse(f) {
+                    if let Err(e) = crate::jobs::balance::Filters::parse(f) {
                         return fail(2, e);
                     }
                 }

@@ -7,11 +7,11 @@
 
 use std::collections::HashMap;
 
+use crate::device::fault::{CrashMode, FaultyDevice, Rng};
 use crate::device::BlockDevice;
-use crate::fault::{CrashMode, FaultyDevice, Rng};
 use crate::format::Profile;
 use crate::pool::{MkfsOptions, Pool};
-use crate::sync::{Arc, AtomicI64};
+use crate::util::sync::{Arc, AtomicI64};
 
 const S: usize = 4096;
 
@@ -80,7 +80,8 @@ pub fn campaign(profile: Profile, seed: u64, points: u64) -> Result<CrashStats, 
     let mut versions: HashMap<usize, Vec<Vec<u8>>> = HashMap::new();
     for point in 0..points {
         let pool = Pool::open(blocks(&devs)).map_err(|e| fail(point, format!("reopen: {e}")))?;
-        let r = crate::check::check(&pool, true).map_err(|e| fail(point, format!("check: {e}")))?;
+        let r = crate::pool::check::check(&pool, true)
+            .map_err(|e| fail(point, format!("check: {e}")))?;
         if !r.ok() {
             return Err(fail(point, format!("check: {:?}", r.problems)));
         }
@@ -158,13 +159,15 @@ pub fn campaign(profile: Profile, seed: u64, points: u64) -> Result<CrashStats, 
                     // Relocate a random block group (what balance does).
                     let groups = pool.fs().block_group_list();
                     let g = &groups[rng.below(groups.len() as u64) as usize];
-                    match crate::relocation::relocate_block_group(pool.fs(), g.start, &|| false) {
+                    match crate::jobs::relocation::relocate_block_group(pool.fs(), g.start, &|| {
+                        false
+                    }) {
                         Ok(_) | Err(crate::Error::NoSpace(_)) => stats.relocations += 1,
                         Err(e) => return Err(fail(point, format!("relocate {:#x}: {e}", g.start))),
                     }
                 }
                 6 => {
-                    crate::cleaner::delete_unused_bgs(pool.fs())
+                    crate::jobs::cleaner::delete_unused_bgs(pool.fs())
                         .map_err(|e| fail(point, format!("cleaner: {e}")))?;
                 }
                 _ => {

@@ -3,7 +3,7 @@
 //! client operation and its model update happen as one step and readers
 //! never see a torn pair.
 
-use crate::sync::{lock, Mutex, MutexGuard};
+use crate::util::sync::{lock, Mutex, MutexGuard};
 
 /// Bytes per model region (and lock).
 pub const REGION_BYTES: u64 = 1 << 20;

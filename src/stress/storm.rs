@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 
 use super::model::{first_diff, VolModel};
 use super::{Mode, StressOptions, StressReport};
-use crate::balance::{self, BalanceArgs};
+use crate::data::volume::Volume;
+use crate::device::fault::{FaultyDevice, Rng};
 use crate::device::BlockDevice;
-use crate::fault::{FaultyDevice, Rng};
 use crate::format::Profile;
+use crate::jobs::balance::{self, BalanceArgs};
+use crate::jobs::scrub::{self, ScrubOptions};
 use crate::pool::{MkfsOptions, Pool};
-use crate::scrub::{self, ScrubOptions};
-use crate::sync::{lock, Arc, AtomicBool, AtomicU64, Mutex, Ordering};
-use crate::volume::Volume;
+use crate::util::sync::{lock, Arc, AtomicBool, AtomicU64, Mutex, Ordering};
 
 /// Largest client request.
 const MAX_IO_BYTES: u64 = 256 << 10;
@@ -136,7 +136,7 @@ fn prober(sh: &Shared) {
         if empty >= 2 {
             continue;
         }
-        let r = crate::transaction::change(fs, |ctx| {
+        let r = crate::engine::transaction::change(fs, |ctx| {
             ctx.new_chunk(crate::format::bg_type::DATA).map(|bg| {
                 let queue = bg.lock().take_unused_slot();
                 (bg.start, queue)
@@ -148,7 +148,7 @@ fn prober(sh: &Shared) {
                     // The new group is empty: the cleaner's to take.
                     lock(&fs.unused_bgs).push_back(start);
                 }
-                if let Err(e) = crate::transaction::commit(fs) {
+                if let Err(e) = crate::engine::transaction::commit(fs) {
                     sh.fail(format!("prober commit: {e}"));
                 }
             }
@@ -430,11 +430,11 @@ fn housekeeper(sh: &Shared) {
     let mut next_clean = Instant::now();
     while sh.running() {
         std::thread::sleep(Duration::from_millis(5 + rng.below(50)));
-        if let Err(e) = crate::transaction::commit(fs) {
+        if let Err(e) = crate::engine::transaction::commit(fs) {
             sh.fail(format!("commit: {e}"));
         }
         if Instant::now() >= next_clean {
-            if let Err(e) = crate::cleaner::delete_unused_bgs(fs) {
+            if let Err(e) = crate::jobs::cleaner::delete_unused_bgs(fs) {
                 sh.fail(format!("cleaner: {e}"));
             }
             next_clean = Instant::now() + Duration::from_millis(50 + rng.below(450));
@@ -456,22 +456,22 @@ fn replacer(sh: &Shared) {
             sh.opts.device_bytes,
         ));
         lock(&sh.devices).push(new.clone());
-        match crate::dev_replace::start(fs, src, new, false) {
+        match crate::jobs::dev_replace::start(fs, src, new, false) {
             Ok(run) => {
                 let mut canceled = false;
-                while run.status().state == crate::dev_replace::State::Running {
+                while run.status().state == crate::jobs::dev_replace::State::Running {
                     if !sh.running() && !canceled {
-                        let _ = crate::dev_replace::cancel(fs);
+                        let _ = crate::jobs::dev_replace::cancel(fs);
                         canceled = true;
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 let st = run.wait();
-                if canceled && st.state == crate::dev_replace::State::Canceled {
+                if canceled && st.state == crate::jobs::dev_replace::State::Canceled {
                     forget_non_members(sh);
                     continue;
                 }
-                if st.state != crate::dev_replace::State::Finished {
+                if st.state != crate::jobs::dev_replace::State::Finished {
                     let nospace = st
                         .failure
                         .as_deref()
@@ -531,7 +531,7 @@ fn injector(sh: &Shared) {
         else {
             continue;
         };
-        let extents: Vec<(u64, u64)> = crate::sync::read(&member.extents)
+        let extents: Vec<(u64, u64)> = crate::util::sync::read(&member.extents)
             .iter()
             .map(|(&a, &b)| (a, b))
             .collect();
@@ -603,10 +603,10 @@ fn vanish_and_replace(sh: &Shared) {
     *lock(&sh.victim_stats) = Some(member.stats.snapshot());
     let new = Arc::new(FaultyDevice::new("mem-after-vanish", sh.opts.device_bytes));
     lock(&sh.devices).push(new.clone());
-    match crate::dev_replace::start(fs, member.devid, new, true) {
+    match crate::jobs::dev_replace::start(fs, member.devid, new, true) {
         Ok(run) => {
             let st = run.status();
-            if st.state != crate::dev_replace::State::Finished {
+            if st.state != crate::jobs::dev_replace::State::Finished {
                 sh.fail(format!("replace of the vanished device: {st:?}"));
             } else {
                 sh.counts.replaces.fetch_add(1, Ordering::Relaxed);
@@ -656,7 +656,7 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
             .map_err(|e| fail(format!("create volume: {e}")))?;
         vols.push((v, VolModel::new(opts.volume_bytes)));
     }
-    crate::failpoint::set_chaos(if opts.chaos_us > 0 { seed | 1 } else { 0 }, opts.chaos_us);
+    crate::util::failpoint::set_chaos(if opts.chaos_us > 0 { seed | 1 } else { 0 }, opts.chaos_us);
     let started = Instant::now();
     let sh = Arc::new(Shared {
         opts: opts.clone(),
@@ -724,7 +724,7 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
                 // Nothing here may take the transaction lock: it may be
                 // what is stuck.
                 let fs = sh.pool.fs();
-                let rep = crate::dev_replace::status(fs)
+                let rep = crate::jobs::dev_replace::status(fs)
                     .map(|r| format!("{r:?}"))
                     .unwrap_or_default();
                 return Err(fail(format!(
@@ -740,7 +740,7 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
             sh.fail("an actor panicked".into());
         }
     }
-    crate::failpoint::set_chaos(0, 0);
+    crate::util::failpoint::set_chaos(0, 0);
     let failures = lock(&sh.failures).clone();
     if !failures.is_empty() {
         return Err(fail(failures.join("; ")));
@@ -780,7 +780,7 @@ fn finish(sh: &Shared, started: Instant) -> Result<StressReport, String> {
     for d in lock(&sh.devices).iter() {
         d.heal();
     }
-    crate::transaction::commit(fs).map_err(|e| format!("final commit: {e}"))?;
+    crate::engine::transaction::commit(fs).map_err(|e| format!("final commit: {e}"))?;
     // Fault mode: the first scrub repairs what the faults left; the next
     // must find nothing. Normal mode: the first must find nothing.
     let passes = if sh.opts.mode == Mode::Fault { 2 } else { 1 };
@@ -798,7 +798,7 @@ fn finish(sh: &Shared, started: Instant) -> Result<StressReport, String> {
         }
         last = Some(st);
     }
-    let r = crate::check::check(&sh.pool, true).map_err(|e| format!("check: {e}"))?;
+    let r = crate::pool::check::check(&sh.pool, true).map_err(|e| format!("check: {e}"))?;
     if !r.ok() {
         return Err(format!("check found problems: {:?}", r.problems));
     }
@@ -832,10 +832,11 @@ fn finish(sh: &Shared, started: Instant) -> Result<StressReport, String> {
         .filter(|d| members.contains(&d.path().display().to_string()))
         .map(|d| d.clone() as _)
         .collect();
-    crate::transaction::commit(fs).map_err(|e| format!("commit before reopen: {e}"))?;
+    crate::engine::transaction::commit(fs).map_err(|e| format!("commit before reopen: {e}"))?;
     let again = Pool::open(devs).map_err(|e| format!("reopen: {e}"))?;
     compare_all(sh, &again, "after reopen")?;
-    let r = crate::check::check(&again, true).map_err(|e| format!("check after reopen: {e}"))?;
+    let r =
+        crate::pool::check::check(&again, true).map_err(|e| format!("check after reopen: {e}"))?;
     if !r.ok() {
         return Err(format!("check after reopen: {:?}", r.problems));
     }

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
+use chunkvol::device::fault::{CrashMode, FaultyDevice, Rng};
 use chunkvol::device::BlockDevice;
-use chunkvol::fault::{CrashMode, FaultyDevice, Rng};
 use chunkvol::format::Profile;
 use chunkvol::{MkfsOptions, Pool};
 

@@ -1,6 +1,6 @@
 //! Checksum algorithms. Every data sector and every tree block carries one.
 
-use crate::error::{Error, Result};
+use crate::util::error::{Error, Result};
 
 /// Bytes reserved for a checksum in headers; shorter sums are zero-padded.
 pub const CSUM_MAX_BYTES: usize = 32;

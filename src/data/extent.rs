@@ -7,12 +7,12 @@
 //! extents.
 
 use crate::btree::{self, Node, NodeLoader};
-use crate::error::{Error, Result};
+use crate::engine::transaction::Ctx;
 use crate::format::{
     item, objectid, tree_id, BackRef, ExtentItem, Key, VolumeExtent, SECTOR_BYTES,
 };
-use crate::sync::Arc;
-use crate::transaction::Ctx;
+use crate::util::error::{Error, Result};
+use crate::util::sync::Arc;
 
 /// First key of a forward scan, in a volume tree `root`, for the volume's
 /// mappings that overlap `start`: the mapping that starts at or before it

@@ -20,13 +20,13 @@
 
 use std::time::{Duration, Instant};
 
-use crate::block_group::BlockGroup;
 use crate::btree::{self, Iter};
-use crate::error::{Error, Result};
+use crate::engine::block_group::BlockGroup;
+use crate::engine::fs_info::FsInfo;
+use crate::engine::transaction::{self, commit, Ctx};
 use crate::format::{item, objectid, tree_id, ExtentItem, Key, VolumeExtent};
-use crate::fs_info::FsInfo;
-use crate::sync::{lock, read, Arc, Ordering};
-use crate::transaction::{self, commit, Ctx};
+use crate::util::error::{Error, Result};
+use crate::util::sync::{lock, read, Arc, Ordering};
 
 /// Extents listed per pass over a data group.
 const DATA_BATCH_EXTENTS: usize = 256;
@@ -155,7 +155,7 @@ pub fn relocate_block_group(
                     !s.removed && s.used == 0 && s.reserved == 0 && s.pinned == 0
                 };
                 if empty {
-                    crate::cleaner::remove_block_group(ctx, &bg)?;
+                    crate::jobs::cleaner::remove_block_group(ctx, &bg)?;
                 }
                 Ok(empty)
             })?
@@ -319,7 +319,7 @@ fn move_extent(fs: &FsInfo, bg: &BlockGroup, x: &Listed) -> Result<u64> {
         })
     };
     let (new, _) = match alloc() {
-        Err(Error::NoSpace(_)) if crate::cleaner::free_space_now(fs)? => alloc()?,
+        Err(Error::NoSpace(_)) if crate::jobs::cleaner::free_space_now(fs)? => alloc()?,
         r => r?,
     };
     crate::failpoint!("relocation::extent_copied", x.start);

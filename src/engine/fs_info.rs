@@ -5,15 +5,15 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use crate::block_group::BlockGroup;
+use crate::btree::cache::NodeCache;
 use crate::btree::{Child, Node, NodeLoader};
-use crate::cache::NodeCache;
-use crate::csum::CsumType;
-use crate::error::{Error, Result};
+use crate::chunk::volumes::{Device, Mapped, MappingTree};
+use crate::engine::block_group::BlockGroup;
+use crate::engine::transaction::TransState;
+use crate::format::csum::CsumType;
 use crate::format::{tree_id, SECTOR_BYTES};
-use crate::sync::{lock, read, Arc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
-use crate::transaction::TransState;
-use crate::volumes::{Device, Mapped, MappingTree};
+use crate::util::error::{Error, Result};
+use crate::util::sync::{lock, read, Arc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
 
 /// Stripes of [`FsInfo::rmw_locks`].
 pub const RMW_LOCKS: usize = 64;
@@ -69,7 +69,7 @@ pub struct FsInfo {
     /// every handle and connection of every volume.
     pub rmw_locks: [Mutex<()>; RMW_LOCKS],
     /// The scrub of this process, running or last finished.
-    pub scrub: Mutex<Option<Arc<crate::scrub::ScrubRun>>>,
+    pub scrub: Mutex<Option<Arc<crate::jobs::scrub::ScrubRun>>>,
     /// Client reads and writes so far (scrub yields when it moves).
     pub client_ops: AtomicU64,
     /// Reads do not rewrite bad copies (check, dump-tree).
@@ -81,9 +81,9 @@ pub struct FsInfo {
     /// Pool members that were not given at open (`--degraded`), by devid.
     pub missing: RwLock<BTreeMap<u64, crate::format::DevItem>>,
     /// The balance of this process, running or last finished.
-    pub balance: Mutex<Option<Arc<crate::balance::BalanceRun>>>,
+    pub balance: Mutex<Option<Arc<crate::jobs::balance::BalanceRun>>>,
     /// The device replace of this process, running or last finished.
-    pub replace: Mutex<Option<Arc<crate::dev_replace::ReplaceRun>>>,
+    pub replace: Mutex<Option<Arc<crate::jobs::dev_replace::ReplaceRun>>>,
     /// Relocation steps that want scrub to hold still; scrub waits between
     /// units while this is non-zero (as btrfs pauses scrub around
     /// relocation's critical section).

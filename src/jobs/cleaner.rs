@@ -4,12 +4,12 @@
 //! `removed` set before the chunk map goes, and the map (with its device
 //! extents) dropped only once no scrubber has the group frozen.
 
-use crate::block_group::BlockGroup;
-use crate::error::Result;
+use crate::engine::block_group::BlockGroup;
+use crate::engine::fs_info::FsInfo;
+use crate::engine::transaction::Ctx;
 use crate::format::{item, objectid, tree_id, Key};
-use crate::fs_info::FsInfo;
-use crate::sync::{lock, read, write, Arc};
-use crate::transaction::Ctx;
+use crate::util::error::Result;
+use crate::util::sync::{lock, read, write, Arc};
 
 /// Outcome of one cleaner pass.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +65,7 @@ pub fn delete_unused_bgs(fs: &FsInfo) -> Result<CleanerPass> {
             s.ro += 1;
         }
         crate::failpoint!("cleaner::after_ro", start);
-        let r = crate::transaction::change(fs, |ctx| {
+        let r = crate::engine::transaction::change(fs, |ctx| {
             let still_empty = {
                 let s = bg.lock();
                 s.used == 0 && s.reserved == 0 && s.pinned == 0
@@ -107,10 +107,10 @@ pub fn delete_unused_bgs(fs: &FsInfo) -> Result<CleanerPass> {
 /// their device space can hold new chunks. Returns whether anything came back.
 pub fn free_space_now(fs: &FsInfo) -> Result<bool> {
     let pinned = fs.pinned_bytes() > 0;
-    crate::transaction::commit(fs)?;
+    crate::engine::transaction::commit(fs)?;
     let deleted = delete_unused_bgs(fs)?.deleted;
     if deleted > 0 {
-        crate::transaction::commit(fs)?;
+        crate::engine::transaction::commit(fs)?;
     }
     Ok(pinned || deleted > 0)
 }
@@ -168,7 +168,7 @@ pub fn reclaim_pass(fs: &FsInfo, threshold_percent: u64) -> Result<Option<u64>> 
         return Ok(None);
     };
     tracing::info!("reclaim: relocating block group {start:#x} (below {threshold_percent}% used)");
-    crate::relocation::relocate_block_group(fs, start, &|| fs.is_aborted())?;
+    crate::jobs::relocation::relocate_block_group(fs, start, &|| fs.is_aborted())?;
     Ok(Some(start))
 }
 

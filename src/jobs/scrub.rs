@@ -17,19 +17,19 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::block_group::BlockGroup;
 use crate::btree::{Iter, Node};
-use crate::cleaner::{freeze, unfreeze};
-use crate::error::{Error, Result};
+use crate::chunk::volumes::{ChunkMap, Mapped};
+use crate::engine::block_group::BlockGroup;
+use crate::engine::fs_info::{tree_index, CommitRoots, FsInfo, NoRepair};
+use crate::engine::transaction::Ctx;
 use crate::failpoint;
 use crate::format::{
     item, objectid, tree_id, DevExtent, ExtentItem, Key, MetadataItem, Put, Reader, SECTOR_BYTES,
     SUPER_BYTES, SUPER_OFFSETS,
 };
-use crate::fs_info::{tree_index, CommitRoots, FsInfo, NoRepair};
-use crate::sync::{lock, read, thread, Arc, AtomicBool, Mutex, Ordering};
-use crate::transaction::Ctx;
-use crate::volumes::{ChunkMap, Mapped};
+use crate::jobs::cleaner::{freeze, unfreeze};
+use crate::util::error::{Error, Result};
+use crate::util::sync::{lock, read, thread, Arc, AtomicBool, Mutex, Ordering};
 
 /// Bytes read per step on a non-raid10 stripe.
 pub const SCRUB_UNIT_BYTES: u64 = 1 << 20;
@@ -199,7 +199,7 @@ pub struct ScrubRun {
     devs: Mutex<BTreeMap<u64, DevProgress>>,
     errors: Mutex<Vec<ErrorRecord>>,
     failure: Mutex<Option<String>>,
-    done: (Mutex<bool>, crate::sync::Condvar),
+    done: (Mutex<bool>, crate::util::sync::Condvar),
 }
 
 pub(crate) fn now_s() -> u64 {
@@ -609,7 +609,7 @@ fn launch(
         devs: Mutex::new(devs),
         errors: Mutex::new(Vec::new()),
         failure: Mutex::new(None),
-        done: (Mutex::new(false), crate::sync::Condvar::new()),
+        done: (Mutex::new(false), crate::util::sync::Condvar::new()),
     });
     if from.is_none() && !run.opts.readonly {
         let mut t = lock(&fs.trans);
@@ -671,7 +671,7 @@ fn coordinate(fs: Arc<FsInfo>, run: Arc<ScrubRun>) {
         c.notify_all();
     }
     if !fs.is_aborted() && !run.opts.readonly {
-        if let Err(e) = crate::transaction::commit(&fs) {
+        if let Err(e) = crate::engine::transaction::commit(&fs) {
             tracing::warn!("scrub: final commit: {e}");
         }
     }
@@ -1071,7 +1071,7 @@ fn scrub_group<'f>(
 }
 
 /// A commit-root view and the reader registration that keeps it valid.
-type Snapshot<'a> = (CommitRoots, crate::fs_info::ReadGuard<'a>);
+type Snapshot<'a> = (CommitRoots, crate::engine::fs_info::ReadGuard<'a>);
 
 /// How long scrub works from one commit-root view before taking a newer one.
 const SNAPSHOT_REFRESH: Duration = Duration::from_secs(1);

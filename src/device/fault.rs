@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use crate::device::BlockDevice;
-use crate::sync::{lock, Arc, Mutex};
+use crate::util::sync::{lock, Arc, Mutex};
 use std::sync::atomic::{AtomicI64, Ordering};
 
 /// How a simulated power loss treats writes that were not flushed.

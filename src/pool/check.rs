@@ -6,15 +6,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::btree::{Body, Node};
-use crate::error::Result;
+use crate::chunk::volumes::Mapped;
+use crate::engine::fs_info::FsInfo;
 use crate::format::{
     bg_type, item, objectid, tree_id, BlockGroupItem, ChunkItem, DevExtent, ExtentItem, Key,
     MetadataItem, VolumeExtent, VolumeItem, SECTOR_BYTES,
 };
-use crate::fs_info::FsInfo;
 use crate::pool::{read_supers, Pool};
-use crate::sync::{read, Arc};
-use crate::volumes::Mapped;
+use crate::util::error::Result;
+use crate::util::sync::{read, Arc};
 
 /// What check found.
 #[derive(Debug, Default, serde::Serialize)]
@@ -120,7 +120,8 @@ impl Walk<'_> {
 /// Run every check on an open (offline) pool.
 pub fn check(pool: &Pool, check_data_csum: bool) -> Result<CheckReport> {
     let fs = &**pool.fs();
-    fs.no_repair.store(true, crate::sync::Ordering::Relaxed);
+    fs.no_repair
+        .store(true, crate::util::sync::Ordering::Relaxed);
     let mut report = CheckReport::default();
     for d in fs.devices() {
         match read_supers(d.dev.as_ref()) {

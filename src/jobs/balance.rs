@@ -6,12 +6,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::error::{Error, Result};
+use crate::engine::fs_info::FsInfo;
+use crate::engine::transaction::{self, commit};
 use crate::format::{bg_type, item, objectid, tree_id, Key, Profile};
-use crate::fs_info::FsInfo;
-use crate::relocation::relocate_block_group;
-use crate::sync::{lock, Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
-use crate::transaction::{self, commit};
+use crate::jobs::relocation::relocate_block_group;
+use crate::util::error::{Error, Result};
+use crate::util::sync::{lock, Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
 
 /// What `balance start` was asked for (as given on the command line).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -50,7 +50,7 @@ pub struct Filters {
 }
 
 fn parse_num(s: &str, what: &str) -> Result<u64> {
-    crate::cli::size::parse_size(s)
+    crate::util::size::parse_size(s)
         .map_err(|e| Error::Invalid(format!("balance filter {what}: '{s}': {e}")))
 }
 
@@ -256,7 +256,8 @@ impl Plan {
                 }
             }
             if let Some(d) = f.devid {
-                if fs.device(d).is_none() && !crate::sync::read(&fs.missing).contains_key(&d) {
+                if fs.device(d).is_none() && !crate::util::sync::read(&fs.missing).contains_key(&d)
+                {
                     return Err(Error::Invalid(format!(
                         "balance filter devid={d}: no such device"
                     )));
@@ -470,7 +471,7 @@ pub fn start(fs: &Arc<FsInfo>, args: BalanceArgs, wait: bool) -> Result<Arc<Bala
     let plan = Plan::new(fs, &args)?;
     let run = Arc::new(BalanceRun {
         args,
-        started_at: crate::scrub::now_s(),
+        started_at: crate::jobs::scrub::now_s(),
         state: Mutex::new(State::Running),
         total: AtomicU64::new(0),
         done: AtomicU64::new(0),
@@ -696,7 +697,7 @@ fn drive_inner(fs: &FsInfo, run: &BalanceRun, plan: &Plan) -> Result<State> {
     // Give relocated groups the cleaner could not take yet a chance now.
     for _ in 0..50 {
         commit(fs)?;
-        crate::cleaner::delete_unused_bgs(fs)?;
+        crate::jobs::cleaner::delete_unused_bgs(fs)?;
         let waiting = fs.block_group_list().iter().any(|b| b.lock().relocated);
         if !waiting {
             break;

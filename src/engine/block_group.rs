@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use crate::format::{bg_type, Profile};
-use crate::sync::{lock, Mutex, MutexGuard};
+use crate::util::sync::{lock, Mutex, MutexGuard};
 
 /// Free ranges of a logical space, merged on insert.
 #[derive(Debug, Default, Clone)]

@@ -7,13 +7,13 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::data::volume::Volume;
 use crate::device::owner_note_path;
-use crate::error::{Error, Result};
 use crate::format::Profile;
 use crate::nbd::{self, Export, ExportProvider};
 use crate::pool::{MkfsOptions, Pool};
-use crate::sync::{thread, Arc, AtomicBool, Ordering};
-use crate::volume::Volume;
+use crate::util::error::{Error, Result};
+use crate::util::sync::{thread, Arc, AtomicBool, Ordering};
 
 /// Demo pool: directory, device size, volume size.
 pub const DEMO_DIR: &str = "chunkvol-data";
@@ -151,16 +151,16 @@ fn background(pool: Pool, interval: Duration, stop: Arc<AtomicBool>) {
         }
         if last.elapsed() >= interval {
             last = Instant::now();
-            if let Err(e) = crate::transaction::commit(&fs) {
+            if let Err(e) = crate::engine::transaction::commit(&fs) {
                 tracing::error!("background commit: {e}");
                 continue;
             }
         }
-        let pending = !crate::sync::lock(&fs.unused_bgs).is_empty();
+        let pending = !crate::util::sync::lock(&fs.unused_bgs).is_empty();
         if pending {
-            match crate::cleaner::delete_unused_bgs(&fs) {
+            match crate::jobs::cleaner::delete_unused_bgs(&fs) {
                 Ok(p) if p.deleted > 0 => {
-                    if let Err(e) = crate::transaction::commit(&fs) {
+                    if let Err(e) = crate::engine::transaction::commit(&fs) {
                         tracing::error!("commit after cleaner: {e}");
                     }
                 }
@@ -183,7 +183,7 @@ fn reclaimer(pool: Pool, threshold_percent: u64, stop: Arc<AtomicBool>) {
             continue;
         }
         last = Instant::now();
-        match crate::cleaner::reclaim_pass(&fs, threshold_percent) {
+        match crate::jobs::cleaner::reclaim_pass(&fs, threshold_percent) {
             // Another one may be waiting: go again at once.
             Ok(Some(_)) => last -= RECLAIM_INTERVAL,
             Ok(None) => {}
@@ -290,7 +290,7 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
     }
     let ctl = {
         let (p, s) = (pool.clone(), stop.clone());
-        thread::spawn(move || crate::control::serve(p, control, s))
+        thread::spawn(move || crate::service::control::serve(p, control, s))
     };
     let bg = {
         let (p, s, i) = (pool.clone(), stop.clone(), cfg.commit_interval);

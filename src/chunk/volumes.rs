@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 
 use crate::device::BlockDevice;
-use crate::error::{Error, Result};
 use crate::format::{
     bg_type, ChunkItem, DevStats, Profile, Stripe, RAID10_STRIPE_UNIT_BYTES, SECTOR_BYTES,
     SUPER_OFFSETS, SUPER_RESERVED_BYTES,
 };
-use crate::sync::{read, write, Arc, Ordering, RwLock};
+use crate::util::error::{Error, Result};
+use crate::util::sync::{read, write, Arc, Ordering, RwLock};
 
 /// A contiguous logical piece and the physical location of each copy.
 #[derive(Debug, Clone, PartialEq, Eq)]

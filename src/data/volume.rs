@@ -3,12 +3,12 @@
 //! every sector and repair a bad copy from a good one.
 
 use crate::btree::{self, Iter};
-use crate::error::{Error, Result};
-use crate::extent;
+use crate::data::extent;
+use crate::engine::fs_info::{FsInfo, RMW_LOCKS};
+use crate::engine::transaction::Ctx;
 use crate::format::{bg_type, item, objectid, tree_id, Key, VolumeExtent, SECTOR_BYTES};
-use crate::fs_info::{FsInfo, RMW_LOCKS};
-use crate::sync::{lock, Arc, Ordering};
-use crate::transaction::Ctx;
+use crate::util::error::{Error, Result};
+use crate::util::sync::{lock, Arc, Ordering};
 
 /// A handle on one volume. Cheap to clone; safe to use from many threads.
 #[derive(Clone)]
@@ -222,9 +222,9 @@ impl Volume {
     }
 
     fn alloc_data(&self, want: u64) -> Result<(u64, u64)> {
-        let deadline = std::time::Instant::now() + crate::transaction::ENOSPC_WAIT;
+        let deadline = std::time::Instant::now() + crate::engine::transaction::ENOSPC_WAIT;
         loop {
-            let r = crate::transaction::change(&self.fs, |ctx| {
+            let r = crate::engine::transaction::change(&self.fs, |ctx| {
                 ctx.alloc_extent(bg_type::DATA, SECTOR_BYTES, want)
             });
             match r {
@@ -233,7 +233,7 @@ impl Volume {
                 // empty groups give their device space back. ENOSPC only
                 // when none of that helps within the bound.
                 Err(Error::NoSpace(m)) => {
-                    let pending = crate::cleaner::free_space_now(&self.fs)?;
+                    let pending = crate::jobs::cleaner::free_space_now(&self.fs)?;
                     if !pending || std::time::Instant::now() >= deadline {
                         return Err(Error::NoSpace(m));
                     }
@@ -257,7 +257,7 @@ impl Volume {
             let r = fs.write_logical(logical, piece).and_then(|_| {
                 crate::failpoint!("volume::data_written", logical);
                 let at = lba + pos as u64;
-                crate::transaction::change(fs, |ctx| {
+                crate::engine::transaction::change(fs, |ctx| {
                     match ctx.st.volumes.values().find(|v| v.id == self.id) {
                         None => return Err(Error::NoVolume(self.name.to_string())),
                         // Shrunk while this write was in flight.
@@ -287,7 +287,7 @@ impl Volume {
     }
 
     fn punch_range(&self, start: u64, len: u64) -> Result<()> {
-        crate::transaction::change(&self.fs, |ctx| extent::punch(ctx, self.id, start, len))
+        crate::engine::transaction::change(&self.fs, |ctx| extent::punch(ctx, self.id, start, len))
     }
 
     /// Free the whole sectors inside [offset, +len). Partial sectors at the
@@ -322,7 +322,7 @@ impl Volume {
 
     /// Make every acknowledged write durable (group commit).
     pub fn flush(&self) -> Result<()> {
-        crate::transaction::flush(&self.fs).map(|_| ())
+        crate::engine::transaction::flush(&self.fs).map(|_| ())
     }
 
     /// Allocation map of [offset, +len): runs of allocated data and holes.

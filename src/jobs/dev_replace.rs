@@ -13,14 +13,14 @@ use std::time::Instant;
 
 use crate::btree::Iter;
 use crate::device::BlockDevice;
-use crate::error::{Error, Result};
+use crate::engine::fs_info::FsInfo;
 use crate::format::{item, objectid, tree_id, DevExtent, Key, Stripe, SECTOR_BYTES};
-use crate::fs_info::FsInfo;
-use crate::relocation::{wait_for_writers, RoHold};
+use crate::jobs::relocation::{wait_for_writers, RoHold};
+use crate::util::error::{Error, Result};
 use std::collections::BTreeMap;
 
-use crate::sync::{lock, read, write, Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
-use crate::volumes::{ChunkMap, Device};
+use crate::chunk::volumes::{ChunkMap, Device};
+use crate::util::sync::{lock, read, write, Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
 
 /// How long replace waits for chunks whose groups are gone to drop their
 /// maps before it gives up naming them.
@@ -179,7 +179,7 @@ pub fn start(
             ),
         });
     }
-    let devid = crate::devices::add_with(fs, new_dev, false)?;
+    let devid = crate::jobs::devices::add_with(fs, new_dev, false)?;
     let target = fs
         .device(devid)
         .ok_or_else(|| Error::Invalid(format!("devid {devid} vanished after add")))?;
@@ -204,7 +204,7 @@ pub fn start(
         target,
         started: Instant::now(),
         state: Mutex::new(State::Running),
-        total: AtomicU64::new(crate::devices::chunks_on(fs, src).len() as u64),
+        total: AtomicU64::new(crate::jobs::devices::chunks_on(fs, src).len() as u64),
         done: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
         elapsed_s: Mutex::new(None),
@@ -313,7 +313,7 @@ fn drive(fs: &FsInfo, run: &ReplaceRun) {
 fn drive_inner(fs: &FsInfo, run: &ReplaceRun) -> Result<State> {
     let mut stuck_since: Option<Instant> = None;
     loop {
-        let todo = crate::devices::chunks_on(fs, run.src_devid);
+        let todo = crate::jobs::devices::chunks_on(fs, run.src_devid);
         if todo.is_empty() {
             break;
         }
@@ -346,18 +346,18 @@ fn drive_inner(fs: &FsInfo, run: &ReplaceRun) -> Result<State> {
                 }
             };
             run.bytes.fetch_add(n, Ordering::AcqRel);
-            if !crate::devices::chunks_on(fs, run.src_devid).contains(&start) {
+            if !crate::jobs::devices::chunks_on(fs, run.src_devid).contains(&start) {
                 run.done.fetch_add(1, Ordering::AcqRel);
             }
         }
-        if crate::devices::chunks_on(fs, run.src_devid) == before {
+        if crate::jobs::devices::chunks_on(fs, run.src_devid) == before {
             stuck_since.get_or_insert_with(Instant::now);
             std::thread::sleep(std::time::Duration::from_millis(20));
         } else {
             stuck_since = None;
         }
     }
-    crate::devices::forget(fs, run.src_devid)?;
+    crate::jobs::devices::forget(fs, run.src_devid)?;
     tracing::info!(
         "replaced devid {} by devid {}",
         run.src_devid,
@@ -509,14 +509,14 @@ fn replace_group(
         }
         crate::failpoint!("replace::before_switch", start);
         let mut st = lock(&fs.trans);
-        let mut ctx = crate::transaction::Ctx::begin(fs, &mut st)?;
+        let mut ctx = crate::engine::transaction::Ctx::begin(fs, &mut st)?;
         // A metadata group is not read-only during its copy: the cleaner
         // may have deleted it meanwhile (it removes under this same lock, so
         // the check cannot race). Switching it would resurrect its chunk.
         if bg.lock().removed {
             return Ok(None);
         }
-        (|ctx: &mut crate::transaction::Ctx| -> Result<()> {
+        (|ctx: &mut crate::engine::transaction::Ctx| -> Result<()> {
             let pending = ctx
                 .st
                 .pending_chunks

@@ -5,9 +5,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
-use crate::ops::{self, Op, OpOutput};
 use crate::pool::Pool;
-use crate::sync::{thread, Arc, AtomicBool, Ordering};
+use crate::service::ops::{self, Op, OpOutput};
+use crate::util::sync::{thread, Arc, AtomicBool, Ordering};
 
 /// Longest request line accepted.
 pub const MAX_REQUEST_BYTES: u64 = 64 << 10;

@@ -1,12 +1,14 @@
 //! Devices: positioned I/O and flush behind a trait, so tests can wrap a device
-//! with faults ([`crate::fault`]) without touching the engine.
+//! with faults ([`crate::device::fault`]) without touching the engine.
+
+pub mod fault;
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use crate::util::error::{Error, Result};
 
 /// A device the pool stores bytes on.
 pub trait BlockDevice: Send + Sync {

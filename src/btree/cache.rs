@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use crate::btree::Node;
-use crate::sync::{lock, Arc, Mutex};
+use crate::util::sync::{lock, Arc, Mutex};
 
 struct Inner {
     map: HashMap<u64, Arc<Node>>,

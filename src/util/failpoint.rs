@@ -150,9 +150,9 @@ pub fn hit(name: &str, arg: u64) {
 #[macro_export]
 macro_rules! failpoint {
     ($name:expr) => {
-        $crate::failpoint::hit($name, 0)
+        $crate::util::failpoint::hit($name, 0)
     };
     ($name:expr, $arg:expr) => {
-        $crate::failpoint::hit($name, $arg)
+        $crate::util::failpoint::hit($name, $arg)
     };
 }

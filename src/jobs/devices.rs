@@ -1,18 +1,18 @@
 //! Pool membership: adding a device, removing one (relocating everything off
 //! it first), and devices that are missing (a pool opened `--degraded`).
-//! Device replace is in [`crate::dev_replace`].
+//! Device replace is in [`crate::jobs::dev_replace`].
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::chunk::volumes::Device;
 use crate::device::BlockDevice;
-use crate::error::{Error, Result};
+use crate::engine::fs_info::FsInfo;
+use crate::engine::transaction::{self, commit};
 use crate::format::{item, new_uuid, objectid, tree_id, DevItem, Key, SUPER_BYTES, SUPER_OFFSETS};
-use crate::fs_info::FsInfo;
-use crate::relocation::relocate_block_group;
-use crate::sync::{read, write, Arc, Ordering};
-use crate::transaction::{self, commit};
-use crate::volumes::Device;
+use crate::jobs::relocation::relocate_block_group;
+use crate::util::error::{Error, Result};
+use crate::util::sync::{read, write, Arc, Ordering};
 
 /// How long removal waits for relocated groups the cleaner still has to drop.
 const DRAIN_WAIT: Duration = Duration::from_secs(60);
@@ -86,7 +86,7 @@ pub fn add_with(fs: &FsInfo, dev: Arc<dyn BlockDevice>, allocatable: bool) -> Re
             });
         }
     }
-    let _serial = crate::sync::lock(&fs.reloc_lock);
+    let _serial = crate::util::sync::lock(&fs.reloc_lock);
     let devid = next_devid(fs);
     let d = Arc::new(Device::new(devid, new_uuid(), dev));
     d.supers_valid.store(false, Ordering::Release);
@@ -120,7 +120,7 @@ fn check_enough_left(fs: &FsInfo, devid: u64) -> Result<()> {
         .filter(|d| d.devid != devid)
         .count();
     let (data, meta) = {
-        let st = crate::sync::lock(&fs.trans);
+        let st = crate::util::sync::lock(&fs.trans);
         (st.data_profile, st.metadata_profile)
     };
     let mut profiles = vec![data, meta];
@@ -188,7 +188,7 @@ fn evacuate(fs: &FsInfo, devid: u64) -> Result<()> {
         }
         // Relocated groups wait for readers of their old extents.
         commit(fs)?;
-        crate::cleaner::delete_unused_bgs(fs)?;
+        crate::jobs::cleaner::delete_unused_bgs(fs)?;
         if Instant::now() >= deadline {
             return Err(Error::Busy(format!(
                 "devid {devid}: {} block groups still hold stripes on it",

@@ -5,9 +5,9 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
-use crate::error::{Error, Result};
 use crate::pool::Pool;
-use crate::sync::Arc;
+use crate::util::error::{Error, Result};
+use crate::util::sync::Arc;
 
 /// A command that acts on an open pool.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -43,7 +43,7 @@ pub enum Op {
         reset: bool,
     },
     ScrubStart {
-        opts: crate::scrub::ScrubOptions,
+        opts: crate::jobs::scrub::ScrubOptions,
         json: bool,
         /// Wait for the end (offline always waits).
         wait: bool,
@@ -79,7 +79,7 @@ pub enum Op {
     },
     DeviceReplaceCancel,
     BalanceStart {
-        args: crate::balance::BalanceArgs,
+        args: crate::jobs::balance::BalanceArgs,
         json: bool,
         wait: bool,
     },
@@ -142,8 +142,8 @@ pub fn run(pool: &Pool, op: &Op) -> OpOutput {
 }
 
 fn run_inner(pool: &Pool, op: &Op) -> Result<OpOutput> {
-    use crate::cli::size::human;
-    use crate::scrub;
+    use crate::jobs::scrub;
+    use crate::util::size::human;
     Ok(match op {
         Op::ScrubStart { opts, json, wait } => {
             let run = scrub::start(pool.fs(), opts.clone())?;
@@ -173,12 +173,12 @@ fn run_inner(pool: &Pool, op: &Op) -> Result<OpOutput> {
         }
         Op::DeviceAdd { path } => {
             let d = crate::device::FileDevice::open(path)?;
-            let devid = crate::devices::add(pool.fs(), Arc::new(d))?;
+            let devid = crate::jobs::devices::add(pool.fs(), Arc::new(d))?;
             OpOutput::ok(format!("added {} as devid {devid}\n", path.display()))
         }
         Op::DeviceRemove { dev } => {
-            let devid = crate::devices::resolve(pool.fs(), dev)?;
-            crate::devices::remove(pool.fs(), devid)?;
+            let devid = crate::jobs::devices::resolve(pool.fs(), dev)?;
+            crate::jobs::devices::remove(pool.fs(), devid)?;
             OpOutput::ok(format!("removed devid {devid}\n"))
         }
         Op::DeviceReplaceStart {
@@ -187,17 +187,17 @@ fn run_inner(pool: &Pool, op: &Op) -> Result<OpOutput> {
             json: j,
             wait,
         } => {
-            let devid = crate::devices::resolve(pool.fs(), src)?;
+            let devid = crate::jobs::devices::resolve(pool.fs(), src)?;
             let d = crate::device::FileDevice::open(new)?;
-            let run = crate::dev_replace::start(pool.fs(), devid, Arc::new(d), *wait)?;
+            let run = crate::jobs::dev_replace::start(pool.fs(), devid, Arc::new(d), *wait)?;
             let s = if *wait { run.wait() } else { run.status() };
             replace_output(Some(&s), *j)
         }
         Op::DeviceReplaceStatus { json: j } => {
-            replace_output(crate::dev_replace::status(pool.fs()).as_ref(), *j)
+            replace_output(crate::jobs::dev_replace::status(pool.fs()).as_ref(), *j)
         }
         Op::DeviceReplaceCancel => {
-            crate::dev_replace::cancel(pool.fs())?;
+            crate::jobs::dev_replace::cancel(pool.fs())?;
             OpOutput::ok("device replace cancel requested\n".into())
         }
         Op::BalanceStart {
@@ -205,7 +205,7 @@ fn run_inner(pool: &Pool, op: &Op) -> Result<OpOutput> {
             json: j,
             wait,
         } => {
-            let run = crate::balance::start(pool.fs(), args.clone(), *wait)?;
+            let run = crate::jobs::balance::start(pool.fs(), args.clone(), *wait)?;
             let s = if *wait {
                 run.wait(pool.fs())
             } else {
@@ -214,7 +214,7 @@ fn run_inner(pool: &Pool, op: &Op) -> Result<OpOutput> {
             balance_output(&s, *j)
         }
         Op::BalanceResume { json: j, wait } => {
-            let run = crate::balance::resume(pool.fs(), *wait)?;
+            let run = crate::jobs::balance::resume(pool.fs(), *wait)?;
             let s = if *wait {
                 run.wait(pool.fs())
             } else {
@@ -222,13 +222,15 @@ fn run_inner(pool: &Pool, op: &Op) -> Result<OpOutput> {
             };
             balance_output(&s, *j)
         }
-        Op::BalanceStatus { json: j } => balance_output(&crate::balance::status(pool.fs())?, *j),
+        Op::BalanceStatus { json: j } => {
+            balance_output(&crate::jobs::balance::status(pool.fs())?, *j)
+        }
         Op::BalancePause => {
-            crate::balance::pause(pool.fs())?;
+            crate::jobs::balance::pause(pool.fs())?;
             OpOutput::ok("balance pause requested\n".into())
         }
         Op::BalanceCancel => {
-            crate::balance::cancel(pool.fs())?;
+            crate::jobs::balance::cancel(pool.fs())?;
             OpOutput::ok("balance cancel requested\n".into())
         }
         Op::Usage { json: j } => {
@@ -397,7 +399,7 @@ pub fn export(pool: &Pool, name: &str, file: &std::path::Path) -> Result<u64> {
 }
 
 /// Print a balance status; exit 1 when it stopped on a failure.
-pub fn balance_output(s: &crate::balance::BalanceStatus, as_json: bool) -> OpOutput {
+pub fn balance_output(s: &crate::jobs::balance::BalanceStatus, as_json: bool) -> OpOutput {
     let mut out = if as_json {
         OpOutput::ok(json(s))
     } else {
@@ -408,21 +410,24 @@ pub fn balance_output(s: &crate::balance::BalanceStatus, as_json: bool) -> OpOut
         );
         t += &format!(
             "Relocated:        {}\n",
-            crate::cli::size::human(s.bytes_relocated)
+            crate::util::size::human(s.bytes_relocated)
         );
         if let Some(f) = &s.failure {
             t += &format!("Failure:          {f}\n");
         }
         OpOutput::ok(t)
     };
-    if s.failure.is_some() && s.state == crate::balance::State::Interrupted {
+    if s.failure.is_some() && s.state == crate::jobs::balance::State::Interrupted {
         out.exit = 1;
     }
     out
 }
 
 /// Print a device replace status; exit 1 when it failed.
-pub fn replace_output(s: Option<&crate::dev_replace::ReplaceStatus>, as_json: bool) -> OpOutput {
+pub fn replace_output(
+    s: Option<&crate::jobs::dev_replace::ReplaceStatus>,
+    as_json: bool,
+) -> OpOutput {
     let Some(s) = s else {
         return if as_json {
             OpOutput::ok(json(&serde_json::json!({ "state": "never" })))
@@ -444,7 +449,7 @@ pub fn replace_output(s: Option<&crate::dev_replace::ReplaceStatus>, as_json: bo
             "Block groups:     {} of {} copied, {} in {:.1}s\n",
             s.block_groups_done,
             s.block_groups_total,
-            crate::cli::size::human(s.bytes_copied),
+            crate::util::size::human(s.bytes_copied),
             s.duration_s
         );
         if let Some(f) = &s.failure {
@@ -452,15 +457,19 @@ pub fn replace_output(s: Option<&crate::dev_replace::ReplaceStatus>, as_json: bo
         }
         OpOutput::ok(t)
     };
-    if s.state == crate::dev_replace::State::Failed {
+    if s.state == crate::jobs::dev_replace::State::Failed {
         out.exit = 1;
     }
     out
 }
 
 /// Print a scrub status; exit 3 when a finished scrub left uncorrectable errors.
-pub fn scrub_output(s: &crate::scrub::ScrubStatus, as_json: bool, final_status: bool) -> OpOutput {
-    use crate::cli::size::human;
+pub fn scrub_output(
+    s: &crate::jobs::scrub::ScrubStatus,
+    as_json: bool,
+    final_status: bool,
+) -> OpOutput {
+    use crate::util::size::human;
     let mut out = if as_json {
         OpOutput::ok(json(s))
     } else {

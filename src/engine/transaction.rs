@@ -8,16 +8,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::block_group::BlockGroup;
 use crate::btree::{self, Body, Child, Node, NodeLoader, NodeStore};
-use crate::error::{Error, Result};
+use crate::chunk::volumes::alloc_chunk;
+use crate::engine::block_group::BlockGroup;
+use crate::engine::fs_info::{tree_index, CommitRoots, FsInfo};
 use crate::format::{
     bg_type, item, objectid, tree_id, BlockGroupItem, ChunkItem, DevExtent, Key, MetadataItem,
     Profile, RootPtr, Superblock, SUPER_BYTES, SUPER_OFFSETS, SYS_ARRAY_MAX_BYTES,
 };
-use crate::fs_info::{tree_index, CommitRoots, FsInfo};
-use crate::sync::{lock, write, Arc, Ordering};
-use crate::volumes::alloc_chunk;
+use crate::util::error::{Error, Result};
+use crate::util::sync::{lock, write, Arc, Ordering};
 
 /// A tree block's pending extent-tree change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,7 +217,7 @@ impl<'a> Ctx<'a> {
         let profile = self.target_profile(t);
         let logical = self.fs.mapping.next_logical();
         let item = alloc_chunk(&self.fs.alloc_devices(), logical, t, profile).map_err(|e| {
-            let missing: Vec<String> = crate::sync::read(&self.fs.missing)
+            let missing: Vec<String> = crate::util::sync::read(&self.fs.missing)
                 .keys()
                 .map(|d| format!("devid {d}"))
                 .collect();
@@ -450,7 +450,7 @@ impl<'a> Ctx<'a> {
                 }
             }
             for start in std::mem::take(&mut self.st.dirty_bgs) {
-                let Some(bg) = crate::sync::read(&self.fs.block_groups)
+                let Some(bg) = crate::util::sync::read(&self.fs.block_groups)
                     .get(&start)
                     .cloned()
                 else {
@@ -618,7 +618,7 @@ fn commit_upto(fs: &FsInfo, target: u64) -> Result<u64> {
             csum_type: fs.csum_type,
             sector_bytes: crate::format::SECTOR_BYTES as u32,
             node_bytes: fs.node_bytes as u32,
-            num_devices: (fs.devices().len() + crate::sync::read(&fs.missing).len()) as u64,
+            num_devices: (fs.devices().len() + crate::util::sync::read(&fs.missing).len()) as u64,
             data_profile: st.data_profile,
             metadata_profile: st.metadata_profile,
             next_volume_id: st.next_volume_id,
@@ -691,7 +691,7 @@ pub fn write_supers(fs: &FsInfo, sb: &Superblock) -> Result<()> {
     }
 }
 
-fn write_dev_supers(d: &crate::volumes::Device, sb: &Superblock) -> Result<()> {
+fn write_dev_supers(d: &crate::chunk::volumes::Device, sb: &Superblock) -> Result<()> {
     {
         let mut s = sb.clone();
         s.devid = d.devid;

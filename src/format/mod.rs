@@ -3,7 +3,9 @@
 //! Every decoder is bounds-checked and returns an error, never panics: these
 //! bytes come from disks that may be corrupt or hostile.
 
-use crate::csum::{CsumType, CSUM_MAX_BYTES};
+pub mod csum;
+
+use crate::format::csum::{CsumType, CSUM_MAX_BYTES};
 
 /// Sector: the unit of checksumming and of volume allocation.
 pub const SECTOR_BYTES: u64 = 4096;

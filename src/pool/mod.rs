@@ -1,23 +1,25 @@
 //! The pool: the library's front door. mkfs, open, volumes, usage, device
 //! statistics, flush.
 
+pub mod check;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::btree::{Iter, NodeLoader};
-use crate::csum::CsumType;
+use crate::chunk::volumes::Device;
+use crate::data::volume::Volume;
 use crate::device::{BlockDevice, FileDevice};
-use crate::error::{Error, Result};
+use crate::engine::fs_info::{tree_index, CommitRoots, FsInfo};
+use crate::engine::transaction::{commit, Ctx, TransState, VolumeInfo};
+use crate::format::csum::CsumType;
 use crate::format::{
     bg_type, item, new_uuid, objectid, tree_id, BlockGroupItem, ChunkItem, DevExtent, DevItem,
     DevStats, Key, Profile, Superblock, VolumeItem, DEFAULT_NODE_BYTES, SECTOR_BYTES, SUPER_BYTES,
     SUPER_OFFSETS, VOLUME_NAME_MAX_BYTES,
 };
-use crate::fs_info::{tree_index, CommitRoots, FsInfo};
-use crate::sync::{lock, read, write, Arc, Ordering};
-use crate::transaction::{commit, Ctx, TransState, VolumeInfo};
-use crate::volume::Volume;
-use crate::volumes::Device;
+use crate::util::error::{Error, Result};
+use crate::util::sync::{lock, read, write, Arc, Ordering};
 
 /// Smallest device mkfs accepts.
 pub const MIN_DEVICE_BYTES: u64 = 32 << 20;
@@ -522,7 +524,7 @@ impl Pool {
                         .mapping
                         .get(k.objectid)
                         .ok_or_else(|| bad(format!("block group {k} has no chunk")))?;
-                    let bg = crate::block_group::BlockGroup::new(
+                    let bg = crate::engine::block_group::BlockGroup::new(
                         k.objectid,
                         k.offset,
                         bi.bg_type,
@@ -657,7 +659,7 @@ impl Pool {
             .cloned()
             .ok_or_else(|| Error::NoVolume(name.into()))?;
         let mut ctx = Ctx::begin(&self.fs, &mut st)?;
-        crate::extent::punch(&mut ctx, v.id, 0, v.size_bytes)?;
+        crate::data::extent::punch(&mut ctx, v.id, 0, v.size_bytes)?;
         ctx.delete(
             tree_id::VOLUME,
             &Key::new(objectid::VOLUMES, item::VOLUME_ITEM, v.id),
@@ -677,7 +679,7 @@ impl Pool {
             .ok_or_else(|| Error::NoVolume(name.into()))?;
         let mut ctx = Ctx::begin(&self.fs, &mut st)?;
         if size_bytes < v.size_bytes {
-            crate::extent::punch(&mut ctx, v.id, size_bytes, v.size_bytes - size_bytes)?;
+            crate::data::extent::punch(&mut ctx, v.id, size_bytes, v.size_bytes - size_bytes)?;
         }
         ctx.insert(
             tree_id::VOLUME,
@@ -724,7 +726,7 @@ impl Pool {
                 missing: false,
             })
             .collect();
-        for m in crate::sync::read(&fs.missing).values() {
+        for m in crate::util::sync::read(&fs.missing).values() {
             let allocated = fs
                 .mapping
                 .all()
@@ -794,7 +796,7 @@ impl Pool {
                 stats: d.stats.snapshot(),
             })
             .collect();
-        for m in crate::sync::read(&self.fs.missing).keys() {
+        for m in crate::util::sync::read(&self.fs.missing).keys() {
             out.push(DeviceStats {
                 devid: *m,
                 path: "<missing>".into(),
