@@ -698,6 +698,7 @@ impl Raw {
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // a test client mirroring the wire fields
     fn request(
         &mut self,
         flags: u16,
