@@ -63,7 +63,7 @@ fn one_seed(seed: u64) {
         let (fs, stop) = (pool.fs().clone(), stop.clone());
         handles.push(std::thread::spawn(move || {
             while !stop.load(Ordering::Acquire) {
-                if let Err(e) = chunkvol::jobs::cleaner::delete_unused_bgs(&fs) {
+                if let Err(e) = chunkvol::engine::block_group::delete_unused_bgs(&fs) {
                     let u = chunkvol::Pool::from_fs(fs.clone()).usage();
                     panic!(
                         "seed {seed}: cleaner: {e}\n{:#?}\npinned {}",
@@ -132,7 +132,7 @@ fn one_seed(seed: u64) {
     // No leaked unused group: once quiet, the cleaner deletes every empty
     // data group but the last of its type.
     pool.flush().unwrap();
-    chunkvol::jobs::cleaner::delete_unused_bgs(pool.fs()).unwrap();
+    chunkvol::engine::block_group::delete_unused_bgs(pool.fs()).unwrap();
     pool.flush().unwrap();
     let u = pool.usage();
     let empty = u

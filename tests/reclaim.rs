@@ -57,7 +57,7 @@ fn discard_all_empties_block_groups_and_cleaner_deletes_them() {
         );
     }
     let before = u.allocated_bytes;
-    let pass = chunkvol::jobs::cleaner::delete_unused_bgs(pool.fs()).unwrap();
+    let pass = chunkvol::engine::block_group::delete_unused_bgs(pool.fs()).unwrap();
     assert_eq!(pass.deleted, data_bgs.len() - 1, "{pass:?}");
     pool.flush().unwrap();
     let after = pool.usage();
@@ -91,10 +91,10 @@ fn cleaner_waits_for_the_emptying_commit() {
     pool.flush().unwrap();
     vol.discard(0, 40 << 20).unwrap();
     // Not committed yet: the freed space is pinned, nothing may be deleted.
-    let pass = chunkvol::jobs::cleaner::delete_unused_bgs(pool.fs()).unwrap();
+    let pass = chunkvol::engine::block_group::delete_unused_bgs(pool.fs()).unwrap();
     assert_eq!(pass.deleted, 0, "{pass:?}");
     pool.flush().unwrap();
-    let pass = chunkvol::jobs::cleaner::delete_unused_bgs(pool.fs()).unwrap();
+    let pass = chunkvol::engine::block_group::delete_unused_bgs(pool.fs()).unwrap();
     assert!(pass.deleted >= 1, "{pass:?}");
     pool.flush().unwrap();
     let r = chunkvol::pool::check::check(&pool, false).unwrap();

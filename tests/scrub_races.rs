@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use chunkvol::device::fault::FaultyDevice;
+use chunkvol::engine::block_group::delete_unused_bgs;
 use chunkvol::engine::fs_info::FsInfo;
 use chunkvol::engine::transaction::{commit, Ctx};
 use chunkvol::format::{bg_type, Profile};
-use chunkvol::jobs::cleaner::delete_unused_bgs;
 use chunkvol::jobs::scrub::{self, ScrubOptions, State};
 use chunkvol::util::failpoint::{self, Action};
 use chunkvol::Pool;
@@ -57,8 +57,7 @@ fn empty_group(s: &Setup) -> u64 {
     };
     commit(fs).unwrap();
     let bg = fs.block_group(start).unwrap();
-    bg.lock().on_unused_list = true;
-    chunkvol::util::sync::lock(&fs.unused_bgs).push_back(start);
+    assert!(bg.hand_back(fs), "an empty group goes to the cleaner");
     start
 }
 
@@ -186,14 +185,11 @@ fn r3_scrub_requeues_group_the_cleaner_skipped() {
         pass.deleted, 0,
         "a group under scrub must be skipped: {pass:?}"
     );
-    assert!(!chunkvol::util::sync::lock(&s.fs().unused_bgs).contains(&x));
+    assert!(!s.fs().unused_bgs.contains(x));
     failpoint::release("scrub::group_frozen");
     let st = run.wait();
     assert_eq!(st.counters.errors(), 0);
-    assert!(
-        chunkvol::util::sync::lock(&s.fs().unused_bgs).contains(&x),
-        "re-queued on release"
-    );
+    assert!(s.fs().unused_bgs.contains(x), "re-queued on release");
     assert_eq!(delete_unused_bgs(s.fs()).unwrap().deleted, 1);
 }
 
@@ -292,10 +288,10 @@ fn r5_repair_after_group_removed_writes_nothing() {
     paused("scrub::before_repair");
     {
         // What relocation does after moving the data: remove the chunk.
+        let hold = bg.ro_hold(s.fs()).unwrap();
         let mut st = chunkvol::util::sync::lock(&s.fs().trans);
-        bg.lock().ro += 1;
         let mut ctx = Ctx::join(s.fs(), &mut st);
-        chunkvol::jobs::cleaner::remove_block_group(&mut ctx, &bg).unwrap();
+        chunkvol::engine::block_group::remove_block_group(&mut ctx, &hold).unwrap();
     }
     let before = s.devs[0].image();
     failpoint::release("scrub::before_repair");
@@ -461,7 +457,7 @@ fn r2_relocation_empties_group_while_scrub_repairs_in_it() {
     let h = std::thread::spawn(move || relocate_block_group(&fs, x, &never));
     paused("relocation::before_remove");
     let bg = s.fs().block_group(x).unwrap();
-    assert_eq!(bg.lock().used, 0, "every extent moved out");
+    assert_eq!(bg.used_bytes(), 0, "every extent moved out");
     assert!(
         s.fs().mapping.get(x).is_some(),
         "map kept while scrub uses it"
@@ -469,7 +465,7 @@ fn r2_relocation_empties_group_while_scrub_repairs_in_it() {
     failpoint::release("relocation::before_remove");
     std::thread::sleep(Duration::from_millis(100));
     assert!(
-        !bg.lock().removed,
+        !bg.is_removed(),
         "removed while a scrub still reads the old extents"
     );
     failpoint::release("scrub::before_repair");
@@ -519,10 +515,10 @@ fn r5_relocation_waits_out_a_pending_repair() {
     assert!(!stats.removed, "removed under a pending repair: {stats:?}");
     let bg = s.fs().block_group(x).unwrap();
     assert!(
-        bg.lock().relocated && bg.lock().ro > 0,
+        bg.view().relocated && bg.view().ro > 0,
         "handed off read-only"
     );
-    assert!(!bg.lock().removed);
+    assert!(!bg.is_removed());
     assert_eq!(
         delete_unused_bgs(s.fs()).unwrap().deleted,
         0,
@@ -583,7 +579,7 @@ fn r8_replace_waits_for_in_flight_writer() {
     let x = fs
         .block_group_list()
         .into_iter()
-        .find(|b| b.is_data() && b.lock().free.total_bytes() >= 64 << 10)
+        .find(|b| b.is_data() && b.view().free_bytes >= 64 << 10)
         .expect("a data group with room")
         .start;
     failpoint::set("write_logical::mapped", Action::PauseIf(x));

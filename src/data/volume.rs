@@ -233,7 +233,7 @@ impl Volume {
                 // empty groups give their device space back. ENOSPC only
                 // when none of that helps within the bound.
                 Err(Error::NoSpace(m)) => {
-                    let pending = crate::jobs::cleaner::free_space_now(&self.fs)?;
+                    let pending = crate::engine::block_group::free_space_now(&self.fs)?;
                     if !pending || std::time::Instant::now() >= deadline {
                         return Err(Error::NoSpace(m));
                     }

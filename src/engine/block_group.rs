@@ -1,135 +1,110 @@
-//! Block groups: one per chunk. Used bytes, free space, and the counters that
-//! make scrub, the cleaner and relocation safe together (see
-//! docs/ARCHITECTURE.md): `ro` is a counter, `removed` is set before the chunk
-//! map is dropped, `frozen` defers that drop, and an emptied group joins the
-//! unused list.
+//! Block groups and their lifecycle (btrfs: block-group.c). This module is
+//! the only one that changes a group's counters and flags: every other
+//! module goes through the methods and guards below, each of which asserts
+//! what it relies on. The rules are the race catalogue's (docs/RACES.md):
+//!
+//! - a read-only hold ([`RoHold`]) keeps allocation out and is refused once
+//!   the group is removed;
+//! - a freeze ([`Freeze`], scrub) is refused once the group is removed and,
+//!   while held, defers the chunk map drop of a removal (R1, R4);
+//! - a scrub mark ([`ScrubMark`]) keeps the cleaner off the group; its
+//!   release hands the group back (R3);
+//! - removal ([`remove_block_group`]) sets `removed` before the map drop;
+//! - one rule, [`BgState::may_hand_back`], decides when an empty group goes
+//!   back on the cleaner's list, whoever lets go of it.
+//!
+//! Counters never wrap: an underflow stops a test build (debug assertions)
+//! and aborts the pool in a release build, leaving the counter as it was.
+//! For a live group `free + used + reserved + pinned == length`, checked
+//! after every change in test builds.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 
-use crate::format::{bg_type, Profile};
-use crate::util::sync::{lock, Mutex, MutexGuard};
+use crate::engine::free_space::RangeSet;
+use crate::engine::fs_info::FsInfo;
+use crate::engine::transaction::Ctx;
+use crate::format::{bg_type, item, objectid, tree_id, Key, Profile};
+use crate::util::error::Result;
+use crate::util::sync::{lock, write, Arc, Mutex, MutexGuard};
 
-/// Free ranges of a logical space, merged on insert.
-#[derive(Debug, Default, Clone)]
-pub struct RangeSet {
-    ranges: BTreeMap<u64, u64>,
-    total_bytes: u64,
-}
-
-impl RangeSet {
-    /// Add [start, start+len); must not overlap anything present.
-    pub fn insert(&mut self, mut start: u64, mut len: u64) {
-        if len == 0 {
-            return;
-        }
-        debug_assert!(!self.overlaps(start, len), "double free {start:#x}+{len}");
-        self.total_bytes += len;
-        if let Some((&ps, &pl)) = self.ranges.range(..start).next_back() {
-            if ps + pl == start {
-                self.ranges.remove(&ps);
-                start = ps;
-                len += pl;
-            }
-        }
-        if let Some(&nl) = self.ranges.get(&(start + len)) {
-            self.ranges.remove(&(start + len));
-            len += nl;
-        }
-        self.ranges.insert(start, len);
-    }
-
-    /// Whether any byte of [start, start+len) is present.
-    pub fn overlaps(&self, start: u64, len: u64) -> bool {
-        if let Some((&ps, &pl)) = self.ranges.range(..start + len).next_back() {
-            return ps + pl > start;
-        }
-        false
-    }
-
-    /// Remove [start, start+len), which must be wholly present.
-    pub fn remove(&mut self, start: u64, len: u64) -> bool {
-        let Some((&ps, &pl)) = self.ranges.range(..=start).next_back() else {
-            return false;
-        };
-        if ps + pl < start + len {
-            return false;
-        }
-        self.ranges.remove(&ps);
-        if start > ps {
-            self.ranges.insert(ps, start - ps);
-        }
-        if ps + pl > start + len {
-            self.ranges.insert(start + len, ps + pl - start - len);
-        }
-        self.total_bytes -= len;
-        true
-    }
-
-    /// Take the first range of at least `min` bytes, up to `max` bytes.
-    pub fn alloc(&mut self, min: u64, max: u64) -> Option<(u64, u64)> {
-        let (&s, &l) = self.ranges.iter().find(|(_, &l)| l >= min)?;
-        let take = l.min(max);
-        self.remove(s, take);
-        Some((s, take))
-    }
-
-    pub fn total_bytes(&self) -> u64 {
-        self.total_bytes
-    }
-    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.ranges.iter().map(|(&s, &l)| (s, l))
-    }
-}
-
-/// Mutable state of a block group, under its lock.
+/// Mutable state of a block group, under its lock. Private: only this
+/// module changes it.
 #[derive(Debug, Default)]
-pub struct BgState {
+struct BgState {
     /// Bytes referenced by extent items (committed or in the running transaction).
-    pub used: u64,
+    used: u64,
     /// Bytes handed to writers whose extent items are not inserted yet.
-    pub reserved: u64,
+    reserved: u64,
     /// Bytes freed but not reusable yet (waiting for commit and readers).
-    pub pinned: u64,
+    pinned: u64,
     /// Allocation never happens while this is non-zero.
-    pub ro: u32,
+    ro: u32,
     /// Scrubs working on the group. The cleaner leaves it alone meanwhile
     /// (scrub hands it back, R3), but allocation goes on: scrub verifies and
     /// repairs only what its commit root holds, which stays pinned, so new
     /// extents in free space cannot collide with it. Taking btrfs's read-only
     /// mark instead would starve the allocator of metadata space.
-    pub scrubbing: u32,
+    scrubbing: u32,
     /// Set by the remover before the chunk map is dropped.
-    pub removed: bool,
+    removed: bool,
     /// Taken by scrub while it works on the group; defers the map drop.
-    pub frozen: u32,
+    frozen: u32,
     /// The remover wanted to drop the chunk map while frozen.
-    pub map_drop_deferred: bool,
+    map_drop_deferred: bool,
     /// Free space available to the allocator.
-    pub free: RangeSet,
+    free: RangeSet,
     /// Queued on the unused list.
-    pub on_unused_list: bool,
+    on_unused_list: bool,
     /// Relocation emptied the group and handed it to the cleaner, keeping
     /// its read-only mark so that nothing is allocated there meanwhile.
-    pub relocated: bool,
+    relocated: bool,
+    /// The group's item disagreed with its extents at open (`check` reports
+    /// it): the accounting identity cannot hold, so it is not asserted.
+    accounting_suspect: bool,
 }
 
 impl BgState {
     /// Read-only marks other than a finished relocation's own (which only
     /// keeps allocation out until the cleaner removes the group).
-    pub fn foreign_ro(&self) -> u32 {
+    fn foreign_ro(&self) -> u32 {
         self.ro - u32::from(self.relocated)
     }
 
-    /// If the group is empty and not yet queued for the cleaner, mark it
-    /// queued and return true; the caller then pushes it on the unused list
-    /// (after dropping this lock).
-    pub fn take_unused_slot(&mut self) -> bool {
-        let q = self.used == 0 && self.reserved == 0 && !self.on_unused_list && !self.removed;
-        if q {
-            self.on_unused_list = true;
-        }
-        q
+    fn empty(&self) -> bool {
+        self.used == 0 && self.reserved == 0
     }
+
+    /// The one rule for handing a group back to the cleaner: it is empty,
+    /// not queued, not removed, and nobody who would hand it back later
+    /// holds it (a foreign read-only hold or a scrub mark; their release
+    /// calls this again).
+    fn may_hand_back(&self) -> bool {
+        self.empty()
+            && !self.on_unused_list
+            && !self.removed
+            && self.foreign_ro() == 0
+            && self.scrubbing == 0
+    }
+
+    /// Whether allocation may take bytes from the group.
+    fn writable(&self) -> bool {
+        self.ro == 0 && !self.removed
+    }
+}
+
+/// A copy of a group's counters and flags, for display, policy and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BgView {
+    pub used_bytes: u64,
+    pub reserved_bytes: u64,
+    pub pinned_bytes: u64,
+    pub free_bytes: u64,
+    pub ro: u32,
+    pub scrubbing: u32,
+    pub frozen: u32,
+    pub removed: bool,
+    pub relocated: bool,
+    pub on_unused_list: bool,
 }
 
 /// One block group (the in-memory side of a chunk).
@@ -146,51 +121,584 @@ pub struct BlockGroup {
 }
 
 impl BlockGroup {
-    pub fn new(
+    /// A new, empty group: all of it is free.
+    pub fn new_empty(
         start: u64,
         length: u64,
         bg_type: u64,
         profile: Profile,
         created_gen: u64,
     ) -> BlockGroup {
+        let mut st = BgState::default();
+        st.free.insert(start, length);
+        BlockGroup::with_state(start, length, bg_type, profile, created_gen, st)
+    }
+
+    /// A group found at open: `used` from its item, free space = the group
+    /// minus `allocated` (extent and tree-block ranges, sorted by start).
+    pub fn open(
+        start: u64,
+        length: u64,
+        bg_type: u64,
+        profile: Profile,
+        used: u64,
+        allocated: &[(u64, u64)],
+    ) -> BlockGroup {
+        let mut st = BgState {
+            used,
+            ..BgState::default()
+        };
+        let end = start + length;
+        let mut pos = start;
+        for &(a, l) in allocated {
+            if a > pos {
+                st.free.insert(pos, a - pos);
+            }
+            pos = pos.max(a.saturating_add(l));
+        }
+        if end > pos {
+            st.free.insert(pos, end - pos);
+        }
+        if st.free.total_bytes().checked_add(used) != Some(length) {
+            tracing::warn!(
+                "block group {start:#x}: item says {used} bytes used, free space says {}",
+                length - st.free.total_bytes().min(length)
+            );
+            st.accounting_suspect = true;
+        }
+        BlockGroup::with_state(start, length, bg_type, profile, 0, st)
+    }
+
+    fn with_state(
+        start: u64,
+        length: u64,
+        bg_type: u64,
+        profile: Profile,
+        created_gen: u64,
+        st: BgState,
+    ) -> BlockGroup {
+        assert!(length > 0 && start.checked_add(length).is_some());
         BlockGroup {
             start,
             length,
             bg_type,
             profile,
             created_gen,
-            state: Mutex::new(BgState::default()),
+            state: Mutex::new(st),
         }
     }
+
     /// The group's lock. Lock order: after the transaction, before chunk maps.
-    pub fn lock(&self) -> MutexGuard<'_, BgState> {
+    fn lock(&self) -> MutexGuard<'_, BgState> {
         lock(&self.state)
     }
+
     pub fn end(&self) -> u64 {
         self.start + self.length
     }
     pub fn is_data(&self) -> bool {
         self.bg_type == bg_type::DATA
     }
+
+    /// A consistent copy of the counters and flags.
+    pub fn view(&self) -> BgView {
+        let s = self.lock();
+        BgView {
+            used_bytes: s.used,
+            reserved_bytes: s.reserved,
+            pinned_bytes: s.pinned,
+            free_bytes: s.free.total_bytes(),
+            ro: s.ro,
+            scrubbing: s.scrubbing,
+            frozen: s.frozen,
+            removed: s.removed,
+            relocated: s.relocated,
+            on_unused_list: s.on_unused_list,
+        }
+    }
+    pub fn used_bytes(&self) -> u64 {
+        self.lock().used
+    }
+    pub fn reserved_bytes(&self) -> u64 {
+        self.lock().reserved
+    }
+    pub fn is_removed(&self) -> bool {
+        self.lock().removed
+    }
+    pub fn is_relocated(&self) -> bool {
+        self.lock().relocated
+    }
+
+    /// Free bytes allocation could take now (none while read-only or removed).
+    pub fn allocatable_bytes(&self) -> u64 {
+        let s = self.lock();
+        if s.writable() {
+            s.free.total_bytes()
+        } else {
+            0
+        }
+    }
+
+    /// Empty, with nothing pinned and not removed: a remover may delete it.
+    pub fn removable(&self) -> bool {
+        let s = self.lock();
+        !s.removed && s.empty() && s.pinned == 0
+    }
+
+    /// The accounting identity of a live group (test builds).
+    fn assert_accounting(&self, s: &BgState) {
+        if cfg!(debug_assertions) && !s.removed && !s.accounting_suspect {
+            let sum = s.free.total_bytes() + s.used + s.reserved + s.pinned;
+            assert_eq!(
+                sum,
+                self.length,
+                "block group {:#x}: free {} + used {} + reserved {} + pinned {} != length {}",
+                self.start,
+                s.free.total_bytes(),
+                s.used,
+                s.reserved,
+                s.pinned,
+                self.length
+            );
+        }
+    }
+
+    /// Take up to `max` (at least `min`) bytes of free space. Data bytes are
+    /// reserved (the writer inserts its extent item later); metadata bytes
+    /// count as used at once. `None` when read-only, removed or full.
+    pub(crate) fn alloc(&self, min: u64, max: u64) -> Option<(u64, u64)> {
+        let mut s = self.lock();
+        if !s.writable() {
+            return None;
+        }
+        let (addr, len) = s.free.alloc(min, max)?;
+        debug_assert!(addr >= self.start && addr + len <= self.end());
+        if self.is_data() {
+            s.reserved += len;
+        } else {
+            s.used += len;
+        }
+        self.assert_accounting(&s);
+        Some((addr, len))
+    }
+
+    /// Take `n` from a counter, or abort the pool if that would wrap.
+    fn take(&self, fs: &FsInfo, counter: &mut u64, n: u64, what: &str) -> bool {
+        match counter.checked_sub(n) {
+            Some(v) => {
+                *counter = v;
+                true
+            }
+            None => {
+                let msg = format!(
+                    "block group {:#x}: {what} {} is less than the {n} bytes taken from it",
+                    self.start, *counter
+                );
+                debug_assert!(false, "{msg}");
+                fs.abort(&msg);
+                false
+            }
+        }
+    }
+
+    /// A data reservation goes back to free space unused (a failed write).
+    pub(crate) fn unreserve(&self, fs: &FsInfo, logical: u64, len: u64) {
+        let mut s = self.lock();
+        let mut reserved = s.reserved;
+        if self.take(fs, &mut reserved, len, "reserved") {
+            s.reserved = reserved;
+            s.free.insert(logical, len);
+        }
+        self.assert_accounting(&s);
+        self.hand_back_locked(fs, s);
+    }
+
+    /// A reservation became an extent item.
+    pub(crate) fn reservation_to_used(&self, fs: &FsInfo, len: u64) {
+        let mut s = self.lock();
+        let mut reserved = s.reserved;
+        if self.take(fs, &mut reserved, len, "reserved") {
+            s.reserved = reserved;
+            s.used += len;
+        }
+        self.assert_accounting(&s);
+    }
+
+    /// Bytes no longer referenced: used becomes pinned until the freeing
+    /// transaction is durable and no reader sees them.
+    pub(crate) fn free_extent(&self, fs: &FsInfo, len: u64) {
+        let mut s = self.lock();
+        let mut used = s.used;
+        if self.take(fs, &mut used, len, "used") {
+            s.used = used;
+            s.pinned += len;
+        }
+        self.assert_accounting(&s);
+        self.hand_back_locked(fs, s);
+    }
+
+    /// Pinned bytes become free again (never in a removed group).
+    pub(crate) fn unpin(&self, fs: &FsInfo, logical: u64, len: u64) {
+        let mut s = self.lock();
+        let mut pinned = s.pinned;
+        if self.take(fs, &mut pinned, len, "pinned") {
+            s.pinned = pinned;
+            if !s.removed {
+                s.free.insert(logical, len);
+            }
+        }
+        self.assert_accounting(&s);
+    }
+
+    /// Hand the group to the cleaner if the one rule allows it.
+    pub fn hand_back(&self, fs: &FsInfo) -> bool {
+        self.hand_back_locked(fs, self.lock())
+    }
+
+    fn hand_back_locked(&self, fs: &FsInfo, mut s: MutexGuard<'_, BgState>) -> bool {
+        if !s.may_hand_back() {
+            return false;
+        }
+        s.on_unused_list = true;
+        drop(s);
+        fs.unused_bgs.push(self.start);
+        true
+    }
+
+    /// Take a read-only hold, unless the group is already removed.
+    pub fn ro_hold<'a>(self: &Arc<Self>, fs: &'a FsInfo) -> Option<RoHold<'a>> {
+        let mut s = self.lock();
+        if s.removed {
+            return None;
+        }
+        s.ro += 1;
+        Some(RoHold {
+            fs,
+            bg: self.clone(),
+            keep_as_relocated: false,
+        })
+    }
+
+    /// Freeze the group for scrub, unless it is already removed: while any
+    /// freeze is held, a removal leaves the chunk map in place (R1, R4).
+    pub fn freeze<'a>(self: &Arc<Self>, fs: &'a FsInfo) -> Option<Freeze<'a>> {
+        let mut s = self.lock();
+        if s.removed {
+            return None;
+        }
+        s.frozen += 1;
+        Some(Freeze {
+            fs,
+            bg: self.clone(),
+        })
+    }
+
+    /// Mark the group as being scrubbed: the cleaner skips it until the
+    /// mark drops, which hands it back (R3). Never waits for anything (R6).
+    pub fn scrub_mark<'a>(self: &Arc<Self>, fs: &'a FsInfo) -> ScrubMark<'a> {
+        self.lock().scrubbing += 1;
+        ScrubMark {
+            fs,
+            bg: self.clone(),
+        }
+    }
+
+    /// The cleaner's look at a queued group: takes it off the list and says
+    /// what to do with it. `last_of_type`: no other group of its type exists.
+    fn cleaner_verdict<'a>(self: &Arc<Self>, fs: &'a FsInfo, last_of_type: bool) -> Verdict<'a> {
+        let mut s = self.lock();
+        debug_assert!(
+            s.on_unused_list,
+            "group {:#x} drained but not queued",
+            self.start
+        );
+        s.on_unused_list = false;
+        if s.removed || !s.empty() || s.foreign_ro() > 0 || s.scrubbing > 0 {
+            // Whoever holds it hands it back when it lets go, and a writer
+            // that fills it again takes it off for good.
+            return Verdict::Skip;
+        }
+        if last_of_type && !s.relocated {
+            // Kept while it is the only one of its type.
+            s.on_unused_list = true;
+            return Verdict::Keep;
+        }
+        if s.pinned > 0 {
+            // Emptied by a transaction that is not durable yet.
+            s.on_unused_list = true;
+            return Verdict::Requeue;
+        }
+        s.ro += 1;
+        Verdict::Delete(RoHold {
+            fs,
+            bg: self.clone(),
+            keep_as_relocated: false,
+        })
+    }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// What the cleaner does with a group it took off the list.
+enum Verdict<'a> {
+    Skip,
+    Keep,
+    Requeue,
+    Delete(RoHold<'a>),
+}
 
-    #[test]
-    fn rangeset_merge_and_alloc() {
-        let mut r = RangeSet::default();
-        r.insert(0, 10);
-        r.insert(20, 10);
-        r.insert(10, 10);
-        assert_eq!(r.iter().collect::<Vec<_>>(), vec![(0, 30)]);
-        assert_eq!(r.alloc(5, 8), Some((0, 8)));
-        assert!(r.remove(10, 5));
-        assert_eq!(r.total_bytes(), 17);
-        assert!(!r.remove(10, 1));
-        assert!(r.overlaps(9, 1));
-        assert!(!r.overlaps(0, 8));
-        assert_eq!(r.alloc(100, 100), None);
+/// A read-only hold (`ro += 1`): no allocation in the group while held.
+/// Relocation, device replace and the cleaner take one before they empty or
+/// remove a group. Dropping it hands an empty group back to the cleaner.
+pub struct RoHold<'a> {
+    fs: &'a FsInfo,
+    bg: Arc<BlockGroup>,
+    /// Relocation's hand-off: the mark stays, as `relocated`.
+    keep_as_relocated: bool,
+}
+
+impl RoHold<'_> {
+    pub fn group(&self) -> &Arc<BlockGroup> {
+        &self.bg
+    }
+
+    /// Relocation emptied the group but a reader still sees its extents:
+    /// keep the read-only mark (nothing is allocated there) and let the
+    /// cleaner remove it later.
+    pub fn into_relocated(mut self) {
+        self.keep_as_relocated = true;
+    }
+}
+
+impl Drop for RoHold<'_> {
+    fn drop(&mut self) {
+        let mut s = self.bg.lock();
+        assert!(
+            s.ro > 0,
+            "group {:#x}: read-only hold underflow",
+            self.bg.start
+        );
+        if self.keep_as_relocated {
+            assert!(!s.relocated, "group {:#x} relocated twice", self.bg.start);
+            s.relocated = true;
+        } else {
+            s.ro -= 1;
+        }
+        self.bg.hand_back_locked(self.fs, s);
+    }
+}
+
+/// Scrub's freeze of a group; dropping it performs a deferred map drop.
+pub struct Freeze<'a> {
+    fs: &'a FsInfo,
+    bg: Arc<BlockGroup>,
+}
+
+impl Drop for Freeze<'_> {
+    fn drop(&mut self) {
+        let drop_now = {
+            let mut s = self.bg.lock();
+            assert!(s.frozen > 0, "group {:#x}: freeze underflow", self.bg.start);
+            s.frozen -= 1;
+            let d = s.frozen == 0 && s.removed && s.map_drop_deferred;
+            if d {
+                s.map_drop_deferred = false;
+            }
+            d
+        };
+        if drop_now {
+            drop_chunk_map(self.fs, self.bg.start);
+        }
+    }
+}
+
+/// Scrub's mark on a group; dropping it hands an empty group back (R3).
+pub struct ScrubMark<'a> {
+    fs: &'a FsInfo,
+    bg: Arc<BlockGroup>,
+}
+
+impl Drop for ScrubMark<'_> {
+    fn drop(&mut self) {
+        let mut s = self.bg.lock();
+        assert!(
+            s.scrubbing > 0,
+            "group {:#x}: scrub mark underflow",
+            self.bg.start
+        );
+        s.scrubbing -= 1;
+        self.bg.hand_back_locked(self.fs, s);
+    }
+}
+
+/// The cleaner's queue of groups that became empty. Bounded by the number
+/// of groups: a group is on it at most once (`on_unused_list`).
+#[derive(Debug, Default)]
+pub struct UnusedList(Mutex<VecDeque<u64>>);
+
+impl UnusedList {
+    fn push(&self, start: u64) {
+        lock(&self.0).push_back(start);
+    }
+    fn drain(&self) -> Vec<u64> {
+        lock(&self.0).drain(..).collect()
+    }
+    pub fn contains(&self, start: u64) -> bool {
+        lock(&self.0).contains(&start)
+    }
+    pub fn is_empty(&self) -> bool {
+        lock(&self.0).is_empty()
+    }
+    /// The queued groups, oldest first.
+    pub fn list(&self) -> Vec<u64> {
+        lock(&self.0).iter().copied().collect()
+    }
+}
+
+/// Outcome of one cleaner pass.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CleanerPass {
+    pub deleted: usize,
+    pub requeued: usize,
+    pub skipped: usize,
+}
+
+/// Delete every deletable group on the unused list (btrfs's
+/// delete_unused_bgs): `ro++` first, then, in a transaction, re-check that
+/// it is still empty and remove it.
+pub fn delete_unused_bgs(fs: &FsInfo) -> Result<CleanerPass> {
+    let mut pass = CleanerPass::default();
+    let mut requeue = Vec::new();
+    let mut first_err = None;
+    for start in fs.unused_bgs.drain() {
+        let Some(bg) = crate::util::sync::read(&fs.block_groups)
+            .get(&start)
+            .cloned()
+        else {
+            continue;
+        };
+        let last_of_type = fs
+            .block_group_list()
+            .iter()
+            .filter(|b| b.bg_type == bg.bg_type)
+            .count()
+            <= 1;
+        let hold = match bg.cleaner_verdict(fs, last_of_type) {
+            Verdict::Skip => {
+                pass.skipped += 1;
+                continue;
+            }
+            Verdict::Keep => {
+                pass.skipped += 1;
+                requeue.push(start);
+                continue;
+            }
+            Verdict::Requeue => {
+                pass.requeued += 1;
+                requeue.push(start);
+                continue;
+            }
+            Verdict::Delete(hold) => hold,
+        };
+        crate::failpoint!("cleaner::after_ro", start);
+        let r = crate::engine::transaction::change(fs, |ctx| {
+            if bg.removable() {
+                remove_block_group(ctx, &hold).map(|_| true)
+            } else {
+                Ok(false)
+            }
+        });
+        match r {
+            Ok(true) => pass.deleted += 1,
+            Ok(false) => pass.skipped += 1,
+            Err(e) => {
+                // Dropping the hold hands it back for a later pass.
+                pass.skipped += 1;
+                first_err.get_or_insert(e);
+            }
+        }
+        drop(hold);
+    }
+    for start in requeue {
+        fs.unused_bgs.push(start);
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(pass),
+    }
+}
+
+/// Out of space: make what earlier transactions freed reusable (commit) and
+/// delete empty block groups now rather than at the cleaner's next pass, so
+/// their device space can hold new chunks. Returns whether anything came back.
+pub fn free_space_now(fs: &FsInfo) -> Result<bool> {
+    let pinned = fs.pinned_bytes() > 0;
+    crate::engine::transaction::commit(fs)?;
+    let deleted = delete_unused_bgs(fs)?.deleted;
+    if deleted > 0 {
+        crate::engine::transaction::commit(fs)?;
+    }
+    Ok(pinned || deleted > 0)
+}
+
+/// Delete a block group's items in the running transaction and retire it in
+/// memory. The caller's read-only hold proves nothing allocates there; the
+/// caller checked [`BlockGroup::removable`] in the same transaction (the
+/// R5 test removes a group under scrub on purpose, so emptiness is the
+/// caller's rule, not asserted here). `removed` is set before the chunk map
+/// goes, and the map drop waits for the last freeze (R1, R4).
+pub fn remove_block_group(ctx: &mut Ctx, hold: &RoHold) -> Result<()> {
+    let fs = ctx.fs;
+    let bg = hold.group();
+    if bg.is_removed() {
+        let msg = format!("block group {:#x} removed twice", bg.start);
+        debug_assert!(false, "{msg}");
+        return Err(fs.abort(&msg));
+    }
+    if let Some(m) = fs.mapping.get(bg.start) {
+        for s in &m.item.stripes {
+            ctx.delete(
+                tree_id::DEV,
+                &Key::new(s.devid, item::DEV_EXTENT, s.physical),
+            )?;
+        }
+    }
+    ctx.delete(
+        tree_id::CHUNK,
+        &Key::new(objectid::FIRST_CHUNK, item::CHUNK, bg.start),
+    )?;
+    ctx.delete(
+        tree_id::EXTENT,
+        &Key::new(bg.start, item::BLOCK_GROUP, bg.length),
+    )?;
+    ctx.forget_group(bg.start);
+    crate::failpoint!("cleaner::before_removed", bg.start);
+    write(&fs.block_groups).remove(&bg.start);
+    let drop_now = {
+        let mut s = bg.lock();
+        debug_assert!(s.ro > 0, "removal without a read-only hold");
+        s.removed = true;
+        s.map_drop_deferred = s.frozen > 0;
+        s.frozen == 0
+    };
+    crate::failpoint!("cleaner::before_map_drop", bg.start);
+    if drop_now {
+        drop_chunk_map(fs, bg.start);
+    }
+    tracing::info!(
+        "deleted unused {} block group {:#x} ({} bytes)",
+        bg_type::name(bg.bg_type),
+        bg.start,
+        bg.length
+    );
+    Ok(())
+}
+
+/// Drop a removed group's chunk map and give its device extents back.
+fn drop_chunk_map(fs: &FsInfo, start: u64) {
+    if let Some(m) = fs.mapping.remove(start) {
+        for s in &m.item.stripes {
+            if let Some(d) = fs.device(s.devid) {
+                write(&d.extents).remove(&s.physical);
+            }
+        }
     }
 }

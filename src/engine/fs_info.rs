@@ -3,12 +3,12 @@
 //! freed extent may be reused. Also the mirrored I/O paths that verify what
 //! they read and repair a bad copy from a good one.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 
 use crate::btree::cache::NodeCache;
 use crate::btree::{Child, Node, NodeLoader};
 use crate::chunk::volumes::{Device, Mapped, MappingTree};
-use crate::engine::block_group::BlockGroup;
+use crate::engine::block_group::{BlockGroup, UnusedList};
 use crate::engine::transaction::TransState;
 use crate::format::csum::CsumType;
 use crate::format::{tree_id, SECTOR_BYTES};
@@ -53,7 +53,7 @@ pub struct FsInfo {
     pub mapping: MappingTree,
     pub block_groups: RwLock<BTreeMap<u64, Arc<BlockGroup>>>,
     /// Block groups whose used bytes reached zero, for the cleaner.
-    pub unused_bgs: Mutex<VecDeque<u64>>,
+    pub unused_bgs: UnusedList,
     pub cache: NodeCache,
     /// Nodes of a commit whose write-out is still in flight.
     pub writeback: Mutex<HashMap<u64, Arc<Node>>>,
@@ -149,7 +149,7 @@ impl FsInfo {
             devices: RwLock::new(devices),
             mapping: MappingTree::default(),
             block_groups: RwLock::new(BTreeMap::new()),
-            unused_bgs: Mutex::new(VecDeque::new()),
+            unused_bgs: UnusedList::default(),
             cache: NodeCache::new(cache_bytes, node_bytes),
             writeback: Mutex::new(HashMap::new()),
             trans: Mutex::new(trans),
@@ -285,11 +285,7 @@ impl FsInfo {
         };
         for (logical, len) in ready.into_values().flatten() {
             if let Some(bg) = self.block_group(logical) {
-                let mut st = bg.lock();
-                st.pinned -= len;
-                if !st.removed {
-                    st.free.insert(logical, len);
-                }
+                bg.unpin(self, logical, len);
             }
         }
     }

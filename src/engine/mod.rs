@@ -5,5 +5,6 @@
 //! an import cycle (tests/layers.rs).
 
 pub mod block_group;
+pub mod free_space;
 pub mod fs_info;
 pub mod transaction;

@@ -174,14 +174,7 @@ impl<'a> Ctx<'a> {
             .block_group_list()
             .iter()
             .filter(|b| b.start != except && self.allocatable(b, t))
-            .map(|b| {
-                let s = b.lock();
-                if s.ro > 0 || s.removed {
-                    0
-                } else {
-                    s.free.total_bytes()
-                }
-            })
+            .map(|b| b.allocatable_bytes())
             .sum()
     }
 
@@ -248,14 +241,13 @@ impl<'a> Ctx<'a> {
             }
         }
         self.fs.mapping.insert(item.clone());
-        let bg = Arc::new(BlockGroup::new(
+        let bg = Arc::new(BlockGroup::new_empty(
             item.logical,
             item.length,
             t,
             item.profile,
             self.st.gen,
         ));
-        bg.lock().free.insert(item.logical, item.length);
         write(&self.fs.block_groups).insert(item.logical, bg.clone());
         self.st.dirty_bgs.insert(item.logical);
         self.st.pending_chunks.push(item);
@@ -285,17 +277,9 @@ impl<'a> Ctx<'a> {
                 if !self.allocatable(&bg, t) {
                     continue;
                 }
-                let mut s = bg.lock();
-                if s.ro > 0 || s.removed {
-                    continue;
-                }
-                if let Some((addr, len)) = s.free.alloc(min, max) {
+                if let Some((addr, len)) = bg.alloc(min, max) {
                     crate::failpoint!("alloc::picked", bg.start);
-                    if t == bg_type::DATA {
-                        s.reserved += len;
-                    } else {
-                        s.used += len;
-                        drop(s);
+                    if t != bg_type::DATA {
                         self.st.dirty_bgs.insert(bg.start);
                     }
                     self.st.dirty = true;
@@ -312,26 +296,23 @@ impl<'a> Ctx<'a> {
         )))
     }
 
+    /// A removed group's pending work goes with it.
+    pub(crate) fn forget_group(&mut self, start: u64) {
+        self.st.dirty_bgs.remove(&start);
+        self.st.pending_chunks.retain(|c| c.logical != start);
+    }
+
     /// Give back an unused data reservation (a write that failed).
     pub fn unreserve(&mut self, logical: u64, len: u64) {
         if let Some(bg) = self.fs.block_group(logical) {
-            let mut s = bg.lock();
-            s.reserved -= len;
-            s.free.insert(logical, len);
-            if s.take_unused_slot() {
-                drop(s);
-                lock(&self.fs.unused_bgs).push_back(bg.start);
-            }
+            bg.unreserve(self.fs, logical, len);
         }
     }
 
     /// A reservation became an extent item.
     pub fn commit_reservation(&mut self, logical: u64, len: u64) {
         if let Some(bg) = self.fs.block_group(logical) {
-            let mut s = bg.lock();
-            s.reserved -= len;
-            s.used += len;
-            drop(s);
+            bg.reservation_to_used(self.fs, len);
             self.st.dirty_bgs.insert(bg.start);
         }
     }
@@ -342,15 +323,7 @@ impl<'a> Ctx<'a> {
             return;
         };
         crate::failpoint!("extent::free", bg.start);
-        let mut s = bg.lock();
-        debug_assert!(s.used >= len, "block group {:#x} used underflow", bg.start);
-        s.used = s.used.saturating_sub(len);
-        s.pinned += len;
-        let now_unused = s.take_unused_slot();
-        drop(s);
-        if now_unused {
-            lock(&self.fs.unused_bgs).push_back(bg.start);
-        }
+        bg.free_extent(self.fs, len);
         self.fs.pin(self.st.gen, logical, len);
         self.st.dirty_bgs.insert(bg.start);
         self.st.dirty = true;
@@ -456,13 +429,11 @@ impl<'a> Ctx<'a> {
                 else {
                     continue;
                 };
-                let used = {
-                    let s = bg.lock();
-                    if s.removed {
-                        continue;
-                    }
-                    s.used
-                };
+                let v = bg.view();
+                if v.removed {
+                    continue;
+                }
+                let used = v.used_bytes;
                 let k = Key::new(bg.start, item::BLOCK_GROUP, bg.length);
                 let v = BlockGroupItem {
                     used,

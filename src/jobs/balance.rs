@@ -149,7 +149,7 @@ impl Filters {
             return false;
         };
         if let Some(u) = self.usage {
-            let used = bg.lock().used as u128 * 100;
+            let used = bg.used_bytes() as u128 * 100;
             let len = bg.length as u128;
             let ok = match u {
                 Usage::Below(n) => used < n as u128 * len,
@@ -275,7 +275,7 @@ impl Plan {
             let Some(f) = self.by_type.get(&bg.bg_type) else {
                 continue;
             };
-            if bg.lock().relocated || !f.matches(fs, bg.start) {
+            if bg.is_relocated() || !f.matches(fs, bg.start) {
                 continue;
             }
             let n = taken.entry(bg.bg_type).or_default();
@@ -697,8 +697,8 @@ fn drive_inner(fs: &FsInfo, run: &BalanceRun, plan: &Plan) -> Result<State> {
     // Give relocated groups the cleaner could not take yet a chance now.
     for _ in 0..50 {
         commit(fs)?;
-        crate::jobs::cleaner::delete_unused_bgs(fs)?;
-        let waiting = fs.block_group_list().iter().any(|b| b.lock().relocated);
+        crate::engine::block_group::delete_unused_bgs(fs)?;
+        let waiting = fs.block_group_list().iter().any(|b| b.is_relocated());
         if !waiting {
             break;
         }

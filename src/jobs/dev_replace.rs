@@ -15,7 +15,7 @@ use crate::btree::Iter;
 use crate::device::BlockDevice;
 use crate::engine::fs_info::FsInfo;
 use crate::format::{item, objectid, tree_id, DevExtent, Key, Stripe, SECTOR_BYTES};
-use crate::jobs::relocation::{wait_for_writers, RoHold};
+use crate::jobs::relocation::wait_for_writers;
 use crate::util::error::{Error, Result};
 use std::collections::BTreeMap;
 
@@ -453,7 +453,7 @@ fn replace_group(
     // read-only mark, so metadata needs no room elsewhere (a degraded pool
     // being healed may have none).
     let (hold, commits) = if bg.is_data() {
-        let Some(h) = RoHold::take(fs, &bg) else {
+        let Some(h) = bg.ro_hold(fs) else {
             return gone();
         };
         wait_for_writers(fs, &bg, &|| false)?;
@@ -488,7 +488,7 @@ fn replace_group(
                 Ok(b) => b,
                 // Deleted under the copy (metadata groups are not held
                 // read-only): nothing left to replace.
-                Err(_) if bg.lock().removed => return Ok(None),
+                Err(_) if bg.is_removed() => return Ok(None),
                 Err(e) => return Err(e),
             };
             for &k in &idxs {
@@ -513,7 +513,7 @@ fn replace_group(
         // A metadata group is not read-only during its copy: the cleaner
         // may have deleted it meanwhile (it removes under this same lock, so
         // the check cannot race). Switching it would resurrect its chunk.
-        if bg.lock().removed {
+        if bg.is_removed() {
             return Ok(None);
         }
         (|ctx: &mut crate::engine::transaction::Ctx| -> Result<()> {

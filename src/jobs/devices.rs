@@ -177,7 +177,7 @@ fn evacuate(fs: &FsInfo, devid: u64) -> Result<()> {
     loop {
         let todo: Vec<u64> = chunks_on(fs, devid)
             .into_iter()
-            .filter(|&s| fs.block_group(s).is_some_and(|b| !b.lock().relocated))
+            .filter(|&s| fs.block_group(s).is_some_and(|b| !b.is_relocated()))
             .collect();
         for start in &todo {
             crate::failpoint!("devices::remove_group", *start);
@@ -188,7 +188,7 @@ fn evacuate(fs: &FsInfo, devid: u64) -> Result<()> {
         }
         // Relocated groups wait for readers of their old extents.
         commit(fs)?;
-        crate::jobs::cleaner::delete_unused_bgs(fs)?;
+        crate::engine::block_group::delete_unused_bgs(fs)?;
         if Instant::now() >= deadline {
             return Err(Error::Busy(format!(
                 "devid {devid}: {} block groups still hold stripes on it",

@@ -21,12 +21,12 @@
 use std::time::{Duration, Instant};
 
 use crate::btree::{self, Iter};
-use crate::engine::block_group::BlockGroup;
+use crate::engine::block_group::{remove_block_group, BlockGroup};
 use crate::engine::fs_info::FsInfo;
 use crate::engine::transaction::{self, commit, Ctx};
 use crate::format::{item, objectid, tree_id, ExtentItem, Key, VolumeExtent};
 use crate::util::error::{Error, Result};
-use crate::util::sync::{lock, read, Arc, Ordering};
+use crate::util::sync::{lock, read, Ordering};
 
 /// Extents listed per pass over a data group.
 const DATA_BATCH_EXTENTS: usize = 256;
@@ -49,45 +49,6 @@ pub struct RelocStats {
 /// Why relocation stopped early: a caller's stop request.
 pub fn stopped() -> Error {
     Error::Busy("relocation stopped on request".into())
-}
-
-/// Holds a group read-only; gives the mark back unless handed off.
-pub(crate) struct RoHold<'a> {
-    fs: &'a FsInfo,
-    bg: Arc<BlockGroup>,
-    armed: bool,
-}
-
-impl<'a> RoHold<'a> {
-    /// `ro++` on the group unless it is already removed.
-    pub(crate) fn take(fs: &'a FsInfo, bg: &Arc<BlockGroup>) -> Option<RoHold<'a>> {
-        let mut s = bg.lock();
-        if s.removed {
-            return None;
-        }
-        s.ro += 1;
-        Some(RoHold {
-            fs,
-            bg: bg.clone(),
-            armed: true,
-        })
-    }
-}
-
-impl Drop for RoHold<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let mut s = self.bg.lock();
-        s.ro -= 1;
-        // The cleaner skipped it while it was read-only (as scrub, R3).
-        let q = s.ro == 0 && s.take_unused_slot();
-        drop(s);
-        if q {
-            lock(&self.fs.unused_bgs).push_back(self.bg.start);
-        }
-    }
 }
 
 /// Keeps scrub between units while held (btrfs pauses scrub around
@@ -126,7 +87,7 @@ pub fn relocate_block_group(
     if !bg.is_data() {
         room_elsewhere(fs, &bg)?;
     }
-    let Some(mut hold) = RoHold::take(fs, &bg) else {
+    let Some(hold) = bg.ro_hold(fs) else {
         stats.vanished = true;
         return Ok(stats);
     };
@@ -138,7 +99,7 @@ pub fn relocate_block_group(
         move_tree_blocks(fs, &bg, &mut stats)?;
     }
     commit(fs)?;
-    let used = bg.lock().used;
+    let used = bg.used_bytes();
     if used != 0 {
         return Err(fs.abort(&format!(
             "relocation of block group {start:#x}: {used} bytes still used after moving every extent"
@@ -150,18 +111,15 @@ pub fn relocate_block_group(
         let removed = {
             let _scrub = ScrubHold::new(fs);
             transaction::change(fs, |ctx| {
-                let empty = {
-                    let s = bg.lock();
-                    !s.removed && s.used == 0 && s.reserved == 0 && s.pinned == 0
-                };
+                let empty = bg.removable();
                 if empty {
-                    crate::jobs::cleaner::remove_block_group(ctx, &bg)?;
+                    remove_block_group(ctx, &hold)?;
                 }
                 Ok(empty)
             })?
         };
         if removed {
-            hold.armed = false;
+            drop(hold);
             stats.removed = true;
             commit(fs)?;
             break;
@@ -169,14 +127,7 @@ pub fn relocate_block_group(
         if Instant::now() >= deadline {
             // A long reader (scrub) still sees the old extents: let the
             // cleaner delete the group once it lets go.
-            let mut s = bg.lock();
-            s.relocated = true;
-            let q = s.take_unused_slot();
-            drop(s);
-            if q {
-                lock(&fs.unused_bgs).push_back(start);
-            }
-            hold.armed = false;
+            hold.into_relocated();
             tracing::info!("relocated block group {start:#x}; the cleaner removes it");
             break;
         }
@@ -198,7 +149,7 @@ pub fn relocate_block_group(
 /// needs some: make sure another group has room (or fail before anything
 /// changes) instead of running out in the middle of a commit.
 fn room_elsewhere(fs: &FsInfo, bg: &BlockGroup) -> Result<()> {
-    let need = 2 * transaction::META_RESERVE_NODES * fs.node_bytes as u64 + bg.lock().used;
+    let need = 2 * transaction::META_RESERVE_NODES * fs.node_bytes as u64 + bg.used_bytes();
     transaction::change(fs, |ctx| {
         if ctx.free_of_type_except(bg.bg_type, bg.start) < need {
             ctx.new_chunk(bg.bg_type).map_err(|e| match e {
@@ -220,7 +171,7 @@ pub(crate) fn wait_for_writers(
     bg: &BlockGroup,
     stop: &dyn Fn() -> bool,
 ) -> Result<()> {
-    while bg.lock().reserved > 0 {
+    while bg.reserved_bytes() > 0 {
         fs.check_abort()?;
         if stop() {
             return Err(stopped());
@@ -319,7 +270,7 @@ fn move_extent(fs: &FsInfo, bg: &BlockGroup, x: &Listed) -> Result<u64> {
         })
     };
     let (new, _) = match alloc() {
-        Err(Error::NoSpace(_)) if crate::jobs::cleaner::free_space_now(fs)? => alloc()?,
+        Err(Error::NoSpace(_)) if crate::engine::block_group::free_space_now(fs)? => alloc()?,
         r => r?,
     };
     crate::failpoint!("relocation::extent_copied", x.start);
@@ -427,7 +378,7 @@ fn move_tree_blocks(fs: &FsInfo, bg: &BlockGroup, stats: &mut RelocStats) -> Res
         stats.bytes_relocated += moved * fs.node_bytes as u64;
         // Commit so the extent-tree items of the moves are applied.
         commit(fs)?;
-        if bg.lock().used == 0 {
+        if bg.used_bytes() == 0 {
             return Ok(());
         }
     }

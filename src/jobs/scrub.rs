@@ -27,7 +27,6 @@ use crate::format::{
     item, objectid, tree_id, DevExtent, ExtentItem, Key, MetadataItem, Put, Reader, SECTOR_BYTES,
     SUPER_BYTES, SUPER_OFFSETS,
 };
-use crate::jobs::cleaner::{freeze, unfreeze};
 use crate::util::error::{Error, Result};
 use crate::util::sync::{lock, read, thread, Arc, AtomicBool, Mutex, Ordering};
 
@@ -508,7 +507,7 @@ fn device_total(fs: &FsInfo, roots: &CommitRoots, devid: u64) -> Result<u64> {
             continue;
         };
         if let Some(bg) = fs.block_group(de.chunk_logical) {
-            let used = bg.lock().used;
+            let used = bg.used_bytes();
             total += (used as u128 * de.length as u128 / bg.length.max(1) as u128) as u64;
         }
     }
@@ -940,26 +939,20 @@ fn scrub_dev_extent<'f>(
         // Deleted, and its range reused by a newer group (R4).
         return skip("range reused by a newer block group");
     }
-    if !freeze(&bg) {
+    let Some(freeze) = bg.freeze(fs) else {
         return skip("block group was removed");
-    }
+    };
     failpoint!("scrub::frozen", bg.start);
     // Mark the group as being scrubbed (the cleaner skips it). Taking the
     // mark never waits for a commit, so there is nothing to deadlock with (R6).
-    bg.lock().scrubbing += 1;
+    let mark = bg.scrub_mark(fs);
     failpoint!("scrub::group_frozen", bg.start);
     let r = scrub_group(fs, run, devid, phys, de, from, snap, &bg, pacer);
     failpoint!("scrub::before_release", bg.start);
-    let requeue = {
-        let mut s = bg.lock();
-        s.scrubbing -= 1;
-        // The cleaner skipped it while scrub held it: hand it back (R3).
-        s.foreign_ro() == 0 && s.scrubbing == 0 && s.take_unused_slot()
-    };
-    if requeue {
-        lock(&fs.unused_bgs).push_back(bg.start);
-    }
-    unfreeze(fs, &bg);
+    // The cleaner skipped it while scrub held it: the mark's release hands
+    // it back (R3); the freeze's release drops a deferred map (R4).
+    drop(mark);
+    drop(freeze);
     r
 }
 
@@ -977,7 +970,7 @@ fn scrub_group<'f>(
 ) -> Result<(), Stop> {
     failpoint!("scrub::before_map_lookup", bg.start);
     let Some(map) = fs.mapping.get(bg.start) else {
-        if bg.lock().removed {
+        if bg.is_removed() {
             // Deleted under us: not an error (R1, the seed).
             update(run, devid, |p| p.counters.block_groups_skipped_removed += 1);
             return Ok(());
@@ -1013,7 +1006,7 @@ fn scrub_group<'f>(
         while off < de.length {
             checkpoint_wait(fs, run)?;
             failpoint!("scrub::unit", bg.start);
-            if bg.lock().removed {
+            if bg.is_removed() {
                 // The group went away mid-way: stop quietly.
                 update(run, devid, |p| p.counters.block_groups_skipped_removed += 1);
                 return Ok(());
@@ -1324,5 +1317,5 @@ fn repair(
 fn bg_gone(fs: &FsInfo, map: &ChunkMap) -> bool {
     read(&fs.block_groups)
         .get(&map.start())
-        .is_none_or(|b| b.lock().removed)
+        .is_none_or(|b| b.is_removed())
 }

@@ -10,6 +10,7 @@ use crate::btree::{Iter, NodeLoader};
 use crate::chunk::volumes::Device;
 use crate::data::volume::Volume;
 use crate::device::{BlockDevice, FileDevice};
+use crate::engine::block_group::BlockGroup;
 use crate::engine::fs_info::{tree_index, CommitRoots, FsInfo};
 use crate::engine::transaction::{commit, Ctx, TransState, VolumeInfo};
 use crate::format::csum::CsumType;
@@ -515,6 +516,7 @@ impl Pool {
         }
         // Extent tree: block groups and what is allocated in them.
         let mut allocated: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
+        let mut groups = Vec::new();
         for r in scan(tree_id::EXTENT) {
             let (k, v) = r?;
             match k.ty {
@@ -524,15 +526,10 @@ impl Pool {
                         .mapping
                         .get(k.objectid)
                         .ok_or_else(|| bad(format!("block group {k} has no chunk")))?;
-                    let bg = crate::engine::block_group::BlockGroup::new(
-                        k.objectid,
-                        k.offset,
-                        bi.bg_type,
-                        map.item.profile,
-                        0,
-                    );
-                    bg.lock().used = bi.used;
-                    write(&fs.block_groups).insert(k.objectid, Arc::new(bg));
+                    if k.offset == 0 || k.objectid.checked_add(k.offset).is_none() {
+                        return Err(bad(format!("block group {k} has a bad length")));
+                    }
+                    groups.push((k.objectid, k.offset, bi, map.item.profile));
                 }
                 item::EXTENT => allocated
                     .entry(k.objectid)
@@ -545,24 +542,17 @@ impl Pool {
                 _ => {}
             }
         }
-        for bg in fs.block_group_list() {
-            let mut s = bg.lock();
-            let mut pos = bg.start;
-            for (_, list) in allocated.range(bg.start..bg.end()) {
-                for &(a, l) in list {
-                    if a > pos {
-                        s.free.insert(pos, a - pos);
-                    }
-                    pos = pos.max(a + l);
-                }
-            }
-            if bg.end() > pos {
-                s.free.insert(pos, bg.end() - pos);
-            }
-            if s.used == 0 {
-                s.on_unused_list = true;
-                lock(&fs.unused_bgs).push_back(bg.start);
-            }
+        for (start, length, bi, profile) in groups {
+            let in_group: Vec<(u64, u64)> = allocated
+                .range(start..start + length)
+                .flat_map(|(_, list)| list.iter().copied())
+                .collect();
+            let bg = Arc::new(BlockGroup::open(
+                start, length, bi.bg_type, profile, bi.used, &in_group,
+            ));
+            write(&fs.block_groups).insert(start, bg.clone());
+            // Every empty group goes to the cleaner.
+            bg.hand_back(&fs);
         }
         // Volume tree: the volumes.
         {
@@ -756,15 +746,15 @@ impl Pool {
             )
         };
         for bg in fs.block_group_list() {
-            let s = bg.lock();
+            let s = bg.view();
             let copies = bg.profile.copies() as u64;
-            used += s.used * copies;
+            used += s.used_bytes * copies;
             bgs.push(BlockGroupUsage {
                 start: bg.start,
                 length: bg.length,
                 bg_type: bg_type::name(bg.bg_type).into(),
                 profile: bg.profile.name().into(),
-                used_bytes: s.used,
+                used_bytes: s.used_bytes,
                 ro: s.ro > 0,
             });
         }
@@ -780,7 +770,7 @@ impl Pool {
             generation: fs.committed_gen.load(Ordering::Acquire),
             devices,
             block_groups: bgs,
-            unused_block_groups: lock(&fs.unused_bgs).iter().copied().collect(),
+            unused_block_groups: fs.unused_bgs.list(),
         }
     }
 

@@ -156,9 +156,9 @@ fn background(pool: Pool, interval: Duration, stop: Arc<AtomicBool>) {
                 continue;
             }
         }
-        let pending = !crate::util::sync::lock(&fs.unused_bgs).is_empty();
+        let pending = !fs.unused_bgs.is_empty();
         if pending {
-            match crate::jobs::cleaner::delete_unused_bgs(&fs) {
+            match crate::engine::block_group::delete_unused_bgs(&fs) {
                 Ok(p) if p.deleted > 0 => {
                     if let Err(e) = crate::engine::transaction::commit(&fs) {
                         tracing::error!("commit after cleaner: {e}");

@@ -167,7 +167,7 @@ pub fn campaign(profile: Profile, seed: u64, points: u64) -> Result<CrashStats, 
                     }
                 }
                 6 => {
-                    crate::jobs::cleaner::delete_unused_bgs(pool.fs())
+                    crate::engine::block_group::delete_unused_bgs(pool.fs())
                         .map_err(|e| fail(point, format!("cleaner: {e}")))?;
                 }
                 _ => {

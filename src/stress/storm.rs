@@ -131,23 +131,18 @@ fn prober(sh: &Shared) {
         let empty = fs
             .block_group_list()
             .iter()
-            .filter(|b| b.is_data() && b.lock().used == 0)
+            .filter(|b| b.is_data() && b.used_bytes() == 0)
             .count();
         if empty >= 2 {
             continue;
         }
         let r = crate::engine::transaction::change(fs, |ctx| {
-            ctx.new_chunk(crate::format::bg_type::DATA).map(|bg| {
-                let queue = bg.lock().take_unused_slot();
-                (bg.start, queue)
-            })
+            // The new group is empty: the cleaner's to take.
+            ctx.new_chunk(crate::format::bg_type::DATA)
+                .map(|bg| bg.hand_back(fs))
         });
         match r {
-            Ok((start, queue)) => {
-                if queue {
-                    // The new group is empty: the cleaner's to take.
-                    lock(&fs.unused_bgs).push_back(start);
-                }
+            Ok(_) => {
                 if let Err(e) = crate::engine::transaction::commit(fs) {
                     sh.fail(format!("prober commit: {e}"));
                 }
@@ -434,7 +429,7 @@ fn housekeeper(sh: &Shared) {
             sh.fail(format!("commit: {e}"));
         }
         if Instant::now() >= next_clean {
-            if let Err(e) = crate::jobs::cleaner::delete_unused_bgs(fs) {
+            if let Err(e) = crate::engine::block_group::delete_unused_bgs(fs) {
                 sh.fail(format!("cleaner: {e}"));
             }
             next_clean = Instant::now() + Duration::from_millis(50 + rng.below(450));
