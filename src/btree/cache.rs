@@ -8,7 +8,10 @@ use crate::util::sync::{lock, Arc, Mutex};
 
 struct Inner {
     map: HashMap<u64, Arc<Node>>,
-    /// Insertion order for FIFO-with-second-chance eviction.
+    /// Insertion order for plain FIFO eviction: the oldest insertion goes
+    /// first, and a hit does not move an entry. May hold stale addresses
+    /// (removed by `remove`); they are pruned when the queue grows past
+    /// twice the bound.
     order: VecDeque<u64>,
 }
 
