@@ -11,7 +11,7 @@ use crate::format::{
     SUPER_OFFSETS, SUPER_RESERVED_BYTES,
 };
 use crate::util::error::{Error, Result};
-use crate::util::sync::{read, write, Arc, Ordering, RwLock};
+use crate::util::sync::{read, write, Arc, OrderedRwLock, Ordering, Rank};
 
 /// A contiguous logical piece and the physical location of each copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,9 +124,17 @@ impl ChunkMap {
 }
 
 /// The mapping tree: every chunk by logical start.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MappingTree {
-    maps: RwLock<BTreeMap<u64, Arc<ChunkMap>>>,
+    maps: OrderedRwLock<BTreeMap<u64, Arc<ChunkMap>>>,
+}
+
+impl Default for MappingTree {
+    fn default() -> Self {
+        MappingTree {
+            maps: OrderedRwLock::new(Rank::ChunkMaps, BTreeMap::new()),
+        }
+    }
 }
 
 impl MappingTree {
@@ -200,7 +208,7 @@ pub struct Device {
     pub dev: Arc<dyn BlockDevice>,
     pub stats: DevCounters,
     /// Allocated physical ranges (device extents): physical -> length.
-    pub extents: RwLock<BTreeMap<u64, u64>>,
+    pub extents: OrderedRwLock<BTreeMap<u64, u64>>,
     /// New chunks may use this device (false while it is removed or replaced).
     pub allocatable: std::sync::atomic::AtomicBool,
     /// Its superblocks are the pool's (false while it joins or leaves).
@@ -216,7 +224,7 @@ impl Device {
             total_bytes: dev.size_bytes(),
             dev,
             stats: Default::default(),
-            extents: Default::default(),
+            extents: OrderedRwLock::new(Rank::DevExtents, BTreeMap::new()),
             allocatable: std::sync::atomic::AtomicBool::new(true),
             supers_valid: std::sync::atomic::AtomicBool::new(true),
         }

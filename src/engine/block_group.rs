@@ -25,7 +25,7 @@ use crate::engine::fs_info::FsInfo;
 use crate::engine::transaction::Ctx;
 use crate::format::{bg_type, item, objectid, tree_id, Key, Profile};
 use crate::util::error::Result;
-use crate::util::sync::{lock, write, Arc, Mutex, MutexGuard};
+use crate::util::sync::{lock, write, Arc, OrderedGuard, OrderedMutex, Rank};
 
 /// Mutable state of a block group, under its lock. Private: only this
 /// module changes it.
@@ -117,7 +117,7 @@ pub struct BlockGroup {
     /// Transaction that created the group (0: found at open). A reader of an
     /// older commit root must not take this group for the one it saw (R4).
     pub created_gen: u64,
-    state: Mutex<BgState>,
+    state: OrderedMutex<BgState>,
 }
 
 impl BlockGroup {
@@ -184,12 +184,12 @@ impl BlockGroup {
             bg_type,
             profile,
             created_gen,
-            state: Mutex::new(st),
+            state: OrderedMutex::new(Rank::BlockGroup, st),
         }
     }
 
     /// The group's lock. Lock order: after the transaction, before chunk maps.
-    fn lock(&self) -> MutexGuard<'_, BgState> {
+    fn lock(&self) -> OrderedGuard<'_, BgState> {
         lock(&self.state)
     }
 
@@ -355,7 +355,7 @@ impl BlockGroup {
         self.hand_back_locked(fs, self.lock())
     }
 
-    fn hand_back_locked(&self, fs: &FsInfo, mut s: MutexGuard<'_, BgState>) -> bool {
+    fn hand_back_locked(&self, fs: &FsInfo, mut s: OrderedGuard<'_, BgState>) -> bool {
         if !s.may_hand_back() {
             return false;
         }
@@ -531,8 +531,14 @@ impl Drop for ScrubMark<'_> {
 
 /// The cleaner's queue of groups that became empty. Bounded by the number
 /// of groups: a group is on it at most once (`on_unused_list`).
-#[derive(Debug, Default)]
-pub struct UnusedList(Mutex<VecDeque<u64>>);
+#[derive(Debug)]
+pub struct UnusedList(OrderedMutex<VecDeque<u64>>);
+
+impl Default for UnusedList {
+    fn default() -> Self {
+        UnusedList(OrderedMutex::new(Rank::Leaf, VecDeque::new()))
+    }
+}
 
 impl UnusedList {
     fn push(&self, start: u64) {
@@ -569,10 +575,7 @@ pub fn delete_unused_bgs(fs: &FsInfo) -> Result<CleanerPass> {
     let mut requeue = Vec::new();
     let mut first_err = None;
     for start in fs.unused_bgs.drain() {
-        let Some(bg) = crate::util::sync::read(&fs.block_groups)
-            .get(&start)
-            .cloned()
-        else {
+        let Some(bg) = fs.block_group_at(start) else {
             continue;
         };
         let last_of_type = fs

@@ -13,7 +13,10 @@ use crate::engine::transaction::TransState;
 use crate::format::csum::CsumType;
 use crate::format::{tree_id, SECTOR_BYTES};
 use crate::util::error::{Error, Result};
-use crate::util::sync::{lock, read, Arc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
+use crate::util::sync::{
+    lock, read, Arc, AtomicBool, AtomicU64, Mutex, OrderedMutex, OrderedRwLock, Ordering, Rank,
+    RwLock,
+};
 
 /// Stripes of [`FsInfo::rmw_locks`].
 pub const RMW_LOCKS: usize = 64;
@@ -51,23 +54,23 @@ pub struct FsInfo {
     pub label: String,
     pub devices: RwLock<BTreeMap<u64, Arc<Device>>>,
     pub mapping: MappingTree,
-    pub block_groups: RwLock<BTreeMap<u64, Arc<BlockGroup>>>,
+    pub block_groups: OrderedRwLock<BTreeMap<u64, Arc<BlockGroup>>>,
     /// Block groups whose used bytes reached zero, for the cleaner.
     pub unused_bgs: UnusedList,
     pub cache: NodeCache,
     /// Nodes of a commit whose write-out is still in flight.
     pub writeback: Mutex<HashMap<u64, Arc<Node>>>,
-    pub trans: Mutex<TransState>,
+    pub trans: OrderedMutex<TransState>,
     /// Serialises commits (outermost lock of the commit path).
-    pub commit_lock: Mutex<()>,
+    pub commit_lock: OrderedMutex<()>,
     pub committed_gen: AtomicU64,
     pub commit_roots: RwLock<CommitRoots>,
-    readers: Mutex<BTreeMap<u64, usize>>,
-    pinned: Mutex<Pinned>,
+    readers: OrderedMutex<BTreeMap<u64, usize>>,
+    pinned: OrderedMutex<Pinned>,
     aborted: Mutex<Option<String>>,
     /// Striped locks for read-modify-write of partial sectors, shared by
     /// every handle and connection of every volume.
-    pub rmw_locks: [Mutex<()>; RMW_LOCKS],
+    pub rmw_locks: [OrderedMutex<()>; RMW_LOCKS],
     /// The scrub of this process, running or last finished.
     pub scrub: Mutex<Option<Arc<crate::jobs::scrub::ScrubRun>>>,
     /// Client reads and writes so far (scrub yields when it moves).
@@ -89,7 +92,7 @@ pub struct FsInfo {
     /// relocation's critical section).
     pub scrub_hold: AtomicU64,
     /// Serialises relocations, device removals and replaces.
-    pub reloc_lock: Mutex<()>,
+    pub reloc_lock: OrderedMutex<()>,
 }
 
 /// Registration of a reader of trees as of generation `gen`: extents freed at
@@ -148,22 +151,22 @@ impl FsInfo {
             label,
             devices: RwLock::new(devices),
             mapping: MappingTree::default(),
-            block_groups: RwLock::new(BTreeMap::new()),
+            block_groups: OrderedRwLock::new(Rank::Leaf, BTreeMap::new()),
             unused_bgs: UnusedList::default(),
             cache: NodeCache::new(cache_bytes, node_bytes),
             writeback: Mutex::new(HashMap::new()),
-            trans: Mutex::new(trans),
-            commit_lock: Mutex::new(()),
+            trans: OrderedMutex::new(Rank::Trans, trans),
+            commit_lock: OrderedMutex::new(Rank::Commit, ()),
             committed_gen: AtomicU64::new(committed_gen),
             commit_roots: RwLock::new(CommitRoots {
                 gen: committed_gen,
                 roots: Vec::new(),
             }),
-            readers: Mutex::new(BTreeMap::new()),
-            pinned: Mutex::new(BTreeMap::new()),
+            readers: OrderedMutex::new(Rank::Leaf, BTreeMap::new()),
+            pinned: OrderedMutex::new(Rank::Leaf, BTreeMap::new()),
             aborted: Mutex::new(None),
             dev_stats_dirty: AtomicBool::new(false),
-            rmw_locks: std::array::from_fn(|_| Mutex::new(())),
+            rmw_locks: std::array::from_fn(|_| OrderedMutex::new(Rank::Rmw, ())),
             no_repair: AtomicBool::new(false),
             scrub: Mutex::new(None),
             client_ops: AtomicU64::new(0),
@@ -172,7 +175,7 @@ impl FsInfo {
             balance: Mutex::new(None),
             replace: Mutex::new(None),
             scrub_hold: AtomicU64::new(0),
-            reloc_lock: Mutex::new(()),
+            reloc_lock: OrderedMutex::new(Rank::Reloc, ()),
         }
     }
 
@@ -209,6 +212,10 @@ impl FsInfo {
         let bgs = read(&self.block_groups);
         let (_, bg) = bgs.range(..=logical).next_back()?;
         (logical < bg.end()).then(|| bg.clone())
+    }
+    /// The group that starts exactly at `start` (not one containing it).
+    pub fn block_group_at(&self, start: u64) -> Option<Arc<BlockGroup>> {
+        read(&self.block_groups).get(&start).cloned()
     }
     pub fn block_group_list(&self) -> Vec<Arc<BlockGroup>> {
         read(&self.block_groups).values().cloned().collect()

@@ -423,10 +423,7 @@ impl<'a> Ctx<'a> {
                 }
             }
             for start in std::mem::take(&mut self.st.dirty_bgs) {
-                let Some(bg) = crate::util::sync::read(&self.fs.block_groups)
-                    .get(&start)
-                    .cloned()
-                else {
+                let Some(bg) = self.fs.block_group_at(start) else {
                     continue;
                 };
                 let v = bg.view();

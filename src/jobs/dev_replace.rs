@@ -443,7 +443,7 @@ fn replace_group(
         release(dst, slots.iter());
         Ok(0)
     };
-    let Some(bg) = read(&fs.block_groups).get(&start).cloned() else {
+    let Some(bg) = fs.block_group_at(start) else {
         return gone();
     };
     // Data: read-only, and writers that reserved space here finish first

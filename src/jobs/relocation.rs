@@ -26,7 +26,7 @@ use crate::engine::fs_info::FsInfo;
 use crate::engine::transaction::{self, commit, Ctx};
 use crate::format::{item, objectid, tree_id, ExtentItem, Key, VolumeExtent};
 use crate::util::error::{Error, Result};
-use crate::util::sync::{lock, read, Ordering};
+use crate::util::sync::{lock, Ordering};
 
 /// Extents listed per pass over a data group.
 const DATA_BATCH_EXTENTS: usize = 256;
@@ -80,7 +80,7 @@ pub fn relocate_block_group(
     let _serial = lock(&fs.reloc_lock);
     fs.check_abort()?;
     let mut stats = RelocStats::default();
-    let Some(bg) = read(&fs.block_groups).get(&start).cloned() else {
+    let Some(bg) = fs.block_group_at(start) else {
         stats.vanished = true;
         return Ok(stats);
     };

@@ -28,7 +28,7 @@ use crate::format::{
     SUPER_BYTES, SUPER_OFFSETS,
 };
 use crate::util::error::{Error, Result};
-use crate::util::sync::{lock, read, thread, Arc, AtomicBool, Mutex, Ordering};
+use crate::util::sync::{lock, thread, Arc, AtomicBool, Mutex, Ordering};
 
 /// Bytes read per step on a non-raid10 stripe.
 pub const SCRUB_UNIT_BYTES: u64 = 1 << 20;
@@ -1315,7 +1315,6 @@ fn repair(
 }
 
 fn bg_gone(fs: &FsInfo, map: &ChunkMap) -> bool {
-    read(&fs.block_groups)
-        .get(&map.start())
+    fs.block_group_at(map.start())
         .is_none_or(|b| b.is_removed())
 }

@@ -1,22 +1,327 @@
 //! Every lock, atomic and thread spawn goes through this module so that an
 //! interleaving explorer (shuttle) can replace them under a feature flag later.
+//!
+//! The engine's ordered locks ([`OrderedMutex`], [`OrderedRwLock`]) carry a
+//! [`Rank`]. In test builds (debug assertions on) each thread keeps the
+//! ranks it holds, and taking a lock whose rank is not above every held one
+//! panics: the lock order of docs/ARCHITECTURE.md ("Locks") is asserted,
+//! not only written down. Release builds keep no record.
+
+use std::cell::RefCell;
+use std::ops::{Deref, DerefMut};
 
 pub use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 pub use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 pub use std::thread;
 
+/// The lock order, outermost first. A thread may take a lock only while
+/// every lock it holds has a lower rank ([`Rank::Rmw`] may nest in itself:
+/// lower stripe index first). `Leaf` locks are taken last: nothing ranked
+/// is taken while one is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Rank {
+    /// `FsInfo::reloc_lock`: one relocation, removal step or replace group.
+    Reloc,
+    /// `FsInfo::rmw_locks`: partial-sector read-modify-write stripes.
+    Rmw,
+    /// `FsInfo::commit_lock`: one commit at a time.
+    Commit,
+    /// `FsInfo::trans`: the running transaction.
+    Trans,
+    /// A block group's state.
+    BlockGroup,
+    /// `MappingTree::maps`: the chunk map.
+    ChunkMaps,
+    /// `Device::extents`: a device's allocated physical ranges.
+    DevExtents,
+    /// Short-lived bookkeeping (readers, pinned extents, the unused list).
+    Leaf,
+}
+
+thread_local! {
+    static HELD: RefCell<Vec<Rank>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Record that this thread is about to take `rank` (test builds only).
+fn enter(rank: Rank) {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    HELD.with(|h| {
+        let mut h = h.borrow_mut();
+        if let Some(&top) = h.iter().max() {
+            let nests = top == rank && rank == Rank::Rmw;
+            assert!(
+                top < rank || nests,
+                "lock order: taking {rank:?} while holding {:?} (docs/ARCHITECTURE.md, Locks)",
+                *h
+            );
+        }
+        h.push(rank);
+    });
+}
+
+/// Record that this thread let go of `rank` (test builds only).
+fn leave(rank: Rank) {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    HELD.with(|h| {
+        let mut h = h.borrow_mut();
+        let i = h.iter().rposition(|&r| r == rank);
+        debug_assert!(i.is_some(), "lock order: {rank:?} released but not held");
+        if let Some(i) = i {
+            h.remove(i);
+        }
+    });
+}
+
+/// The ranks this thread holds now (empty in release builds).
+pub fn held_ranks() -> Vec<Rank> {
+    HELD.with(|h| h.borrow().clone())
+}
+
+/// A mutex with a place in the lock order.
+#[derive(Debug)]
+pub struct OrderedMutex<T> {
+    rank: Rank,
+    inner: Mutex<T>,
+}
+
+impl<T> OrderedMutex<T> {
+    pub const fn new(rank: Rank, value: T) -> Self {
+        OrderedMutex {
+            rank,
+            inner: Mutex::new(value),
+        }
+    }
+}
+
+impl<T: Default> OrderedMutex<T> {
+    /// A default value at `rank`.
+    pub fn with_rank(rank: Rank) -> Self {
+        OrderedMutex::new(rank, T::default())
+    }
+}
+
+/// A held [`OrderedMutex`].
+pub struct OrderedGuard<'a, T> {
+    guard: MutexGuard<'a, T>,
+    rank: Rank,
+}
+
+impl<T> Deref for OrderedGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.guard
+    }
+}
+impl<T> DerefMut for OrderedGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.guard
+    }
+}
+impl<T> Drop for OrderedGuard<'_, T> {
+    fn drop(&mut self) {
+        leave(self.rank);
+    }
+}
+
+/// A reader-writer lock with a place in the lock order.
+#[derive(Debug)]
+pub struct OrderedRwLock<T> {
+    rank: Rank,
+    inner: RwLock<T>,
+}
+
+impl<T> OrderedRwLock<T> {
+    pub const fn new(rank: Rank, value: T) -> Self {
+        OrderedRwLock {
+            rank,
+            inner: RwLock::new(value),
+        }
+    }
+}
+
+/// A read-held [`OrderedRwLock`].
+pub struct OrderedReadGuard<'a, T> {
+    guard: RwLockReadGuard<'a, T>,
+    rank: Rank,
+}
+impl<T> Deref for OrderedReadGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.guard
+    }
+}
+impl<T> Drop for OrderedReadGuard<'_, T> {
+    fn drop(&mut self) {
+        leave(self.rank);
+    }
+}
+
+/// A write-held [`OrderedRwLock`].
+pub struct OrderedWriteGuard<'a, T> {
+    guard: RwLockWriteGuard<'a, T>,
+    rank: Rank,
+}
+impl<T> Deref for OrderedWriteGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.guard
+    }
+}
+impl<T> DerefMut for OrderedWriteGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.guard
+    }
+}
+impl<T> Drop for OrderedWriteGuard<'_, T> {
+    fn drop(&mut self) {
+        leave(self.rank);
+    }
+}
+
+/// Something [`lock`] can take: a plain or an ordered mutex.
+pub trait Lockable {
+    type Guard<'a>
+    where
+        Self: 'a;
+    fn acquire(&self) -> Self::Guard<'_>;
+}
+
+impl<T> Lockable for Mutex<T> {
+    type Guard<'a>
+        = MutexGuard<'a, T>
+    where
+        T: 'a;
+    fn acquire(&self) -> MutexGuard<'_, T> {
+        self.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<T> Lockable for OrderedMutex<T> {
+    type Guard<'a>
+        = OrderedGuard<'a, T>
+    where
+        T: 'a;
+    fn acquire(&self) -> OrderedGuard<'_, T> {
+        enter(self.rank);
+        OrderedGuard {
+            guard: self.inner.acquire(),
+            rank: self.rank,
+        }
+    }
+}
+
+/// Something [`read`] and [`write`] can take.
+pub trait RwLockable {
+    type Read<'a>
+    where
+        Self: 'a;
+    type Write<'a>
+    where
+        Self: 'a;
+    fn acquire_read(&self) -> Self::Read<'_>;
+    fn acquire_write(&self) -> Self::Write<'_>;
+}
+
+impl<T> RwLockable for RwLock<T> {
+    type Read<'a>
+        = RwLockReadGuard<'a, T>
+    where
+        T: 'a;
+    type Write<'a>
+        = RwLockWriteGuard<'a, T>
+    where
+        T: 'a;
+    fn acquire_read(&self) -> RwLockReadGuard<'_, T> {
+        self.read().unwrap_or_else(|e| e.into_inner())
+    }
+    fn acquire_write(&self) -> RwLockWriteGuard<'_, T> {
+        self.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<T> RwLockable for OrderedRwLock<T> {
+    type Read<'a>
+        = OrderedReadGuard<'a, T>
+    where
+        T: 'a;
+    type Write<'a>
+        = OrderedWriteGuard<'a, T>
+    where
+        T: 'a;
+    fn acquire_read(&self) -> OrderedReadGuard<'_, T> {
+        enter(self.rank);
+        OrderedReadGuard {
+            guard: self.inner.acquire_read(),
+            rank: self.rank,
+        }
+    }
+    fn acquire_write(&self) -> OrderedWriteGuard<'_, T> {
+        enter(self.rank);
+        OrderedWriteGuard {
+            guard: self.inner.acquire_write(),
+            rank: self.rank,
+        }
+    }
+}
+
 /// Lock a mutex, treating poisoning as fatal for the pool: a panic while holding
 /// engine state means the in-memory state can no longer be trusted.
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+pub fn lock<L: Lockable>(m: &L) -> L::Guard<'_> {
+    m.acquire()
 }
 
 /// Read-lock, see [`lock`].
-pub fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    m.read().unwrap_or_else(|e| e.into_inner())
+pub fn read<L: RwLockable>(m: &L) -> L::Read<'_> {
+    m.acquire_read()
 }
 
 /// Write-lock, see [`lock`].
-pub fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    m.write().unwrap_or_else(|e| e.into_inner())
+pub fn write<L: RwLockable>(m: &L) -> L::Write<'_> {
+    m.acquire_write()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_declared_order_is_accepted() {
+        let trans = OrderedMutex::new(Rank::Trans, ());
+        let bg = OrderedMutex::new(Rank::BlockGroup, ());
+        let maps = OrderedRwLock::new(Rank::ChunkMaps, ());
+        let _t = lock(&trans);
+        let _b = lock(&bg);
+        let _m = read(&maps);
+        if cfg!(debug_assertions) {
+            assert_eq!(
+                held_ranks(),
+                vec![Rank::Trans, Rank::BlockGroup, Rank::ChunkMaps]
+            );
+        }
+    }
+
+    #[test]
+    #[cfg_attr(
+        debug_assertions,
+        should_panic(expected = "lock order: taking Trans while holding [BlockGroup]")
+    )]
+    fn a_wrong_order_fires_in_test_builds() {
+        let trans = OrderedMutex::new(Rank::Trans, ());
+        let bg = OrderedMutex::new(Rank::BlockGroup, ());
+        let _b = lock(&bg);
+        let _t = lock(&trans);
+    }
+
+    #[test]
+    fn a_released_lock_leaves_the_record() {
+        let trans = OrderedMutex::new(Rank::Trans, ());
+        let bg = OrderedMutex::new(Rank::BlockGroup, ());
+        drop(lock(&bg));
+        let _t = lock(&trans);
+        let _b = lock(&bg);
+    }
 }
