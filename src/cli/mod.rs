@@ -822,38 +822,7 @@ pub fn main() -> i32 {
             seconds,
             json,
         } => bench_csum(buffer_bytes, seconds, json),
-        Cmd::Volume { cmd } => match cmd {
-            VolumeCmd::Create { name, size, target } => run_op(
-                &target,
-                Op::VolumeCreate {
-                    name,
-                    size_bytes: size,
-                },
-            ),
-            VolumeCmd::List { json, target } => run_op(&target, Op::VolumeList { json }),
-            VolumeCmd::Delete { name, target } => run_op(&target, Op::VolumeDelete { name }),
-            VolumeCmd::Resize { name, size, target } => run_op(
-                &target,
-                Op::VolumeResize {
-                    name,
-                    size_bytes: size,
-                },
-            ),
-            VolumeCmd::Import { name, file, target } => run_op(
-                &target,
-                Op::VolumeImport {
-                    name,
-                    file: absolute(&file),
-                },
-            ),
-            VolumeCmd::Export { name, file, target } => run_op(
-                &target,
-                Op::VolumeExport {
-                    name,
-                    file: absolute(&file),
-                },
-            ),
-        },
+        Cmd::Volume { cmd } => volume_cmd(cmd),
         Cmd::Usage { json, target } => run_op(&target, Op::Usage { json }),
         Cmd::Check {
             check_data_csum,
@@ -861,158 +830,214 @@ pub fn main() -> i32 {
             devs,
         } => check(&devs, check_data_csum, json),
         Cmd::DumpTree { tree, devs } => dump_tree(&devs, tree.as_deref()),
-        Cmd::Scrub { cmd } => match cmd {
-            ScrubCmd::Start {
-                wait,
+        Cmd::Scrub { cmd } => scrub_cmd(cmd),
+        Cmd::Device { cmd } => device_cmd(cmd),
+        Cmd::Balance { cmd } => balance_cmd(cmd),
+    }
+}
+
+/// File arguments travel to the server, whose working directory differs.
+fn volume_cmd(cmd: VolumeCmd) -> i32 {
+    match cmd {
+        VolumeCmd::Create { name, size, target } => run_op(
+            &target,
+            Op::VolumeCreate {
+                name,
+                size_bytes: size,
+            },
+        ),
+        VolumeCmd::List { json, target } => run_op(&target, Op::VolumeList { json }),
+        VolumeCmd::Delete { name, target } => run_op(&target, Op::VolumeDelete { name }),
+        VolumeCmd::Resize { name, size, target } => run_op(
+            &target,
+            Op::VolumeResize {
+                name,
+                size_bytes: size,
+            },
+        ),
+        VolumeCmd::Import { name, file, target } => run_op(
+            &target,
+            Op::VolumeImport {
+                name,
+                file: absolute(&file),
+            },
+        ),
+        VolumeCmd::Export { name, file, target } => run_op(
+            &target,
+            Op::VolumeExport {
+                name,
+                file: absolute(&file),
+            },
+        ),
+    }
+}
+
+/// Start and resume poll online with -B; offline the op itself waits.
+fn scrub_cmd(cmd: ScrubCmd) -> i32 {
+    match cmd {
+        ScrubCmd::Start {
+            wait,
+            readonly,
+            devid,
+            limit,
+            json,
+            target,
+        } => {
+            let opts = crate::jobs::scrub::ScrubOptions {
                 readonly,
                 devid,
-                limit,
-                json,
-                target,
-            } => {
-                let opts = crate::jobs::scrub::ScrubOptions {
-                    readonly,
-                    devid,
-                    limit_bytes_per_s: limit,
-                };
-                let offline = target.socket.is_none();
-                scrub_online(
-                    &target,
-                    Op::ScrubStart {
-                        opts,
-                        json,
-                        wait: offline,
-                    },
-                    wait,
+                limit_bytes_per_s: limit,
+            };
+            let offline = target.socket.is_none();
+            scrub_online(
+                &target,
+                Op::ScrubStart {
+                    opts,
                     json,
-                )
-            }
-            ScrubCmd::Status {
+                    wait: offline,
+                },
+                wait,
+                json,
+            )
+        }
+        ScrubCmd::Status {
+            json,
+            errors,
+            target,
+        } => run_op(
+            &target,
+            Op::ScrubStatus {
                 json,
                 errors,
-                target,
-            } => run_op(
-                &target,
-                Op::ScrubStatus {
-                    json,
-                    errors,
-                    final_exit: false,
-                },
-            ),
-            ScrubCmd::Cancel { target } => run_op(&target, Op::ScrubCancel),
-            ScrubCmd::Pause { target } => run_op(&target, Op::ScrubPause),
-            ScrubCmd::Resume { wait, json, target } => {
-                let offline = target.socket.is_none();
-                scrub_online(
-                    &target,
-                    Op::ScrubResume {
-                        json,
-                        wait: offline,
-                    },
-                    wait,
-                    json,
-                )
-            }
-        },
-        Cmd::Device { cmd } => match cmd {
-            DeviceCmd::Stats {
-                json,
-                reset,
-                target,
-            } => run_op(&target, Op::DeviceStats { json, reset }),
-            DeviceCmd::Add { dev, target } => run_op(
-                &target,
-                Op::DeviceAdd {
-                    path: absolute(&dev),
-                },
-            ),
-            DeviceCmd::Remove { dev, target } => {
-                let dev = if dev.parse::<u64>().is_ok() || dev == "missing" {
-                    dev
-                } else {
-                    absolute(std::path::Path::new(&dev)).display().to_string()
-                };
-                run_op(&target, Op::DeviceRemove { dev })
-            }
-            DeviceCmd::Replace { cmd } => match cmd {
-                ReplaceCmd::Start {
-                    src,
-                    new_dev,
-                    wait,
-                    json,
-                    target,
-                } => {
-                    let src = if src.parse::<u64>().is_ok() || src == "missing" {
-                        src
-                    } else {
-                        absolute(std::path::Path::new(&src)).display().to_string()
-                    };
-                    let offline = target.socket.is_none();
-                    run_op(
-                        &target,
-                        Op::DeviceReplaceStart {
-                            src,
-                            new: absolute(&new_dev),
-                            json,
-                            wait: wait || offline,
-                        },
-                    )
-                }
-                ReplaceCmd::Status { json, target } => {
-                    run_op(&target, Op::DeviceReplaceStatus { json })
-                }
-                ReplaceCmd::Cancel { target } => run_op(&target, Op::DeviceReplaceCancel),
+                final_exit: false,
             },
-        },
-        Cmd::Balance { cmd } => match cmd {
-            BalanceCmd::Start {
+        ),
+        ScrubCmd::Cancel { target } => run_op(&target, Op::ScrubCancel),
+        ScrubCmd::Pause { target } => run_op(&target, Op::ScrubPause),
+        ScrubCmd::Resume { wait, json, target } => {
+            let offline = target.socket.is_none();
+            scrub_online(
+                &target,
+                Op::ScrubResume {
+                    json,
+                    wait: offline,
+                },
+                wait,
+                json,
+            )
+        }
+    }
+}
+
+/// A device named by path is made absolute for the server; a DEVID or
+/// `missing` passes through.
+fn device_arg(dev: String) -> String {
+    if dev.parse::<u64>().is_ok() || dev == "missing" {
+        dev
+    } else {
+        absolute(std::path::Path::new(&dev)).display().to_string()
+    }
+}
+
+/// Device membership commands; replace has its own subcommands.
+fn device_cmd(cmd: DeviceCmd) -> i32 {
+    match cmd {
+        DeviceCmd::Stats {
+            json,
+            reset,
+            target,
+        } => run_op(&target, Op::DeviceStats { json, reset }),
+        DeviceCmd::Add { dev, target } => run_op(
+            &target,
+            Op::DeviceAdd {
+                path: absolute(&dev),
+            },
+        ),
+        DeviceCmd::Remove { dev, target } => {
+            let dev = device_arg(dev);
+            run_op(&target, Op::DeviceRemove { dev })
+        }
+        DeviceCmd::Replace { cmd } => replace_cmd(cmd),
+    }
+}
+
+/// Offline, a replace always runs to the end (nothing would keep it going).
+fn replace_cmd(cmd: ReplaceCmd) -> i32 {
+    match cmd {
+        ReplaceCmd::Start {
+            src,
+            new_dev,
+            wait,
+            json,
+            target,
+        } => {
+            let src = device_arg(src);
+            let offline = target.socket.is_none();
+            run_op(
+                &target,
+                Op::DeviceReplaceStart {
+                    src,
+                    new: absolute(&new_dev),
+                    json,
+                    wait: wait || offline,
+                },
+            )
+        }
+        ReplaceCmd::Status { json, target } => run_op(&target, Op::DeviceReplaceStatus { json }),
+        ReplaceCmd::Cancel { target } => run_op(&target, Op::DeviceReplaceCancel),
+    }
+}
+
+/// Offline, a balance always runs to the end (nothing would keep it going).
+fn balance_cmd(cmd: BalanceCmd) -> i32 {
+    match cmd {
+        BalanceCmd::Start {
+            data,
+            metadata,
+            system,
+            full,
+            wait,
+            json,
+            target,
+        } => {
+            let offline = target.socket.is_none();
+            let args = crate::jobs::balance::BalanceArgs {
                 data,
                 metadata,
                 system,
                 full,
-                wait,
-                json,
-                target,
-            } => {
-                let offline = target.socket.is_none();
-                let args = crate::jobs::balance::BalanceArgs {
-                    data,
-                    metadata,
-                    system,
-                    full,
-                };
-                // Filters are checked here too, so a typo fails before any
-                // server round trip.
-                for f in [&args.data, &args.metadata, &args.system]
-                    .into_iter()
-                    .flatten()
-                {
-                    if let Err(e) = crate::jobs::balance::Filters::parse(f) {
-                        return fail(2, e);
-                    }
+            };
+            // Filters are checked here too, so a typo fails before any
+            // server round trip.
+            for f in [&args.data, &args.metadata, &args.system]
+                .into_iter()
+                .flatten()
+            {
+                if let Err(e) = crate::jobs::balance::Filters::parse(f) {
+                    return fail(2, e);
                 }
-                run_op(
-                    &target,
-                    Op::BalanceStart {
-                        args,
-                        json,
-                        wait: wait || offline,
-                    },
-                )
             }
-            BalanceCmd::Status { json, target } => run_op(&target, Op::BalanceStatus { json }),
-            BalanceCmd::Pause { target } => run_op(&target, Op::BalancePause),
-            BalanceCmd::Resume { wait, json, target } => {
-                let offline = target.socket.is_none();
-                run_op(
-                    &target,
-                    Op::BalanceResume {
-                        json,
-                        wait: wait || offline,
-                    },
-                )
-            }
-            BalanceCmd::Cancel { target } => run_op(&target, Op::BalanceCancel),
-        },
+            run_op(
+                &target,
+                Op::BalanceStart {
+                    args,
+                    json,
+                    wait: wait || offline,
+                },
+            )
+        }
+        BalanceCmd::Status { json, target } => run_op(&target, Op::BalanceStatus { json }),
+        BalanceCmd::Pause { target } => run_op(&target, Op::BalancePause),
+        BalanceCmd::Resume { wait, json, target } => {
+            let offline = target.socket.is_none();
+            run_op(
+                &target,
+                Op::BalanceResume {
+                    json,
+                    wait: wait || offline,
+                },
+            )
+        }
+        BalanceCmd::Cancel { target } => run_op(&target, Op::BalanceCancel),
     }
 }
