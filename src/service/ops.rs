@@ -142,8 +142,36 @@ pub fn run(pool: &Pool, op: &Op) -> OpOutput {
 }
 
 fn run_inner(pool: &Pool, op: &Op) -> Result<OpOutput> {
+    match op {
+        Op::ScrubStart { .. }
+        | Op::ScrubResume { .. }
+        | Op::ScrubStatus { .. }
+        | Op::ScrubCancel
+        | Op::ScrubPause => scrub_op(pool, op),
+        Op::DeviceAdd { .. }
+        | Op::DeviceRemove { .. }
+        | Op::DeviceReplaceStart { .. }
+        | Op::DeviceReplaceStatus { .. }
+        | Op::DeviceReplaceCancel
+        | Op::DeviceStats { .. } => device_op(pool, op),
+        Op::BalanceStart { .. }
+        | Op::BalanceResume { .. }
+        | Op::BalanceStatus { .. }
+        | Op::BalancePause
+        | Op::BalanceCancel => balance_op(pool, op),
+        Op::Usage { json: j } => Ok(usage_output(pool, *j)),
+        Op::VolumeCreate { .. }
+        | Op::VolumeList { .. }
+        | Op::VolumeDelete { .. }
+        | Op::VolumeResize { .. }
+        | Op::VolumeImport { .. }
+        | Op::VolumeExport { .. } => volume_op(pool, op),
+    }
+}
+
+/// Scrub commands; online, start and resume return while the scrub runs.
+fn scrub_op(pool: &Pool, op: &Op) -> Result<OpOutput> {
     use crate::jobs::scrub;
-    use crate::util::size::human;
     Ok(match op {
         Op::ScrubStart { opts, json, wait } => {
             let run = scrub::start(pool.fs(), opts.clone())?;
@@ -171,6 +199,13 @@ fn run_inner(pool: &Pool, op: &Op) -> Result<OpOutput> {
             scrub::pause(pool.fs())?;
             OpOutput::ok("scrub paused\n".into())
         }
+        _ => unreachable!("not a scrub op: {op:?}"),
+    })
+}
+
+/// Device membership, replace and error counters.
+fn device_op(pool: &Pool, op: &Op) -> Result<OpOutput> {
+    Ok(match op {
         Op::DeviceAdd { path } => {
             let d = crate::device::FileDevice::open(path)?;
             let devid = crate::jobs::devices::add(pool.fs(), Arc::new(d))?;
@@ -200,6 +235,34 @@ fn run_inner(pool: &Pool, op: &Op) -> Result<OpOutput> {
             crate::jobs::dev_replace::cancel(pool.fs())?;
             OpOutput::ok("device replace cancel requested\n".into())
         }
+        Op::DeviceStats { json: j, reset } => {
+            let stats = pool.device_stats();
+            if *reset {
+                pool.reset_device_stats();
+                pool.flush()?;
+            }
+            if *j {
+                OpOutput::ok(json(&serde_json::json!({ "devices": stats })))
+            } else {
+                let mut s = String::new();
+                for d in stats {
+                    let p = &d.path;
+                    s += &format!("[{p}].read_errs        {}\n", d.stats.read_errs);
+                    s += &format!("[{p}].write_errs       {}\n", d.stats.write_errs);
+                    s += &format!("[{p}].flush_errs       {}\n", d.stats.flush_errs);
+                    s += &format!("[{p}].corruption_errs  {}\n", d.stats.corruption_errs);
+                    s += &format!("[{p}].generation_errs  {}\n", d.stats.generation_errs);
+                }
+                OpOutput::ok(s)
+            }
+        }
+        _ => unreachable!("not a device op: {op:?}"),
+    })
+}
+
+/// Balance commands; online, start and resume return while the balance runs.
+fn balance_op(pool: &Pool, op: &Op) -> Result<OpOutput> {
+    Ok(match op {
         Op::BalanceStart {
             args,
             json: j,
@@ -233,46 +296,14 @@ fn run_inner(pool: &Pool, op: &Op) -> Result<OpOutput> {
             crate::jobs::balance::cancel(pool.fs())?;
             OpOutput::ok("balance cancel requested\n".into())
         }
-        Op::Usage { json: j } => {
-            let u = pool.usage();
-            if *j {
-                OpOutput::ok(json(&u))
-            } else {
-                let mut s = String::new();
-                s += &format!(
-                    "Device size:     {:>12}\nDevice allocated:{:>12}\nDevice unallocated:{:>10}\nUsed:            {:>12}\nData ratio: {:.2}  Metadata ratio: {:.2}\n\n",
-                    human(u.device_size_bytes),
-                    human(u.allocated_bytes),
-                    human(u.unallocated_bytes),
-                    human(u.used_bytes),
-                    u.data_ratio,
-                    u.metadata_ratio
-                );
-                s += "devid  size        allocated   path\n";
-                for d in &u.devices {
-                    s += &format!(
-                        "{:<6} {:<11} {:<11} {}\n",
-                        d.devid,
-                        human(d.size_bytes),
-                        human(d.allocated_bytes),
-                        d.path
-                    );
-                }
-                s += "\nblock group          type      profile  length      used\n";
-                for b in &u.block_groups {
-                    s += &format!(
-                        "{:<20} {:<9} {:<8} {:<11} {}{}\n",
-                        format!("{:#x}", b.start),
-                        b.bg_type,
-                        b.profile,
-                        human(b.length),
-                        human(b.used_bytes),
-                        if b.ro { " (ro)" } else { "" }
-                    );
-                }
-                OpOutput::ok(s)
-            }
-        }
+        _ => unreachable!("not a balance op: {op:?}"),
+    })
+}
+
+/// Volume commands; each change is flushed before it is reported.
+fn volume_op(pool: &Pool, op: &Op) -> Result<OpOutput> {
+    use crate::util::size::human;
+    Ok(match op {
         Op::VolumeCreate { name, size_bytes } => {
             pool.create_volume(name, *size_bytes)?;
             pool.flush()?;
@@ -313,28 +344,51 @@ fn run_inner(pool: &Pool, op: &Op) -> Result<OpOutput> {
             let n = export(pool, name, file)?;
             OpOutput::ok(format!("exported {} from volume {name}\n", human(n)))
         }
-        Op::DeviceStats { json: j, reset } => {
-            let stats = pool.device_stats();
-            if *reset {
-                pool.reset_device_stats();
-                pool.flush()?;
-            }
-            if *j {
-                OpOutput::ok(json(&serde_json::json!({ "devices": stats })))
-            } else {
-                let mut s = String::new();
-                for d in stats {
-                    let p = &d.path;
-                    s += &format!("[{p}].read_errs        {}\n", d.stats.read_errs);
-                    s += &format!("[{p}].write_errs       {}\n", d.stats.write_errs);
-                    s += &format!("[{p}].flush_errs       {}\n", d.stats.flush_errs);
-                    s += &format!("[{p}].corruption_errs  {}\n", d.stats.corruption_errs);
-                    s += &format!("[{p}].generation_errs  {}\n", d.stats.generation_errs);
-                }
-                OpOutput::ok(s)
-            }
-        }
+        _ => unreachable!("not a volume op: {op:?}"),
     })
+}
+
+/// `usage` as JSON, or as the three text tables.
+fn usage_output(pool: &Pool, j: bool) -> OpOutput {
+    use crate::util::size::human;
+    let u = pool.usage();
+    if j {
+        OpOutput::ok(json(&u))
+    } else {
+        let mut s = String::new();
+        s += &format!(
+            "Device size:     {:>12}\nDevice allocated:{:>12}\nDevice unallocated:{:>10}\nUsed:            {:>12}\nData ratio: {:.2}  Metadata ratio: {:.2}\n\n",
+            human(u.device_size_bytes),
+            human(u.allocated_bytes),
+            human(u.unallocated_bytes),
+            human(u.used_bytes),
+            u.data_ratio,
+            u.metadata_ratio
+        );
+        s += "devid  size        allocated   path\n";
+        for d in &u.devices {
+            s += &format!(
+                "{:<6} {:<11} {:<11} {}\n",
+                d.devid,
+                human(d.size_bytes),
+                human(d.allocated_bytes),
+                d.path
+            );
+        }
+        s += "\nblock group          type      profile  length      used\n";
+        for b in &u.block_groups {
+            s += &format!(
+                "{:<20} {:<9} {:<8} {:<11} {}{}\n",
+                format!("{:#x}", b.start),
+                b.bg_type,
+                b.profile,
+                human(b.length),
+                human(b.used_bytes),
+                if b.ro { " (ro)" } else { "" }
+            );
+        }
+        OpOutput::ok(s)
+    }
 }
 
 fn io_err(file: &std::path::Path, what: &str, e: std::io::Error) -> Error {
