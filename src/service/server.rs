@@ -211,7 +211,64 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
             ..Default::default()
         },
     )?;
-    let sock_path = cfg.socket.clone().unwrap_or_else(|| {
+    let (sock_path, control) = bind_control(cfg.socket.clone(), &devs)?;
+    let listener = bind_listener(&cfg.listen)?;
+    for d in &devs {
+        let _ = std::fs::write(
+            owner_note_path(d),
+            format!(
+                "held by chunkvol serve pid {}, control socket {}",
+                std::process::id(),
+                sock_path.display()
+            ),
+        );
+    }
+    let server = nbd::Server::new(
+        Arc::new(PoolExports(pool.clone())),
+        nbd::ServerConfig::default(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    install_signal_handlers(stop.clone(), server.shutdown_handle())?;
+    let ctl = {
+        let (p, s) = (pool.clone(), stop.clone());
+        thread::spawn(move || crate::service::control::serve(p, control, s))
+    };
+    let bg = {
+        let (p, s, i) = (pool.clone(), stop.clone(), cfg.commit_interval);
+        thread::spawn(move || background(p, i, s))
+    };
+    let reclaim = (cfg.reclaim_threshold_percent > 0).then(|| {
+        let (p, s, t) = (pool.clone(), stop.clone(), cfg.reclaim_threshold_percent);
+        thread::spawn(move || reclaimer(p, t, s))
+    });
+    print_banner(&pool, &listener, &cfg.listen, &sock_path);
+    let served = match listener {
+        Listener::Tcp(l) => server.serve_tcp(l),
+        Listener::Unix(l, p) => {
+            let r = server.serve_unix(l);
+            let _ = std::fs::remove_file(p);
+            r
+        }
+    };
+    stop.store(true, Ordering::Release);
+    let _ = ctl.join();
+    let _ = bg.join();
+    if let Some(r) = reclaim {
+        let _ = r.join();
+    }
+    let closed = pool.close();
+    let _ = std::fs::remove_file(&sock_path);
+    for d in &devs {
+        let _ = std::fs::remove_file(owner_note_path(d));
+    }
+    served.map_err(|e| Error::Invalid(format!("NBD server: {e}")))?;
+    closed
+}
+
+/// Bind the control socket (default: beside the first device), refusing
+/// when another server still answers on it; a stale file is replaced.
+fn bind_control(socket: Option<PathBuf>, devs: &[PathBuf]) -> Result<(PathBuf, UnixListener)> {
+    let sock_path = socket.unwrap_or_else(|| {
         devs[0]
             .parent()
             .map(|p| p.join("chunkvol.sock"))
@@ -235,7 +292,12 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600));
     }
-    let listener = if let Some(p) = cfg.listen.strip_prefix("unix:") {
+    Ok((sock_path, control))
+}
+
+/// `--listen` is ADDR:PORT, or unix:PATH (a stale socket file is replaced).
+fn bind_listener(listen: &str) -> Result<Listener> {
+    Ok(if let Some(p) = listen.strip_prefix("unix:") {
         let _ = std::fs::remove_file(p);
         Listener::Unix(
             UnixListener::bind(p).map_err(|e| Error::Device {
@@ -246,75 +308,54 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
         )
     } else {
         Listener::Tcp(
-            TcpListener::bind(&cfg.listen)
-                .map_err(|e| Error::Invalid(format!("cannot listen on {}: {e}", cfg.listen)))?,
+            TcpListener::bind(listen)
+                .map_err(|e| Error::Invalid(format!("cannot listen on {listen}: {e}")))?,
         )
-    };
-    for d in &devs {
-        let _ = std::fs::write(
-            owner_note_path(d),
-            format!(
-                "held by chunkvol serve pid {}, control socket {}",
-                std::process::id(),
-                sock_path.display()
-            ),
-        );
-    }
-    let server = nbd::Server::new(
-        Arc::new(PoolExports(pool.clone())),
-        nbd::ServerConfig::default(),
-    );
-    let stop = Arc::new(AtomicBool::new(false));
-    let shutdown = server.shutdown_handle();
-    {
-        let stop = stop.clone();
-        let mut signals = signal_hook::iterator::Signals::new([
-            signal_hook::consts::SIGINT,
-            signal_hook::consts::SIGTERM,
-        ])
-        .map_err(|e| Error::Invalid(format!("cannot install signal handlers: {e}")))?;
-        thread::spawn(move || {
-            let mut seen = 0;
-            for sig in signals.forever() {
-                seen += 1;
-                if seen == 1 {
-                    tracing::info!("signal {sig}: finishing in-flight requests, then exiting");
-                    stop.store(true, Ordering::Release);
-                    shutdown.shutdown();
-                } else {
-                    // Acknowledged flushes are durable already.
-                    std::process::exit(130);
-                }
+    })
+}
+
+/// The first signal drains in-flight requests and stops; a second one
+/// exits at once.
+fn install_signal_handlers(stop: Arc<AtomicBool>, shutdown: nbd::ShutdownHandle) -> Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(|e| Error::Invalid(format!("cannot install signal handlers: {e}")))?;
+    thread::spawn(move || {
+        let mut seen = 0;
+        for sig in signals.forever() {
+            seen += 1;
+            if seen == 1 {
+                tracing::info!("signal {sig}: finishing in-flight requests, then exiting");
+                stop.store(true, Ordering::Release);
+                shutdown.shutdown();
+            } else {
+                // Acknowledged flushes are durable already.
+                std::process::exit(130);
             }
-        });
-    }
-    let ctl = {
-        let (p, s) = (pool.clone(), stop.clone());
-        thread::spawn(move || crate::service::control::serve(p, control, s))
-    };
-    let bg = {
-        let (p, s, i) = (pool.clone(), stop.clone(), cfg.commit_interval);
-        thread::spawn(move || background(p, i, s))
-    };
-    let reclaim = (cfg.reclaim_threshold_percent > 0).then(|| {
-        let (p, s, t) = (pool.clone(), stop.clone(), cfg.reclaim_threshold_percent);
-        thread::spawn(move || reclaimer(p, t, s))
+        }
     });
+    Ok(())
+}
+
+/// Tell the user where to connect; flushed, since scripts wait for it.
+fn print_banner(pool: &Pool, listener: &Listener, listen: &str, sock_path: &Path) {
     let exports = pool.volume_names();
     let first = exports.first().cloned().unwrap_or_else(|| "NAME".into());
-    let uri = match &listener {
+    let uri = match listener {
         Listener::Tcp(l) => {
             let a = l
                 .local_addr()
                 .map(|a| a.to_string())
-                .unwrap_or(cfg.listen.clone());
+                .unwrap_or(listen.to_string());
             format!("nbd://{a}")
         }
         Listener::Unix(_, p) => format!("nbd+unix:///?socket={}", p.display()),
     };
     println!("chunkvol serving {} on {uri}", exports.join(", "));
     println!("control socket: {}", sock_path.display());
-    match &listener {
+    match listener {
         Listener::Tcp(_) => println!("try: nbdinfo {uri}/{first}"),
         Listener::Unix(_, p) => {
             println!("try: nbdinfo 'nbd+unix:///{first}?socket={}'", p.display())
@@ -324,25 +365,4 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
         use std::io::Write;
         let _ = std::io::stdout().flush();
     }
-    let served = match listener {
-        Listener::Tcp(l) => server.serve_tcp(l),
-        Listener::Unix(l, p) => {
-            let r = server.serve_unix(l);
-            let _ = std::fs::remove_file(p);
-            r
-        }
-    };
-    stop.store(true, Ordering::Release);
-    let _ = ctl.join();
-    let _ = bg.join();
-    if let Some(r) = reclaim {
-        let _ = r.join();
-    }
-    let closed = pool.close();
-    let _ = std::fs::remove_file(&sock_path);
-    for d in &devs {
-        let _ = std::fs::remove_file(owner_note_path(d));
-    }
-    served.map_err(|e| Error::Invalid(format!("NBD server: {e}")))?;
-    closed
 }
