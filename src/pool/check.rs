@@ -142,60 +142,104 @@ pub fn check(pool: &Pool, check_data_csum: bool) -> Result<CheckReport> {
         w.node(r, tree_id::ALL[i], Key::MIN, None);
     }
     let Walk { blocks, items, .. } = w;
-    let p = &mut report.problems;
-    macro_rules! dec {
-        ($t:ty, $k:expr, $v:expr) => {
-            match <$t>::decode($v) {
-                Ok(x) => x,
-                Err(e) => {
-                    p.push(format!("item {}: {e}", $k));
-                    continue;
-                }
-            }
-        };
+    let items = Items::decode(&items, &mut report.problems);
+    check_tree_blocks(&blocks, &items, &mut report.problems);
+    check_chunks(fs, &items, &mut report.problems);
+    let mut used = check_data_extents(fs, &items, &mut report);
+    check_volume_extents(&items, &mut report.problems);
+    check_bg_used(fs, &blocks, &items, &mut used, &mut report.problems);
+    if check_data_csum {
+        let names: BTreeMap<u64, String> = items
+            .vols
+            .iter()
+            .map(|(id, v)| (*id, v.name.clone()))
+            .collect();
+        verify_data(fs, &items.extents, &items.csums, &names, &mut report);
     }
-    let mut chunks = BTreeMap::new();
-    let mut dev_extents = BTreeMap::new();
-    let mut bg_items = BTreeMap::new();
-    let mut extents: BTreeMap<u64, (u64, ExtentItem)> = BTreeMap::new();
-    let mut meta = BTreeMap::new();
-    let mut csums = BTreeMap::new();
-    let mut vols = BTreeMap::new();
-    let mut ves = BTreeMap::new();
-    for (tree, k, v) in &items {
-        match (*tree, k.ty) {
-            (tree_id::CHUNK, item::CHUNK) => match ChunkItem::decode(k.offset, v) {
-                Ok(c) => {
-                    chunks.insert(k.offset, c);
+    Ok(report)
+}
+
+/// Every decoded item, keyed the way the cross-checks look them up.
+#[derive(Default)]
+struct Items {
+    /// logical -> chunk
+    chunks: BTreeMap<u64, ChunkItem>,
+    /// (devid, physical) -> device extent
+    dev_extents: BTreeMap<(u64, u64), DevExtent>,
+    /// start -> (length, item)
+    bg_items: BTreeMap<u64, (u64, BlockGroupItem)>,
+    /// start -> (length, item)
+    extents: BTreeMap<u64, (u64, ExtentItem)>,
+    /// tree block addr -> (level, item)
+    meta: BTreeMap<u64, (u8, MetadataItem)>,
+    /// extent start -> checksums
+    csums: BTreeMap<u64, crate::btree::Value>,
+    /// volume id -> volume
+    vols: BTreeMap<u64, VolumeItem>,
+    /// (volume id, LBA) -> mapping
+    ves: BTreeMap<(u64, u64), VolumeExtent>,
+}
+
+impl Items {
+    /// An item that does not decode is a problem, and left out.
+    fn decode(items: &[(u64, Key, crate::btree::Value)], p: &mut Vec<String>) -> Items {
+        let mut it = Items::default();
+        macro_rules! dec {
+            ($t:ty, $k:expr, $v:expr) => {
+                match <$t>::decode($v) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        p.push(format!("item {}: {e}", $k));
+                        continue;
+                    }
                 }
-                Err(e) => p.push(format!("item {k}: {e}")),
-            },
-            (tree_id::DEV, item::DEV_EXTENT) => {
-                dev_extents.insert((k.objectid, k.offset), dec!(DevExtent, k, v));
-            }
-            (tree_id::EXTENT, item::BLOCK_GROUP) => {
-                bg_items.insert(k.objectid, (k.offset, dec!(BlockGroupItem, k, v)));
-            }
-            (tree_id::EXTENT, item::EXTENT) => {
-                extents.insert(k.objectid, (k.offset, dec!(ExtentItem, k, v)));
-            }
-            (tree_id::EXTENT, item::METADATA) => {
-                meta.insert(k.objectid, (k.offset as u8, dec!(MetadataItem, k, v)));
-            }
-            (tree_id::CSUM, item::CSUM) => {
-                csums.insert(k.offset, v.clone());
-            }
-            (tree_id::VOLUME, item::VOLUME_ITEM) if k.objectid == objectid::VOLUMES => {
-                vols.insert(k.offset, dec!(VolumeItem, k, v));
-            }
-            (tree_id::VOLUME, item::VOLUME_EXTENT) => {
-                ves.insert((k.objectid, k.offset), dec!(VolumeExtent, k, v));
-            }
-            _ => {}
+            };
         }
+        for (tree, k, v) in items {
+            match (*tree, k.ty) {
+                (tree_id::CHUNK, item::CHUNK) => match ChunkItem::decode(k.offset, v) {
+                    Ok(c) => {
+                        it.chunks.insert(k.offset, c);
+                    }
+                    Err(e) => p.push(format!("item {k}: {e}")),
+                },
+                (tree_id::DEV, item::DEV_EXTENT) => {
+                    it.dev_extents
+                        .insert((k.objectid, k.offset), dec!(DevExtent, k, v));
+                }
+                (tree_id::EXTENT, item::BLOCK_GROUP) => {
+                    it.bg_items
+                        .insert(k.objectid, (k.offset, dec!(BlockGroupItem, k, v)));
+                }
+                (tree_id::EXTENT, item::EXTENT) => {
+                    it.extents
+                        .insert(k.objectid, (k.offset, dec!(ExtentItem, k, v)));
+                }
+                (tree_id::EXTENT, item::METADATA) => {
+                    it.meta
+                        .insert(k.objectid, (k.offset as u8, dec!(MetadataItem, k, v)));
+                }
+                (tree_id::CSUM, item::CSUM) => {
+                    it.csums.insert(k.offset, v.clone());
+                }
+                (tree_id::VOLUME, item::VOLUME_ITEM) if k.objectid == objectid::VOLUMES => {
+                    it.vols.insert(k.offset, dec!(VolumeItem, k, v));
+                }
+                (tree_id::VOLUME, item::VOLUME_EXTENT) => {
+                    it.ves
+                        .insert((k.objectid, k.offset), dec!(VolumeExtent, k, v));
+                }
+                _ => {}
+            }
+        }
+        it
     }
-    // Tree blocks against their extent items.
-    for (addr, &(level, owner, gen)) in &blocks {
+}
+
+/// Tree blocks found by the walk against their extent items, both ways.
+fn check_tree_blocks(blocks: &BTreeMap<u64, (u8, u64, u64)>, items: &Items, p: &mut Vec<String>) {
+    let meta = &items.meta;
+    for (addr, &(level, owner, gen)) in blocks {
         match meta.get(addr) {
             Some((l, m)) if *l == level && m.owner == owner && m.gen == gen => {}
             Some((l, m)) => p.push(format!(
@@ -212,9 +256,18 @@ pub fn check(pool: &Pool, check_data_csum: bool) -> Result<CheckReport> {
             ));
         }
     }
-    // Chunks, device extents, block groups.
+}
+
+/// Chunks, device extents and block group items must describe each other.
+fn check_chunks(fs: &FsInfo, items: &Items, p: &mut Vec<String>) {
+    let Items {
+        chunks,
+        dev_extents,
+        bg_items,
+        ..
+    } = items;
     let mut matched = BTreeSet::new();
-    for (logical, c) in &chunks {
+    for (logical, c) in chunks {
         match bg_items.get(logical) {
             Some((len, bi)) if *len == c.length && bi.bg_type == c.bg_type => {}
             _ => p.push(format!(
@@ -239,7 +292,7 @@ pub fn check(pool: &Pool, check_data_csum: bool) -> Result<CheckReport> {
         }
     }
     let mut last: BTreeMap<u64, u64> = BTreeMap::new();
-    for ((devid, phys), de) in &dev_extents {
+    for ((devid, phys), de) in dev_extents {
         if !matched.contains(&(*devid, *phys)) {
             p.push(format!(
                 "device extent devid {devid} physical {phys:#x} belongs to no chunk stripe"
@@ -260,11 +313,22 @@ pub fn check(pool: &Pool, check_data_csum: bool) -> Result<CheckReport> {
             }
         }
     }
-    // Data extents against their referrers.
+}
+
+/// Data extents against their referrers (volume mappings, checksum items);
+/// returns the bytes they use per block group.
+fn check_data_extents(fs: &FsInfo, items: &Items, report: &mut CheckReport) -> BTreeMap<u64, u64> {
+    let Items {
+        extents,
+        csums,
+        ves,
+        ..
+    } = items;
+    let p = &mut report.problems;
     let cs = fs.csum_type.size_bytes() as u64;
     let mut prev_end = 0;
     let mut used: BTreeMap<u64, u64> = BTreeMap::new();
-    for (&start, (len, ei)) in &extents {
+    for (&start, (len, ei)) in extents {
         report.data_extents += 1;
         report.data_bytes += len;
         if start < prev_end {
@@ -308,7 +372,15 @@ pub fn check(pool: &Pool, check_data_csum: bool) -> Result<CheckReport> {
             p.push(format!("checksum item {start:#x} belongs to no extent"));
         }
     }
-    for ((vid, lba), ve) in &ves {
+    used
+}
+
+/// Volume mappings must point at a matching extent and stay inside their volume.
+fn check_volume_extents(items: &Items, p: &mut Vec<String>) {
+    let Items {
+        extents, vols, ves, ..
+    } = items;
+    for ((vid, lba), ve) in ves {
         match extents.get(&ve.logical) {
             Some((len, ei))
                 if *len == ve.len
@@ -330,12 +402,23 @@ pub fn check(pool: &Pool, check_data_csum: bool) -> Result<CheckReport> {
             None => p.push(format!("volume id {vid} has mappings but no volume item")),
         }
     }
+}
+
+/// Each block group item's used bytes must equal its data extents plus the
+/// tree blocks inside it.
+fn check_bg_used(
+    fs: &FsInfo,
+    blocks: &BTreeMap<u64, (u8, u64, u64)>,
+    items: &Items,
+    used: &mut BTreeMap<u64, u64>,
+    p: &mut Vec<String>,
+) {
     for addr in blocks.keys() {
         if let Some(bg) = fs.block_group(*addr) {
             *used.entry(bg.start).or_default() += fs.node_bytes as u64;
         }
     }
-    for (start, (_, bi)) in &bg_items {
+    for (start, (_, bi)) in &items.bg_items {
         let actual = used.get(start).copied().unwrap_or(0);
         if bi.used != actual {
             p.push(format!(
@@ -344,12 +427,6 @@ pub fn check(pool: &Pool, check_data_csum: bool) -> Result<CheckReport> {
             ));
         }
     }
-    if check_data_csum {
-        let names: BTreeMap<u64, String> =
-            vols.iter().map(|(id, v)| (*id, v.name.clone())).collect();
-        verify_data(fs, &extents, &csums, &names, &mut report);
-    }
-    Ok(report)
 }
 
 fn verify_data(
@@ -389,9 +466,16 @@ fn verify_data(
                             .matches(&buf[i * s..(i + 1) * s], &sums[idx * cs..(idx + 1) * cs]);
                     if !good {
                         report.csum_errors += 1;
-                        report.problems.push(describe_bad_sector(
-                            fs, piece, m, i, start, off, ei, names, read_ok,
-                        ));
+                        let bad = BadSector {
+                            piece,
+                            mirror: m,
+                            sector: i,
+                            start,
+                            off,
+                            ei,
+                            read_ok,
+                        };
+                        report.problems.push(bad.describe(fs, names));
                     }
                 }
             }
@@ -399,45 +483,62 @@ fn verify_data(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn describe_bad_sector(
-    fs: &FsInfo,
-    piece: &Mapped,
-    m: usize,
-    i: usize,
+/// A sector copy that failed verification, with what it takes to name the
+/// device, the physical place and the volume data it belongs to.
+struct BadSector<'a> {
+    piece: &'a Mapped,
+    /// Index into `piece.mirrors`.
+    mirror: usize,
+    /// Sector index within the piece.
+    sector: usize,
+    /// Start of the data extent.
     start: u64,
+    /// Byte offset of the sector within the extent.
     off: u64,
-    ei: &ExtentItem,
-    names: &BTreeMap<u64, String>,
+    ei: &'a ExtentItem,
+    /// False when the read failed, rather than the checksum.
     read_ok: bool,
-) -> String {
-    let (devid, phys) = piece.mirrors[m];
-    let path = fs
-        .device(devid)
-        .map(|d| d.dev.path().display().to_string())
-        .unwrap_or_else(|| format!("devid {devid}"));
-    let who = ei
-        .backrefs
-        .first()
-        .map(|b| {
-            format!(
-                "volume {} LBA {}",
-                names
-                    .get(&b.volume_id)
-                    .cloned()
-                    .unwrap_or_else(|| b.volume_id.to_string()),
-                b.lba_bytes + off
-            )
-        })
-        .unwrap_or_default();
-    format!(
-        "data {} at {path} physical {:#x}, logical {:#x}, {who}",
-        if read_ok {
-            "checksum mismatch"
-        } else {
-            "read error"
-        },
-        phys + (i as u64) * SECTOR_BYTES,
-        start + off
-    )
+}
+
+impl BadSector<'_> {
+    fn describe(&self, fs: &FsInfo, names: &BTreeMap<u64, String>) -> String {
+        let BadSector {
+            piece,
+            mirror: m,
+            sector: i,
+            start,
+            off,
+            ei,
+            read_ok,
+        } = *self;
+        let (devid, phys) = piece.mirrors[m];
+        let path = fs
+            .device(devid)
+            .map(|d| d.dev.path().display().to_string())
+            .unwrap_or_else(|| format!("devid {devid}"));
+        let who = ei
+            .backrefs
+            .first()
+            .map(|b| {
+                format!(
+                    "volume {} LBA {}",
+                    names
+                        .get(&b.volume_id)
+                        .cloned()
+                        .unwrap_or_else(|| b.volume_id.to_string()),
+                    b.lba_bytes + off
+                )
+            })
+            .unwrap_or_default();
+        format!(
+            "data {} at {path} physical {:#x}, logical {:#x}, {who}",
+            if read_ok {
+                "checksum mismatch"
+            } else {
+                "read error"
+            },
+            phys + (i as u64) * SECTOR_BYTES,
+            start + off
+        )
+    }
 }
