@@ -615,10 +615,52 @@ fn vanish_and_replace(sh: &Shared) {
 /// An actor's body.
 type Actor = fn(&Shared);
 
+/// Each volume, with the model of what it must hold.
+type Vols = Vec<(Volume, VolModel)>;
+
+/// Running actors, by thread name.
+type Threads = Vec<(String, std::thread::JoinHandle<()>)>;
+
 /// Run one storm. Returns its report, or the failures with the seed.
 pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
     let seed = opts.seed;
     let fail = |m: String| format!("stress seed {seed} profile {}: {m}", opts.profile.name());
+    let (pool, devs, vols) = build_pool(opts).map_err(fail)?;
+    crate::util::failpoint::set_chaos(if opts.chaos_us > 0 { seed | 1 } else { 0 }, opts.chaos_us);
+    let started = Instant::now();
+    let sh = Arc::new(Shared {
+        opts: opts.clone(),
+        pool: pool.clone(),
+        vols,
+        stop: AtomicBool::new(false),
+        deadline: started + opts.duration,
+        failures: Mutex::new(Vec::new()),
+        counts: Counts::default(),
+        devices: Mutex::new(devs.clone()),
+        victim: Mutex::new(
+            (opts.mode == Mode::Fault).then(|| devs[0].path().display().to_string()),
+        ),
+        vanished: Mutex::new(None),
+        victim_stats: Mutex::new(None),
+    });
+    let threads = spawn_actors(&sh);
+    watchdog(&sh, &threads).map_err(fail)?;
+    for (_, t) in threads {
+        if t.join().is_err() {
+            sh.fail("an actor panicked".into());
+        }
+    }
+    crate::util::failpoint::set_chaos(0, 0);
+    let failures = lock(&sh.failures).clone();
+    if !failures.is_empty() {
+        return Err(fail(failures.join("; ")));
+    }
+    finish(&sh, started).map_err(fail)
+}
+
+/// The pool on fresh in-memory devices, with the client volumes and the
+/// churn volume last.
+fn build_pool(opts: &StressOptions) -> Result<(Pool, Vec<Arc<FaultyDevice>>, Vols), String> {
     let devs: Vec<Arc<FaultyDevice>> = (0..opts.devices)
         .map(|i| Arc::new(FaultyDevice::new(format!("mem-dev{i}"), opts.device_bytes)))
         .collect();
@@ -637,8 +679,8 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
             ..Default::default()
         },
     )
-    .map_err(|e| fail(format!("mkfs: {e}")))?;
-    let pool = Pool::open(block).map_err(|e| fail(format!("open: {e}")))?;
+    .map_err(|e| format!("mkfs: {e}"))?;
+    let pool = Pool::open(block).map_err(|e| format!("open: {e}"))?;
     let mut vols = Vec::new();
     for i in 0..=opts.volumes {
         let name = if i == opts.volumes {
@@ -648,27 +690,16 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
         };
         let v = pool
             .create_volume(&name, opts.volume_bytes)
-            .map_err(|e| fail(format!("create volume: {e}")))?;
+            .map_err(|e| format!("create volume: {e}"))?;
         vols.push((v, VolModel::new(opts.volume_bytes)));
     }
-    crate::util::failpoint::set_chaos(if opts.chaos_us > 0 { seed | 1 } else { 0 }, opts.chaos_us);
-    let started = Instant::now();
-    let sh = Arc::new(Shared {
-        opts: opts.clone(),
-        pool: pool.clone(),
-        vols,
-        stop: AtomicBool::new(false),
-        deadline: started + opts.duration,
-        failures: Mutex::new(Vec::new()),
-        counts: Counts::default(),
-        devices: Mutex::new(devs.clone()),
-        victim: Mutex::new(
-            (opts.mode == Mode::Fault).then(|| devs[0].path().display().to_string()),
-        ),
-        vanished: Mutex::new(None),
-        victim_stats: Mutex::new(None),
-    });
-    let mut threads: Vec<(String, std::thread::JoinHandle<()>)> = Vec::new();
+    Ok((pool, devs, vols))
+}
+
+/// One thread per actor, named for the watchdog's report.
+fn spawn_actors(sh: &Arc<Shared>) -> Threads {
+    let opts = &sh.opts;
+    let mut threads: Threads = Vec::new();
     let mut spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
         let h = std::thread::Builder::new()
             .name(name.clone())
@@ -705,10 +736,14 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
         let s = sh.clone();
         spawn("injector".into(), Box::new(move || injector(&s)));
     }
-    // A watchdog turns a deadlock into a failure with the seed, naming the
-    // actors still running and what the pool's long operations are doing.
+    threads
+}
+
+/// Wait for every actor; one still running long after the deadline is a
+/// deadlock, reported with what the pool's long operations are doing.
+fn watchdog(sh: &Shared, threads: &Threads) -> Result<(), String> {
     let grace = Duration::from_secs(120);
-    for (_, t) in &threads {
+    for (_, t) in threads {
         while !t.is_finished() {
             if Instant::now() > sh.deadline + grace {
                 let stuck: Vec<&str> = threads
@@ -722,25 +757,15 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
                 let rep = crate::jobs::dev_replace::status(fs)
                     .map(|r| format!("{r:?}"))
                     .unwrap_or_default();
-                return Err(fail(format!(
+                return Err(format!(
                     "deadlock: {stuck:?} still running {grace:?} after the deadline; replace {rep}; scrub_hold {}",
                     fs.scrub_hold.load(Ordering::Acquire)
-                )));
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    for (_, t) in threads {
-        if t.join().is_err() {
-            sh.fail("an actor panicked".into());
-        }
-    }
-    crate::util::failpoint::set_chaos(0, 0);
-    let failures = lock(&sh.failures).clone();
-    if !failures.is_empty() {
-        return Err(fail(failures.join("; ")));
-    }
-    finish(&sh, started).map_err(fail)
+    Ok(())
 }
 
 fn compare_all(sh: &Shared, pool: &Pool, when: &str) -> Result<(), String> {
@@ -776,8 +801,27 @@ fn finish(sh: &Shared, started: Instant) -> Result<StressReport, String> {
         d.heal();
     }
     crate::engine::transaction::commit(fs).map_err(|e| format!("final commit: {e}"))?;
-    // Fault mode: the first scrub repairs what the faults left; the next
-    // must find nothing. Normal mode: the first must find nothing.
+    let last = final_scrubs(sh)?;
+    let r = crate::pool::check::check(&sh.pool, true).map_err(|e| format!("check: {e}"))?;
+    if !r.ok() {
+        return Err(format!("check found problems: {:?}", r.problems));
+    }
+    compare_all(sh, &sh.pool, "end of run")?;
+    let stats = sh.pool.device_stats();
+    if sh.opts.mode == Mode::Fault {
+        check_fault_counters(sh, &stats)?;
+    }
+    reopen_and_verify(sh)?;
+    Ok(StressReport {
+        seconds: started.elapsed().as_secs_f64(),
+        lines: report_lines(sh, last, &stats),
+    })
+}
+
+/// Fault mode: the first scrub repairs what the faults left; the next
+/// must find nothing. Normal mode: the first must find nothing.
+fn final_scrubs(sh: &Shared) -> Result<Option<scrub::ScrubStatus>, String> {
+    let fs = sh.pool.fs();
     let passes = if sh.opts.mode == Mode::Fault { 2 } else { 1 };
     let mut last = None;
     for pass in 0..passes {
@@ -793,30 +837,32 @@ fn finish(sh: &Shared, started: Instant) -> Result<StressReport, String> {
         }
         last = Some(st);
     }
-    let r = crate::pool::check::check(&sh.pool, true).map_err(|e| format!("check: {e}"))?;
-    if !r.ok() {
-        return Err(format!("check found problems: {:?}", r.problems));
+    Ok(last)
+}
+
+/// Errors were counted against the device that had the faults (which
+/// vanished and left the pool), never against a healthy one.
+fn check_fault_counters(sh: &Shared, stats: &[crate::pool::DeviceStats]) -> Result<(), String> {
+    if lock(&sh.vanished).is_none() {
+        return Err("the victim never vanished (run too short?)".into());
     }
-    compare_all(sh, &sh.pool, "end of run")?;
-    let stats = sh.pool.device_stats();
-    if sh.opts.mode == Mode::Fault {
-        // Errors were counted against the device that had the faults (which
-        // vanished and left the pool), never against a healthy one.
-        if lock(&sh.vanished).is_none() {
-            return Err("the victim never vanished (run too short?)".into());
-        }
-        let v = (*lock(&sh.victim_stats)).unwrap_or_default();
-        if v.read_errs == 0 || v.corruption_errs == 0 {
-            return Err(format!("faults were injected but not counted: {v:?}"));
-        }
-        for d in &stats {
-            let e = d.stats.read_errs + d.stats.corruption_errs + d.stats.generation_errs;
-            if e > 0 {
-                return Err(format!("errors counted on a healthy device: {d:?}"));
-            }
+    let v = (*lock(&sh.victim_stats)).unwrap_or_default();
+    if v.read_errs == 0 || v.corruption_errs == 0 {
+        return Err(format!("faults were injected but not counted: {v:?}"));
+    }
+    for d in stats {
+        let e = d.stats.read_errs + d.stats.corruption_errs + d.stats.generation_errs;
+        if e > 0 {
+            return Err(format!("errors counted on a healthy device: {d:?}"));
         }
     }
-    // Reopen from what the member devices hold.
+    Ok(())
+}
+
+/// Reopen from what the member devices hold: the data and a clean check
+/// must survive it.
+fn reopen_and_verify(sh: &Shared) -> Result<(), String> {
+    let fs = sh.pool.fs();
     let members: Vec<String> = fs
         .devices()
         .iter()
@@ -835,47 +881,53 @@ fn finish(sh: &Shared, started: Instant) -> Result<StressReport, String> {
     if !r.ok() {
         return Err(format!("check after reopen: {:?}", r.problems));
     }
+    Ok(())
+}
+
+/// The report: what the actors did, and what the error counters say.
+fn report_lines(
+    sh: &Shared,
+    last: Option<scrub::ScrubStatus>,
+    stats: &[crate::pool::DeviceStats],
+) -> Vec<String> {
     let c = &sh.counts;
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let scrub_final = last.map(|s| s.counters).unwrap_or_default();
-    Ok(StressReport {
-        seconds: started.elapsed().as_secs_f64(),
-        lines: vec![
-            format!(
-                "writes {} reads-verified {} trims {} flushes {}",
-                g(&c.writes),
-                g(&c.reads),
-                g(&c.trims),
-                g(&c.flushes)
+    vec![
+        format!(
+            "writes {} reads-verified {} trims {} flushes {}",
+            g(&c.writes),
+            g(&c.reads),
+            g(&c.trims),
+            g(&c.flushes)
+        ),
+        format!(
+            "scrubs {} balances {} (groups relocated {}) replaces {} faults injected {}",
+            g(&c.scrubs),
+            g(&c.balances),
+            g(&c.groups_relocated),
+            g(&c.replaces),
+            g(&c.faults)
+        ),
+        match &*lock(&sh.victim_stats) {
+            Some(v) => format!(
+                "faulty device before it vanished: read_errs {} write_errs {} flush_errs {} corruption_errs {} generation_errs {}",
+                v.read_errs, v.write_errs, v.flush_errs, v.corruption_errs, v.generation_errs
             ),
-            format!(
-                "scrubs {} balances {} (groups relocated {}) replaces {} faults injected {}",
-                g(&c.scrubs),
-                g(&c.balances),
-                g(&c.groups_relocated),
-                g(&c.replaces),
-                g(&c.faults)
-            ),
-            match &*lock(&sh.victim_stats) {
-                Some(v) => format!(
-                    "faulty device before it vanished: read_errs {} write_errs {} flush_errs {} corruption_errs {} generation_errs {}",
-                    v.read_errs, v.write_errs, v.flush_errs, v.corruption_errs, v.generation_errs
-                ),
-                None => "no faults injected".into(),
-            },
-            format!(
-                "final scrub: {} bytes, {} errors; device error counters: {}",
-                scrub_final.bytes_scrubbed,
-                scrub_final.errors(),
-                stats
-                    .iter()
-                    .map(|d| format!(
-                        "{}: read {} write {} csum {}",
-                        d.path, d.stats.read_errs, d.stats.write_errs, d.stats.corruption_errs
-                    ))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        ],
-    })
+            None => "no faults injected".into(),
+        },
+        format!(
+            "final scrub: {} bytes, {} errors; device error counters: {}",
+            scrub_final.bytes_scrubbed,
+            scrub_final.errors(),
+            stats
+                .iter()
+                .map(|d| format!(
+                    "{}: read {} write {} csum {}",
+                    d.path, d.stats.read_errs, d.stats.write_errs, d.stats.corruption_errs
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    ]
 }
