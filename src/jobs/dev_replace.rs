@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use crate::btree::Iter;
 use crate::device::BlockDevice;
+use crate::engine::block_group::BlockGroup;
 use crate::engine::fs_info::FsInfo;
 use crate::format::{item, objectid, tree_id, DevExtent, Key, Stripe, SECTOR_BYTES};
 use crate::jobs::relocation::wait_for_writers;
@@ -480,8 +481,64 @@ fn replace_group(
             physical: p,
         };
     }
-    let new_map = ChunkMap { item: item.clone() };
-    let r = (|| -> Result<Option<u64>> {
+    let mv = GroupMove {
+        start,
+        src,
+        dst,
+        map,
+        new_map: ChunkMap { item },
+        idxs,
+        taken,
+    };
+    let r = mv.copy_and_switch(fs, &bg);
+    drop(commits);
+    drop(hold);
+    match r {
+        Ok(None) => gone(),
+        Ok(Some(n)) => Ok(n),
+        Err(e) => Err(e),
+    }
+}
+
+/// One group's switch to the new device: the chunk as mapped before and
+/// after, and which of its stripes move where.
+struct GroupMove<'a> {
+    start: u64,
+    src: u64,
+    dst: &'a Arc<Device>,
+    /// The chunk as mapped when the copy began.
+    map: Arc<ChunkMap>,
+    /// The chunk with the moving stripes on `dst`.
+    new_map: ChunkMap,
+    /// Indexes of the moving stripes.
+    idxs: Vec<usize>,
+    /// Their physical offsets on `dst`, in the same order.
+    taken: Vec<u64>,
+}
+
+impl GroupMove<'_> {
+    /// Copy, then switch the chunk in one transaction. `None`: the group
+    /// was deleted meanwhile, so there is nothing to replace.
+    fn copy_and_switch(&self, fs: &FsInfo, bg: &BlockGroup) -> Result<Option<u64>> {
+        let Some(copied) = self.copy(fs, bg)? else {
+            return Ok(None);
+        };
+        crate::failpoint!("replace::before_switch", self.start);
+        let mut st = lock(&fs.trans);
+        let mut ctx = crate::engine::transaction::Ctx::begin(fs, &mut st)?;
+        // A metadata group is not read-only during its copy: the cleaner
+        // may have deleted it meanwhile (it removes under this same lock, so
+        // the check cannot race). Switching it would resurrect its chunk.
+        if bg.is_removed() {
+            return Ok(None);
+        }
+        self.switch(&mut ctx)?;
+        Ok(Some(copied))
+    }
+
+    /// Write every live extent's verified content to the moving stripes.
+    /// Returns the bytes copied.
+    fn copy(&self, fs: &FsInfo, bg: &BlockGroup) -> Result<Option<u64>> {
         let mut copied = 0;
         for x in live_extents(fs, bg.start, bg.end())? {
             let buf = match read_live(fs, &x) {
@@ -491,13 +548,14 @@ fn replace_group(
                 Err(_) if bg.is_removed() => return Ok(None),
                 Err(e) => return Err(e),
             };
-            for &k in &idxs {
-                for (lg, len, phys) in new_map.stripe_span(k, x.logical, x.len)? {
+            for &k in &self.idxs {
+                for (lg, len, phys) in self.new_map.stripe_span(k, x.logical, x.len)? {
                     let off = (lg - x.logical) as usize;
-                    dst.dev
+                    self.dst
+                        .dev
                         .write_at(&buf[off..off + len as usize], phys)
                         .map_err(|e| Error::DeviceIo {
-                            path: dst.dev.path().into(),
+                            path: self.dst.dev.path().into(),
                             op: "replace write",
                             physical: phys,
                             len,
@@ -507,63 +565,60 @@ fn replace_group(
             }
             copied += x.len;
         }
-        crate::failpoint!("replace::before_switch", start);
-        let mut st = lock(&fs.trans);
-        let mut ctx = crate::engine::transaction::Ctx::begin(fs, &mut st)?;
-        // A metadata group is not read-only during its copy: the cleaner
-        // may have deleted it meanwhile (it removes under this same lock, so
-        // the check cannot race). Switching it would resurrect its chunk.
-        if bg.is_removed() {
-            return Ok(None);
-        }
-        (|ctx: &mut crate::engine::transaction::Ctx| -> Result<()> {
-            let pending = ctx
-                .st
-                .pending_chunks
-                .iter_mut()
-                .find(|c| c.logical == start);
-            if let Some(c) = pending {
-                // Not in the trees yet: the commit inserts it, stripes and all.
-                *c = item.clone();
-            } else {
-                ctx.insert(
-                    tree_id::CHUNK,
-                    Key::new(objectid::FIRST_CHUNK, item::CHUNK, start),
-                    item.encode(),
-                )?;
-                for (&k, &p) in idxs.iter().zip(&taken) {
-                    let old = map.item.stripes[k];
-                    ctx.delete(
-                        tree_id::DEV,
-                        &Key::new(old.devid, item::DEV_EXTENT, old.physical),
-                    )?;
-                    ctx.insert(
-                        tree_id::DEV,
-                        Key::new(dst.devid, item::DEV_EXTENT, p),
-                        DevExtent {
-                            chunk_logical: start,
-                            length: item.stripe_bytes,
-                        }
-                        .encode(),
-                    )?;
-                }
-            }
-            ctx.fs.mapping.insert(item.clone());
-            if let Some(s) = ctx.fs.device(src) {
-                for &k in &idxs {
-                    write(&s.extents).remove(&map.item.stripes[k].physical);
-                }
-            }
-            ctx.st.dirty = true;
-            Ok(())
-        })(&mut ctx)?;
         Ok(Some(copied))
-    })();
-    drop(commits);
-    drop(hold);
-    match r {
-        Ok(None) => gone(),
-        Ok(Some(n)) => Ok(n),
-        Err(e) => Err(e),
+    }
+
+    /// Point the chunk item, the device extents and the mapping at `dst`.
+    fn switch(&self, ctx: &mut crate::engine::transaction::Ctx) -> Result<()> {
+        let GroupMove {
+            start,
+            src,
+            dst,
+            map,
+            idxs,
+            taken,
+            ..
+        } = self;
+        let (start, src) = (*start, *src);
+        let item = &self.new_map.item;
+        let pending = ctx
+            .st
+            .pending_chunks
+            .iter_mut()
+            .find(|c| c.logical == start);
+        if let Some(c) = pending {
+            // Not in the trees yet: the commit inserts it, stripes and all.
+            *c = item.clone();
+        } else {
+            ctx.insert(
+                tree_id::CHUNK,
+                Key::new(objectid::FIRST_CHUNK, item::CHUNK, start),
+                item.encode(),
+            )?;
+            for (&k, &p) in idxs.iter().zip(taken) {
+                let old = map.item.stripes[k];
+                ctx.delete(
+                    tree_id::DEV,
+                    &Key::new(old.devid, item::DEV_EXTENT, old.physical),
+                )?;
+                ctx.insert(
+                    tree_id::DEV,
+                    Key::new(dst.devid, item::DEV_EXTENT, p),
+                    DevExtent {
+                        chunk_logical: start,
+                        length: item.stripe_bytes,
+                    }
+                    .encode(),
+                )?;
+            }
+        }
+        ctx.fs.mapping.insert(item.clone());
+        if let Some(s) = ctx.fs.device(src) {
+            for &k in idxs {
+                write(&s.extents).remove(&map.item.stripes[k].physical);
+            }
+        }
+        ctx.st.dirty = true;
+        Ok(())
     }
 }
