@@ -25,6 +25,8 @@ fn all_decoders(b: &[u8]) {
     let _ = VolumeItem::decode(b);
     let _ = VolumeExtent::decode(b);
     let _ = DevStats::decode(b);
+    let _ = progress::ScrubProgress::decode(b);
+    let _ = progress::BalanceProgress::decode(b);
     let _ = chunkvol::nbd::parse_request(b);
     let _ = proto::parse_option_header(b);
     let _ = proto::parse_client_flags(b);

@@ -8,23 +8,15 @@ use std::time::Duration;
 
 use crate::engine::fs_info::FsInfo;
 use crate::engine::transaction::{self, commit};
+use crate::format::progress::BalanceProgress as Persisted;
 use crate::format::{bg_type, item, objectid, tree_id, Key, Profile};
 use crate::jobs::relocation::relocate_block_group;
 use crate::util::error::{Error, Result};
 use crate::util::sync::{lock, Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
+use crate::util::time::now_s;
 
-/// What `balance start` was asked for (as given on the command line).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct BalanceArgs {
-    /// `-d` filters (Some("") = every data group).
-    pub data: Option<String>,
-    /// `-m` filters.
-    pub metadata: Option<String>,
-    /// `-s` filters.
-    pub system: Option<String>,
-    /// Every group of every type.
-    pub full: bool,
-}
+/// The persisted shapes live with the other on-disk codecs.
+pub use crate::format::progress::{BalanceArgs, BalanceState as State};
 
 /// Usage filter: `usage=N` (below N percent) or `usage=N..M` (inclusive).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,44 +290,6 @@ impl Plan {
     }
 }
 
-/// Balance states, as printed and in JSON.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    Never,
-    Running,
-    Paused,
-    Finished,
-    Canceled,
-    /// Stopped by a crash, a restart or a failure; `balance resume` goes on.
-    Interrupted,
-}
-
-impl State {
-    pub fn name(self) -> &'static str {
-        match self {
-            State::Never => "never",
-            State::Running => "running",
-            State::Paused => "paused",
-            State::Finished => "finished",
-            State::Canceled => "canceled",
-            State::Interrupted => "interrupted",
-        }
-    }
-}
-
-/// What the pool keeps about the last balance (JSON in the dev tree).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct Persisted {
-    args: BalanceArgs,
-    state: State,
-    started_at: u64,
-    block_groups_total: u64,
-    block_groups_done: u64,
-    bytes_relocated: u64,
-    failure: Option<String>,
-}
-
 /// `balance status` output.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BalanceStatus {
@@ -419,7 +373,7 @@ fn load(fs: &FsInfo) -> Result<Option<Persisted>> {
     let Some(v) = crate::btree::get(fs, &st.root(tree_id::DEV), &state_key())? else {
         return Ok(None);
     };
-    serde_json::from_slice(&v)
+    Persisted::decode(&v)
         .map(Some)
         .map_err(|e| Error::Corrupt(format!("balance state item: {e}")))
 }
@@ -438,7 +392,9 @@ fn pending(fs: &FsInfo) -> Result<Vec<u64>> {
 }
 
 fn save(fs: &FsInfo, p: &Persisted) -> Result<()> {
-    let v = serde_json::to_vec(p).map_err(|e| Error::Corrupt(format!("balance state: {e}")))?;
+    let v = p
+        .encode()
+        .map_err(|e| Error::Corrupt(format!("balance state: {e}")))?;
     transaction::change(fs, |ctx| ctx.insert(tree_id::DEV, state_key(), v.clone()))
 }
 
@@ -471,7 +427,7 @@ pub fn start(fs: &Arc<FsInfo>, args: BalanceArgs, wait: bool) -> Result<Arc<Bala
     let plan = Plan::new(fs, &args)?;
     let run = Arc::new(BalanceRun {
         args,
-        started_at: crate::jobs::scrub::now_s(),
+        started_at: now_s(),
         state: Mutex::new(State::Running),
         total: AtomicU64::new(0),
         done: AtomicU64::new(0),

@@ -6,3 +6,4 @@ pub mod error;
 pub mod failpoint;
 pub mod size;
 pub mod sync;
+pub mod time;
