@@ -132,3 +132,34 @@ impl BlockDevice for FileDevice {
         self.file.sync_data()
     }
 }
+
+/// Smallest device mkfs and `device add` accept.
+pub const MIN_DEVICE_BYTES: u64 = 32 << 20;
+
+/// Read every valid superblock copy of a device; the newest first.
+pub fn read_supers(dev: &dyn BlockDevice) -> Result<Vec<crate::format::Superblock>> {
+    let mut out = Vec::new();
+    let mut last = String::from("device too small");
+    for &o in &crate::format::SUPER_OFFSETS {
+        if o + crate::format::SUPER_BYTES as u64 > dev.size_bytes() {
+            break;
+        }
+        let mut buf = vec![0u8; crate::format::SUPER_BYTES];
+        if let Err(e) = dev.read_at(&mut buf, o) {
+            last = format!("copy at {o}: {e}");
+            continue;
+        }
+        match crate::format::Superblock::decode(&buf) {
+            Ok(sb) => out.push(sb),
+            Err(e) => last = format!("copy at {o}: {e}"),
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::BadSuper {
+            path: dev.path().into(),
+            msg: format!("no valid superblock ({last})"),
+        });
+    }
+    out.sort_by_key(|s| std::cmp::Reverse(s.generation));
+    Ok(out)
+}

@@ -3,6 +3,7 @@
 //! freed extent may be reused. Also the mirrored I/O paths that verify what
 //! they read and repair a bad copy from a good one.
 
+use std::any::{Any, TypeId};
 use std::collections::{BTreeMap, HashMap};
 
 use crate::btree::cache::NodeCache;
@@ -71,8 +72,6 @@ pub struct FsInfo {
     /// Striped locks for read-modify-write of partial sectors, shared by
     /// every handle and connection of every volume.
     pub rmw_locks: [OrderedMutex<()>; RMW_LOCKS],
-    /// The scrub of this process, running or last finished.
-    pub scrub: Mutex<Option<Arc<crate::jobs::scrub::ScrubRun>>>,
     /// Client reads and writes so far (scrub yields when it moves).
     pub client_ops: AtomicU64,
     /// Reads do not rewrite bad copies (check, dump-tree).
@@ -83,16 +82,15 @@ pub struct FsInfo {
     pub max_extent_bytes: u64,
     /// Pool members that were not given at open (`--degraded`), by devid.
     pub missing: RwLock<BTreeMap<u64, crate::format::DevItem>>,
-    /// The balance of this process, running or last finished.
-    pub balance: Mutex<Option<Arc<crate::jobs::balance::BalanceRun>>>,
-    /// The device replace of this process, running or last finished.
-    pub replace: Mutex<Option<Arc<crate::jobs::dev_replace::ReplaceRun>>>,
     /// Relocation steps that want scrub to hold still; scrub waits between
     /// units while this is non-zero (as btrfs pauses scrub around
     /// relocation's critical section).
     pub scrub_hold: AtomicU64,
     /// Serialises relocations, device removals and replaces.
     pub reloc_lock: OrderedMutex<()>,
+    /// State that layers above keep per pool (the jobs' slots), by type:
+    /// the core holds it without naming those layers.
+    extensions: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
 }
 
 /// Registration of a reader of trees as of generation `gen`: extents freed at
@@ -168,14 +166,12 @@ impl FsInfo {
             dev_stats_dirty: AtomicBool::new(false),
             rmw_locks: std::array::from_fn(|_| OrderedMutex::new(Rank::Rmw, ())),
             no_repair: AtomicBool::new(false),
-            scrub: Mutex::new(None),
             client_ops: AtomicU64::new(0),
             max_extent_bytes: sectors * SECTOR_BYTES,
             missing: RwLock::new(BTreeMap::new()),
-            balance: Mutex::new(None),
-            replace: Mutex::new(None),
             scrub_hold: AtomicU64::new(0),
             reloc_lock: OrderedMutex::new(Rank::Reloc, ()),
+            extensions: Mutex::new(HashMap::new()),
         }
     }
 
@@ -213,6 +209,16 @@ impl FsInfo {
         let (_, bg) = bgs.range(..=logical).next_back()?;
         (logical < bg.end()).then(|| bg.clone())
     }
+    /// The pool's value of type `T`, made on first use.
+    pub fn extension<T: Any + Send + Sync + Default>(&self) -> Arc<T> {
+        let any = lock(&self.extensions)
+            .entry(TypeId::of::<T>())
+            .or_insert_with(|| Arc::new(T::default()))
+            .clone();
+        any.downcast::<T>()
+            .unwrap_or_else(|_| unreachable!("extensions are keyed by their type"))
+    }
+
     /// The group that starts exactly at `start` (not one containing it).
     pub fn block_group_at(&self, start: u64) -> Option<Arc<BlockGroup>> {
         read(&self.block_groups).get(&start).cloned()

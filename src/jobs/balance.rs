@@ -10,9 +10,10 @@ use crate::engine::fs_info::FsInfo;
 use crate::engine::transaction::{self, commit};
 use crate::format::progress::BalanceProgress as Persisted;
 use crate::format::{bg_type, item, objectid, tree_id, Key, Profile};
+use crate::jobs::control::{Completion, JobSlot};
 use crate::jobs::relocation::relocate_block_group;
 use crate::util::error::{Error, Result};
-use crate::util::sync::{lock, Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
+use crate::util::sync::{lock, Arc, AtomicBool, AtomicU64, Mutex, Ordering};
 use crate::util::time::now_s;
 
 /// The persisted shapes live with the other on-disk codecs.
@@ -315,7 +316,7 @@ pub struct BalanceRun {
     pause: AtomicBool,
     cancel: AtomicBool,
     failure: Mutex<Option<String>>,
-    finished: (Mutex<bool>, Condvar),
+    finished: Completion,
 }
 
 impl BalanceRun {
@@ -335,12 +336,7 @@ impl BalanceRun {
 
     /// Block until the run ends; its final status.
     pub fn wait(&self, fs: &FsInfo) -> BalanceStatus {
-        let (m, c) = &self.finished;
-        let mut g = lock(m);
-        while !*g {
-            g = c.wait(g).unwrap_or_else(|e| e.into_inner());
-        }
-        drop(g);
+        self.finished.wait();
         self.status(fs)
     }
 
@@ -399,14 +395,17 @@ fn save(fs: &FsInfo, p: &Persisted) -> Result<()> {
 }
 
 fn active(fs: &FsInfo) -> Option<Arc<BalanceRun>> {
-    lock(&fs.balance).clone().filter(|r| r.is_active())
+    JobSlot::<BalanceRun>::of(fs)
+        .current()
+        .filter(|r| r.is_active())
 }
 
 /// Start a balance. Online callers get it running in a thread; `wait`
 /// blocks until it ends (offline commands always wait).
 pub fn start(fs: &Arc<FsInfo>, args: BalanceArgs, wait: bool) -> Result<Arc<BalanceRun>> {
     fs.check_abort()?;
-    let mut slot = lock(&fs.balance);
+    let slot = JobSlot::<BalanceRun>::of(fs);
+    let mut slot = slot.hold();
     if slot.as_ref().is_some_and(|r| r.is_active()) {
         return Err(Error::Busy("a balance is already running".into()));
     }
@@ -435,7 +434,7 @@ pub fn start(fs: &Arc<FsInfo>, args: BalanceArgs, wait: bool) -> Result<Arc<Bala
         pause: AtomicBool::new(false),
         cancel: AtomicBool::new(false),
         failure: Mutex::new(None),
-        finished: (Mutex::new(false), Condvar::new()),
+        finished: Completion::default(),
     });
     // Convert first: the moves must allocate in the target profile.
     let chosen = transaction::change(fs, |ctx| {
@@ -465,7 +464,8 @@ pub fn start(fs: &Arc<FsInfo>, args: BalanceArgs, wait: bool) -> Result<Arc<Bala
 /// Continue a paused or interrupted balance.
 pub fn resume(fs: &Arc<FsInfo>, wait: bool) -> Result<Arc<BalanceRun>> {
     fs.check_abort()?;
-    let mut slot = lock(&fs.balance);
+    let slot = JobSlot::<BalanceRun>::of(fs);
+    let mut slot = slot.hold();
     if let Some(r) = slot.as_ref() {
         if r.is_active() {
             return Err(Error::Busy("a balance is already running".into()));
@@ -491,7 +491,7 @@ pub fn resume(fs: &Arc<FsInfo>, wait: bool) -> Result<Arc<BalanceRun>> {
         pause: AtomicBool::new(false),
         cancel: AtomicBool::new(false),
         failure: Mutex::new(None),
-        finished: (Mutex::new(false), Condvar::new()),
+        finished: Completion::default(),
     });
     save(fs, &run.persisted())?;
     *slot = Some(run.clone());
@@ -546,7 +546,7 @@ fn clear_pending(fs: &FsInfo) -> Result<()> {
 
 /// Status of the running or last balance.
 pub fn status(fs: &FsInfo) -> Result<BalanceStatus> {
-    if let Some(r) = lock(&fs.balance).clone() {
+    if let Some(r) = JobSlot::<BalanceRun>::of(fs).current() {
         return Ok(r.status(fs));
     }
     Ok(match load(fs)? {
@@ -610,9 +610,7 @@ fn drive(fs: &FsInfo, run: &BalanceRun, plan: &Plan) {
         run.total.load(Ordering::Acquire),
         run.bytes.load(Ordering::Acquire)
     );
-    let (m, c) = &run.finished;
-    *lock(m) = true;
-    c.notify_all();
+    run.finished.finish();
 }
 
 fn drive_inner(fs: &FsInfo, run: &BalanceRun, plan: &Plan) -> Result<State> {

@@ -16,12 +16,13 @@ use crate::device::BlockDevice;
 use crate::engine::block_group::BlockGroup;
 use crate::engine::fs_info::FsInfo;
 use crate::format::{item, objectid, tree_id, DevExtent, Key, Stripe, SECTOR_BYTES};
+use crate::jobs::control::{Completion, JobSlot};
 use crate::jobs::relocation::wait_for_writers;
 use crate::util::error::{Error, Result};
 use std::collections::BTreeMap;
 
 use crate::chunk::volumes::{ChunkMap, Device};
-use crate::util::sync::{lock, read, write, Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
+use crate::util::sync::{lock, read, write, Arc, AtomicBool, AtomicU64, Mutex, Ordering};
 
 /// How long replace waits for chunks whose groups are gone to drop their
 /// maps before it gives up naming them.
@@ -77,7 +78,7 @@ pub struct ReplaceRun {
     elapsed_s: Mutex<Option<f64>>,
     cancel: AtomicBool,
     failure: Mutex<Option<String>>,
-    finished: (Mutex<bool>, Condvar),
+    finished: Completion,
     /// Target space taken up front for each chunk on the source:
     /// chunk start -> (stripe index, physical) per source stripe. New chunks
     /// may use the target meanwhile, but never the space the copies need.
@@ -101,25 +102,20 @@ impl ReplaceRun {
 
     /// Block until the replace ends; its final status.
     pub fn wait(&self) -> ReplaceStatus {
-        let (m, c) = &self.finished;
-        let mut g = lock(m);
-        while !*g {
-            g = c.wait(g).unwrap_or_else(|e| e.into_inner());
-        }
-        drop(g);
+        self.finished.wait();
         self.status()
     }
 }
 
 /// Status of the running or last replace of this process.
 pub fn status(fs: &FsInfo) -> Option<ReplaceStatus> {
-    lock(&fs.replace).as_ref().map(|r| r.status())
+    JobSlot::<ReplaceRun>::of(fs).current().map(|r| r.status())
 }
 
 /// Stop a running replace after the current block group. The groups copied
 /// so far stay on the new device, which remains a pool member.
 pub fn cancel(fs: &FsInfo) -> Result<()> {
-    let run = lock(&fs.replace).clone();
+    let run = JobSlot::<ReplaceRun>::of(fs).current();
     match run {
         Some(r) if *lock(&r.state) == State::Running => {
             r.cancel.store(true, Ordering::Release);
@@ -153,7 +149,8 @@ pub fn start(
     wait: bool,
 ) -> Result<Arc<ReplaceRun>> {
     fs.check_abort()?;
-    let mut slot = lock(&fs.replace);
+    let slot = JobSlot::<ReplaceRun>::of(fs);
+    let mut slot = slot.hold();
     if slot
         .as_ref()
         .is_some_and(|r| *lock(&r.state) == State::Running)
@@ -211,7 +208,7 @@ pub fn start(
         elapsed_s: Mutex::new(None),
         cancel: AtomicBool::new(false),
         failure: Mutex::new(None),
-        finished: (Mutex::new(false), Condvar::new()),
+        finished: Completion::default(),
         reserved: Mutex::new(reserved),
     });
     *slot = Some(run.clone());
@@ -306,9 +303,7 @@ fn drive(fs: &FsInfo, run: &ReplaceRun) {
     }
     *lock(&run.elapsed_s) = Some(run.started.elapsed().as_secs_f64());
     *lock(&run.state) = end;
-    let (m, c) = &run.finished;
-    *lock(m) = true;
-    c.notify_all();
+    run.finished.finish();
 }
 
 fn drive_inner(fs: &FsInfo, run: &ReplaceRun) -> Result<State> {

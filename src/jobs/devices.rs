@@ -56,17 +56,17 @@ pub fn add(fs: &FsInfo, dev: Arc<dyn BlockDevice>) -> Result<u64> {
 pub fn add_with(fs: &FsInfo, dev: Arc<dyn BlockDevice>, allocatable: bool) -> Result<u64> {
     fs.check_abort()?;
     let path = dev.path().to_path_buf();
-    if dev.size_bytes() < crate::pool::MIN_DEVICE_BYTES {
+    if dev.size_bytes() < crate::device::MIN_DEVICE_BYTES {
         return Err(Error::Device {
             path,
             msg: format!(
                 "{} bytes is too small; the minimum is {}",
                 dev.size_bytes(),
-                crate::pool::MIN_DEVICE_BYTES
+                crate::device::MIN_DEVICE_BYTES
             ),
         });
     }
-    if let Ok(sbs) = crate::pool::read_supers(dev.as_ref()) {
+    if let Ok(sbs) = crate::device::read_supers(dev.as_ref()) {
         let what = if sbs[0].pool_uuid == fs.pool_uuid {
             "is already a member of this pool".to_string()
         } else {

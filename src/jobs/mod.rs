@@ -3,6 +3,7 @@
 
 pub mod balance;
 pub mod cleaner;
+pub mod control;
 pub mod dev_replace;
 pub mod devices;
 pub mod relocation;

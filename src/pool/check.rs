@@ -7,12 +7,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::btree::{Body, Node};
 use crate::chunk::volumes::Mapped;
+use crate::device::read_supers;
 use crate::engine::fs_info::FsInfo;
 use crate::format::{
     bg_type, item, objectid, tree_id, BlockGroupItem, ChunkItem, DevExtent, ExtentItem, Key,
     MetadataItem, VolumeExtent, VolumeItem, SECTOR_BYTES,
 };
-use crate::pool::{read_supers, Pool};
+use crate::pool::Pool;
 use crate::util::error::Result;
 use crate::util::sync::{read, Arc};
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::btree::{Iter, NodeLoader};
 use crate::chunk::volumes::Device;
 use crate::data::volume::Volume;
-use crate::device::{BlockDevice, FileDevice};
+use crate::device::{read_supers, BlockDevice, FileDevice, MIN_DEVICE_BYTES};
 use crate::engine::block_group::BlockGroup;
 use crate::engine::fs_info::{tree_index, CommitRoots, FsInfo};
 use crate::engine::transaction::{commit, Ctx, TransState, VolumeInfo};
@@ -22,8 +22,6 @@ use crate::format::{
 use crate::util::error::{Error, Result};
 use crate::util::sync::{lock, read, write, Arc, Ordering};
 
-/// Smallest device mkfs accepts.
-pub const MIN_DEVICE_BYTES: u64 = 32 << 20;
 /// Largest volume (keeps LBA arithmetic far from overflow).
 pub const MAX_VOLUME_BYTES: u64 = 1 << 60;
 /// Default node cache bound.
@@ -159,34 +157,6 @@ fn validate_volume_size(name: &str, size: u64) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Read every valid superblock copy of a device; the newest first.
-pub fn read_supers(dev: &dyn BlockDevice) -> Result<Vec<Superblock>> {
-    let mut out = Vec::new();
-    let mut last = String::from("device too small");
-    for &o in &SUPER_OFFSETS {
-        if o + SUPER_BYTES as u64 > dev.size_bytes() {
-            break;
-        }
-        let mut buf = vec![0u8; SUPER_BYTES];
-        if let Err(e) = dev.read_at(&mut buf, o) {
-            last = format!("copy at {o}: {e}");
-            continue;
-        }
-        match Superblock::decode(&buf) {
-            Ok(sb) => out.push(sb),
-            Err(e) => last = format!("copy at {o}: {e}"),
-        }
-    }
-    if out.is_empty() {
-        return Err(Error::BadSuper {
-            path: dev.path().into(),
-            msg: format!("no valid superblock ({last})"),
-        });
-    }
-    out.sort_by_key(|s| std::cmp::Reverse(s.generation));
-    Ok(out)
 }
 
 fn open_files(paths: &[PathBuf]) -> Result<Vec<Arc<dyn BlockDevice>>> {

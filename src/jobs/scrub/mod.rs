@@ -24,13 +24,14 @@ mod scan;
 mod verify;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::btree::Iter;
 use crate::engine::fs_info::{tree_index, CommitRoots, FsInfo, NoRepair};
 use crate::engine::transaction::Ctx;
 use crate::format::progress::SCRUB_COUNTERS;
 use crate::format::{item, tree_id, DevExtent, Key};
+use crate::jobs::control::{ActiveClock, Completion, JobSlot};
 use crate::util::error::{Error, Result};
 use crate::util::sync::{lock, thread, Arc, AtomicBool, Mutex, Ordering};
 use crate::util::time::now_s;
@@ -256,31 +257,15 @@ pub struct ScrubRun {
     state: Mutex<State>,
     cancel: AtomicBool,
     pause: AtomicBool,
-    /// Active (unpaused) time before `since`, and when the current active span began.
-    active: Mutex<(Duration, Option<Instant>)>,
+    /// Time spent scanning, pauses excluded.
+    active: ActiveClock,
     devs: Mutex<BTreeMap<u64, DevProgress>>,
     errors: Mutex<Vec<ErrorRecord>>,
     failure: Mutex<Option<String>>,
-    done: (Mutex<bool>, crate::util::sync::Condvar),
+    done: Completion,
 }
 
 impl ScrubRun {
-    fn active_time(&self) -> Duration {
-        let a = lock(&self.active);
-        a.0 + a.1.map(|t| t.elapsed()).unwrap_or_default()
-    }
-    fn set_paused(&self, paused: bool) {
-        let mut a = lock(&self.active);
-        match (paused, a.1) {
-            (true, Some(t)) => {
-                a.0 += t.elapsed();
-                a.1 = None;
-            }
-            (false, None) => a.1 = Some(Instant::now()),
-            _ => {}
-        }
-    }
-
     /// Current status.
     pub fn status(&self, with_errors: bool) -> ScrubStatus {
         let devs: Vec<DevProgress> = lock(&self.devs).values().cloned().collect();
@@ -289,7 +274,7 @@ impl ScrubRun {
             c.add(&d.counters);
         }
         let total: u64 = devs.iter().map(|d| d.bytes_total).sum();
-        let active = self.active_time().as_secs_f64();
+        let active = self.active.active().as_secs_f64();
         let rate = if active > 0.0 {
             (c.bytes_scrubbed as f64 / active) as u64
         } else {
@@ -316,12 +301,7 @@ impl ScrubRun {
 
     /// Block until the scrub ends.
     pub fn wait(&self) -> ScrubStatus {
-        let (m, c) = &self.done;
-        let mut d = lock(m);
-        while !*d {
-            d = c.wait(d).unwrap_or_else(|e| e.into_inner());
-        }
-        drop(d);
+        self.done.wait();
         self.status(false)
     }
 
@@ -354,7 +334,7 @@ enum Stop {
 // ---- control -----------------------------------------------------------
 
 fn current(fs: &FsInfo) -> Option<Arc<ScrubRun>> {
-    lock(&fs.scrub).clone()
+    JobSlot::<ScrubRun>::of(fs).current()
 }
 
 fn is_active(run: &ScrubRun) -> bool {
@@ -452,7 +432,7 @@ pub fn resume(fs: &Arc<FsInfo>) -> Result<Arc<ScrubRun>> {
             if *st == State::Paused {
                 run.pause.store(false, Ordering::Release);
                 *st = State::Running;
-                run.set_paused(false);
+                run.active.set_paused(false);
                 drop(st);
                 return Ok(run);
             }
@@ -484,7 +464,8 @@ fn launch(
     from: Option<Vec<Persisted>>,
 ) -> Result<Arc<ScrubRun>> {
     fs.check_abort()?;
-    let mut slot = lock(&fs.scrub);
+    let slot = JobSlot::<ScrubRun>::of(fs);
+    let mut slot = slot.hold();
     if slot.as_ref().is_some_and(|r| is_active(r)) {
         return Err(Error::Busy("scrub is already running".into()));
     }
@@ -528,11 +509,11 @@ fn launch(
         state: Mutex::new(State::Running),
         cancel: AtomicBool::new(false),
         pause: AtomicBool::new(false),
-        active: Mutex::new((active, Some(Instant::now()))),
+        active: ActiveClock::running_after(active),
         devs: Mutex::new(devs),
         errors: Mutex::new(Vec::new()),
         failure: Mutex::new(None),
-        done: (Mutex::new(false), crate::util::sync::Condvar::new()),
+        done: Completion::default(),
     });
     if from.is_none() && !run.opts.readonly {
         let mut t = lock(&fs.trans);
@@ -580,7 +561,7 @@ fn coordinate(fs: Arc<FsInfo>, run: Arc<ScrubRun>) {
     } else {
         State::Finished
     };
-    run.set_paused(true);
+    run.active.set_paused(true);
     *lock(&run.state) = end;
     *lock(&run.failure) = failed.clone();
     if !fs.is_aborted() {
@@ -589,9 +570,7 @@ fn coordinate(fs: Arc<FsInfo>, run: Arc<ScrubRun>) {
     // Waiters learn the outcome before the final commit: scrub never waits
     // on a commit to report (a stuck commit must not hang `scrub -B`).
     {
-        let (m, c) = &run.done;
-        *lock(m) = true;
-        c.notify_all();
+        run.done.finish();
     }
     if !fs.is_aborted() && !run.opts.readonly {
         if let Err(e) = crate::engine::transaction::commit(&fs) {
@@ -630,7 +609,7 @@ pub fn pause(fs: &FsInfo) -> Result<()> {
     }
     run.pause.store(true, Ordering::Release);
     *st = State::Paused;
-    run.set_paused(true);
+    run.active.set_paused(true);
     Ok(())
 }
 

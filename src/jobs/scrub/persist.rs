@@ -20,7 +20,7 @@ fn encode_dev(run: &ScrubRun, st: State, d: &DevProgress) -> Vec<u8> {
         state: st.to_u8(),
         readonly: run.opts.readonly,
         started_at: run.started_at,
-        active_ms: run.active_time().as_millis() as u64,
+        active_ms: run.active.active().as_millis() as u64,
         last_physical: d.last_physical,
         bytes_total: d.bytes_total,
         done: d.done,
