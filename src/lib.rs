@@ -20,6 +20,9 @@
 //!
 //! [`nbd`] is the NBD protocol and server; it imports nothing of the engine.
 
+// Functions stay under 100 lines and 6 parameters (clippy.toml).
+#![warn(clippy::too_many_lines, clippy::too_many_arguments)]
+
 pub mod btree;
 pub mod chunk;
 pub mod cli;

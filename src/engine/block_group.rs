@@ -303,6 +303,7 @@ impl BlockGroup {
 
     /// A data reservation goes back to free space unused (a failed write).
     pub(crate) fn unreserve(&self, fs: &FsInfo, logical: u64, len: u64) {
+        debug_assert!(logical >= self.start && logical + len <= self.end());
         let mut s = self.lock();
         let mut reserved = s.reserved;
         if self.take(fs, &mut reserved, len, "reserved") {
@@ -339,6 +340,7 @@ impl BlockGroup {
 
     /// Pinned bytes become free again (never in a removed group).
     pub(crate) fn unpin(&self, fs: &FsInfo, logical: u64, len: u64) {
+        debug_assert!(logical >= self.start && logical + len <= self.end());
         let mut s = self.lock();
         let mut pinned = s.pinned;
         if self.take(fs, &mut pinned, len, "pinned") {

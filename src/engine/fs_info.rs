@@ -47,6 +47,19 @@ pub enum CopyFault {
     Generation,
 }
 
+/// What [`FsInfo::new`] starts from: the superblock's identity and the
+/// devices, the transaction to run next and the last committed generation.
+pub struct FsParams {
+    pub pool_uuid: [u8; 16],
+    pub csum_type: CsumType,
+    pub node_bytes: usize,
+    pub label: String,
+    pub devices: BTreeMap<u64, Arc<Device>>,
+    pub trans: TransState,
+    pub committed_gen: u64,
+    pub cache_bytes: usize,
+}
+
 /// Everything an open pool shares between threads.
 pub struct FsInfo {
     pub pool_uuid: [u8; 16],
@@ -116,7 +129,14 @@ impl Drop for ReadGuard<'_> {
                     r.remove(&self.gen);
                     oldest
                 }
-                None => false,
+                None => {
+                    debug_assert!(
+                        false,
+                        "reader of generation {} was not registered",
+                        self.gen
+                    );
+                    false
+                }
             }
         };
         if oldest_left {
@@ -126,17 +146,19 @@ impl Drop for ReadGuard<'_> {
 }
 
 impl FsInfo {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        pool_uuid: [u8; 16],
-        csum_type: CsumType,
-        node_bytes: usize,
-        label: String,
-        devices: BTreeMap<u64, Arc<Device>>,
-        trans: TransState,
-        committed_gen: u64,
-        cache_bytes: usize,
-    ) -> FsInfo {
+    /// The shared state of a pool about to be made or opened.
+    pub fn new(p: FsParams) -> FsInfo {
+        let FsParams {
+            pool_uuid,
+            csum_type,
+            node_bytes,
+            label,
+            devices,
+            trans,
+            committed_gen,
+            cache_bytes,
+        } = p;
+        assert!(node_bytes.is_power_of_two() && node_bytes >= 4096);
         let cap = crate::btree::max_item_bytes(node_bytes) / 2;
         let mut sectors = 256u64;
         while sectors > 1 && sectors as usize * csum_type.size_bytes() > cap {
@@ -249,6 +271,12 @@ impl FsInfo {
 
     /// Register a reader of generation `gen` (call with the transaction lock held).
     pub fn register_reader(&self, gen: u64) -> ReadGuard<'_> {
+        // A reader of a generation already unpinned past could reach reused
+        // space: only the running one and later commits are registered.
+        debug_assert!(
+            gen >= self.committed_gen.load(Ordering::Acquire),
+            "reader registered at generation {gen}, older than the last commit"
+        );
         *lock(&self.readers).entry(gen).or_insert(0) += 1;
         ReadGuard { fs: self, gen }
     }
@@ -265,6 +293,11 @@ impl FsInfo {
 
     /// Record that [logical, +len) was freed by transaction `gen`.
     pub fn pin(&self, gen: u64, logical: u64, len: u64) {
+        debug_assert!(len > 0, "pinning nothing at {logical:#x}");
+        debug_assert!(
+            gen > self.committed_gen.load(Ordering::Acquire),
+            "extent {logical:#x} freed by generation {gen}, which is already durable"
+        );
         lock(&self.pinned)
             .entry(gen)
             .or_default()

@@ -554,6 +554,8 @@ fn commit_upto(fs: &FsInfo, target: u64) -> Result<u64> {
         }
         Ctx::join(fs, &mut st).run_delayed()?;
         let gen = st.gen;
+        // One transaction at a time becomes durable, in order.
+        assert_eq!(gen, done + 1, "committing generation {gen} after {done}");
         let mut ptrs = [RootPtr::default(); 5];
         let mut clean_roots = Vec::new();
         for (i, ptr) in ptrs.iter_mut().enumerate() {
@@ -629,7 +631,8 @@ fn commit_upto(fs: &FsInfo, target: u64) -> Result<u64> {
         gen,
         roots: clean_roots,
     };
-    fs.committed_gen.store(gen, Ordering::Release);
+    let before = fs.committed_gen.swap(gen, Ordering::AcqRel);
+    debug_assert_eq!(before, done, "another commit ran under the commit lock");
     fs.release_pinned();
     Ok(gen)
 }

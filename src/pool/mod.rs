@@ -11,7 +11,7 @@ use crate::chunk::volumes::Device;
 use crate::data::volume::Volume;
 use crate::device::{read_supers, BlockDevice, FileDevice, MIN_DEVICE_BYTES};
 use crate::engine::block_group::BlockGroup;
-use crate::engine::fs_info::{tree_index, CommitRoots, FsInfo};
+use crate::engine::fs_info::{tree_index, CommitRoots, FsInfo, FsParams};
 use crate::engine::transaction::{commit, Ctx, TransState, VolumeInfo};
 use crate::format::csum::CsumType;
 use crate::format::{
@@ -232,16 +232,16 @@ impl Pool {
             let devid = i as u64 + 1;
             devices.insert(devid, Arc::new(Device::new(devid, new_uuid(), d)));
         }
-        let fs = FsInfo::new(
-            new_uuid(),
-            opts.csum,
-            nb as usize,
-            opts.label.clone(),
+        let fs = FsInfo::new(FsParams {
+            pool_uuid: new_uuid(),
+            csum_type: opts.csum,
+            node_bytes: nb as usize,
+            label: opts.label.clone(),
             devices,
-            TransState::new(1, data, meta),
-            0,
-            DEFAULT_CACHE_BYTES,
-        );
+            trans: TransState::new(1, data, meta),
+            committed_gen: 0,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+        });
         {
             let mut st = lock(&fs.trans);
             let mut ctx = Ctx::join(&fs, &mut st);
@@ -320,232 +320,35 @@ impl Pool {
     /// Open with options (degraded: members that are not given are missing;
     /// reads use the remaining mirrors).
     pub fn open_with_options(devs: Vec<Arc<dyn BlockDevice>>, opts: OpenOptions) -> Result<Pool> {
-        let repair = opts.repair;
         if devs.is_empty() {
             return Err(Error::Invalid("no devices given".into()));
         }
-        let mut supers = Vec::new();
-        for d in &devs {
-            supers.push(read_supers(d.as_ref())?.remove(0));
-        }
-        let best = supers
-            .iter()
-            .max_by_key(|s| s.generation)
-            .cloned()
-            .expect("non-empty");
-        let mut devices = BTreeMap::new();
-        for (d, sb) in devs.iter().zip(&supers) {
-            if sb.pool_uuid != best.pool_uuid {
-                return Err(Error::Device {
-                    path: d.path().into(),
-                    msg: format!(
-                        "belongs to pool {}, not {}",
-                        crate::format::uuid_string(&sb.pool_uuid),
-                        crate::format::uuid_string(&best.pool_uuid)
-                    ),
-                });
-            }
-            if devices.contains_key(&sb.devid) {
-                return Err(Error::Device {
-                    path: d.path().into(),
-                    msg: format!("devid {} given twice", sb.devid),
-                });
-            }
-            devices.insert(
-                sb.devid,
-                Arc::new(Device::new(sb.devid, sb.dev_uuid, d.clone())),
-            );
-        }
-        let fs = FsInfo::new(
-            best.pool_uuid,
-            best.csum_type,
-            best.node_bytes as usize,
-            best.label.clone(),
+        let (best, devices) = pick_superblock(&devs)?;
+        let fs = FsInfo::new(FsParams {
+            pool_uuid: best.pool_uuid,
+            csum_type: best.csum_type,
+            node_bytes: best.node_bytes as usize,
+            label: best.label.clone(),
             devices,
-            TransState::new(
+            trans: TransState::new(
                 best.generation + 1,
                 best.data_profile,
                 best.metadata_profile,
             ),
-            best.generation,
-            DEFAULT_CACHE_BYTES,
-        );
-        fs.no_repair.store(!repair, Ordering::Relaxed);
-        let bad = |m: String| {
-            Error::Corrupt(format!(
-                "pool {}: {m}",
-                crate::format::uuid_string(&best.pool_uuid)
-            ))
+            committed_gen: best.generation,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+        });
+        fs.no_repair.store(!opts.repair, Ordering::Relaxed);
+        let load = Loader {
+            fs: &fs,
+            best: &best,
         };
-        for c in best
-            .sys_chunks()
-            .map_err(|e| bad(format!("system chunk array: {e}")))?
-        {
-            fs.mapping.insert(c);
-        }
-        // The chunk tree lives in system chunks; it maps where the other roots are.
-        let load_root = |i: usize| -> Result<Arc<crate::btree::Node>> {
-            let r = best.roots[i];
-            let n = fs.read_node(r.addr, Some((r.gen, tree_id::ALL[i], r.level)))?;
-            fs.cache.insert(n.clone());
-            Ok(n)
-        };
-        let chunk_root = load_root(tree_index(tree_id::CHUNK))?;
-        let mut dev_items = Vec::new();
-        for r in Iter::new(&fs as &dyn NodeLoader, &chunk_root, Key::MIN, Key::MAX) {
-            let (k, v) = r?;
-            match k.ty {
-                item::DEV_ITEM => dev_items
-                    .push(DevItem::decode(&v).map_err(|e| bad(format!("dev item {k}: {e}")))?),
-                item::CHUNK => {
-                    let c = ChunkItem::decode(k.offset, &v)
-                        .map_err(|e| bad(format!("chunk item {k}: {e}")))?;
-                    fs.mapping.insert(c);
-                }
-                _ => {}
-            }
-        }
-        let roots = (0..tree_id::ALL.len())
-            .map(load_root)
-            .collect::<Result<Vec<_>>>()?;
-        {
-            let mut st = lock(&fs.trans);
-            for (i, r) in roots.iter().enumerate() {
-                st.roots[i] = Some(r.clone());
-            }
-            st.next_volume_id = best.next_volume_id;
-        }
-        *write(&fs.commit_roots) = CommitRoots {
-            gen: best.generation,
-            roots: roots.clone(),
-        };
-        let scan = |tree: u64| -> Iter<'_> {
-            Iter::new(
-                &fs as &dyn NodeLoader,
-                &roots[tree_index(tree)],
-                Key::MIN,
-                Key::MAX,
-            )
-        };
-        let missing: Vec<String> = dev_items
-            .iter()
-            .filter(|d| fs.device(d.devid).is_none())
-            .map(|d| {
-                format!(
-                    "devid {} (uuid {})",
-                    d.devid,
-                    crate::format::uuid_string(&d.uuid)
-                )
-            })
-            .collect();
-        if !missing.is_empty() && !opts.degraded {
-            return Err(Error::Device {
-                path: devs[0].path().into(),
-                msg: format!(
-                    "pool is missing {} (open with --degraded to use the remaining mirrors)",
-                    missing.join(", ")
-                ),
-            });
-        }
-        if !missing.is_empty() {
-            tracing::warn!("opening degraded: missing {}", missing.join(", "));
-            let mut m = write(&fs.missing);
-            for d in dev_items.iter().filter(|d| fs.device(d.devid).is_none()) {
-                m.insert(d.devid, d.clone());
-            }
-        }
-        for d in fs.devices() {
-            if !dev_items
-                .iter()
-                .any(|x| x.devid == d.devid && x.uuid == d.uuid)
-            {
-                return Err(Error::Device {
-                    path: d.dev.path().into(),
-                    msg: format!("devid {} is not a member of this pool", d.devid),
-                });
-            }
-        }
-        // Dev tree: device extents and error counters.
-        for r in scan(tree_id::DEV) {
-            let (k, v) = r?;
-            match k.ty {
-                item::DEV_EXTENT => {
-                    let de = DevExtent::decode(&v).map_err(|e| bad(format!("{k}: {e}")))?;
-                    if let Some(d) = fs.device(k.objectid) {
-                        write(&d.extents).insert(k.offset, de.length);
-                    }
-                }
-                item::DEV_STATS => {
-                    if let Some(d) = fs.device(k.offset) {
-                        d.stats
-                            .set(&DevStats::decode(&v).map_err(|e| bad(format!("{k}: {e}")))?);
-                    }
-                }
-                _ => {}
-            }
-        }
-        // Extent tree: block groups and what is allocated in them.
-        let mut allocated: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
-        let mut groups = Vec::new();
-        for r in scan(tree_id::EXTENT) {
-            let (k, v) = r?;
-            match k.ty {
-                item::BLOCK_GROUP => {
-                    let bi = BlockGroupItem::decode(&v).map_err(|e| bad(format!("{k}: {e}")))?;
-                    let map = fs
-                        .mapping
-                        .get(k.objectid)
-                        .ok_or_else(|| bad(format!("block group {k} has no chunk")))?;
-                    if k.offset == 0 || k.objectid.checked_add(k.offset).is_none() {
-                        return Err(bad(format!("block group {k} has a bad length")));
-                    }
-                    groups.push((k.objectid, k.offset, bi, map.item.profile));
-                }
-                item::EXTENT => allocated
-                    .entry(k.objectid)
-                    .or_default()
-                    .push((k.objectid, k.offset)),
-                item::METADATA => allocated
-                    .entry(k.objectid)
-                    .or_default()
-                    .push((k.objectid, fs.node_bytes as u64)),
-                _ => {}
-            }
-        }
-        for (start, length, bi, profile) in groups {
-            let in_group: Vec<(u64, u64)> = allocated
-                .range(start..start + length)
-                .flat_map(|(_, list)| list.iter().copied())
-                .collect();
-            let bg = Arc::new(BlockGroup::open(
-                start, length, bi.bg_type, profile, bi.used, &in_group,
-            ));
-            write(&fs.block_groups).insert(start, bg.clone());
-            // Every empty group goes to the cleaner.
-            bg.hand_back(&fs);
-        }
-        // Volume tree: the volumes.
-        {
-            let mut st = lock(&fs.trans);
-            let end = Key::new(objectid::VOLUMES, item::VOLUME_ITEM, u64::MAX);
-            let it = Iter::new(
-                &fs as &dyn NodeLoader,
-                &roots[tree_index(tree_id::VOLUME)],
-                Key::new(objectid::VOLUMES, item::VOLUME_ITEM, 0),
-                end,
-            );
-            for r in it {
-                let (k, v) = r?;
-                let vi = VolumeItem::decode(&v).map_err(|e| bad(format!("{k}: {e}")))?;
-                st.volumes.insert(
-                    vi.name,
-                    VolumeInfo {
-                        id: k.offset,
-                        size_bytes: vi.size_bytes,
-                    },
-                );
-            }
-        }
+        let dev_items = load.chunk_tree()?;
+        let roots = load.roots()?;
+        load.members(&dev_items, &devs, opts.degraded)?;
+        load.dev_tree(&roots)?;
+        load.block_groups(&roots)?;
+        load.volumes(&roots)?;
         Ok(Pool { fs: Arc::new(fs) })
     }
 
@@ -839,4 +642,264 @@ pub fn is_pool_device(path: &Path) -> bool {
             Superblock::decode(&b).ok()
         })
         .is_some()
+}
+
+/// The newest superblock among the devices, and the devices as pool
+/// members; every device must belong to that pool, each devid once.
+fn pick_superblock(
+    devs: &[Arc<dyn BlockDevice>],
+) -> Result<(Superblock, BTreeMap<u64, Arc<Device>>)> {
+    let mut supers = Vec::new();
+    for d in devs {
+        supers.push(read_supers(d.as_ref())?.remove(0));
+    }
+    let best = supers
+        .iter()
+        .max_by_key(|s| s.generation)
+        .cloned()
+        .expect("non-empty");
+    let mut devices = BTreeMap::new();
+    for (d, sb) in devs.iter().zip(&supers) {
+        if sb.pool_uuid != best.pool_uuid {
+            return Err(Error::Device {
+                path: d.path().into(),
+                msg: format!(
+                    "belongs to pool {}, not {}",
+                    crate::format::uuid_string(&sb.pool_uuid),
+                    crate::format::uuid_string(&best.pool_uuid)
+                ),
+            });
+        }
+        if devices.contains_key(&sb.devid) {
+            return Err(Error::Device {
+                path: d.path().into(),
+                msg: format!("devid {} given twice", sb.devid),
+            });
+        }
+        devices.insert(
+            sb.devid,
+            Arc::new(Device::new(sb.devid, sb.dev_uuid, d.clone())),
+        );
+    }
+    Ok((best, devices))
+}
+
+/// Rebuilds the in-memory state of a pool from its metadata, one tree at
+/// a time (`open` reads metadata only).
+struct Loader<'a> {
+    fs: &'a FsInfo,
+    best: &'a Superblock,
+}
+
+impl Loader<'_> {
+    fn bad(&self, m: String) -> Error {
+        Error::Corrupt(format!(
+            "pool {}: {m}",
+            crate::format::uuid_string(&self.best.pool_uuid)
+        ))
+    }
+
+    fn load_root(&self, i: usize) -> Result<Arc<crate::btree::Node>> {
+        let r = self.best.roots[i];
+        let n = self
+            .fs
+            .read_node(r.addr, Some((r.gen, tree_id::ALL[i], r.level)))?;
+        self.fs.cache.insert(n.clone());
+        Ok(n)
+    }
+
+    fn scan<'r>(&'r self, roots: &'r [Arc<crate::btree::Node>], tree: u64) -> Iter<'r> {
+        Iter::new(
+            self.fs as &dyn NodeLoader,
+            &roots[tree_index(tree)],
+            Key::MIN,
+            Key::MAX,
+        )
+    }
+
+    /// The system chunks, then the chunk tree (it lives in system chunks and
+    /// maps where the other roots are). Returns the device items.
+    fn chunk_tree(&self) -> Result<Vec<DevItem>> {
+        let sys = self.best.sys_chunks();
+        for c in sys.map_err(|e| self.bad(format!("system chunk array: {e}")))? {
+            self.fs.mapping.insert(c);
+        }
+        let chunk_root = self.load_root(tree_index(tree_id::CHUNK))?;
+        let mut dev_items = Vec::new();
+        for r in Iter::new(self.fs as &dyn NodeLoader, &chunk_root, Key::MIN, Key::MAX) {
+            let (k, v) = r?;
+            match k.ty {
+                item::DEV_ITEM => dev_items
+                    .push(DevItem::decode(&v).map_err(|e| self.bad(format!("dev item {k}: {e}")))?),
+                item::CHUNK => {
+                    let c = ChunkItem::decode(k.offset, &v)
+                        .map_err(|e| self.bad(format!("chunk item {k}: {e}")))?;
+                    self.fs.mapping.insert(c);
+                }
+                _ => {}
+            }
+        }
+        Ok(dev_items)
+    }
+
+    /// Every tree's root, installed as the live and the commit roots.
+    fn roots(&self) -> Result<Vec<Arc<crate::btree::Node>>> {
+        let roots = (0..tree_id::ALL.len())
+            .map(|i| self.load_root(i))
+            .collect::<Result<Vec<_>>>()?;
+        {
+            let mut st = lock(&self.fs.trans);
+            for (i, r) in roots.iter().enumerate() {
+                st.roots[i] = Some(r.clone());
+            }
+            st.next_volume_id = self.best.next_volume_id;
+        }
+        *write(&self.fs.commit_roots) = CommitRoots {
+            gen: self.best.generation,
+            roots: roots.clone(),
+        };
+        Ok(roots)
+    }
+
+    /// The devices given must all be members; missing members are allowed
+    /// only with `degraded`.
+    fn members(
+        &self,
+        dev_items: &[DevItem],
+        devs: &[Arc<dyn BlockDevice>],
+        degraded: bool,
+    ) -> Result<()> {
+        let fs = self.fs;
+        let missing: Vec<String> = dev_items
+            .iter()
+            .filter(|d| fs.device(d.devid).is_none())
+            .map(|d| {
+                format!(
+                    "devid {} (uuid {})",
+                    d.devid,
+                    crate::format::uuid_string(&d.uuid)
+                )
+            })
+            .collect();
+        if !missing.is_empty() && !degraded {
+            return Err(Error::Device {
+                path: devs[0].path().into(),
+                msg: format!(
+                    "pool is missing {} (open with --degraded to use the remaining mirrors)",
+                    missing.join(", ")
+                ),
+            });
+        }
+        if !missing.is_empty() {
+            tracing::warn!("opening degraded: missing {}", missing.join(", "));
+            let mut m = write(&fs.missing);
+            for d in dev_items.iter().filter(|d| fs.device(d.devid).is_none()) {
+                m.insert(d.devid, d.clone());
+            }
+        }
+        for d in fs.devices() {
+            if !dev_items
+                .iter()
+                .any(|x| x.devid == d.devid && x.uuid == d.uuid)
+            {
+                return Err(Error::Device {
+                    path: d.dev.path().into(),
+                    msg: format!("devid {} is not a member of this pool", d.devid),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Dev tree: device extents and error counters.
+    fn dev_tree(&self, roots: &[Arc<crate::btree::Node>]) -> Result<()> {
+        for r in self.scan(roots, tree_id::DEV) {
+            let (k, v) = r?;
+            match k.ty {
+                item::DEV_EXTENT => {
+                    let de = DevExtent::decode(&v).map_err(|e| self.bad(format!("{k}: {e}")))?;
+                    if let Some(d) = self.fs.device(k.objectid) {
+                        write(&d.extents).insert(k.offset, de.length);
+                    }
+                }
+                item::DEV_STATS => {
+                    if let Some(d) = self.fs.device(k.offset) {
+                        let st = DevStats::decode(&v).map_err(|e| self.bad(format!("{k}: {e}")))?;
+                        d.stats.set(&st);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Extent tree: block groups and what is allocated in them.
+    fn block_groups(&self, roots: &[Arc<crate::btree::Node>]) -> Result<()> {
+        let fs = self.fs;
+        let mut allocated: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
+        let mut groups = Vec::new();
+        for r in self.scan(roots, tree_id::EXTENT) {
+            let (k, v) = r?;
+            match k.ty {
+                item::BLOCK_GROUP => {
+                    let bi =
+                        BlockGroupItem::decode(&v).map_err(|e| self.bad(format!("{k}: {e}")))?;
+                    let map = fs
+                        .mapping
+                        .get(k.objectid)
+                        .ok_or_else(|| self.bad(format!("block group {k} has no chunk")))?;
+                    if k.offset == 0 || k.objectid.checked_add(k.offset).is_none() {
+                        return Err(self.bad(format!("block group {k} has a bad length")));
+                    }
+                    groups.push((k.objectid, k.offset, bi, map.item.profile));
+                }
+                item::EXTENT => allocated
+                    .entry(k.objectid)
+                    .or_default()
+                    .push((k.objectid, k.offset)),
+                item::METADATA => allocated
+                    .entry(k.objectid)
+                    .or_default()
+                    .push((k.objectid, fs.node_bytes as u64)),
+                _ => {}
+            }
+        }
+        for (start, length, bi, profile) in groups {
+            let in_group: Vec<(u64, u64)> = allocated
+                .range(start..start + length)
+                .flat_map(|(_, list)| list.iter().copied())
+                .collect();
+            let bg = Arc::new(BlockGroup::open(
+                start, length, bi.bg_type, profile, bi.used, &in_group,
+            ));
+            write(&fs.block_groups).insert(start, bg.clone());
+            // Every empty group goes to the cleaner.
+            bg.hand_back(fs);
+        }
+        Ok(())
+    }
+
+    /// Volume tree: the volumes.
+    fn volumes(&self, roots: &[Arc<crate::btree::Node>]) -> Result<()> {
+        let mut st = lock(&self.fs.trans);
+        let it = Iter::new(
+            self.fs as &dyn NodeLoader,
+            &roots[tree_index(tree_id::VOLUME)],
+            Key::new(objectid::VOLUMES, item::VOLUME_ITEM, 0),
+            Key::new(objectid::VOLUMES, item::VOLUME_ITEM, u64::MAX),
+        );
+        for r in it {
+            let (k, v) = r?;
+            let vi = VolumeItem::decode(&v).map_err(|e| self.bad(format!("{k}: {e}")))?;
+            st.volumes.insert(
+                vi.name,
+                VolumeInfo {
+                    id: k.offset,
+                    size_bytes: vi.size_bytes,
+                },
+            );
+        }
+        Ok(())
+    }
 }
