@@ -636,3 +636,85 @@ fn r8_replace_waits_for_in_flight_writer() {
     assert!(all == pattern(1, 40 << 20));
     drop(devs);
 }
+
+/// The seed's exact window, first guard (RACES.md, R1): scrub has looked
+/// the group up (`scrub::group_found`), the cleaner deletes it completely
+/// (items, group tree, `removed`, chunk map) and scrub goes on. The freeze
+/// is refused, so scrub skips the group with no error. Without the refusal
+/// scrub freezes a removed group and only the missing-map skip saves it;
+/// with that skip gone too (the seed's bug) scrub fails with "has no chunk
+/// map".
+#[test]
+fn seed_window_group_deleted_between_lookup_and_freeze() {
+    let _g = serial();
+    let s = setup();
+    let x = empty_group(&s);
+    failpoint::set("scrub::group_found", Action::PauseIf(x));
+    let run = start_dev1(&s, false);
+    paused("scrub::group_found");
+    let refused = failpoint::hits("scrub::freeze_refused");
+    let pass = delete_unused_bgs(s.fs()).unwrap();
+    assert_eq!(pass.deleted, 1, "{pass:?}");
+    commit(s.fs()).unwrap();
+    assert!(s.fs().mapping.get(x).is_none(), "deleted completely");
+    failpoint::release("scrub::group_found");
+    let st = run.wait();
+    assert_eq!(st.state, State::Finished, "scrub failed: {:?}", st.failure);
+    assert_eq!(st.counters.errors(), 0);
+    assert_eq!(st.counters.block_groups_skipped_removed, 1);
+    assert_eq!(
+        failpoint::hits("scrub::freeze_refused"),
+        refused + 1,
+        "the freeze of the removed group was refused"
+    );
+}
+
+/// The seed's window, second guard: scrub has frozen the group and waits
+/// before its map lookup (`scrub::before_map_lookup`) while relocation
+/// removes it (the cleaner stays off a group scrub marks, R3). The freeze defers the map drop (R4), so the lookup finds the
+/// map, scrub goes on without error, and the map is dropped when scrub lets
+/// go. Without the deferral the map is gone at the lookup.
+#[test]
+fn seed_window_group_removed_after_freeze_keeps_its_map() {
+    let _g = serial();
+    let s = setup();
+    let x = empty_group(&s);
+    failpoint::set("scrub::before_map_lookup", Action::PauseIf(x));
+    let run = start_dev1(&s, false);
+    paused("scrub::before_map_lookup");
+    let stats = relocate_block_group(s.fs(), x, &never).unwrap();
+    assert!(stats.removed, "{stats:?}");
+    assert!(
+        s.fs().mapping.get(x).is_some(),
+        "a frozen group keeps its map"
+    );
+    failpoint::release("scrub::before_map_lookup");
+    let st = run.wait();
+    assert_eq!(st.state, State::Finished, "scrub failed: {:?}", st.failure);
+    assert_eq!(st.counters.errors(), 0);
+    assert!(
+        s.fs().mapping.get(x).is_none(),
+        "the last freeze drops the deferred map"
+    );
+}
+
+/// The seed's window, the missing-map skip on its own: scrub has frozen the
+/// group and waits before its map lookup; the group is removed and its map
+/// dropped regardless (what a remover ignoring the freeze would do). A
+/// missing map of a removed group is a quiet skip, not an error.
+#[test]
+fn seed_window_missing_map_of_a_removed_group_is_a_skip() {
+    let _g = serial();
+    let s = setup();
+    let x = empty_group(&s);
+    failpoint::set("scrub::before_map_lookup", Action::PauseIf(x));
+    let run = start_dev1(&s, false);
+    paused("scrub::before_map_lookup");
+    assert!(relocate_block_group(s.fs(), x, &never).unwrap().removed);
+    assert!(s.fs().mapping.remove(x).is_some(), "deferred map");
+    failpoint::release("scrub::before_map_lookup");
+    let st = run.wait();
+    assert_eq!(st.state, State::Finished, "scrub failed: {:?}", st.failure);
+    assert_eq!(st.counters.errors(), 0);
+    assert_eq!(st.counters.block_groups_skipped_removed, 1);
+}

@@ -299,6 +299,7 @@ fn scrub_dev_extent(scan: &mut DevScan) -> Result<(), Stop> {
         return skip("range reused by a newer block group");
     }
     let Some(freeze) = bg.freeze(fs) else {
+        failpoint!("scrub::freeze_refused", bg.start);
         return skip("block group was removed");
     };
     failpoint!("scrub::frozen", bg.start);
