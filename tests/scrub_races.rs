@@ -718,3 +718,112 @@ fn seed_window_missing_map_of_a_removed_group_is_a_skip() {
     assert_eq!(st.counters.errors(), 0);
     assert_eq!(st.counters.block_groups_skipped_removed, 1);
 }
+
+/// The LBA (in volume "v") that maps the extent at `logical`.
+fn lba_of(s: &Setup, logical: u64) -> u64 {
+    let fs = s.fs();
+    let mut st = chunkvol::util::sync::lock(&fs.trans);
+    let ctx = Ctx::join(fs, &mut st);
+    let items = ctx
+        .range(
+            chunkvol::format::tree_id::VOLUME,
+            chunkvol::format::Key::MIN,
+            chunkvol::format::Key::MAX,
+        )
+        .unwrap();
+    items
+        .into_iter()
+        .filter(|(k, _)| k.ty == chunkvol::format::item::VOLUME_EXTENT)
+        .find(|(_, v)| chunkvol::format::VolumeExtent::decode(v).unwrap().logical == logical)
+        .map(|(k, _)| k.offset)
+        .expect("a mapping of the extent")
+}
+
+/// Relocation has copied an extent and not yet switched it
+/// (`relocation::extent_copied`) when a client overwrites part of it
+/// (unaligned) and discards another part. The switch must move only what
+/// is still live: the client's new bytes and its hole win, the rest of the
+/// extent keeps its data at the new place, and `check` is clean.
+#[test]
+fn relocation_copy_then_switch_races_an_overwrite_and_a_discard() {
+    let _g = serial();
+    let s = setup();
+    let (e_start, e_len) = s.pool.data_extents().unwrap()[0];
+    assert!(e_len >= 256 << 10, "a long extent: {e_len}");
+    let x = s.fs().block_group(e_start).unwrap().start;
+    let lba = lba_of(&s, e_start);
+    failpoint::set("relocation::extent_copied", Action::PauseIf(e_start));
+    let fs = s.fs().clone();
+    let h = std::thread::spawn(move || relocate_block_group(&fs, x, &never));
+    paused("relocation::extent_copied");
+    let v = s.pool.volume("v").unwrap();
+    let mut model = pattern(1, 40 << 20);
+    let new = pattern(9, (64 << 10) + 123);
+    let at = lba + 8192 + 7;
+    v.write_at(&new, at).unwrap();
+    model[at as usize..at as usize + new.len()].copy_from_slice(&new);
+    let hole = lba + e_len - (64 << 10);
+    v.discard(hole, 64 << 10).unwrap();
+    model[hole as usize..(hole + (64 << 10)) as usize].fill(0);
+    failpoint::release("relocation::extent_copied");
+    let stats = h.join().unwrap().unwrap();
+    assert!(stats.extents >= 1, "{stats:?}");
+    wait_removed(s.fs(), x);
+    let mut got = vec![0u8; 40 << 20];
+    v.read_at(&mut got, 0).unwrap();
+    assert!(
+        got == model,
+        "relocation lost a client's overwrite or discard"
+    );
+    let r = chunkvol::pool::check::check(&s.pool, true).unwrap();
+    assert!(r.ok(), "{r:?}");
+}
+
+/// A writer reserved space in group X and wrote its data, but has not
+/// inserted its extent yet (`volume::data_written`), when relocation of X
+/// starts. Relocation takes its read-only hold and then waits for the
+/// writer: it moves nothing until the reservation became an extent, and
+/// then moves that extent too (R8's rule, with relocation as the actor).
+#[test]
+fn relocation_waits_for_a_writer_that_reserved_before_its_read_only_mark() {
+    let _g = serial();
+    let s = setup();
+    failpoint::set("volume::data_written", Action::Pause);
+    let pool_fs = s.fs().clone();
+    let data = pattern(5, 64 << 10);
+    let writer = {
+        let v = s.pool.volume("v").unwrap();
+        let data = data.clone();
+        std::thread::spawn(move || v.write_at(&data, 50 << 20))
+    };
+    paused("volume::data_written");
+    let x = pool_fs
+        .block_group_list()
+        .into_iter()
+        .find(|b| b.reserved_bytes() > 0)
+        .expect("the writer's group")
+        .start;
+    let copied = failpoint::hits("relocation::extent_copied");
+    let fs = s.fs().clone();
+    let h = std::thread::spawn(move || relocate_block_group(&fs, x, &never));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!h.is_finished(), "relocation went on under a reservation");
+    assert!(
+        s.fs().block_group(x).unwrap().view().ro > 0,
+        "read-only hold taken"
+    );
+    assert_eq!(
+        failpoint::hits("relocation::extent_copied"),
+        copied,
+        "relocation moved an extent while a writer still held a reservation"
+    );
+    failpoint::release("volume::data_written");
+    writer.join().unwrap().unwrap();
+    let stats = h.join().unwrap().unwrap();
+    assert!(stats.removed, "{stats:?}");
+    let v = s.pool.volume("v").unwrap();
+    let mut got = vec![0u8; 64 << 10];
+    v.read_at(&mut got, 50 << 20).unwrap();
+    assert!(got == data, "the writer's data moved with the group");
+    assert_setup_data_intact(&s);
+}
