@@ -1328,10 +1328,19 @@ fn two_connections_write_one_sector_at_once() {
     let mut srv = Server::start(&dir, &devs, 2);
     let uri = srv.uri("disk0");
     const SECTORS: u64 = 1500;
+    // Asynchronous writes keep several of each connection's requests in
+    // flight (the server runs 4 workers per connection), so the two meet
+    // in a sector far more often than one request at a time would.
     let cmds = |off: u64, p: u8| -> Vec<String> {
-        (0..SECTORS)
-            .map(|k| format!("write -P {p:#x} {} 1000", k * 4096 + off))
-            .collect()
+        let mut v = Vec::new();
+        for k in 0..SECTORS {
+            v.push(format!("aio_write -P {p:#x} {} 1000", k * 4096 + off));
+            if k % 64 == 63 {
+                v.push("aio_flush".to_string());
+            }
+        }
+        v.push("aio_flush".to_string());
+        v
     };
     let (a, b) = (cmds(100, 0xa1), cmds(2000, 0xb2));
     thread::scope(|s| {
