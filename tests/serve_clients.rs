@@ -1315,11 +1315,12 @@ fn scrub_loop_under_fio_and_cleaner_churn_reports_no_errors() {
 /// Two NBD connections (two qemu-io processes) write different bytes of the
 /// same 4 KiB sectors at once: A bytes [100, 1100) and B bytes [2000, 3000)
 /// of each of 1,500 sectors, in the same order, so they meet in the same
-/// sector again and again. Each partial write is a read-modify-write of its
+/// sector again and again; four rounds, each with new patterns. Each partial write is a read-modify-write of its
 /// sector; the striped locks shared by every connection must keep one from
-/// writing back the sector it read before the other's bytes landed. Then a
-/// third connection flushes, and the export read back through qemu-img must
-/// hold both connections' bytes in every sector, also after a restart.
+/// writing back the sector it read before the other's bytes landed. After
+/// each round a third connection flushes, and the export read back through
+/// qemu-img must hold both connections' bytes in every sector (and after a
+/// restart, the last round's).
 #[test]
 fn two_connections_write_one_sector_at_once() {
     require_tools(&["qemu-io", "qemu-img"]);
@@ -1342,15 +1343,7 @@ fn two_connections_write_one_sector_at_once() {
         v.push("aio_flush".to_string());
         v
     };
-    let (a, b) = (cmds(100, 0xa1), cmds(2000, 0xb2));
-    thread::scope(|s| {
-        let ta = s.spawn(|| qemu_io(&uri, &a));
-        let tb = s.spawn(|| qemu_io(&uri, &b));
-        ta.join().unwrap();
-        tb.join().unwrap();
-    });
-    qemu_io(&uri, &["flush".to_string()]);
-    let verify = |uri: &str| {
+    let verify = |uri: &str, pa: u8, pb: u8| {
         let out = dir.join("read-back.img");
         let _ = fs::remove_file(&out);
         run_ok(
@@ -1370,9 +1363,9 @@ fn two_connections_write_one_sector_at_once() {
         for k in 0..SECTORS as usize {
             let sec = &img[k * 4096..(k + 1) * 4096];
             let ok = sec[..100].iter().all(|&x| x == 0)
-                && sec[100..1100].iter().all(|&x| x == 0xa1)
+                && sec[100..1100].iter().all(|&x| x == pa)
                 && sec[1100..2000].iter().all(|&x| x == 0)
-                && sec[2000..3000].iter().all(|&x| x == 0xb2)
+                && sec[2000..3000].iter().all(|&x| x == pb)
                 && sec[3000..].iter().all(|&x| x == 0);
             if !ok {
                 lost.push(k);
@@ -1383,9 +1376,24 @@ fn two_connections_write_one_sector_at_once() {
             "sectors that lost a connection's bytes: {lost:?}"
         );
     };
-    verify(&uri);
+    // Each round rewrites every sector from both connections with new
+    // patterns: a round catches a lost update only where the two met.
+    let mut last = (0, 0);
+    for round in 0..4u8 {
+        let (pa, pb) = (0xa1 + round, 0xb1 + round);
+        let (a, b) = (cmds(100, pa), cmds(2000, pb));
+        thread::scope(|s| {
+            let ta = s.spawn(|| qemu_io(&uri, &a));
+            let tb = s.spawn(|| qemu_io(&uri, &b));
+            ta.join().unwrap();
+            tb.join().unwrap();
+        });
+        qemu_io(&uri, &["flush".to_string()]);
+        verify(&uri, pa, pb);
+        last = (pa, pb);
+    }
     srv.restart();
-    verify(&srv.uri("disk0"));
+    verify(&srv.uri("disk0"), last.0, last.1);
     srv.stop();
     offline_check(&devs, true);
 }
