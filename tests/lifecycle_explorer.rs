@@ -3,8 +3,12 @@
 //! cleaners racing each other, a scrubber, and a committer. Every failpoint
 //! on their paths sleeps or yields by a seeded choice (failpoint::set_chaos),
 //! so each seed drives a different interleaving through the real code.
+//! A prober keeps new empty data groups coming while scrub walks the pool,
+//! so the cleaners delete groups scrub has found (the seed's window).
 //! Invariants per seed: no false scrub error, no lost byte (volume equals
-//! the model), no leaked unused group, a clean check, no deadlock.
+//! the model), no leaked unused group, a clean check, no deadlock. Over the
+//! whole run the events must have happened: groups deleted, and groups
+//! scrub found but skipped because they were removed.
 //!
 //! CHUNKVOL_EXPLORE_SEEDS sets how many seeds run (default 1000); a failure
 //! prints its seed, and CHUNKVOL_EXPLORE_FIRST_SEED replays from there.
@@ -23,7 +27,15 @@ use common::*;
 const VOL: u64 = 20 << 20;
 const S: u64 = 4096;
 
-fn one_seed(seed: u64) {
+/// What one seed made happen.
+#[derive(Default, Debug, Clone, Copy)]
+struct Events {
+    deleted: u64,
+    skipped_removed: u64,
+    scrubs: u64,
+}
+
+fn one_seed(seed: u64) -> Events {
     chunkvol::util::failpoint::set_chaos(seed, 300);
     let devs = mkfs_mem(Profile::Raid1, 96 << 20);
     let pool = open_mem(&devs);
@@ -58,18 +70,47 @@ fn one_seed(seed: u64) {
             }
         }));
     }
-    // Two cleaners racing each other and everyone else.
-    for _ in 0..2 {
+    // Prober: a few new empty data groups, handed to the cleaner, while
+    // scrub may be walking them.
+    {
         let (fs, stop) = (pool.fs().clone(), stop.clone());
         handles.push(std::thread::spawn(move || {
+            let mut rng = Rng::new(seed ^ 0x9e37);
+            for _ in 0..5 {
+                std::thread::sleep(Duration::from_micros(200 + rng.below(2000)));
+                if stop.load(Ordering::Acquire) {
+                    break;
+                }
+                let r = chunkvol::engine::transaction::change(&fs, |ctx| {
+                    ctx.new_chunk(chunkvol::format::bg_type::DATA)
+                        .map(|bg| bg.hand_back(&fs))
+                });
+                match r {
+                    Ok(_) | Err(chunkvol::Error::NoSpace(_)) => {}
+                    Err(e) => panic!("seed {seed}: prober: {e}"),
+                }
+                chunkvol::engine::transaction::commit(&fs).unwrap();
+            }
+        }));
+    }
+    // Two cleaners racing each other and everyone else.
+    let deleted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    for _ in 0..2 {
+        let (fs, stop, deleted) = (pool.fs().clone(), stop.clone(), deleted.clone());
+        handles.push(std::thread::spawn(move || {
             while !stop.load(Ordering::Acquire) {
-                if let Err(e) = chunkvol::engine::block_group::delete_unused_bgs(&fs) {
-                    let u = chunkvol::Pool::from_fs(fs.clone()).usage();
-                    panic!(
-                        "seed {seed}: cleaner: {e}\n{:#?}\npinned {}",
-                        u,
-                        fs.pinned_bytes()
-                    );
+                match chunkvol::engine::block_group::delete_unused_bgs(&fs) {
+                    Ok(p) => {
+                        deleted.fetch_add(p.deleted as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        let u = chunkvol::Pool::from_fs(fs.clone()).usage();
+                        panic!(
+                            "seed {seed}: cleaner: {e}\n{:#?}\npinned {}",
+                            u,
+                            fs.pinned_bytes()
+                        );
+                    }
                 }
                 std::thread::sleep(Duration::from_micros(200));
             }
@@ -81,7 +122,7 @@ fn one_seed(seed: u64) {
         handles.push(std::thread::spawn(move || {
             while !stop.load(Ordering::Acquire) {
                 chunkvol::engine::transaction::commit(&fs).unwrap();
-                std::thread::sleep(Duration::from_micros(500));
+                std::thread::sleep(Duration::from_micros(2000));
             }
         }));
     }
@@ -89,7 +130,7 @@ fn one_seed(seed: u64) {
     let scrubber = {
         let (fs, stop) = (pool.fs().clone(), stop.clone());
         std::thread::spawn(move || {
-            let mut n = 0;
+            let (mut n, mut skipped) = (0, 0);
             while !stop.load(Ordering::Acquire) || n == 0 {
                 let st = match scrub::start(&fs, ScrubOptions::default()) {
                     Ok(r) => r.wait(),
@@ -103,9 +144,10 @@ fn one_seed(seed: u64) {
                     "seed {seed}: false scrub error {st:?}"
                 );
                 assert_eq!(st.counters.uncorrectable_errors, 0, "seed {seed}");
+                skipped += st.counters.block_groups_skipped_removed;
                 n += 1;
             }
-            n
+            (n, skipped)
         })
     };
     let writer = handles.remove(0);
@@ -117,7 +159,7 @@ fn one_seed(seed: u64) {
         h.join()
             .unwrap_or_else(|_| panic!("seed {seed}: actor panicked"));
     }
-    scrubber
+    let (scrubs, skipped_removed) = scrubber
         .join()
         .unwrap_or_else(|_| panic!("seed {seed}: scrubber panicked"));
     chunkvol::util::failpoint::set_chaos(0, 0);
@@ -150,6 +192,11 @@ fn one_seed(seed: u64) {
     let pool = open_mem(&devs);
     let r = chunkvol::pool::check::check(&pool, true).unwrap();
     assert!(r.ok(), "seed {seed}: check: {:#?}", r.problems);
+    Events {
+        deleted: deleted.load(Ordering::Relaxed),
+        skipped_removed,
+        scrubs,
+    }
 }
 
 #[test]
@@ -163,15 +210,22 @@ fn block_group_lifecycle_interleavings() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
     let t0 = Instant::now();
+    let mut total = Events::default();
     for seed in first..first + n {
         // A deadlock shows up as a seed that never finishes.
         let (tx, rx) = std::sync::mpsc::channel();
         let h = std::thread::spawn(move || {
-            one_seed(seed);
+            let ev = one_seed(seed);
             let _ = tx.send(());
+            ev
         });
         match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(()) => h.join().unwrap(),
+            Ok(()) => {
+                let ev = h.join().unwrap();
+                total.deleted += ev.deleted;
+                total.skipped_removed += ev.skipped_removed;
+                total.scrubs += ev.scrubs;
+            }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 panic!("seed {seed}: deadlock (no progress in 60 s)")
             }
@@ -184,5 +238,15 @@ fn block_group_lifecycle_interleavings() {
             }
         }
     }
-    eprintln!("explored {n} seeds in {:.1}s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "explored {n} seeds in {:.1}s: {total:?}",
+        t0.elapsed().as_secs_f64()
+    );
+    // A run in which nothing was deleted, or scrub never met a removed
+    // group, explored nothing of the lifecycle.
+    assert!(total.deleted > 0, "no group was ever deleted: {total:?}");
+    assert!(
+        total.skipped_removed > 0,
+        "scrub never met a removed group: {total:?}"
+    );
 }
