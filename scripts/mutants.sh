@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Mutation testing of the block-group lifecycle's rules (cargo-mutants):
+# each mutant of the functions that hold a race rule must make one of the
+# race, check, reclaim or explorer tests (or the lifecycle's unit tests)
+# fail. Survivors are listed in target/mutants/mutants.out/missed.txt and
+# must be killed by a test or explained in docs/TESTING.md.
+#
+#   scripts/mutants.sh              # the rule functions of engine/block_group.rs
+#   scripts/mutants.sh --whole      # every mutant of block_group.rs and free_space.rs
+#   scripts/mutants.sh --list       # list, do not run (extra args go to cargo-mutants)
+#
+# One mutant at a time, in the `ci` profile, in a copy of the tree.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v cargo-mutants >/dev/null 2>&1 || cargo install cargo-mutants --locked
+rules='may_hand_back|cleaner_verdict|remove_block_group|removable|freeze|ro_hold|scrub_mark|foreign_ro|Drop for|hand_back_locked|writable|BgState::empty|into_relocated'
+args=(--file src/engine/block_group.rs)
+if [ "${1:-}" = "--whole" ]; then
+  shift
+  args+=(--file src/engine/free_space.rs)
+else
+  args+=(--re "$rules")
+fi
+export CHUNKVOL_EXPLORE_SEEDS=${CHUNKVOL_EXPLORE_SEEDS:-100}
+exec cargo mutants "${args[@]}" --profile ci --jobs 1 --timeout 300 \
+  --output target/mutants "$@" -- \
+  --lib --test scrub_races --test check_findings --test reclaim --test lifecycle_explorer
