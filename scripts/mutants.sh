@@ -22,6 +22,6 @@ else
   args+=(--re "$rules")
 fi
 export CHUNKVOL_EXPLORE_SEEDS=${CHUNKVOL_EXPLORE_SEEDS:-100}
-exec cargo mutants "${args[@]}" --profile ci --jobs 1 --timeout 300 \
+exec cargo mutants "${args[@]}" --profile ci --timeout 300 \
   --output target/mutants "$@" -- \
   --lib --test scrub_races --test check_findings --test reclaim --test lifecycle_explorer
