@@ -21,6 +21,7 @@ if [ "${1:-}" = "--whole" ]; then
 else
   args+=(--re "$rules")
 fi
+mkdir -p target/mutants
 export CHUNKVOL_EXPLORE_SEEDS=${CHUNKVOL_EXPLORE_SEEDS:-100}
 exec cargo mutants "${args[@]}" --profile ci --timeout 300 \
   --output target/mutants "$@" -- \
