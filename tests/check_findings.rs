@@ -47,6 +47,15 @@ fn items(ctx: &Ctx, tree: u64, ty: u8) -> Vec<(Key, Value)> {
         .collect()
 }
 
+/// The volume mapping item that points at the extent at `logical`.
+fn mapping_of(ctx: &Ctx, logical: u64) -> Key {
+    items(ctx, tree_id::VOLUME, item::VOLUME_EXTENT)
+        .into_iter()
+        .find(|(_, v)| chunkvol::format::VolumeExtent::decode(v).unwrap().logical == logical)
+        .map(|(k, _)| k)
+        .expect("a mapping of the extent")
+}
+
 fn delete(ctx: &mut Ctx, tree: u64, k: &Key) {
     assert!(ctx.delete(tree, k).unwrap(), "{k} present");
 }
@@ -167,10 +176,7 @@ fn an_extent_without_its_volume_mapping() {
     let (logical, len) = first_extent(&pool);
     let mut lba = 0;
     damage(&pool, |ctx| {
-        let (k, _) = items(ctx, tree_id::VOLUME, item::VOLUME_EXTENT)
-            .into_iter()
-            .find(|(_, v)| chunkvol::format::VolumeExtent::decode(v).unwrap().logical == logical)
-            .unwrap();
+        let k = mapping_of(ctx, logical);
         lba = k.offset;
         delete(ctx, tree_id::VOLUME, &k);
     });
@@ -209,10 +215,7 @@ fn a_mapping_without_its_extent() {
     let mut lba = 0;
     damage(&pool, |ctx| {
         delete(ctx, tree_id::EXTENT, &Key::new(logical, item::EXTENT, len));
-        let (k, _) = items(ctx, tree_id::VOLUME, item::VOLUME_EXTENT)
-            .into_iter()
-            .find(|(_, v)| chunkvol::format::VolumeExtent::decode(v).unwrap().logical == logical)
-            .unwrap();
+        let k = mapping_of(ctx, logical);
         lba = k.offset;
     });
     let vid = volume_id(&pool);

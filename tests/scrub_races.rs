@@ -61,6 +61,15 @@ fn empty_group(s: &Setup) -> u64 {
     start
 }
 
+/// A new empty group, and a scrub of devid 1 paused at failpoint `fp` on it.
+fn scrub_paused_on_empty_group(s: &Setup, fp: &str) -> (u64, Arc<scrub::ScrubRun>) {
+    let x = empty_group(s);
+    failpoint::set(fp, Action::PauseIf(x));
+    let run = start_dev1(s, false);
+    paused(fp);
+    (x, run)
+}
+
 fn start_dev1(s: &Setup, readonly: bool) -> Arc<scrub::ScrubRun> {
     scrub::start(
         s.fs(),
@@ -99,10 +108,7 @@ fn corrupt_one(s: &Setup) -> u64 {
 fn r1_cleaner_deletes_group_after_scrub_found_its_dev_extent() {
     let _g = serial();
     let s = setup();
-    let x = empty_group(&s);
-    failpoint::set("scrub::dev_extent_found", Action::PauseIf(x));
-    let run = start_dev1(&s, false);
-    paused("scrub::dev_extent_found");
+    let (x, run) = scrub_paused_on_empty_group(&s, "scrub::dev_extent_found");
     let pass = delete_unused_bgs(s.fs()).unwrap();
     assert_eq!(pass.deleted, 1, "{pass:?}");
     commit(s.fs()).unwrap();
@@ -127,10 +133,7 @@ fn r1_cleaner_deletes_group_after_scrub_found_its_dev_extent() {
 fn r1_removed_while_frozen_is_quiet_and_map_dropped_on_release() {
     let _g = serial();
     let s = setup();
-    let x = empty_group(&s);
-    failpoint::set("scrub::frozen", Action::PauseIf(x));
-    let run = start_dev1(&s, false);
-    paused("scrub::frozen");
+    let (x, run) = scrub_paused_on_empty_group(&s, "scrub::frozen");
     assert_eq!(delete_unused_bgs(s.fs()).unwrap().deleted, 1);
     assert!(
         s.fs().mapping.get(x).is_some(),
@@ -176,10 +179,7 @@ fn r2_map_dropped_while_scrub_uses_it() {
 fn r3_scrub_requeues_group_the_cleaner_skipped() {
     let _g = serial();
     let s = setup();
-    let x = empty_group(&s);
-    failpoint::set("scrub::group_frozen", Action::PauseIf(x));
-    let run = start_dev1(&s, false);
-    paused("scrub::group_frozen");
+    let (x, run) = scrub_paused_on_empty_group(&s, "scrub::group_frozen");
     let pass = delete_unused_bgs(s.fs()).unwrap();
     assert_eq!(
         pass.deleted, 0,
@@ -253,10 +253,7 @@ fn r4_remove_frozen_group(remove: impl FnOnce(&Setup, u64)) {
 fn r4_reused_range_is_detected_and_skipped() {
     let _g = serial();
     let s = setup();
-    let x = empty_group(&s);
-    failpoint::set("scrub::dev_extent_found", Action::PauseIf(x));
-    let run = start_dev1(&s, false);
-    paused("scrub::dev_extent_found");
+    let (x, run) = scrub_paused_on_empty_group(&s, "scrub::dev_extent_found");
     assert_eq!(delete_unused_bgs(s.fs()).unwrap().deleted, 1);
     let y = {
         let mut st = chunkvol::util::sync::lock(&s.fs().trans);
@@ -648,10 +645,7 @@ fn r8_replace_waits_for_in_flight_writer() {
 fn seed_window_group_deleted_between_lookup_and_freeze() {
     let _g = serial();
     let s = setup();
-    let x = empty_group(&s);
-    failpoint::set("scrub::group_found", Action::PauseIf(x));
-    let run = start_dev1(&s, false);
-    paused("scrub::group_found");
+    let (x, run) = scrub_paused_on_empty_group(&s, "scrub::group_found");
     let refused = failpoint::hits("scrub::freeze_refused");
     let pass = delete_unused_bgs(s.fs()).unwrap();
     assert_eq!(pass.deleted, 1, "{pass:?}");
@@ -678,10 +672,7 @@ fn seed_window_group_deleted_between_lookup_and_freeze() {
 fn seed_window_group_removed_after_freeze_keeps_its_map() {
     let _g = serial();
     let s = setup();
-    let x = empty_group(&s);
-    failpoint::set("scrub::before_map_lookup", Action::PauseIf(x));
-    let run = start_dev1(&s, false);
-    paused("scrub::before_map_lookup");
+    let (x, run) = scrub_paused_on_empty_group(&s, "scrub::before_map_lookup");
     let stats = relocate_block_group(s.fs(), x, &never).unwrap();
     assert!(stats.removed, "{stats:?}");
     assert!(
@@ -706,10 +697,7 @@ fn seed_window_group_removed_after_freeze_keeps_its_map() {
 fn seed_window_missing_map_of_a_removed_group_is_a_skip() {
     let _g = serial();
     let s = setup();
-    let x = empty_group(&s);
-    failpoint::set("scrub::before_map_lookup", Action::PauseIf(x));
-    let run = start_dev1(&s, false);
-    paused("scrub::before_map_lookup");
+    let (x, run) = scrub_paused_on_empty_group(&s, "scrub::before_map_lookup");
     assert!(relocate_block_group(s.fs(), x, &never).unwrap().removed);
     assert!(s.fs().mapping.remove(x).is_some(), "deferred map");
     failpoint::release("scrub::before_map_lookup");
