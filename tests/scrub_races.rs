@@ -815,3 +815,40 @@ fn relocation_waits_for_a_writer_that_reserved_before_its_read_only_mark() {
     assert!(got == data, "the writer's data moved with the group");
     assert_setup_data_intact(&s);
 }
+
+/// The cleaner leaves alone a data group that device replace holds
+/// read-only: replace has copied empty group X and is about to switch its
+/// chunk to the new device (`replace::before_switch`) when the cleaner
+/// pops X. Deleting it there would let the switch write a chunk item for a
+/// group that is gone. The cleaner must skip X (a foreign read-only hold);
+/// the hold's release hands X back, and the next pass deletes it.
+#[test]
+fn cleaner_leaves_a_group_replace_holds_read_only() {
+    let _g = serial();
+    let s = setup();
+    let fs = s.fs().clone();
+    let x = empty_group(&s);
+    failpoint::set("replace::before_switch", Action::PauseIf(x));
+    let newdev = Arc::new(FaultyDevice::new("mem-new", 128 << 20));
+    let replacer = {
+        let (f, n) = (fs.clone(), newdev.clone());
+        std::thread::spawn(move || {
+            chunkvol::jobs::dev_replace::start(&f, 1, n, true).map(|r| r.status())
+        })
+    };
+    paused("replace::before_switch");
+    let pass = delete_unused_bgs(&fs).unwrap();
+    assert_eq!(pass.deleted, 0, "deleted a group replace holds: {pass:?}");
+    assert!(fs.mapping.get(x).is_some());
+    failpoint::release("replace::before_switch");
+    let st = replacer.join().unwrap().unwrap();
+    assert_eq!(
+        st.state,
+        chunkvol::jobs::dev_replace::State::Finished,
+        "{st:?}"
+    );
+    assert!(fs.unused_bgs.contains(x), "handed back when replace let go");
+    assert_eq!(delete_unused_bgs(&fs).unwrap().deleted, 1);
+    commit(&fs).unwrap();
+    assert_setup_data_intact(&s);
+}
