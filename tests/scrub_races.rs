@@ -683,6 +683,7 @@ fn seed_window_group_removed_after_freeze_keeps_its_map() {
     let st = run.wait();
     assert_eq!(st.state, State::Finished, "scrub failed: {:?}", st.failure);
     assert_eq!(st.counters.errors(), 0);
+    assert_eq!(st.counters.block_groups_skipped_removed, 1);
     assert!(
         s.fs().mapping.get(x).is_none(),
         "the last freeze drops the deferred map"
@@ -839,6 +840,8 @@ fn cleaner_leaves_a_group_replace_holds_read_only() {
     paused("replace::before_switch");
     let pass = delete_unused_bgs(&fs).unwrap();
     assert_eq!(pass.deleted, 0, "deleted a group replace holds: {pass:?}");
+    assert!(pass.skipped >= 1, "{pass:?}");
+    assert!(!fs.unused_bgs.contains(x), "skipped and left to its holder");
     assert!(fs.mapping.get(x).is_some());
     failpoint::release("replace::before_switch");
     let st = replacer.join().unwrap().unwrap();

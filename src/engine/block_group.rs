@@ -59,7 +59,9 @@ struct BgState {
     /// its read-only mark so that nothing is allocated there meanwhile.
     relocated: bool,
     /// The group's item disagreed with its extents at open (`check` reports
-    /// it): the accounting identity cannot hold, so it is not asserted.
+    /// it): the accounting identity cannot hold, so it is not asserted, and
+    /// the group is never handed to the cleaner or removed (its `used` may
+    /// say empty while extents live in it).
     accounting_suspect: bool,
 }
 
@@ -67,6 +69,7 @@ impl BgState {
     /// Read-only marks other than a finished relocation's own (which only
     /// keeps allocation out until the cleaner removes the group).
     fn foreign_ro(&self) -> u32 {
+        debug_assert!(self.ro >= u32::from(self.relocated));
         self.ro - u32::from(self.relocated)
     }
 
@@ -82,6 +85,7 @@ impl BgState {
         self.empty()
             && !self.on_unused_list
             && !self.removed
+            && !self.accounting_suspect
             && self.foreign_ro() == 0
             && self.scrubbing == 0
     }
@@ -122,7 +126,7 @@ pub struct BlockGroup {
 
 impl BlockGroup {
     /// A new, empty group: all of it is free.
-    pub fn new_empty(
+    pub(crate) fn new_empty(
         start: u64,
         length: u64,
         bg_type: u64,
@@ -136,7 +140,7 @@ impl BlockGroup {
 
     /// A group found at open: `used` from its item, free space = the group
     /// minus `allocated` (extent and tree-block ranges, sorted by start).
-    pub fn open(
+    pub(crate) fn open(
         start: u64,
         length: u64,
         bg_type: u64,
@@ -230,7 +234,7 @@ impl BlockGroup {
     }
 
     /// Free bytes allocation could take now (none while read-only or removed).
-    pub fn allocatable_bytes(&self) -> u64 {
+    pub(crate) fn allocatable_bytes(&self) -> u64 {
         let s = self.lock();
         if s.writable() {
             s.free.total_bytes()
@@ -240,9 +244,9 @@ impl BlockGroup {
     }
 
     /// Empty, with nothing pinned and not removed: a remover may delete it.
-    pub fn removable(&self) -> bool {
+    pub(crate) fn removable(&self) -> bool {
         let s = self.lock();
-        !s.removed && s.empty() && s.pinned == 0
+        !s.removed && !s.accounting_suspect && s.empty() && s.pinned == 0
     }
 
     /// The accounting identity of a live group (test builds).
@@ -305,9 +309,7 @@ impl BlockGroup {
     pub(crate) fn unreserve(&self, fs: &FsInfo, logical: u64, len: u64) {
         debug_assert!(logical >= self.start && logical + len <= self.end());
         let mut s = self.lock();
-        let mut reserved = s.reserved;
-        if self.take(fs, &mut reserved, len, "reserved") {
-            s.reserved = reserved;
+        if self.take(fs, &mut s.reserved, len, "reserved") {
             s.free.insert(logical, len);
         }
         self.assert_accounting(&s);
@@ -317,34 +319,32 @@ impl BlockGroup {
     /// A reservation became an extent item.
     pub(crate) fn reservation_to_used(&self, fs: &FsInfo, len: u64) {
         let mut s = self.lock();
-        let mut reserved = s.reserved;
-        if self.take(fs, &mut reserved, len, "reserved") {
-            s.reserved = reserved;
+        if self.take(fs, &mut s.reserved, len, "reserved") {
             s.used += len;
         }
         self.assert_accounting(&s);
     }
 
     /// Bytes no longer referenced: used becomes pinned until the freeing
-    /// transaction is durable and no reader sees them.
-    pub(crate) fn free_extent(&self, fs: &FsInfo, len: u64) {
+    /// transaction is durable and no reader sees them. False (and nothing
+    /// pinned) when the group never counted them: the pool has aborted.
+    #[must_use]
+    pub(crate) fn free_extent(&self, fs: &FsInfo, len: u64) -> bool {
         let mut s = self.lock();
-        let mut used = s.used;
-        if self.take(fs, &mut used, len, "used") {
-            s.used = used;
+        let taken = self.take(fs, &mut s.used, len, "used");
+        if taken {
             s.pinned += len;
         }
         self.assert_accounting(&s);
         self.hand_back_locked(fs, s);
+        taken
     }
 
     /// Pinned bytes become free again (never in a removed group).
     pub(crate) fn unpin(&self, fs: &FsInfo, logical: u64, len: u64) {
         debug_assert!(logical >= self.start && logical + len <= self.end());
         let mut s = self.lock();
-        let mut pinned = s.pinned;
-        if self.take(fs, &mut pinned, len, "pinned") {
-            s.pinned = pinned;
+        if self.take(fs, &mut s.pinned, len, "pinned") {
             if !s.removed {
                 s.free.insert(logical, len);
             }
@@ -478,10 +478,11 @@ impl Drop for RoHold<'_> {
             "group {:#x}: read-only hold underflow",
             self.bg.start
         );
-        if self.keep_as_relocated {
-            assert!(!s.relocated, "group {:#x} relocated twice", self.bg.start);
+        if self.keep_as_relocated && !s.relocated {
             s.relocated = true;
         } else {
+            // Also a second relocation of a group already handed off: its
+            // first mark stays and this one goes.
             s.ro -= 1;
         }
         self.bg.hand_back_locked(self.fs, s);
@@ -634,7 +635,7 @@ pub fn delete_unused_bgs(fs: &FsInfo) -> Result<CleanerPass> {
 /// Out of space: make what earlier transactions freed reusable (commit) and
 /// delete empty block groups now rather than at the cleaner's next pass, so
 /// their device space can hold new chunks. Returns whether anything came back.
-pub fn free_space_now(fs: &FsInfo) -> Result<bool> {
+pub(crate) fn free_space_now(fs: &FsInfo) -> Result<bool> {
     let pinned = fs.pinned_bytes() > 0;
     crate::engine::transaction::commit(fs)?;
     let deleted = delete_unused_bgs(fs)?.deleted;

@@ -323,7 +323,9 @@ impl<'a> Ctx<'a> {
             return;
         };
         crate::failpoint!("extent::free", bg.start);
-        bg.free_extent(self.fs, len);
+        if !bg.free_extent(self.fs, len) {
+            return;
+        }
         self.fs.pin(self.st.gen, logical, len);
         self.st.dirty_bgs.insert(bg.start);
         self.st.dirty = true;

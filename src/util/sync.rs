@@ -97,13 +97,6 @@ impl<T> OrderedMutex<T> {
     }
 }
 
-impl<T: Default> OrderedMutex<T> {
-    /// A default value at `rank`.
-    pub fn with_rank(rank: Rank) -> Self {
-        OrderedMutex::new(rank, T::default())
-    }
-}
-
 /// A held [`OrderedMutex`].
 pub struct OrderedGuard<'a, T> {
     guard: MutexGuard<'a, T>,
@@ -321,7 +314,15 @@ mod tests {
         let trans = OrderedMutex::new(Rank::Trans, ());
         let bg = OrderedMutex::new(Rank::BlockGroup, ());
         drop(lock(&bg));
-        let _t = lock(&trans);
-        let _b = lock(&bg);
+        assert!(held_ranks().is_empty());
+        let t = lock(&trans);
+        let b = lock(&bg);
+        // Out of order drops are fine: each guard removes its own rank.
+        drop(t);
+        if cfg!(debug_assertions) {
+            assert_eq!(held_ranks(), vec![Rank::BlockGroup]);
+        }
+        drop(b);
+        assert!(held_ranks().is_empty());
     }
 }
