@@ -344,10 +344,8 @@ impl BlockGroup {
     pub(crate) fn unpin(&self, fs: &FsInfo, logical: u64, len: u64) {
         debug_assert!(logical >= self.start && logical + len <= self.end());
         let mut s = self.lock();
-        if self.take(fs, &mut s.pinned, len, "pinned") {
-            if !s.removed {
-                s.free.insert(logical, len);
-            }
+        if self.take(fs, &mut s.pinned, len, "pinned") && !s.removed {
+            s.free.insert(logical, len);
         }
         self.assert_accounting(&s);
     }
