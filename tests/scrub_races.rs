@@ -855,3 +855,36 @@ fn cleaner_leaves_a_group_replace_holds_read_only() {
     commit(&fs).unwrap();
     assert_setup_data_intact(&s);
 }
+
+/// Nothing is allocated in a group while anyone holds it read-only: the
+/// mark is what keeps relocation's and replace's copies complete. A write
+/// made while group X (the one allocation would pick) is held lands in
+/// another group, and X's counters do not move.
+#[test]
+fn no_allocation_in_a_read_only_group() {
+    let _g = serial();
+    let s = setup();
+    let fs = s.fs().clone();
+    let bg = fs
+        .block_group_list()
+        .into_iter()
+        .find(|b| b.is_data() && b.view().free_bytes >= 64 << 10)
+        .expect("a data group with room");
+    let before = bg.view();
+    let hold = bg.ro_hold(&fs).expect("not removed");
+    let v = s.pool.volume("v").unwrap();
+    let data = pattern(3, 64 << 10);
+    v.write_at(&data, 50 << 20).unwrap();
+    let after = bg.view();
+    assert_eq!(
+        after.used_bytes, before.used_bytes,
+        "allocated in a read-only group"
+    );
+    assert_eq!(after.free_bytes, before.free_bytes);
+    assert_eq!(after.reserved_bytes, 0);
+    drop(hold);
+    assert_eq!(bg.view().ro, before.ro, "the hold's release lowers ro");
+    let mut got = vec![0u8; 64 << 10];
+    v.read_at(&mut got, 50 << 20).unwrap();
+    assert!(got == data);
+}
