@@ -283,3 +283,55 @@ fn a_data_sector_with_a_bad_checksum() {
         "the trees themselves are intact"
     );
 }
+
+#[test]
+fn a_key_outside_its_parents_range() {
+    let devs = mkfs_mem(Profile::Single, 128 << 20);
+    let pool = open_mem(&devs);
+    let v = pool.create_volume("v", 64 << 20).unwrap();
+    // 1,500 separate 4 KiB extents: a volume tree of several leaves.
+    for i in 0..1500u64 {
+        v.write_at(&pattern(i + 1, 4096), i * 8192).unwrap();
+    }
+    pool.flush().unwrap();
+    let fs = pool.fs();
+    let root = chunkvol::util::sync::read(&fs.commit_roots).roots
+        [chunkvol::engine::fs_info::tree_index(tree_id::VOLUME)]
+    .clone();
+    assert!(root.level > 0, "the volume tree has more than one leaf");
+    let (c, next) = (root.children()[1].clone(), root.children()[2].key);
+    let leaf = fs
+        .load_node(c.addr, c.gen, root.owner, root.level - 1)
+        .unwrap();
+    // Move the leaf's last key past the next child's first key, keep the
+    // leaf sorted and its checksum right: only the parent's range says no.
+    let mut bad = (*leaf).clone();
+    let chunkvol::btree::Body::Leaf(items) = &mut bad.body else {
+        panic!("level 0 is a leaf")
+    };
+    let (old, val) = items.last().cloned().unwrap();
+    let moved = Key::new(next.objectid, next.ty, next.offset + 4096);
+    *items.last_mut().unwrap() = (moved, val.clone());
+    let buf = bad.encode(&fs.pool_uuid, fs.node_bytes, fs.csum_type);
+    fs.write_logical(bad.addr, &buf).unwrap();
+    fs.cache.remove(bad.addr);
+    let ve = chunkvol::format::VolumeExtent::decode(&val).unwrap();
+    let vid = volume_id(&pool);
+    assert_eq!(
+        problems(&pool),
+        set(&[
+            format!(
+                "volume tree: key {moved} in block {:#x} is outside its parent's range",
+                bad.addr
+            ),
+            format!(
+                "data extent {:#x}+{}: volume {vid} LBA {} does not map it",
+                ve.logical, ve.len, old.offset
+            ),
+            format!(
+                "volume {vid} LBA {}: maps logical {:#x}+{} with no matching extent",
+                moved.offset, ve.logical, ve.len
+            ),
+        ])
+    );
+}
