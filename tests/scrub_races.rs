@@ -888,3 +888,40 @@ fn no_allocation_in_a_read_only_group() {
     v.read_at(&mut got, 50 << 20).unwrap();
     assert!(got == data);
 }
+
+/// Found by the deterministic scheduler (tests/lifecycle_sim.rs): a group
+/// queued for the cleaner is removed by relocation instead, and a new group
+/// takes its logical address before the cleaner's next pass. The cleaner
+/// must judge the group that was queued (gone: skip it), not whatever group
+/// now starts there. With the queue keyed by address, the cleaner took the
+/// new group off a list it was never on ("drained but not queued").
+#[test]
+fn cleaner_judges_the_queued_group_not_a_new_one_at_its_address() {
+    let _g = serial();
+    let s = setup();
+    let fs = s.fs();
+    let x = empty_group(&s);
+    assert!(fs.unused_bgs.contains(x));
+    let st = chunkvol::jobs::relocation::relocate_block_group(fs, x, &never).unwrap();
+    assert!(st.removed, "relocation removes the empty group: {st:?}");
+    assert!(fs.block_group(x).is_none());
+    // The next chunk goes where the removed last chunk was.
+    let y = {
+        let mut st = chunkvol::util::sync::lock(&fs.trans);
+        let mut ctx = Ctx::join(fs, &mut st);
+        ctx.new_chunk(bg_type::DATA).unwrap().start
+    };
+    commit(fs).unwrap();
+    assert_eq!(y, x, "the new group reuses the removed group's address");
+    let pass = delete_unused_bgs(fs).unwrap();
+    assert_eq!(pass.deleted, 0, "{pass:?}");
+    assert!(
+        fs.block_group(y).is_some(),
+        "the new group, never queued, is not the cleaner's"
+    );
+    assert!(!fs.unused_bgs.contains(y));
+    // Queued now, it is the cleaner's.
+    assert!(fs.block_group(y).unwrap().hand_back(fs));
+    assert_eq!(delete_unused_bgs(fs).unwrap().deleted, 1);
+    assert_setup_data_intact(&s);
+}

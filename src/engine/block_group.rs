@@ -306,7 +306,7 @@ impl BlockGroup {
     }
 
     /// A data reservation goes back to free space unused (a failed write).
-    pub(crate) fn unreserve(&self, fs: &FsInfo, logical: u64, len: u64) {
+    pub(crate) fn unreserve(self: &Arc<Self>, fs: &FsInfo, logical: u64, len: u64) {
         debug_assert!(logical >= self.start && logical + len <= self.end());
         let mut s = self.lock();
         if self.take(fs, &mut s.reserved, len, "reserved") {
@@ -329,7 +329,7 @@ impl BlockGroup {
     /// transaction is durable and no reader sees them. False (and nothing
     /// pinned) when the group never counted them: the pool has aborted.
     #[must_use]
-    pub(crate) fn free_extent(&self, fs: &FsInfo, len: u64) -> bool {
+    pub(crate) fn free_extent(self: &Arc<Self>, fs: &FsInfo, len: u64) -> bool {
         let mut s = self.lock();
         let taken = self.take(fs, &mut s.used, len, "used");
         if taken {
@@ -351,17 +351,17 @@ impl BlockGroup {
     }
 
     /// Hand the group to the cleaner if the one rule allows it.
-    pub fn hand_back(&self, fs: &FsInfo) -> bool {
+    pub fn hand_back(self: &Arc<Self>, fs: &FsInfo) -> bool {
         self.hand_back_locked(fs, self.lock())
     }
 
-    fn hand_back_locked(&self, fs: &FsInfo, mut s: OrderedGuard<'_, BgState>) -> bool {
+    fn hand_back_locked(self: &Arc<Self>, fs: &FsInfo, mut s: OrderedGuard<'_, BgState>) -> bool {
         if !s.may_hand_back() {
             return false;
         }
         s.on_unused_list = true;
         drop(s);
-        fs.unused_bgs.push(self.start);
+        fs.unused_bgs.push(self.clone());
         true
     }
 
@@ -531,9 +531,12 @@ impl Drop for ScrubMark<'_> {
 }
 
 /// The cleaner's queue of groups that became empty. Bounded by the number
-/// of groups: a group is on it at most once (`on_unused_list`).
+/// of groups: a group is on it at most once (`on_unused_list`). It holds
+/// the groups themselves, not their addresses: a group removed while queued
+/// (by relocation) and a new group at the same logical address are two
+/// groups, and the cleaner must judge the one that was queued.
 #[derive(Debug)]
-pub struct UnusedList(OrderedMutex<VecDeque<u64>>);
+pub struct UnusedList(OrderedMutex<VecDeque<Arc<BlockGroup>>>);
 
 impl Default for UnusedList {
     fn default() -> Self {
@@ -542,21 +545,22 @@ impl Default for UnusedList {
 }
 
 impl UnusedList {
-    fn push(&self, start: u64) {
-        lock(&self.0).push_back(start);
+    fn push(&self, bg: Arc<BlockGroup>) {
+        lock(&self.0).push_back(bg);
     }
-    fn drain(&self) -> Vec<u64> {
+    fn drain(&self) -> Vec<Arc<BlockGroup>> {
         lock(&self.0).drain(..).collect()
     }
+    /// Whether a group starting at `start` is queued.
     pub fn contains(&self, start: u64) -> bool {
-        lock(&self.0).contains(&start)
+        lock(&self.0).iter().any(|b| b.start == start)
     }
     pub fn is_empty(&self) -> bool {
         lock(&self.0).is_empty()
     }
     /// The queued groups, oldest first.
     pub fn list(&self) -> Vec<u64> {
-        lock(&self.0).iter().copied().collect()
+        lock(&self.0).iter().map(|b| b.start).collect()
     }
 }
 
@@ -575,10 +579,8 @@ pub fn delete_unused_bgs(fs: &FsInfo) -> Result<CleanerPass> {
     let mut pass = CleanerPass::default();
     let mut requeue = Vec::new();
     let mut first_err = None;
-    for start in fs.unused_bgs.drain() {
-        let Some(bg) = fs.block_group_at(start) else {
-            continue;
-        };
+    for bg in fs.unused_bgs.drain() {
+        let start = bg.start;
         let last_of_type = fs
             .block_group_list()
             .iter()
@@ -592,12 +594,12 @@ pub fn delete_unused_bgs(fs: &FsInfo) -> Result<CleanerPass> {
             }
             Verdict::Keep => {
                 pass.skipped += 1;
-                requeue.push(start);
+                requeue.push(bg.clone());
                 continue;
             }
             Verdict::Requeue => {
                 pass.requeued += 1;
-                requeue.push(start);
+                requeue.push(bg.clone());
                 continue;
             }
             Verdict::Delete(hold) => hold,
@@ -621,8 +623,8 @@ pub fn delete_unused_bgs(fs: &FsInfo) -> Result<CleanerPass> {
         }
         drop(hold);
     }
-    for start in requeue {
-        fs.unused_bgs.push(start);
+    for bg in requeue {
+        fs.unused_bgs.push(bg);
     }
     match first_err {
         Some(e) => Err(e),
