@@ -222,7 +222,7 @@ impl Volume {
     }
 
     fn alloc_data(&self, want: u64) -> Result<(u64, u64)> {
-        let deadline = std::time::Instant::now() + crate::engine::transaction::ENOSPC_WAIT;
+        let deadline = crate::util::sched::now() + crate::engine::transaction::ENOSPC_WAIT;
         loop {
             let r = crate::engine::transaction::change(&self.fs, |ctx| {
                 ctx.alloc_extent(bg_type::DATA, SECTOR_BYTES, want)
@@ -234,10 +234,10 @@ impl Volume {
                 // when none of that helps within the bound.
                 Err(Error::NoSpace(m)) => {
                     let pending = crate::engine::block_group::free_space_now(&self.fs)?;
-                    if !pending || std::time::Instant::now() >= deadline {
+                    if !pending || crate::util::sched::now() >= deadline {
                         return Err(Error::NoSpace(m));
                     }
-                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    crate::util::sched::sleep(std::time::Duration::from_millis(5));
                 }
                 r => return r,
             }

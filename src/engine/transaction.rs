@@ -489,7 +489,7 @@ pub const ENOSPC_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// and try again, as btrfs flushes before it gives up with ENOSPC; while
 /// freed space is still pinned by readers, keep trying for a bounded time.
 pub fn change<R>(fs: &FsInfo, mut f: impl FnMut(&mut Ctx) -> Result<R>) -> Result<R> {
-    let deadline = std::time::Instant::now() + ENOSPC_WAIT;
+    let deadline = crate::util::sched::now() + ENOSPC_WAIT;
     for attempt in 0.. {
         // Ask for the full reserve before the first commit, the minimum after.
         let need = if attempt == 0 {
@@ -503,7 +503,7 @@ pub fn change<R>(fs: &FsInfo, mut f: impl FnMut(&mut Ctx) -> Result<R>) -> Resul
                 Ok(mut ctx) => return f(&mut ctx),
                 Err(Error::NoSpace(m))
                     if attempt >= 1
-                        && (fs.pinned_bytes() == 0 || std::time::Instant::now() >= deadline) =>
+                        && (fs.pinned_bytes() == 0 || crate::util::sched::now() >= deadline) =>
                 {
                     return Err(Error::NoSpace(m))
                 }
@@ -513,7 +513,7 @@ pub fn change<R>(fs: &FsInfo, mut f: impl FnMut(&mut Ctx) -> Result<R>) -> Resul
         }
         commit(fs)?;
         if attempt >= 1 {
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            crate::util::sched::sleep(std::time::Duration::from_millis(5));
         }
     }
     unreachable!("the loop returns")

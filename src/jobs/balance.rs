@@ -505,7 +505,7 @@ fn launch(fs: &Arc<FsInfo>, run: Arc<BalanceRun>, plan: Plan, wait: bool) {
         drive(fs, &run, &plan);
     } else {
         let f = fs.clone();
-        std::thread::spawn(move || drive(&f, &run, &plan));
+        crate::util::sched::spawn(move || drive(&f, &run, &plan));
     }
 }
 
@@ -656,7 +656,7 @@ fn drive_inner(fs: &FsInfo, run: &BalanceRun, plan: &Plan) -> Result<State> {
         if !waiting {
             break;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        crate::util::sched::sleep(Duration::from_millis(100));
     }
     Ok(State::Finished)
 }

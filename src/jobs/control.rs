@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use crate::engine::fs_info::FsInfo;
-use crate::util::sync::{lock, Arc, Condvar, Mutex, MutexGuard};
+use crate::util::sync::{lock, wait_until, Arc, Condvar, Mutex, MutexGuard};
 
 /// The run of one kind of job in an open pool.
 pub struct JobSlot<R>(Mutex<Option<Arc<R>>>);
@@ -51,10 +51,7 @@ impl Completion {
 
     /// Block until [`finish`](Self::finish).
     pub fn wait(&self) {
-        let mut d = lock(&self.done);
-        while !*d {
-            d = self.cond.wait(d).unwrap_or_else(|e| e.into_inner());
-        }
+        drop(wait_until(&self.done, &self.cond, |d| *d));
     }
 }
 

@@ -221,7 +221,7 @@ pub fn start(
         drive(fs, &run);
     } else {
         let (f, r) = (fs.clone(), run.clone());
-        std::thread::spawn(move || drive(&f, &r));
+        crate::util::sched::spawn(move || drive(&f, &r));
     }
     Ok(run)
 }
@@ -316,7 +316,7 @@ fn drive_inner(fs: &FsInfo, run: &ReplaceRun) -> Result<State> {
         // A chunk whose group is gone but whose map is still there (a
         // scrub holds it frozen) comes back until the map drops: wait for
         // that rather than spin, and say which chunks if it never ends.
-        if stuck_since.is_some_and(|t| t.elapsed() > STUCK_LIMIT) {
+        if stuck_since.is_some_and(|t| crate::util::sched::since(t) > STUCK_LIMIT) {
             return Err(Error::Busy(format!(
                 "chunks {todo:x?} stay on devid {} although their block groups are gone",
                 run.src_devid
@@ -347,8 +347,8 @@ fn drive_inner(fs: &FsInfo, run: &ReplaceRun) -> Result<State> {
             }
         }
         if crate::jobs::devices::chunks_on(fs, run.src_devid) == before {
-            stuck_since.get_or_insert_with(Instant::now);
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            stuck_since.get_or_insert_with(crate::util::sched::now);
+            crate::util::sched::sleep(std::time::Duration::from_millis(20));
         } else {
             stuck_since = None;
         }

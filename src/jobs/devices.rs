@@ -3,7 +3,7 @@
 //! Device replace is in [`crate::jobs::dev_replace`].
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::chunk::volumes::Device;
 use crate::device::BlockDevice;
@@ -173,7 +173,7 @@ pub fn remove(fs: &FsInfo, devid: u64) -> Result<()> {
 
 fn evacuate(fs: &FsInfo, devid: u64) -> Result<()> {
     let never = || false;
-    let deadline = Instant::now() + DRAIN_WAIT;
+    let deadline = crate::util::sched::now() + DRAIN_WAIT;
     loop {
         let todo: Vec<u64> = chunks_on(fs, devid)
             .into_iter()
@@ -189,13 +189,13 @@ fn evacuate(fs: &FsInfo, devid: u64) -> Result<()> {
         // Relocated groups wait for readers of their old extents.
         commit(fs)?;
         crate::engine::block_group::delete_unused_bgs(fs)?;
-        if Instant::now() >= deadline {
+        if crate::util::sched::now() >= deadline {
             return Err(Error::Busy(format!(
                 "devid {devid}: {} block groups still hold stripes on it",
                 chunks_on(fs, devid).len()
             )));
         }
-        std::thread::sleep(Duration::from_millis(50));
+        crate::util::sched::sleep(Duration::from_millis(50));
     }
 }
 

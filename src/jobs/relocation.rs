@@ -18,7 +18,7 @@
 //! and no reader of an older view left). If that takes long (a scrub holds a
 //! view), the group is handed to the cleaner still read-only (`relocated`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::btree::{self, Iter};
 use crate::engine::block_group::{remove_block_group, BlockGroup};
@@ -106,7 +106,7 @@ pub fn relocate_block_group(
         )));
     }
     crate::failpoint!("relocation::before_remove", start);
-    let deadline = Instant::now() + REMOVE_WAIT;
+    let deadline = crate::util::sched::now() + REMOVE_WAIT;
     loop {
         let removed = {
             let _scrub = ScrubHold::new(fs);
@@ -124,7 +124,7 @@ pub fn relocate_block_group(
             commit(fs)?;
             break;
         }
-        if Instant::now() >= deadline {
+        if crate::util::sched::now() >= deadline {
             // A long reader (scrub) still sees the old extents: let the
             // cleaner delete the group once it lets go.
             hold.into_relocated();
@@ -134,7 +134,7 @@ pub fn relocate_block_group(
         if fs.pinned_bytes() > 0 {
             commit(fs)?;
         }
-        std::thread::sleep(Duration::from_millis(5));
+        crate::util::sched::sleep(Duration::from_millis(5));
     }
     tracing::info!(
         "relocated block group {start:#x}: {} extents, {} tree blocks, {} bytes",
@@ -176,7 +176,7 @@ pub(crate) fn wait_for_writers(
         if stop() {
             return Err(stopped());
         }
-        std::thread::sleep(Duration::from_millis(1));
+        crate::util::sched::sleep(Duration::from_millis(1));
     }
     Ok(())
 }

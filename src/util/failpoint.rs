@@ -121,8 +121,10 @@ pub fn wait_paused(name: &str, timeout: Duration) -> bool {
     true
 }
 
-/// Called at the failpoint.
-pub fn hit(name: &str, arg: u64) {
+/// Called at the failpoint: a scheduling point for the deterministic
+/// scheduler, then whatever a test armed here.
+pub fn hit(name: &'static str, arg: u64) {
+    super::sched::point(name);
     if !ARMED.load(Ordering::Relaxed) {
         return;
     }

@@ -1,9 +1,11 @@
 //! Layer 0, used by every layer above: errors, the lock and atomic
-//! re-exports (with the lock-order check), failpoints, size parsing and
+//! re-exports (with the lock-order check), failpoints, the deterministic
+//! scheduler, size parsing and
 //! printing, and wall-clock helpers. Nothing here knows about pools.
 
 pub mod error;
 pub mod failpoint;
+pub mod sched;
 pub mod size;
 pub mod sync;
 pub mod time;

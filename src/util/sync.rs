@@ -1,5 +1,7 @@
-//! Every lock, atomic and thread spawn goes through this module so that an
-//! interleaving explorer (shuttle) can replace them under a feature flag later.
+//! Every lock, atomic and thread spawn goes through this module. Lock
+//! acquisition, latch waits and spawned threads are scheduling points of
+//! the deterministic scheduler ([`crate::util::sched`]) on its actor
+//! threads; elsewhere they are the std primitives.
 //!
 //! The engine's ordered locks ([`OrderedMutex`], [`OrderedRwLock`]) carry a
 //! [`Rank`]. In test builds (debug assertions on) each thread keeps the
@@ -12,7 +14,14 @@ use std::ops::{Deref, DerefMut};
 
 pub use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 pub use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-pub use std::thread;
+use std::sync::{LockResult, TryLockError, TryLockResult};
+
+use super::sched;
+
+/// Threads whose spawn, join and sleep the scheduler sees.
+pub mod thread {
+    pub use super::sched::{sleep, spawn, JoinHandle};
+}
 
 /// The lock order, outermost first. A thread may take a lock only while
 /// every lock it holds has a lower rank ([`Rank::Rmw`] may nest in itself:
@@ -36,6 +45,63 @@ pub enum Rank {
     DevExtents,
     /// Short-lived bookkeeping (readers, pinned extents, the unused list).
     Leaf,
+}
+
+impl Rank {
+    /// The scheduling point of taking a lock of this rank.
+    fn point(self) -> &'static str {
+        match self {
+            Rank::Reloc => "lock:reloc",
+            Rank::Rmw => "lock:rmw",
+            Rank::Commit => "lock:commit",
+            Rank::Trans => "lock:trans",
+            Rank::BlockGroup => "lock:block_group",
+            Rank::ChunkMaps => "lock:chunk_maps",
+            Rank::DevExtents => "lock:dev_extents",
+            Rank::Leaf => "lock:leaf",
+        }
+    }
+}
+
+/// Take a lock. On a scheduler actor: a scheduling point, and a taken lock
+/// gives the turn away instead of blocking the OS thread (which would stop
+/// the whole simulation). Poisoning is ignored: see [`lock`].
+fn take<G>(
+    point: &'static str,
+    try_take: impl Fn() -> TryLockResult<G>,
+    take_blocking: impl FnOnce() -> LockResult<G>,
+) -> G {
+    if !sched::in_sim() {
+        return take_blocking().unwrap_or_else(|e| e.into_inner());
+    }
+    sched::point(point);
+    loop {
+        match try_take() {
+            Ok(g) => return g,
+            Err(TryLockError::Poisoned(e)) => return e.into_inner(),
+            Err(TryLockError::WouldBlock) => sched::blocked(point),
+        }
+    }
+}
+
+/// Wait on `cond` until `ready` holds for the value in `m`. On a scheduler
+/// actor the wait gives the turn away until another actor made a step.
+pub fn wait_until<'a, T>(
+    m: &'a Mutex<T>,
+    cond: &Condvar,
+    ready: impl Fn(&T) -> bool,
+) -> MutexGuard<'a, T> {
+    let mut g = lock(m);
+    while !ready(&g) {
+        if sched::in_sim() {
+            drop(g);
+            sched::blocked("wait");
+            g = lock(m);
+        } else {
+            g = cond.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+    g
 }
 
 thread_local! {
@@ -189,7 +255,7 @@ impl<T> Lockable for Mutex<T> {
     where
         T: 'a;
     fn acquire(&self) -> MutexGuard<'_, T> {
-        self.lock().unwrap_or_else(|e| e.into_inner())
+        take("lock", || self.try_lock(), || self.lock())
     }
 }
 
@@ -200,8 +266,9 @@ impl<T> Lockable for OrderedMutex<T> {
         T: 'a;
     fn acquire(&self) -> OrderedGuard<'_, T> {
         enter(self.rank);
+        let m = &self.inner;
         OrderedGuard {
-            guard: self.inner.acquire(),
+            guard: take(self.rank.point(), || m.try_lock(), || m.lock()),
             rank: self.rank,
         }
     }
@@ -229,10 +296,10 @@ impl<T> RwLockable for RwLock<T> {
     where
         T: 'a;
     fn acquire_read(&self) -> RwLockReadGuard<'_, T> {
-        self.read().unwrap_or_else(|e| e.into_inner())
+        take("read lock", || self.try_read(), || self.read())
     }
     fn acquire_write(&self) -> RwLockWriteGuard<'_, T> {
-        self.write().unwrap_or_else(|e| e.into_inner())
+        take("write lock", || self.try_write(), || self.write())
     }
 }
 
@@ -247,15 +314,17 @@ impl<T> RwLockable for OrderedRwLock<T> {
         T: 'a;
     fn acquire_read(&self) -> OrderedReadGuard<'_, T> {
         enter(self.rank);
+        let l = &self.inner;
         OrderedReadGuard {
-            guard: self.inner.acquire_read(),
+            guard: take(self.rank.point(), || l.try_read(), || l.read()),
             rank: self.rank,
         }
     }
     fn acquire_write(&self) -> OrderedWriteGuard<'_, T> {
         enter(self.rank);
+        let l = &self.inner;
         OrderedWriteGuard {
-            guard: self.inner.acquire_write(),
+            guard: take(self.rank.point(), || l.try_write(), || l.write()),
             rank: self.rank,
         }
     }

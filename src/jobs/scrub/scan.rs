@@ -195,7 +195,7 @@ impl Pacer {
     fn new(limit: Option<u64>, fs: &FsInfo) -> Pacer {
         Pacer {
             limit,
-            start: Instant::now(),
+            start: crate::util::sched::now(),
             bytes: 0,
             fg_seen: fs.client_ops.load(Ordering::Relaxed),
         }
@@ -205,7 +205,7 @@ impl Pacer {
         match self.limit {
             Some(l) if l > 0 => {
                 let due = Duration::from_secs_f64(self.bytes as f64 / l as f64);
-                let el = self.start.elapsed();
+                let el = crate::util::sched::since(self.start);
                 if due > el {
                     thread::sleep(due - el);
                 }
@@ -335,7 +335,7 @@ fn scrub_group(scan: &mut DevScan, bg: &Arc<BlockGroup>) -> Result<(), Stop> {
     let mut view = GroupView {
         map,
         allocs,
-        taken: Instant::now(),
+        taken: crate::util::sched::now(),
     };
     let map = view.map.clone();
     let idxs: Vec<usize> = map
@@ -363,7 +363,9 @@ fn scrub_group(scan: &mut DevScan, bg: &Arc<BlockGroup>) -> Result<(), Stop> {
                 scan.skipped();
                 return Ok(());
             }
-            if view.taken.elapsed() >= SNAPSHOT_REFRESH && !refresh_view(scan, bg, &mut view)? {
+            if crate::util::sched::since(view.taken) >= SNAPSHOT_REFRESH
+                && !refresh_view(scan, bg, &mut view)?
+            {
                 scan.skipped();
                 return Ok(());
             }
@@ -442,7 +444,7 @@ fn refresh_view(
     scan.snap = fs.commit_snapshot();
     view.allocs = allocations(fs, &scan.snap.0, bg).map_err(|e| Stop::Failed(e.to_string()))?;
     scan.csums.clear();
-    view.taken = Instant::now();
+    view.taken = crate::util::sched::now();
     Ok(true)
 }
 

@@ -1,0 +1,619 @@
+//! A deterministic scheduler for tests (tests/lifecycle_sim.rs).
+//!
+//! A [`Sim`] runs registered *actor* threads one at a time. An actor gives
+//! the turn away only at a scheduling point: every failpoint, every lock
+//! taken through [`crate::util::sync`], every [`sleep`], every wait on a
+//! [`crate::util::sync::wait_until`] latch and every [`JoinHandle::join`].
+//! Which actor runs next is drawn from the seed, so one seed is one
+//! interleaving, and running it again replays it step for step (the trace
+//! of `(actor, point)` pairs is the same).
+//!
+//! Time is virtual inside a simulation: [`now`] is the simulation's clock,
+//! which moves one microsecond per step and jumps to the earliest sleeper
+//! when every actor sleeps, so the engine's deadlines and polling loops
+//! behave as they would in real time, without waiting for it.
+//!
+//! A lock that is taken is never waited on inside the OS: the actor retries
+//! after another actor has made a step. When no actor can make a step and
+//! none sleeps, that is a deadlock, reported with where each actor stands.
+//!
+//! Threads that are not actors (every thread outside a simulation) see none
+//! of this: the checks cost one relaxed load.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Simulations running in this process (a fast "none" check).
+static SIMS: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static ME: RefCell<Option<(Arc<Sim>, usize)>> = const { RefCell::new(None) };
+}
+
+/// The simulation and actor id of this thread, if it is an actor.
+fn me() -> Option<(Arc<Sim>, usize)> {
+    if SIMS.load(Ordering::Relaxed) == 0 {
+        return None;
+    }
+    ME.with(|m| m.borrow().clone())
+}
+
+/// True on an actor thread of a running simulation.
+pub fn in_sim() -> bool {
+    me().is_some()
+}
+
+/// One step of a simulation: which actor passed which scheduling point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    pub actor: u16,
+    pub point: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    /// May run.
+    Ready,
+    /// Waits for something another actor does: may retry once any actor
+    /// made a step after `progress` (the counter when it blocked).
+    Blocked {
+        progress: u64,
+    },
+    /// Sleeps until the clock reaches `until_us`.
+    Sleeping {
+        until_us: u64,
+    },
+    Done,
+}
+
+struct Actor {
+    name: String,
+    status: Status,
+    at: &'static str,
+    children: usize,
+}
+
+/// Limits of one simulation.
+#[derive(Debug, Clone, Copy)]
+pub struct SimOptions {
+    /// The seed: it alone chooses the interleaving.
+    pub seed: u64,
+    /// A run longer than this many steps is reported as a livelock.
+    pub max_steps: u64,
+    /// Real time a single step may take before the run is reported as hung
+    /// outside the scheduler (an OS-level wait the scheduler cannot see).
+    pub step_timeout: Duration,
+}
+
+impl SimOptions {
+    /// Defaults for `seed`.
+    pub fn seed(seed: u64) -> SimOptions {
+        SimOptions {
+            seed,
+            max_steps: 5_000_000,
+            step_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+struct State {
+    rng: u64,
+    /// Percent chance that the running actor keeps the turn at a point.
+    stay_pct: u64,
+    actors: Vec<Actor>,
+    running: Option<usize>,
+    clock_us: u64,
+    progress: u64,
+    trace: Vec<Step>,
+    started: bool,
+    halted: Option<String>,
+    max_steps: u64,
+}
+
+/// A deterministic simulation: build it, [`Sim::spawn`] the actors, then
+/// [`Sim::run`].
+pub struct Sim {
+    st: Mutex<State>,
+    cv: Condvar,
+    base: Instant,
+    step_timeout: Duration,
+}
+
+/// What a finished simulation did.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Every step, in order.
+    pub trace: Vec<Step>,
+    /// Virtual time at the end.
+    pub clock: Duration,
+    /// The first failure: an actor's panic, a deadlock, a livelock or a
+    /// hang outside the scheduler.
+    pub failure: Option<String>,
+}
+
+fn splitmix(x: &mut u64) -> u64 {
+    *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn relock<'a>(m: &'a Mutex<State>) -> MutexGuard<'a, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const HALTED: &str = "simulation halted";
+
+impl Sim {
+    /// A simulation with no actors yet.
+    pub fn new(opts: SimOptions) -> Arc<Sim> {
+        let mut rng = opts.seed ^ 0x5EED;
+        // How sticky the schedule is varies by seed: some seeds switch at
+        // almost every point, others let an actor run long stretches.
+        let stay_pct = [0, 50, 80, 95][(splitmix(&mut rng) % 4) as usize];
+        Arc::new(Sim {
+            st: Mutex::new(State {
+                rng,
+                stay_pct,
+                actors: Vec::new(),
+                running: None,
+                clock_us: 0,
+                progress: 0,
+                trace: Vec::new(),
+                started: false,
+                halted: None,
+                max_steps: opts.max_steps,
+            }),
+            cv: Condvar::new(),
+            base: Instant::now(),
+            step_timeout: opts.step_timeout,
+        })
+    }
+
+    /// Add an actor named `name` running `f`; it first runs once the
+    /// scheduler picks it.
+    pub fn spawn<F, T>(self: &Arc<Self>, name: &str, f: F) -> JoinHandle<T>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let id = {
+            let mut st = relock(&self.st);
+            st.actors.push(Actor {
+                name: name.to_string(),
+                status: Status::Ready,
+                at: "spawn",
+                children: 0,
+            });
+            st.actors.len() - 1
+        };
+        let sim = self.clone();
+        let inner = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || sim.actor_main(id, f))
+            .unwrap_or_else(|e| panic!("simulation: cannot spawn actor {name}: {e}"));
+        JoinHandle {
+            inner,
+            actor: Some((self.clone(), id)),
+        }
+    }
+
+    fn actor_main<F: FnOnce() -> T, T>(self: Arc<Self>, id: usize, f: F) -> T {
+        ME.with(|m| *m.borrow_mut() = Some((self.clone(), id)));
+        drop(self.wait_turn(id, relock(&self.st)));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        let failure = r.as_ref().err().map(|p| panic_text(p.as_ref()));
+        self.finish(id, failure);
+        ME.with(|m| *m.borrow_mut() = None);
+        r.unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+
+    /// Run every actor to its end (or to the first failure).
+    pub fn run(self: &Arc<Self>) -> Outcome {
+        SIMS.fetch_add(1, Ordering::AcqRel);
+        let mut st = relock(&self.st);
+        st.started = true;
+        self.hand_over(&mut st, None);
+        let mut seen = (st.trace.len(), Instant::now());
+        while !st.actors.iter().all(|a| a.status == Status::Done) {
+            st = self
+                .cv
+                .wait_timeout(st, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            if st.trace.len() != seen.0 || st.halted.is_some() {
+                seen = (st.trace.len(), Instant::now());
+            } else if seen.1.elapsed() > self.step_timeout {
+                let why = format!(
+                    "hung outside the scheduler for {:?}: {}",
+                    self.step_timeout,
+                    describe(&st)
+                );
+                drop(st);
+                SIMS.fetch_sub(1, Ordering::AcqRel);
+                return Outcome {
+                    trace: Vec::new(),
+                    clock: Duration::ZERO,
+                    failure: Some(why),
+                };
+            }
+        }
+        SIMS.fetch_sub(1, Ordering::AcqRel);
+        Outcome {
+            trace: std::mem::take(&mut st.trace),
+            clock: Duration::from_micros(st.clock_us),
+            failure: st.halted.clone(),
+        }
+    }
+
+    /// Pick the next actor and give it the turn (`prev` just stepped).
+    fn hand_over(&self, st: &mut State, prev: Option<usize>) {
+        if st.halted.is_some() {
+            st.running = None;
+            self.cv.notify_all();
+            return;
+        }
+        let next = loop {
+            let ready: Vec<usize> = (0..st.actors.len())
+                .filter(|&i| match st.actors[i].status {
+                    Status::Ready => true,
+                    Status::Blocked { progress } => progress < st.progress,
+                    Status::Sleeping { until_us } => until_us <= st.clock_us,
+                    Status::Done => false,
+                })
+                .collect();
+            if !ready.is_empty() {
+                let stay = prev.filter(|p| ready.contains(p));
+                let roll = splitmix(&mut st.rng);
+                break match stay {
+                    Some(p) if roll % 100 < st.stay_pct => p,
+                    _ => ready[(roll >> 8) as usize % ready.len()],
+                };
+            }
+            let wake = st
+                .actors
+                .iter()
+                .filter_map(|a| match a.status {
+                    Status::Sleeping { until_us } => Some(until_us),
+                    _ => None,
+                })
+                .min();
+            match wake {
+                Some(t) => st.clock_us = t,
+                None => {
+                    if st.actors.iter().all(|a| a.status == Status::Done) {
+                        st.running = None;
+                        self.cv.notify_all();
+                        return;
+                    }
+                    st.halted = Some(format!("deadlock: {}", describe(st)));
+                    st.running = None;
+                    self.cv.notify_all();
+                    return;
+                }
+            }
+        };
+        st.running = Some(next);
+        self.cv.notify_all();
+    }
+
+    /// Block the calling actor's thread until it has the turn.
+    fn wait_turn<'a>(&'a self, id: usize, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        loop {
+            if st.halted.is_some() && !std::thread::panicking() {
+                drop(st);
+                panic!("{HALTED}");
+            }
+            if st.started && st.running == Some(id) {
+                st.actors[id].status = Status::Ready;
+                return st;
+            }
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// The running actor `id` reached `point` and becomes `status`.
+    fn step(&self, id: usize, status: Status, point: &'static str) {
+        if std::thread::panicking() {
+            // Unwinding: run to the end of the panic without switching.
+            return;
+        }
+        let mut st = relock(&self.st);
+        if st.halted.is_some() {
+            drop(st);
+            panic!("{HALTED}");
+        }
+        debug_assert_eq!(st.running, Some(id), "a step by an actor without the turn");
+        st.actors[id].status = status;
+        st.actors[id].at = point;
+        if !matches!(status, Status::Blocked { .. }) {
+            st.progress += 1;
+        }
+        st.trace.push(Step {
+            actor: id as u16,
+            point,
+        });
+        st.clock_us += 1;
+        if st.trace.len() as u64 > st.max_steps {
+            st.halted = Some(format!(
+                "no end after {} steps (livelock?): {}",
+                st.max_steps,
+                describe(&st)
+            ));
+        }
+        self.hand_over(&mut st, Some(id));
+        drop(self.wait_turn(id, st));
+    }
+
+    fn finish(&self, id: usize, failure: Option<String>) {
+        let mut st = relock(&self.st);
+        st.actors[id].status = Status::Done;
+        st.progress += 1;
+        if let Some(f) = failure {
+            if st.halted.is_none() && f != HALTED {
+                st.halted = Some(format!("actor {}: {f}", st.actors[id].name));
+            }
+        }
+        if st.running == Some(id) {
+            self.hand_over(&mut st, Some(id));
+        }
+        self.cv.notify_all();
+    }
+
+    fn is_done(&self, id: usize) -> bool {
+        relock(&self.st).actors[id].status == Status::Done
+    }
+
+    fn now(&self) -> Instant {
+        self.base + Duration::from_micros(relock(&self.st).clock_us)
+    }
+}
+
+fn describe(st: &State) -> String {
+    let each: Vec<String> = st
+        .actors
+        .iter()
+        .filter(|a| a.status != Status::Done)
+        .map(|a| format!("{} {:?} at {}", a.name, a.status, a.at))
+        .collect();
+    format!("step {}, {}", st.trace.len(), each.join("; "))
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
+}
+
+/// A scheduling point: in a simulation the turn may pass to another actor.
+pub fn point(name: &'static str) {
+    if let Some((sim, id)) = me() {
+        sim.step(id, Status::Ready, name);
+    }
+}
+
+/// The caller cannot go on until another actor acts (a lock is taken, a
+/// latch is not set): give the turn away and come back after some other
+/// actor made a step. Outside a simulation: yield the thread.
+pub fn blocked(name: &'static str) {
+    match me() {
+        Some((sim, id)) => {
+            let progress = relock(&sim.st).progress;
+            sim.step(id, Status::Blocked { progress }, name);
+        }
+        None => std::thread::yield_now(),
+    }
+}
+
+/// Sleep: virtual in a simulation, real outside.
+pub fn sleep(d: Duration) {
+    match me() {
+        Some((sim, id)) => {
+            let until_us = relock(&sim.st).clock_us + d.as_micros().max(1) as u64;
+            sim.step(id, Status::Sleeping { until_us }, "sleep");
+        }
+        None => std::thread::sleep(d),
+    }
+}
+
+/// The monotonic clock: virtual in a simulation, real outside.
+pub fn now() -> Instant {
+    match me() {
+        Some((sim, _)) => sim.now(),
+        None => Instant::now(),
+    }
+}
+
+/// Time since `t` on the clock of [`now`].
+pub fn since(t: Instant) -> Duration {
+    now().saturating_duration_since(t)
+}
+
+/// A thread handle whose [`join`](JoinHandle::join) is a scheduling point.
+pub struct JoinHandle<T> {
+    inner: std::thread::JoinHandle<T>,
+    actor: Option<(Arc<Sim>, usize)>,
+}
+
+impl<T> JoinHandle<T> {
+    /// Wait for the thread to end (in a simulation, by giving the turn
+    /// away until the actor is done).
+    pub fn join(self) -> std::thread::Result<T> {
+        if let (Some((sim, id)), true) = (&self.actor, in_sim()) {
+            while !sim.is_done(*id) {
+                blocked("join");
+            }
+        }
+        self.inner.join()
+    }
+
+    /// True once the thread ended.
+    pub fn is_finished(&self) -> bool {
+        match &self.actor {
+            Some((sim, id)) => sim.is_done(*id),
+            None => self.inner.is_finished(),
+        }
+    }
+}
+
+/// Spawn a thread; from an actor, the new thread is an actor of the same
+/// simulation, named after its parent.
+pub fn spawn<F, T>(f: F) -> JoinHandle<T>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    match me() {
+        Some((sim, id)) => {
+            let name = {
+                let mut st = relock(&sim.st);
+                st.actors[id].children += 1;
+                format!("{}.{}", st.actors[id].name, st.actors[id].children)
+            };
+            let h = sim.spawn(&name, f);
+            point("spawn");
+            h
+        }
+        None => JoinHandle {
+            inner: std::thread::spawn(f),
+            actor: None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    fn counting_run(seed: u64) -> Outcome {
+        let sim = Sim::new(SimOptions::seed(seed));
+        let shared = Arc::new(Mutex::new(Vec::new()));
+        for a in 0..3u64 {
+            let s = shared.clone();
+            sim.spawn(&format!("a{a}"), move || {
+                for i in 0..20 {
+                    point("step");
+                    s.lock().unwrap().push(a * 100 + i);
+                    if i % 7 == 0 {
+                        sleep(Duration::from_micros(50));
+                    }
+                }
+            });
+        }
+        sim.run()
+    }
+
+    #[test]
+    fn one_seed_replays_the_same_trace() {
+        let a = counting_run(7);
+        let b = counting_run(7);
+        assert!(a.failure.is_none(), "{:?}", a.failure);
+        assert_eq!(a.trace, b.trace);
+        assert!(a.trace.len() >= 60);
+        let differ = (8..20).any(|s| counting_run(s).trace != a.trace);
+        assert!(differ, "every seed gave the same interleaving");
+    }
+
+    #[test]
+    fn only_one_actor_runs_at_a_time() {
+        let sim = Sim::new(SimOptions::seed(3));
+        let inside = Arc::new(AtomicU64::new(0));
+        for a in 0..4 {
+            let inside = inside.clone();
+            sim.spawn(&format!("a{a}"), move || {
+                for _ in 0..50 {
+                    assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0);
+                    std::thread::sleep(Duration::from_micros(10));
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                    point("p");
+                }
+            });
+        }
+        let o = sim.run();
+        assert!(o.failure.is_none(), "{:?}", o.failure);
+    }
+
+    #[test]
+    fn a_lock_cycle_is_reported_as_a_deadlock() {
+        use crate::util::sync::{lock, Mutex as M};
+        for seed in 0..20 {
+            let sim = Sim::new(SimOptions::seed(seed));
+            let (x, y) = (Arc::new(M::new(())), Arc::new(M::new(())));
+            for flip in [false, true] {
+                let (x, y) = (x.clone(), y.clone());
+                sim.spawn(if flip { "yx" } else { "xy" }, move || {
+                    let (a, b) = if flip { (&y, &x) } else { (&x, &y) };
+                    let _a = lock(a.as_ref());
+                    point("between");
+                    let _b = lock(b.as_ref());
+                });
+            }
+            let o = sim.run();
+            if let Some(f) = o.failure {
+                assert!(f.starts_with("deadlock"), "{f}");
+                assert!(f.contains("xy") && f.contains("yx"), "{f}");
+                return;
+            }
+        }
+        panic!("no seed of 20 interleaved the two lock orders into a deadlock");
+    }
+
+    #[test]
+    fn a_panicking_actor_fails_the_run() {
+        let sim = Sim::new(SimOptions::seed(1));
+        sim.spawn("ok", || {
+            for _ in 0..10 {
+                point("p");
+            }
+        });
+        sim.spawn("bad", || {
+            point("p");
+            panic!("boom");
+        });
+        let o = sim.run();
+        let f = o.failure.expect("the panic is the run's failure");
+        assert!(f.contains("actor bad: boom"), "{f}");
+    }
+
+    #[test]
+    fn sleeping_actors_advance_virtual_time_only() {
+        let sim = Sim::new(SimOptions::seed(5));
+        sim.spawn("sleeper", || sleep(Duration::from_secs(3600)));
+        let t = Instant::now();
+        let o = sim.run();
+        assert!(o.failure.is_none());
+        assert!(o.clock >= Duration::from_secs(3600));
+        assert!(t.elapsed() < Duration::from_secs(60));
+    }
+
+    #[test]
+    fn children_are_actors_and_join_is_a_point() {
+        let sim = Sim::new(SimOptions::seed(9));
+        let n = Arc::new(AtomicU64::new(0));
+        let n2 = n.clone();
+        sim.spawn("parent", move || {
+            let hs: Vec<_> = (0..3)
+                .map(|_| {
+                    let n = n2.clone();
+                    spawn(move || {
+                        point("child");
+                        n.fetch_add(1, Ordering::SeqCst);
+                    })
+                })
+                .collect();
+            for h in hs {
+                h.join().unwrap();
+            }
+            assert_eq!(n2.load(Ordering::SeqCst), 3);
+        });
+        let o = sim.run();
+        assert!(o.failure.is_none(), "{:?}", o.failure);
+        assert_eq!(n.load(Ordering::SeqCst), 3);
+        assert!(o.trace.iter().any(|s| s.point == "child" && s.actor > 0));
+    }
+}
