@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use crate::engine::fs_info::FsInfo;
-use crate::util::sync::{lock, wait_until, Arc, Condvar, Mutex, MutexGuard};
+use crate::util::sync::{lock, notify_all, wait_until, Arc, Condvar, Mutex, MutexGuard};
 
 /// The run of one kind of job in an open pool.
 pub struct JobSlot<R>(Mutex<Option<Arc<R>>>);
@@ -46,7 +46,7 @@ impl Completion {
     /// Mark the run ended and wake every waiter.
     pub fn finish(&self) {
         *lock(&self.done) = true;
-        self.cond.notify_all();
+        notify_all(&self.cond);
     }
 
     /// Block until [`finish`](Self::finish).

@@ -8,6 +8,12 @@
 //! interleaving, and running it again replays it step for step (the trace
 //! of `(actor, point)` pairs is the same).
 //!
+//! At a failpoint the running actor may also *stall*: it is passed over for
+//! a seeded number of steps while any other actor can run, as a thread
+//! descheduled at the worst moment would be. A race window between two
+//! failpoints (the seed's: a group looked up, then frozen) needs exactly
+//! that: one actor stopped inside it while another runs a whole operation.
+//!
 //! Time is virtual inside a simulation: [`now`] is the simulation's clock,
 //! which moves one microsecond per step and jumps to the earliest sleeper
 //! when every actor sleeps, so the engine's deadlines and polling loops
@@ -56,14 +62,27 @@ pub struct Step {
 enum Status {
     /// May run.
     Ready,
-    /// Waits for something another actor does: may retry once any actor
-    /// made a step after `progress` (the counter when it blocked).
+    /// Waits for something another actor does (a lock): may retry once
+    /// the progress counter reaches `retry_at`, which backs off with each
+    /// failed retry so that a long-held lock does not fill the trace with
+    /// retries; or, when nobody else can run, once any actor made a step
+    /// after `progress` (the counter when it blocked).
     Blocked {
         progress: u64,
+        retry_at: u64,
     },
     /// Sleeps until the clock reaches `until_us`.
     Sleeping {
         until_us: u64,
+    },
+    /// Joins an actor: may run once it is done.
+    Joining {
+        actor: usize,
+    },
+    /// Waits on a latch: may look again once [`signal`] was called after
+    /// `signals` (the count when it looked).
+    Awaiting {
+        signals: u64,
     },
     Done,
 }
@@ -73,6 +92,13 @@ struct Actor {
     status: Status,
     at: &'static str,
     children: usize,
+    /// Passed over until the clock reaches this, while others can run.
+    stalled_until_us: u64,
+    /// Failed retries in a row (the backoff of [`Status::Blocked`]).
+    retries: u32,
+    /// Signalled when this actor gets the turn (one wake per switch, not a
+    /// wake of every actor).
+    turn: Arc<Condvar>,
 }
 
 /// Limits of one simulation.
@@ -102,10 +128,13 @@ struct State {
     rng: u64,
     /// Percent chance that the running actor keeps the turn at a point.
     stay_pct: u64,
+    /// Percent chance that an actor stalls at a failpoint.
+    stall_pct: u64,
     actors: Vec<Actor>,
     running: Option<usize>,
     clock_us: u64,
     progress: u64,
+    signals: u64,
     trace: Vec<Step>,
     started: bool,
     halted: Option<String>,
@@ -153,15 +182,18 @@ impl Sim {
         let mut rng = opts.seed ^ 0x5EED;
         // How sticky the schedule is varies by seed: some seeds switch at
         // almost every point, others let an actor run long stretches.
-        let stay_pct = [0, 50, 80, 95][(splitmix(&mut rng) % 4) as usize];
+        let stay_pct = [30, 70, 90, 97][(splitmix(&mut rng) % 4) as usize];
+        let stall_pct = [0, 3, 10, 30][(splitmix(&mut rng) % 4) as usize];
         Arc::new(Sim {
             st: Mutex::new(State {
                 rng,
                 stay_pct,
+                stall_pct,
                 actors: Vec::new(),
                 running: None,
                 clock_us: 0,
                 progress: 0,
+                signals: 0,
                 trace: Vec::new(),
                 started: false,
                 halted: None,
@@ -187,6 +219,9 @@ impl Sim {
                 status: Status::Ready,
                 at: "spawn",
                 children: 0,
+                stalled_until_us: 0,
+                retries: 0,
+                turn: Arc::new(Condvar::new()),
             });
             st.actors.len() - 1
         };
@@ -251,53 +286,87 @@ impl Sim {
 
     /// Pick the next actor and give it the turn (`prev` just stepped).
     fn hand_over(&self, st: &mut State, prev: Option<usize>) {
-        if st.halted.is_some() {
-            st.running = None;
-            self.cv.notify_all();
-            return;
+        st.running = None;
+        match self.pick(st, prev) {
+            Some(next) => {
+                st.running = Some(next);
+                if prev != Some(next) {
+                    st.actors[next].turn.notify_one();
+                }
+            }
+            None => {
+                // Halted, deadlocked or all done: everyone looks again.
+                for a in &st.actors {
+                    a.turn.notify_one();
+                }
+                self.cv.notify_all();
+            }
         }
-        let next = loop {
-            let ready: Vec<usize> = (0..st.actors.len())
+    }
+
+    /// The next actor, or None when the run is over.
+    fn pick(&self, st: &mut State, prev: Option<usize>) -> Option<usize> {
+        if st.halted.is_some() {
+            return None;
+        }
+        loop {
+            let can_run: Vec<usize> = (0..st.actors.len())
                 .filter(|&i| match st.actors[i].status {
                     Status::Ready => true,
-                    Status::Blocked { progress } => progress < st.progress,
+                    Status::Blocked { retry_at, .. } => retry_at <= st.progress,
                     Status::Sleeping { until_us } => until_us <= st.clock_us,
+                    Status::Joining { actor } => st.actors[actor].status == Status::Done,
+                    Status::Awaiting { signals } => signals < st.signals,
                     Status::Done => false,
                 })
                 .collect();
+            let (ready, stalled): (Vec<usize>, Vec<usize>) = can_run
+                .iter()
+                .partition(|&&i| st.actors[i].stalled_until_us <= st.clock_us);
+            // Stalled actors run only when nobody else can, not even after
+            // the clock moves to the next sleeper.
+            let sleeper = st.actors.iter().any(
+                |a| matches!(a.status, Status::Sleeping { until_us } if until_us > st.clock_us),
+            );
+            let ready = if !ready.is_empty() || sleeper {
+                ready
+            } else if !stalled.is_empty() {
+                stalled
+            } else {
+                // Nobody else can run: a backed-off retry goes now.
+                (0..st.actors.len())
+                    .filter(|&i| {
+                        matches!(st.actors[i].status,
+                            Status::Blocked { progress, .. } if progress < st.progress)
+                    })
+                    .collect()
+            };
             if !ready.is_empty() {
                 let stay = prev.filter(|p| ready.contains(p));
                 let roll = splitmix(&mut st.rng);
-                break match stay {
+                return Some(match stay {
                     Some(p) if roll % 100 < st.stay_pct => p,
                     _ => ready[(roll >> 8) as usize % ready.len()],
-                };
+                });
             }
             let wake = st
                 .actors
                 .iter()
                 .filter_map(|a| match a.status {
-                    Status::Sleeping { until_us } => Some(until_us),
+                    Status::Sleeping { until_us } if until_us > st.clock_us => Some(until_us),
                     _ => None,
                 })
                 .min();
             match wake {
                 Some(t) => st.clock_us = t,
                 None => {
-                    if st.actors.iter().all(|a| a.status == Status::Done) {
-                        st.running = None;
-                        self.cv.notify_all();
-                        return;
+                    if !st.actors.iter().all(|a| a.status == Status::Done) {
+                        st.halted = Some(format!("deadlock: {}", describe(st)));
                     }
-                    st.halted = Some(format!("deadlock: {}", describe(st)));
-                    st.running = None;
-                    self.cv.notify_all();
-                    return;
+                    return None;
                 }
             }
-        };
-        st.running = Some(next);
-        self.cv.notify_all();
+        }
     }
 
     /// Block the calling actor's thread until it has the turn.
@@ -311,7 +380,8 @@ impl Sim {
                 st.actors[id].status = Status::Ready;
                 return st;
             }
-            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            let turn = st.actors[id].turn.clone();
+            st = turn.wait(st).unwrap_or_else(|e| e.into_inner());
         }
     }
 
@@ -329,7 +399,10 @@ impl Sim {
         debug_assert_eq!(st.running, Some(id), "a step by an actor without the turn");
         st.actors[id].status = status;
         st.actors[id].at = point;
-        if !matches!(status, Status::Blocked { .. }) {
+        if matches!(status, Status::Blocked { .. }) {
+            st.actors[id].retries += 1;
+        } else {
+            st.actors[id].retries = 0;
             st.progress += 1;
         }
         st.trace.push(Step {
@@ -389,8 +462,24 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "panic".into())
 }
 
-/// A scheduling point: in a simulation the turn may pass to another actor.
+/// A failpoint as a scheduling point: the turn may pass to another actor,
+/// and the actor may stall here.
 pub fn point(name: &'static str) {
+    if let Some((sim, id)) = me() {
+        {
+            let mut st = relock(&sim.st);
+            let roll = splitmix(&mut st.rng);
+            if roll % 100 < st.stall_pct {
+                let stall_us = 1u64 << ((roll >> 8) % 13);
+                st.actors[id].stalled_until_us = st.clock_us + stall_us;
+            }
+        }
+        sim.step(id, Status::Ready, name);
+    }
+}
+
+/// A scheduling point where nothing stalls (taking a lock, a spawn).
+pub fn switch_point(name: &'static str) {
     if let Some((sim, id)) = me() {
         sim.step(id, Status::Ready, name);
     }
@@ -402,9 +491,36 @@ pub fn point(name: &'static str) {
 pub fn blocked(name: &'static str) {
     match me() {
         Some((sim, id)) => {
-            let progress = relock(&sim.st).progress;
-            sim.step(id, Status::Blocked { progress }, name);
+            let (progress, retries) = {
+                let st = relock(&sim.st);
+                (st.progress, st.actors[id].retries)
+            };
+            let retry_at = progress + (1 << retries.min(8));
+            sim.step(id, Status::Blocked { progress, retry_at }, name);
         }
+        None => std::thread::yield_now(),
+    }
+}
+
+/// The latch count for [`await_signal`]: read it before looking at the
+/// latch's condition.
+pub fn signals() -> u64 {
+    me().map(|(sim, _)| relock(&sim.st).signals).unwrap_or(0)
+}
+
+/// A latch changed (a condition variable was notified): actors waiting in
+/// [`await_signal`] look again.
+pub fn signal() {
+    if let Some((sim, _)) = me() {
+        relock(&sim.st).signals += 1;
+    }
+}
+
+/// Wait for a [`signal`] after `seen` (from [`signals`]): the latch's
+/// condition did not hold. Outside a simulation: yield the thread.
+pub fn await_signal(seen: u64) {
+    match me() {
+        Some((sim, id)) => sim.step(id, Status::Awaiting { signals: seen }, "wait"),
         None => std::thread::yield_now(),
     }
 }
@@ -443,9 +559,9 @@ impl<T> JoinHandle<T> {
     /// Wait for the thread to end (in a simulation, by giving the turn
     /// away until the actor is done).
     pub fn join(self) -> std::thread::Result<T> {
-        if let (Some((sim, id)), true) = (&self.actor, in_sim()) {
-            while !sim.is_done(*id) {
-                blocked("join");
+        if let (Some((sim, actor)), Some((me_sim, me))) = (&self.actor, me()) {
+            if Arc::ptr_eq(sim, &me_sim) && !sim.is_done(*actor) {
+                sim.step(me, Status::Joining { actor: *actor }, "join");
             }
         }
         self.inner.join()
@@ -475,7 +591,7 @@ where
                 format!("{}.{}", st.actors[id].name, st.actors[id].children)
             };
             let h = sim.spawn(&name, f);
-            point("spawn");
+            switch_point("spawn");
             h
         }
         None => JoinHandle {

@@ -74,7 +74,7 @@ fn take<G>(
     if !sched::in_sim() {
         return take_blocking().unwrap_or_else(|e| e.into_inner());
     }
-    sched::point(point);
+    sched::switch_point(point);
     loop {
         match try_take() {
             Ok(g) => return g,
@@ -91,17 +91,29 @@ pub fn wait_until<'a, T>(
     cond: &Condvar,
     ready: impl Fn(&T) -> bool,
 ) -> MutexGuard<'a, T> {
-    let mut g = lock(m);
-    while !ready(&g) {
-        if sched::in_sim() {
+    if sched::in_sim() {
+        loop {
+            let seen = sched::signals();
+            let g = lock(m);
+            if ready(&g) {
+                return g;
+            }
             drop(g);
-            sched::blocked("wait");
-            g = lock(m);
-        } else {
-            g = cond.wait(g).unwrap_or_else(|e| e.into_inner());
+            sched::await_signal(seen);
         }
     }
+    let mut g = lock(m);
+    while !ready(&g) {
+        g = cond.wait(g).unwrap_or_else(|e| e.into_inner());
+    }
     g
+}
+
+/// Wake every [`wait_until`] waiter on `cond` (call after changing the
+/// value under its mutex).
+pub fn notify_all(cond: &Condvar) {
+    cond.notify_all();
+    sched::signal();
 }
 
 thread_local! {
