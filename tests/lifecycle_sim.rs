@@ -58,7 +58,13 @@ impl Events {
 /// Counters the actors share.
 #[derive(Default)]
 struct Shared {
+    /// The writer is done: scrub, relocation and the prober wind down.
     stop: AtomicBool,
+    /// Scrub and relocation are done too: the cleaners and the committer
+    /// stop (so they still run while the last scrub holds its groups).
+    quiet: AtomicBool,
+    /// Scrubber and relocator still running.
+    busy: AtomicU64,
     deleted: AtomicU64,
     skipped_removed: AtomicU64,
     reused: AtomicU64,
@@ -78,9 +84,15 @@ fn group_starts(fs: &FsInfo) -> BTreeSet<u64> {
 fn writer(seed: u64, vol: chunkvol::Volume, pool: chunkvol::Pool, model: Arc<Mutex<Vec<u8>>>) {
     let mut rng = Rng::new(seed);
     for _ in 0..14 {
-        let off = rng.below(VOL / S) * S;
-        let len = (1 + rng.below(3 << 20)).min(VOL - off);
-        if rng.below(3) == 0 {
+        let mut off = rng.below(VOL / S) * S;
+        let mut len = (1 + rng.below(3 << 20)).min(VOL - off);
+        let op = rng.below(8);
+        if op == 0 {
+            // Everything at once (mkfs, fstrim): groups scrub is walking
+            // become empty under it.
+            (off, len) = (0, VOL);
+        }
+        if op < 3 {
             vol.discard(off, len).unwrap();
             let (a, b) = (off.div_ceil(S) * S, (off + len) / S * S);
             if b > a {
@@ -131,16 +143,17 @@ fn prober(seed: u64, fs: Arc<FsInfo>, sh: Arc<Shared>) {
     }
 }
 
-fn cleaner(fs: Arc<FsInfo>, sh: Arc<Shared>) {
-    while !sh.stop.load(Ordering::Acquire) {
+fn cleaner(seed: u64, fs: Arc<FsInfo>, sh: Arc<Shared>) {
+    let mut rng = Rng::new(seed ^ 0xc1ea);
+    while !sh.quiet.load(Ordering::Acquire) {
         let p = block_group::delete_unused_bgs(&fs).unwrap_or_else(|e| panic!("cleaner: {e}"));
         sh.deleted.fetch_add(p.deleted as u64, Ordering::Relaxed);
-        sched::sleep(Duration::from_micros(300));
+        sched::sleep(Duration::from_micros(20 + rng.below(400)));
     }
 }
 
 fn committer(fs: Arc<FsInfo>, sh: Arc<Shared>) {
-    while !sh.stop.load(Ordering::Acquire) {
+    while !sh.quiet.load(Ordering::Acquire) {
         transaction::commit(&fs).unwrap();
         sched::sleep(Duration::from_millis(2));
     }
@@ -172,9 +185,12 @@ fn relocator(seed: u64, fs: Arc<FsInfo>, sh: Arc<Shared>) {
     let mut rng = Rng::new(seed ^ 0x7e1);
     while !sh.stop.load(Ordering::Acquire) {
         sched::sleep(Duration::from_micros(500 + rng.below(4000)));
-        let data: Vec<u64> = chunkvol::util::sync::read(&fs.block_groups)
-            .values()
-            .filter(|b| b.is_data())
+        let data: Vec<u64> = fs
+            .block_group_list()
+            .iter()
+            // Empty groups are the cleaner's (relocating them would hide a
+            // group the cleaner leaked).
+            .filter(|b| b.is_data() && b.used_bytes() > 0)
             .map(|b| b.start)
             .collect();
         if data.is_empty() {
@@ -212,16 +228,28 @@ fn one_seed(seed: u64) -> (Events, Vec<Step>) {
     }
     let (f, s) = (fs.clone(), sh.clone());
     sim.spawn("prober", move || prober(seed, f, s));
-    for name in ["cleaner-a", "cleaner-b"] {
+    for (i, name) in ["cleaner-a", "cleaner-b"].into_iter().enumerate() {
         let (f, s) = (fs.clone(), sh.clone());
-        sim.spawn(name, move || cleaner(f, s));
+        sim.spawn(name, move || cleaner(seed + i as u64, f, s));
     }
     let (f, s) = (fs.clone(), sh.clone());
     sim.spawn("committer", move || committer(f, s));
+    sh.busy.store(2, Ordering::Release);
+    let done = |sh: &Shared| {
+        if sh.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
+            sh.quiet.store(true, Ordering::Release);
+        }
+    };
     let (f, s) = (fs.clone(), sh.clone());
-    sim.spawn("scrubber", move || scrubber(f, s));
+    sim.spawn("scrubber", move || {
+        scrubber(f, s.clone());
+        done(&s);
+    });
     let (f, s) = (fs.clone(), sh.clone());
-    sim.spawn("relocator", move || relocator(seed, f, s));
+    sim.spawn("relocator", move || {
+        relocator(seed, f, s.clone());
+        done(&s);
+    });
     let out = sim.run();
     if let Some(f) = &out.failure {
         let tail: Vec<String> = out

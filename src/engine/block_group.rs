@@ -506,7 +506,7 @@ impl Drop for Freeze<'_> {
             d
         };
         if drop_now {
-            drop_chunk_map(self.fs, self.bg.start);
+            drop_chunk_map(self.fs, &self.bg);
         }
     }
 }
@@ -687,7 +687,7 @@ pub fn remove_block_group(ctx: &mut Ctx, hold: &RoHold) -> Result<()> {
     };
     crate::failpoint!("cleaner::before_map_drop", bg.start);
     if drop_now {
-        drop_chunk_map(fs, bg.start);
+        drop_chunk_map(fs, bg);
     }
     tracing::info!(
         "deleted unused {} block group {:#x} ({} bytes)",
@@ -699,8 +699,20 @@ pub fn remove_block_group(ctx: &mut Ctx, hold: &RoHold) -> Result<()> {
 }
 
 /// Drop a removed group's chunk map and give its device extents back.
-fn drop_chunk_map(fs: &FsInfo, start: u64) {
-    if let Some(m) = fs.mapping.remove(start) {
+fn drop_chunk_map(fs: &FsInfo, bg: &BlockGroup) {
+    {
+        // R4: a frozen group's map and device ranges are scrub's until the
+        // last freeze goes; a new chunk must not take them before.
+        let s = bg.lock();
+        assert!(
+            s.removed && s.frozen == 0,
+            "group {:#x}: chunk map dropped while removed={} and {} freezes hold it",
+            bg.start,
+            s.removed,
+            s.frozen
+        );
+    }
+    if let Some(m) = fs.mapping.remove(bg.start) {
         for s in &m.item.stripes {
             if let Some(d) = fs.device(s.devid) {
                 write(&d.extents).remove(&s.physical);
