@@ -925,3 +925,46 @@ fn cleaner_judges_the_queued_group_not_a_new_one_at_its_address() {
     assert_eq!(delete_unused_bgs(fs).unwrap().deleted, 1);
     assert_setup_data_intact(&s);
 }
+
+/// Found by the deterministic scheduler (tests/lifecycle_sim.rs, seed 336):
+/// a new chunk allocated while `device replace` starts. The replace took the
+/// source device out of allocation before the target came in, so a raid1
+/// pool of two devices had one allocatable device for that moment and a
+/// new chunk failed ("profile raid1 needs 2 devices, pool has 1"): a false
+/// error to a client whose write needed a chunk. The target now opens
+/// before the source closes, and a chunk the source gets in between moves
+/// with the rest.
+#[test]
+fn a_chunk_allocated_while_replace_starts_succeeds_and_moves() {
+    let _g = serial();
+    let s = setup();
+    let fs = s.fs().clone();
+    failpoint::set("replace::before_reserve", Action::Pause);
+    let newdev = Arc::new(FaultyDevice::new("mem-new", 128 << 20));
+    let replacer = {
+        let (f, n) = (fs.clone(), newdev.clone());
+        std::thread::spawn(move || {
+            chunkvol::jobs::dev_replace::start(&f, 1, n, true).map(|r| r.status())
+        })
+    };
+    paused("replace::before_reserve");
+    let x = chunkvol::engine::transaction::change(&fs, |ctx| {
+        ctx.new_chunk(bg_type::DATA).map(|bg| bg.start)
+    })
+    .expect("a new raid1 chunk while replace starts");
+    commit(&fs).unwrap();
+    failpoint::release("replace::before_reserve");
+    let st = replacer.join().unwrap().unwrap();
+    assert_eq!(
+        st.state,
+        chunkvol::jobs::dev_replace::State::Finished,
+        "{st:?}"
+    );
+    let map = fs.mapping.get(x).expect("the new chunk's map");
+    assert!(
+        map.item.stripes.iter().all(|s| s.devid != 1),
+        "chunk {x:#x} stays on the replaced device: {:?}",
+        map.item.stripes
+    );
+    assert_setup_data_intact(&s);
+}

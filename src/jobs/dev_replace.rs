@@ -181,22 +181,18 @@ pub fn start(
     let target = fs
         .device(devid)
         .ok_or_else(|| Error::Invalid(format!("devid {devid} vanished after add")))?;
-    // Only the groups that exist now move; new ones avoid the old device.
+    crate::failpoint!("replace::before_reserve", src);
+    let reserved = reserve_target(fs, src, &target);
+    // The copies' space is taken: new chunks may use the rest of the
+    // target, and from now on avoid the old device. The target opens
+    // first, so a pool never has fewer allocatable devices than before
+    // (the source closing first failed raid1 allocations on two devices
+    // meanwhile); a chunk the source got in between is moved by `drive`.
+    target.allocatable.store(true, Ordering::Release);
+    let reserved = reserved?;
     if let Some(d) = fs.device(src) {
         d.allocatable.store(false, Ordering::Release);
     }
-    let reserved = reserve_target(fs, src, &target);
-    // The copies' space is taken: new chunks may use the rest.
-    target.allocatable.store(true, Ordering::Release);
-    let reserved = match reserved {
-        Ok(r) => r,
-        Err(e) => {
-            if let Some(d) = fs.device(src) {
-                d.allocatable.store(true, Ordering::Release);
-            }
-            return Err(e);
-        }
-    };
     let run = Arc::new(ReplaceRun {
         src_devid: src,
         target,
