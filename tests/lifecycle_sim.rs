@@ -1,15 +1,16 @@
 //! Deterministic schedules of the block-group lifecycle
 //! (chunkvol::util::sched). The actors — a writer, a prober that makes
 //! empty data groups, two cleaners, a committer, a scrubber (with its
-//! coordinator and per-device threads) and a relocator — run one at a time;
+//! coordinator and per-device threads), a relocator and, in one seed of
+//! four, a device replace — run one at a time;
 //! the seed alone decides who runs at every failpoint, lock, sleep and
 //! wait. A failing seed replays the same interleaving.
 //!
 //! Per seed: no false scrub error, no failed job, no deadlock, the volume
 //! equals the model, no leaked empty group, `check` clean. Over the run:
 //! groups deleted, groups scrub found but skipped because they were removed,
-//! logical ranges reused by a new group, and groups relocated, each at
-//! least once.
+//! logical ranges reused by a new group, groups relocated and devices
+//! replaced, each at least once.
 //!
 //! CHUNKVOL_SIM_SEEDS sets how many seeds run (default 1000); a failure
 //! prints its seed, and CHUNKVOL_SIM_FIRST_SEED starts from there.
@@ -21,7 +22,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chunkvol::device::fault::Rng;
+use chunkvol::device::fault::{FaultyDevice, Rng};
+use chunkvol::device::BlockDevice;
 use chunkvol::engine::fs_info::FsInfo;
 use chunkvol::engine::{block_group, transaction};
 use chunkvol::format::{bg_type, Profile};
@@ -40,6 +42,7 @@ struct Events {
     skipped_removed: u64,
     reused: u64,
     relocated: u64,
+    replaced: u64,
     scrubs: u64,
     steps: u64,
 }
@@ -50,6 +53,7 @@ impl Events {
         self.skipped_removed += o.skipped_removed;
         self.reused += o.reused;
         self.relocated += o.relocated;
+        self.replaced += o.replaced;
         self.scrubs += o.scrubs;
         self.steps += o.steps;
     }
@@ -69,6 +73,7 @@ struct Shared {
     skipped_removed: AtomicU64,
     reused: AtomicU64,
     relocated: AtomicU64,
+    replaced: AtomicU64,
     scrubs: AtomicU64,
     /// Every group start an actor has seen.
     seen: Mutex<BTreeSet<u64>>,
@@ -207,6 +212,22 @@ fn relocator(seed: u64, fs: Arc<FsInfo>, sh: Arc<Shared>) {
     }
 }
 
+/// Replace devid 1 by `target` once, at a seeded moment, while everyone
+/// else runs.
+fn replacer(seed: u64, fs: Arc<FsInfo>, sh: Arc<Shared>, target: Arc<FaultyDevice>) {
+    let mut rng = Rng::new(seed ^ 0x4e91);
+    sched::sleep(Duration::from_micros(rng.below(6000)));
+    let run = chunkvol::jobs::dev_replace::start(&fs, 1, target, true)
+        .unwrap_or_else(|e| panic!("replace start: {e}"));
+    let st = run.status();
+    assert_eq!(
+        st.state,
+        chunkvol::jobs::dev_replace::State::Finished,
+        "replace: {st:?}"
+    );
+    sh.replaced.fetch_add(1, Ordering::Relaxed);
+}
+
 /// One schedule: the actors under the simulation, then the checks.
 fn one_seed(seed: u64) -> (Events, Vec<Step>) {
     let devs = mkfs_mem(Profile::Raid1, 96 << 20);
@@ -234,7 +255,9 @@ fn one_seed(seed: u64) -> (Events, Vec<Step>) {
     }
     let (f, s) = (fs.clone(), sh.clone());
     sim.spawn("committer", move || committer(f, s));
-    sh.busy.store(2, Ordering::Release);
+    let replace = seed % 4 == 0;
+    sh.busy
+        .store(if replace { 3 } else { 2 }, Ordering::Release);
     let done = |sh: &Shared| {
         if sh.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
             sh.quiet.store(true, Ordering::Release);
@@ -250,6 +273,14 @@ fn one_seed(seed: u64) -> (Events, Vec<Step>) {
         relocator(seed, f, s.clone());
         done(&s);
     });
+    if replace {
+        let target = mem_devices(1, 96 << 20).remove(0);
+        let (f, s) = (fs.clone(), sh.clone());
+        sim.spawn("replacer", move || {
+            replacer(seed, f, s.clone(), target);
+            done(&s);
+        });
+    }
     let out = sim.run();
     if let Some(f) = &out.failure {
         let tail: Vec<String> = out
@@ -262,12 +293,15 @@ fn one_seed(seed: u64) -> (Events, Vec<Step>) {
             .collect();
         panic!("seed {seed}: {f}\nlast steps: {}", tail.join(" "));
     }
-    check_after(seed, &pool, &vol, &model, &devs);
+    // The devices the pool has now (a replace swapped one).
+    let now: Vec<Arc<dyn BlockDevice>> = fs.devices().iter().map(|d| d.dev.clone()).collect();
+    check_after(seed, &pool, &vol, &model, &now);
     let ev = Events {
         deleted: sh.deleted.load(Ordering::Relaxed),
         skipped_removed: sh.skipped_removed.load(Ordering::Relaxed),
         reused: sh.reused.load(Ordering::Relaxed),
         relocated: sh.relocated.load(Ordering::Relaxed),
+        replaced: sh.replaced.load(Ordering::Relaxed),
         scrubs: sh.scrubs.load(Ordering::Relaxed),
         steps: out.trace.len() as u64,
     };
@@ -280,7 +314,7 @@ fn check_after(
     pool: &chunkvol::Pool,
     vol: &chunkvol::Volume,
     model: &Mutex<Vec<u8>>,
-    devs: &[Arc<chunkvol::device::fault::FaultyDevice>],
+    devs: &[Arc<dyn BlockDevice>],
 ) {
     let mut all = vec![0u8; VOL as usize];
     vol.read_at(&mut all, 0).unwrap();
@@ -303,7 +337,7 @@ fn check_after(
         u.block_groups
     );
     pool.clone().close().unwrap();
-    let pool = open_mem(devs);
+    let pool = chunkvol::Pool::open(devs.to_vec()).expect("reopen");
     let r = chunkvol::pool::check::check(&pool, true).unwrap();
     assert!(r.ok(), "seed {seed}: check: {:#?}", r.problems);
 }
@@ -336,11 +370,12 @@ fn lifecycle_schedules() {
     );
     assert!(total.reused > 0, "no logical range was reused: {total:?}");
     assert!(total.relocated > 0, "no group was relocated: {total:?}");
+    assert!(total.replaced > 0, "no device was replaced: {total:?}");
 }
 
 #[test]
 fn a_seed_replays_its_interleaving() {
-    let seed = env_u64("CHUNKVOL_SIM_REPLAY_SEED", 42);
+    let seed = env_u64("CHUNKVOL_SIM_REPLAY_SEED", 44);
     let (ev_a, a) = one_seed(seed);
     let (ev_b, b) = one_seed(seed);
     assert!(a.len() > 1000, "a schedule of only {} steps", a.len());
