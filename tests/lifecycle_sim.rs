@@ -255,7 +255,7 @@ fn one_seed(seed: u64) -> (Events, Vec<Step>) {
     }
     let (f, s) = (fs.clone(), sh.clone());
     sim.spawn("committer", move || committer(f, s));
-    let replace = seed % 4 == 0;
+    let replace = seed.is_multiple_of(4);
     sh.busy
         .store(if replace { 3 } else { 2 }, Ordering::Release);
     let done = |sh: &Shared| {
