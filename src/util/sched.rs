@@ -138,6 +138,9 @@ struct State {
     trace: Vec<Step>,
     started: bool,
     halted: Option<String>,
+    /// The actor whose unwinding halted the run (its message comes when it
+    /// finishes).
+    halted_by: Option<usize>,
     max_steps: u64,
 }
 
@@ -197,6 +200,7 @@ impl Sim {
                 trace: Vec::new(),
                 started: false,
                 halted: None,
+                halted_by: None,
                 max_steps: opts.max_steps,
             }),
             cv: Condvar::new(),
@@ -238,8 +242,12 @@ impl Sim {
 
     fn actor_main<F: FnOnce() -> T, T>(self: Arc<Self>, id: usize, f: F) -> T {
         ME.with(|m| *m.borrow_mut() = Some((self.clone(), id)));
-        drop(self.wait_turn(id, relock(&self.st)));
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        // The first wait is inside the catch too: a run halted before this
+        // actor ever ran still ends with it done.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            drop(self.wait_turn(id, relock(&self.st)));
+            f()
+        }));
         let failure = r.as_ref().err().map(|p| panic_text(p.as_ref()));
         self.finish(id, failure);
         ME.with(|m| *m.borrow_mut() = None);
@@ -259,19 +267,27 @@ impl Sim {
                 .wait_timeout(st, Duration::from_millis(100))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
-            if st.trace.len() != seen.0 || st.halted.is_some() {
+            if st.trace.len() != seen.0 {
                 seen = (st.trace.len(), Instant::now());
             } else if seen.1.elapsed() > self.step_timeout {
+                // An actor waits outside the scheduler (or a halted run
+                // does not wind down): report it, with the trace so far,
+                // and let every actor unwind.
                 let why = format!(
-                    "hung outside the scheduler for {:?}: {}",
+                    "{}hung outside the scheduler for {:?}: {}",
+                    st.halted
+                        .as_deref()
+                        .map(|h| format!("{h}; then "))
+                        .unwrap_or_default(),
                     self.step_timeout,
                     describe(&st)
                 );
-                drop(st);
+                st.halted = Some(why.clone());
+                self.hand_over(&mut st, None);
                 SIMS.fetch_sub(1, Ordering::AcqRel);
                 return Outcome {
-                    trace: Vec::new(),
-                    clock: Duration::ZERO,
+                    trace: std::mem::take(&mut st.trace),
+                    clock: Duration::from_micros(st.clock_us),
                     failure: Some(why),
                 };
             }
@@ -387,11 +403,18 @@ impl Sim {
 
     /// The running actor `id` reached `point` and becomes `status`.
     fn step(&self, id: usize, status: Status, point: &'static str) {
+        let mut st = relock(&self.st);
         if std::thread::panicking() {
-            // Unwinding: run to the end of the panic without switching.
+            // Unwinding: the run is over. Halt it so that every actor
+            // unwinds too and lets go of what it holds (the unwinding one
+            // may need a lock a parked actor has); no more switching.
+            if st.halted.is_none() {
+                st.halted = Some(format!("actor {} panicked", st.actors[id].name));
+                st.halted_by = Some(id);
+                self.hand_over(&mut st, None);
+            }
             return;
         }
-        let mut st = relock(&self.st);
         if st.halted.is_some() {
             drop(st);
             panic!("{HALTED}");
@@ -426,8 +449,13 @@ impl Sim {
         st.actors[id].status = Status::Done;
         st.progress += 1;
         if let Some(f) = failure {
-            if st.halted.is_none() && f != HALTED {
+            // The first panic's message, also when its unwinding halted
+            // the run before it got here.
+            let first = st.halted.is_none() || st.halted_by == Some(id);
+            if first && f != HALTED {
                 st.halted = Some(format!("actor {}: {f}", st.actors[id].name));
+                st.halted_by = None;
+                self.hand_over(&mut st, None);
             }
         }
         if st.running == Some(id) {
@@ -694,6 +722,68 @@ mod tests {
         let o = sim.run();
         let f = o.failure.expect("the panic is the run's failure");
         assert!(f.contains("actor bad: boom"), "{f}");
+    }
+
+    #[test]
+    fn a_failure_before_an_actor_ever_ran_still_ends_the_run() {
+        for seed in 0..20 {
+            let sim = Sim::new(SimOptions::seed(seed));
+            sim.spawn("bad", || panic!("boom"));
+            for a in 0..3 {
+                sim.spawn(&format!("idle{a}"), || {
+                    for _ in 0..5 {
+                        point("p");
+                    }
+                });
+            }
+            let f = sim.run().failure.expect("the panic fails the run");
+            assert!(f.contains("actor bad: boom"), "seed {seed}: {f}");
+        }
+    }
+
+    /// Unwinding that needs a lock a parked actor holds: the halt makes
+    /// the holder unwind and let go, and a ranked lock the holder was
+    /// waiting for when the halt came leaves no stale rank behind (which
+    /// would fail the lock-order check inside its own unwinding).
+    #[test]
+    fn unwinding_gets_the_locks_parked_actors_hold() {
+        use crate::util::sync::{lock, OrderedMutex, Rank};
+        struct TakesOnDrop(Arc<OrderedMutex<()>>);
+        impl Drop for TakesOnDrop {
+            fn drop(&mut self) {
+                drop(lock(self.0.as_ref()));
+            }
+        }
+        for seed in 0..30 {
+            let sim = Sim::new(SimOptions::seed(seed));
+            let group = Arc::new(OrderedMutex::new(Rank::BlockGroup, ()));
+            let leaf = Arc::new(OrderedMutex::new(Rank::Leaf, ()));
+            let (g, l) = (group.clone(), leaf.clone());
+            sim.spawn("holder", move || {
+                let _g = lock(g.as_ref());
+                for _ in 0..20 {
+                    point("holding");
+                }
+            });
+            let (g, l2) = (group.clone(), l.clone());
+            sim.spawn("waiter", move || {
+                let _t = TakesOnDrop(g.clone());
+                let _l = lock(l2.as_ref());
+                for _ in 0..20 {
+                    point("waiting");
+                }
+            });
+            let (g, l3) = (group.clone(), l.clone());
+            sim.spawn("bad", move || {
+                let _t = TakesOnDrop(g);
+                let _l = lock(l3.as_ref());
+                point("before");
+                panic!("boom");
+            });
+            let o = sim.run();
+            let f = o.failure.expect("the panic fails the run");
+            assert!(f.contains("actor bad: boom"), "seed {seed}: {f}");
+        }
     }
 
     #[test]

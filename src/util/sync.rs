@@ -85,7 +85,7 @@ fn take<G>(
 }
 
 /// Wait on `cond` until `ready` holds for the value in `m`. On a scheduler
-/// actor the wait gives the turn away until another actor made a step.
+/// actor the wait gives the turn away until someone calls [`notify_all`].
 pub fn wait_until<'a, T>(
     m: &'a Mutex<T>,
     cond: &Condvar,
@@ -137,6 +137,27 @@ fn enter(rank: Rank) {
         }
         h.push(rank);
     });
+}
+
+/// [`take`] a ranked lock: the order is checked before it, and the rank
+/// stays recorded only if the lock was taken (a halted simulation unwinds
+/// out of `take`, and a stale rank would fail the unwinding's own locks).
+fn take_ranked<G>(
+    rank: Rank,
+    try_take: impl Fn() -> TryLockResult<G>,
+    take_blocking: impl FnOnce() -> LockResult<G>,
+) -> G {
+    struct Undo(Rank);
+    impl Drop for Undo {
+        fn drop(&mut self) {
+            leave(self.0);
+        }
+    }
+    enter(rank);
+    let undo = Undo(rank);
+    let g = take(rank.point(), try_take, take_blocking);
+    std::mem::forget(undo);
+    g
 }
 
 /// Record that this thread let go of `rank` (test builds only).
@@ -277,10 +298,9 @@ impl<T> Lockable for OrderedMutex<T> {
     where
         T: 'a;
     fn acquire(&self) -> OrderedGuard<'_, T> {
-        enter(self.rank);
         let m = &self.inner;
         OrderedGuard {
-            guard: take(self.rank.point(), || m.try_lock(), || m.lock()),
+            guard: take_ranked(self.rank, || m.try_lock(), || m.lock()),
             rank: self.rank,
         }
     }
@@ -325,18 +345,16 @@ impl<T> RwLockable for OrderedRwLock<T> {
     where
         T: 'a;
     fn acquire_read(&self) -> OrderedReadGuard<'_, T> {
-        enter(self.rank);
         let l = &self.inner;
         OrderedReadGuard {
-            guard: take(self.rank.point(), || l.try_read(), || l.read()),
+            guard: take_ranked(self.rank, || l.try_read(), || l.read()),
             rank: self.rank,
         }
     }
     fn acquire_write(&self) -> OrderedWriteGuard<'_, T> {
-        enter(self.rank);
         let l = &self.inner;
         OrderedWriteGuard {
-            guard: take(self.rank.point(), || l.try_write(), || l.write()),
+            guard: take_ranked(self.rank, || l.try_write(), || l.write()),
             rank: self.rank,
         }
     }
