@@ -53,16 +53,9 @@ fn one_seed(seed: u64) -> Events {
                 let off = rng.below(VOL / S) * S;
                 let len = (1 + rng.below(2 << 20)).min(VOL - off);
                 if rng.below(3) == 0 {
-                    vol.discard(off, len).unwrap();
-                    let (a, b) = (off.div_ceil(S) * S, (off + len) / S * S);
-                    if b > a {
-                        model.lock().unwrap()[a as usize..b as usize].fill(0);
-                    }
+                    discard_with_model(&vol, &model, off, len);
                 } else {
-                    let d = pattern(rng.next_u64(), len as usize);
-                    vol.write_at(&d, off)
-                        .unwrap_or_else(|e| panic!("seed {seed}: write: {e}"));
-                    model.lock().unwrap()[off as usize..(off + len) as usize].copy_from_slice(&d);
+                    write_with_model(&vol, &model, off, &pattern(rng.next_u64(), len as usize));
                 }
                 if rng.below(4) == 0 {
                     pool.flush().unwrap();

@@ -98,16 +98,9 @@ fn writer(seed: u64, vol: chunkvol::Volume, pool: chunkvol::Pool, model: Arc<Mut
             (off, len) = (0, VOL);
         }
         if op < 3 {
-            vol.discard(off, len).unwrap();
-            let (a, b) = (off.div_ceil(S) * S, (off + len) / S * S);
-            if b > a {
-                model.lock().unwrap()[a as usize..b as usize].fill(0);
-            }
+            discard_with_model(&vol, &model, off, len);
         } else {
-            let d = pattern(rng.next_u64(), len as usize);
-            vol.write_at(&d, off)
-                .unwrap_or_else(|e| panic!("write at {off}: {e}"));
-            model.lock().unwrap()[off as usize..(off + len) as usize].copy_from_slice(&d);
+            write_with_model(&vol, &model, off, &pattern(rng.next_u64(), len as usize));
         }
         if rng.below(4) == 0 {
             pool.flush().unwrap();

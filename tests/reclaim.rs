@@ -59,6 +59,8 @@ fn discard_all_empties_block_groups_and_cleaner_deletes_them() {
     let before = u.allocated_bytes;
     let pass = chunkvol::engine::block_group::delete_unused_bgs(pool.fs()).unwrap();
     assert_eq!(pass.deleted, data_bgs.len() - 1, "{pass:?}");
+    // The last data group is kept (and counted as skipped), nothing waits.
+    assert_eq!((pass.skipped, pass.requeued), (1, 0), "{pass:?}");
     pool.flush().unwrap();
     let after = pool.usage();
     let left = after
@@ -93,6 +95,7 @@ fn cleaner_waits_for_the_emptying_commit() {
     // Not committed yet: the freed space is pinned, nothing may be deleted.
     let pass = chunkvol::engine::block_group::delete_unused_bgs(pool.fs()).unwrap();
     assert_eq!(pass.deleted, 0, "{pass:?}");
+    assert!(pass.requeued >= 1, "emptied but pinned: re-queued {pass:?}");
     pool.flush().unwrap();
     let pass = chunkvol::engine::block_group::delete_unused_bgs(pool.fs()).unwrap();
     assert!(pass.deleted >= 1, "{pass:?}");

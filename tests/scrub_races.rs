@@ -185,6 +185,7 @@ fn r3_scrub_requeues_group_the_cleaner_skipped() {
         pass.deleted, 0,
         "a group under scrub must be skipped: {pass:?}"
     );
+    assert!(pass.skipped >= 1, "{pass:?}");
     assert!(!s.fs().unused_bgs.contains(x));
     failpoint::release("scrub::group_frozen");
     let st = run.wait();
@@ -902,6 +903,7 @@ fn cleaner_judges_the_queued_group_not_a_new_one_at_its_address() {
     let fs = s.fs();
     let x = empty_group(&s);
     assert!(fs.unused_bgs.contains(x));
+    assert!(!fs.unused_bgs.is_empty());
     let st = chunkvol::jobs::relocation::relocate_block_group(fs, x, &never).unwrap();
     assert!(st.removed, "relocation removes the empty group: {st:?}");
     assert!(fs.block_group(x).is_none());
@@ -923,6 +925,7 @@ fn cleaner_judges_the_queued_group_not_a_new_one_at_its_address() {
     // Queued now, it is the cleaner's.
     assert!(fs.block_group(y).unwrap().hand_back(fs));
     assert_eq!(delete_unused_bgs(fs).unwrap().deleted, 1);
+    assert!(fs.unused_bgs.is_empty(), "{:?}", fs.unused_bgs.list());
     assert_setup_data_intact(&s);
 }
 

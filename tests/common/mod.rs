@@ -70,3 +70,33 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     r.fill(&mut v);
     v
 }
+
+/// Discard `[off, off + len)` of `vol` and zero what it frees in `model`:
+/// whole sectors only, as the volume does (a partial sector at either end
+/// keeps its bytes).
+pub fn discard_with_model(
+    vol: &chunkvol::Volume,
+    model: &std::sync::Mutex<Vec<u8>>,
+    off: u64,
+    len: u64,
+) {
+    let s = chunkvol::format::SECTOR_BYTES;
+    vol.discard(off, len)
+        .unwrap_or_else(|e| panic!("discard {off}+{len}: {e}"));
+    let (a, b) = (off.div_ceil(s) * s, (off + len) / s * s);
+    if b > a {
+        model.lock().unwrap()[a as usize..b as usize].fill(0);
+    }
+}
+
+/// Write `data` at `off` in `vol` and in `model`.
+pub fn write_with_model(
+    vol: &chunkvol::Volume,
+    model: &std::sync::Mutex<Vec<u8>>,
+    off: u64,
+    data: &[u8],
+) {
+    vol.write_at(data, off)
+        .unwrap_or_else(|e| panic!("write {off}+{}: {e}", data.len()));
+    model.lock().unwrap()[off as usize..off as usize + data.len()].copy_from_slice(data);
+}
