@@ -157,34 +157,8 @@ fn one_seed(seed: u64) -> Events {
         .unwrap_or_else(|_| panic!("seed {seed}: scrubber panicked"));
     chunkvol::util::failpoint::set_chaos(0, 0);
 
-    // No lost byte.
-    let mut all = vec![0u8; VOL as usize];
-    vol.read_at(&mut all, 0).unwrap();
-    assert!(
-        all == *model.lock().unwrap(),
-        "seed {seed}: volume differs from the model"
-    );
-    // No leaked unused group: once quiet, the cleaner deletes every empty
-    // data group but the last of its type.
-    pool.flush().unwrap();
-    chunkvol::engine::block_group::delete_unused_bgs(pool.fs()).unwrap();
-    pool.flush().unwrap();
-    let u = pool.usage();
-    let empty = u
-        .block_groups
-        .iter()
-        .filter(|b| b.bg_type == "data" && b.used_bytes == 0)
-        .count();
-    assert!(
-        empty <= 1,
-        "seed {seed}: {empty} empty data groups leaked: {:?}",
-        u.block_groups
-    );
-    // No dropped map is still referenced and every structure agrees.
-    pool.close().unwrap();
-    let pool = open_mem(&devs);
-    let r = chunkvol::pool::check::check(&pool, true).unwrap();
-    assert!(r.ok(), "seed {seed}: check: {:#?}", r.problems);
+    // No lost byte, no leaked group, every structure agrees after reopen.
+    assert_lifecycle_end(seed, pool, &vol, &model, &as_block(&devs));
     Events {
         deleted: deleted.load(Ordering::Relaxed),
         skipped_removed,

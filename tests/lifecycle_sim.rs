@@ -288,7 +288,7 @@ fn one_seed(seed: u64) -> (Events, Vec<Step>) {
     }
     // The devices the pool has now (a replace swapped one).
     let now: Vec<Arc<dyn BlockDevice>> = fs.devices().iter().map(|d| d.dev.clone()).collect();
-    check_after(seed, &pool, &vol, &model, &now);
+    assert_lifecycle_end(seed, pool, &vol, &model, &now);
     let ev = Events {
         deleted: sh.deleted.load(Ordering::Relaxed),
         skipped_removed: sh.skipped_removed.load(Ordering::Relaxed),
@@ -299,40 +299,6 @@ fn one_seed(seed: u64) -> (Events, Vec<Step>) {
         steps: out.trace.len() as u64,
     };
     (ev, out.trace)
-}
-
-/// Outside the simulation: no lost byte, no leaked group, a clean check.
-fn check_after(
-    seed: u64,
-    pool: &chunkvol::Pool,
-    vol: &chunkvol::Volume,
-    model: &Mutex<Vec<u8>>,
-    devs: &[Arc<dyn BlockDevice>],
-) {
-    let mut all = vec![0u8; VOL as usize];
-    vol.read_at(&mut all, 0).unwrap();
-    assert!(
-        all == *model.lock().unwrap(),
-        "seed {seed}: volume differs from the model"
-    );
-    pool.flush().unwrap();
-    block_group::delete_unused_bgs(pool.fs()).unwrap();
-    pool.flush().unwrap();
-    let u = pool.usage();
-    let empty = u
-        .block_groups
-        .iter()
-        .filter(|b| b.bg_type == "data" && b.used_bytes == 0)
-        .count();
-    assert!(
-        empty <= 1,
-        "seed {seed}: {empty} empty data groups leaked: {:?}",
-        u.block_groups
-    );
-    pool.clone().close().unwrap();
-    let pool = chunkvol::Pool::open(devs.to_vec()).expect("reopen");
-    let r = chunkvol::pool::check::check(&pool, true).unwrap();
-    assert!(r.ok(), "seed {seed}: check: {:#?}", r.problems);
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {

@@ -100,3 +100,40 @@ pub fn write_with_model(
         .unwrap_or_else(|e| panic!("write {off}+{}: {e}", data.len()));
     model.lock().unwrap()[off as usize..off as usize + data.len()].copy_from_slice(data);
 }
+
+/// The end of a lifecycle run, outside it: no lost byte (`vol` equals
+/// `model`), no leaked empty data group after a final cleaner pass (all but
+/// the last of its type are deleted), and, reopened from `devs`, `check
+/// --check-data-csum` clean. Consumes `pool`.
+pub fn assert_lifecycle_end(
+    seed: u64,
+    pool: Pool,
+    vol: &chunkvol::Volume,
+    model: &std::sync::Mutex<Vec<u8>>,
+    devs: &[Arc<dyn BlockDevice>],
+) {
+    let mut all = vec![0u8; model.lock().unwrap().len()];
+    vol.read_at(&mut all, 0).unwrap();
+    assert!(
+        all == *model.lock().unwrap(),
+        "seed {seed}: volume differs from the model"
+    );
+    pool.flush().unwrap();
+    chunkvol::engine::block_group::delete_unused_bgs(pool.fs()).unwrap();
+    pool.flush().unwrap();
+    let u = pool.usage();
+    let empty = u
+        .block_groups
+        .iter()
+        .filter(|b| b.bg_type == "data" && b.used_bytes == 0)
+        .count();
+    assert!(
+        empty <= 1,
+        "seed {seed}: {empty} empty data groups leaked: {:?}",
+        u.block_groups
+    );
+    pool.close().unwrap();
+    let pool = Pool::open(devs.to_vec()).expect("reopen");
+    let r = chunkvol::pool::check::check(&pool, true).unwrap();
+    assert!(r.ok(), "seed {seed}: check: {:#?}", r.problems);
+}
