@@ -103,3 +103,64 @@ fn cleaner_waits_for_the_emptying_commit() {
     let r = chunkvol::pool::check::check(&pool, false).unwrap();
     assert!(r.ok(), "{:#?}", r.problems);
 }
+
+/// Relocating the only metadata group of a pool with no unallocated space
+/// left is refused up front with ENOSPC naming the group: its tree blocks
+/// have nowhere to go, and finding that out halfway through moving them
+/// would abort the pool. The pool stays writable and its data intact.
+#[test]
+fn metadata_relocation_in_a_full_pool_is_refused_before_it_starts() {
+    let devs = mkfs_mem(Profile::Single, 96 << 20);
+    let pool = open_mem(&devs);
+    let vol = pool.create_volume("v", 256 << 20).unwrap();
+    let chunk = 1 << 20;
+    let mut written = 0u64;
+    while vol
+        .write_at(&pattern(written, chunk), written * chunk as u64)
+        .is_ok()
+    {
+        written += 1;
+    }
+    assert!(written > 8, "only {written} MiB fit");
+    pool.flush().unwrap();
+    let u = pool.usage();
+    assert!(
+        u.unallocated_bytes < 64 << 20,
+        "the pool must be full: {} bytes unallocated",
+        u.unallocated_bytes
+    );
+    let meta: Vec<u64> = u
+        .block_groups
+        .iter()
+        .filter(|b| b.bg_type == "metadata")
+        .map(|b| b.start)
+        .collect();
+    assert_eq!(meta.len(), 1, "one metadata group: {meta:?}");
+    let err = chunkvol::jobs::relocation::relocate_block_group(pool.fs(), meta[0], &|| false)
+        .expect_err("no room for the tree blocks");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("no room to move the tree blocks") && msg.contains(&format!("{:#x}", meta[0])),
+        "{msg}"
+    );
+    assert_eq!(err.to_io().raw_os_error(), Some(28), "ENOSPC: {msg}");
+    assert!(
+        !pool.fs().is_aborted(),
+        "a refused relocation must not abort the pool"
+    );
+    // Nothing was lost, and the pool still takes writes and commits.
+    for i in 0..written.min(4) {
+        let mut b = vec![0u8; chunk];
+        vol.read_at(&mut b, i * chunk as u64).unwrap();
+        assert!(b == pattern(i, chunk), "MiB {i} changed");
+    }
+    // Copy-on-write: an overwrite needs free space, so free some first.
+    vol.discard(0, 4 * chunk as u64).unwrap();
+    pool.flush().unwrap();
+    vol.write_at(&pattern(7, chunk), 0).unwrap();
+    pool.flush().unwrap();
+    pool.close().unwrap();
+    let pool = open_mem(&devs);
+    let r = chunkvol::pool::check::check(&pool, true).unwrap();
+    assert!(r.ok(), "{:#?}", r.problems);
+}
