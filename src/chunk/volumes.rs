@@ -126,13 +126,31 @@ impl ChunkMap {
 /// The mapping tree: every chunk by logical start.
 #[derive(Debug)]
 pub struct MappingTree {
-    maps: OrderedRwLock<BTreeMap<u64, Arc<ChunkMap>>>,
+    maps: OrderedRwLock<Maps>,
+}
+
+#[derive(Debug, Default)]
+struct Maps {
+    by_start: BTreeMap<u64, Arc<ChunkMap>>,
+    /// Maps replaced or removed that someone may still hold (a scrub, an
+    /// I/O in flight): a devid they name must not mean another device
+    /// until they are gone (device replace hands the source's devid over).
+    retired: Vec<std::sync::Weak<ChunkMap>>,
+}
+
+impl Maps {
+    fn retire(&mut self, old: Option<Arc<ChunkMap>>) {
+        self.retired.retain(|w| w.strong_count() > 0);
+        if let Some(m) = old {
+            self.retired.push(Arc::downgrade(&m));
+        }
+    }
 }
 
 impl Default for MappingTree {
     fn default() -> Self {
         MappingTree {
-            maps: OrderedRwLock::new(Rank::ChunkMaps, BTreeMap::new()),
+            maps: OrderedRwLock::new(Rank::ChunkMaps, Maps::default()),
         }
     }
 }
@@ -141,27 +159,43 @@ impl MappingTree {
     /// The chunk containing `logical`.
     pub fn lookup(&self, logical: u64) -> Option<Arc<ChunkMap>> {
         let maps = read(&self.maps);
-        let (_, m) = maps.range(..=logical).next_back()?;
+        let (_, m) = maps.by_start.range(..=logical).next_back()?;
         (logical < m.end()).then(|| m.clone())
     }
     /// The chunk starting exactly at `start`.
     pub fn get(&self, start: u64) -> Option<Arc<ChunkMap>> {
-        read(&self.maps).get(&start).cloned()
+        read(&self.maps).by_start.get(&start).cloned()
     }
+    /// Map a chunk, replacing (and retiring) its previous map.
     pub fn insert(&self, item: ChunkItem) -> Arc<ChunkMap> {
         let m = Arc::new(ChunkMap { item });
-        write(&self.maps).insert(m.start(), m.clone());
+        let mut maps = write(&self.maps);
+        let old = maps.by_start.insert(m.start(), m.clone());
+        maps.retire(old);
         m
     }
     pub fn remove(&self, start: u64) -> Option<Arc<ChunkMap>> {
-        write(&self.maps).remove(&start)
+        let mut maps = write(&self.maps);
+        let old = maps.by_start.remove(&start);
+        maps.retire(old.clone());
+        old
     }
     pub fn all(&self) -> Vec<Arc<ChunkMap>> {
-        read(&self.maps).values().cloned().collect()
+        read(&self.maps).by_start.values().cloned().collect()
+    }
+    /// Retired maps still held somewhere that have a stripe on `devid`.
+    pub fn retired_on(&self, devid: u64) -> usize {
+        read(&self.maps)
+            .retired
+            .iter()
+            .filter_map(|w| w.upgrade())
+            .filter(|m| m.item.stripes.iter().any(|s| s.devid == devid))
+            .count()
     }
     /// First logical address after every chunk (where a new chunk goes).
     pub fn next_logical(&self) -> u64 {
         read(&self.maps)
+            .by_start
             .values()
             .next_back()
             .map(|m| m.end())

@@ -197,18 +197,25 @@ impl FsInfo {
         }
     }
 
+    /// The device `devid` names. A replace target that took its source's
+    /// devid stays reachable under its own old devid too, for maps taken
+    /// before the rename (its physical layout did not change).
     pub fn device(&self, devid: u64) -> Option<Arc<Device>> {
         read(&self.devices).get(&devid).cloned()
     }
+    /// The pool's devices, each once (aliases left out).
     pub fn devices(&self) -> Vec<Arc<Device>> {
-        read(&self.devices).values().cloned().collect()
+        read(&self.devices)
+            .iter()
+            .filter(|(&k, d)| k == d.devid)
+            .map(|(_, d)| d.clone())
+            .collect()
     }
     /// Devices new chunks may use (not being removed or replaced).
     pub fn alloc_devices(&self) -> Vec<Arc<Device>> {
-        read(&self.devices)
-            .values()
+        self.devices()
+            .into_iter()
             .filter(|d| d.allocatable.load(Ordering::Acquire))
-            .cloned()
             .collect()
     }
     /// Whether the chunk at `start` has a stripe on a missing device.

@@ -15,9 +15,10 @@ use crate::btree::Iter;
 use crate::device::BlockDevice;
 use crate::engine::block_group::BlockGroup;
 use crate::engine::fs_info::FsInfo;
-use crate::format::{item, objectid, tree_id, DevExtent, Key, Stripe, SECTOR_BYTES};
+use crate::format::{item, objectid, tree_id, DevExtent, ExtentItem, Key, Stripe, SECTOR_BYTES};
 use crate::jobs::control::{Completion, JobSlot};
 use crate::jobs::relocation::wait_for_writers;
+use crate::jobs::scrub::{sector_owner, ErrorKind, ErrorRecord, MAX_ERROR_RECORDS};
 use crate::util::error::{Error, Result};
 use std::collections::BTreeMap;
 
@@ -58,10 +59,18 @@ pub struct ReplaceStatus {
     pub src_devid: u64,
     pub target_devid: u64,
     pub target_path: String,
+    /// Canceled or failed: the target left the pool again (what had been
+    /// copied to it moved back), so it can be used anew.
+    pub target_left: bool,
     pub block_groups_total: u64,
     pub block_groups_done: u64,
     pub bytes_copied: u64,
     pub duration_s: f64,
+    /// Sectors with no good copy on any mirror: copied as they were (their
+    /// reads keep failing), logged in `errors`.
+    pub uncorrectable_errors: u64,
+    /// The first [`MAX_ERROR_RECORDS`] of them, with volume and LBA.
+    pub errors: Vec<ErrorRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
 }
@@ -70,6 +79,10 @@ pub struct ReplaceStatus {
 pub struct ReplaceRun {
     src_devid: u64,
     target: Arc<Device>,
+    /// The target's devid: the source's once the replace finished.
+    target_devid: AtomicU64,
+    /// A canceled or failed replace took the target out of the pool.
+    target_left: AtomicBool,
     started: Instant,
     state: Mutex<State>,
     total: AtomicU64,
@@ -78,6 +91,8 @@ pub struct ReplaceRun {
     elapsed_s: Mutex<Option<f64>>,
     cancel: AtomicBool,
     failure: Mutex<Option<String>>,
+    uncorrectable: AtomicU64,
+    errors: Mutex<Vec<ErrorRecord>>,
     finished: Completion,
     /// Target space taken up front for each chunk on the source:
     /// chunk start -> (stripe index, physical) per source stripe. New chunks
@@ -90,13 +105,36 @@ impl ReplaceRun {
         ReplaceStatus {
             state: *lock(&self.state),
             src_devid: self.src_devid,
-            target_devid: self.target.devid,
+            target_devid: self.target_devid.load(Ordering::Acquire),
+            target_left: self.target_left.load(Ordering::Acquire),
             target_path: self.target.dev.path().display().to_string(),
             block_groups_total: self.total.load(Ordering::Acquire),
             block_groups_done: self.done.load(Ordering::Acquire),
             bytes_copied: self.bytes.load(Ordering::Acquire),
             duration_s: lock(&self.elapsed_s).unwrap_or(self.started.elapsed().as_secs_f64()),
+            uncorrectable_errors: self.uncorrectable.load(Ordering::Acquire),
+            errors: lock(&self.errors).clone(),
             failure: lock(&self.failure).clone(),
+        }
+    }
+
+    /// Count and log a sector that has no good copy.
+    fn record(&self, r: ErrorRecord) {
+        tracing::warn!(
+            "device replace: {} at logical {:#x} (devid {} physical {:#x}{}) has no good copy; copied as it is",
+            r.kind,
+            r.logical,
+            r.devid,
+            r.physical,
+            match (&r.volume, r.lba) {
+                (Some(v), Some(l)) => format!(", volume {v} LBA {l}"),
+                _ => String::new(),
+            }
+        );
+        self.uncorrectable.fetch_add(1, Ordering::AcqRel);
+        let mut e = lock(&self.errors);
+        if e.len() < MAX_ERROR_RECORDS {
+            e.push(r);
         }
     }
 
@@ -112,8 +150,8 @@ pub fn status(fs: &FsInfo) -> Option<ReplaceStatus> {
     JobSlot::<ReplaceRun>::of(fs).current().map(|r| r.status())
 }
 
-/// Stop a running replace after the current block group. The groups copied
-/// so far stay on the new device, which remains a pool member.
+/// Stop a running replace after the current block group; the new device
+/// then leaves the pool again (see [`undo`]).
 pub fn cancel(fs: &FsInfo) -> Result<()> {
     let run = JobSlot::<ReplaceRun>::of(fs).current();
     match run {
@@ -195,6 +233,8 @@ pub fn start(
     }
     let run = Arc::new(ReplaceRun {
         src_devid: src,
+        target_devid: AtomicU64::new(target.devid),
+        target_left: AtomicBool::new(false),
         target,
         started: Instant::now(),
         state: Mutex::new(State::Running),
@@ -204,6 +244,8 @@ pub fn start(
         elapsed_s: Mutex::new(None),
         cancel: AtomicBool::new(false),
         failure: Mutex::new(None),
+        uncorrectable: AtomicU64::new(0),
+        errors: Mutex::new(Vec::new()),
         finished: Completion::default(),
         reserved: Mutex::new(reserved),
     });
@@ -280,7 +322,21 @@ fn release<'a>(target: &Device, taken: impl Iterator<Item = &'a (usize, u64)>) {
     }
 }
 
+/// Ends the run if its driver panics, so that `-B` waiters do not hang.
+struct EndOnPanic<'a>(&'a ReplaceRun);
+
+impl Drop for EndOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            *lock(&self.0.failure) = Some("device replace panicked: a bug, see the log".into());
+            *lock(&self.0.state) = State::Failed;
+            self.0.finished.finish();
+        }
+    }
+}
+
 fn drive(fs: &FsInfo, run: &ReplaceRun) {
+    let _end = EndOnPanic(run);
     let end = match drive_inner(fs, run) {
         Ok(s) => s,
         Err(e) => {
@@ -296,10 +352,31 @@ fn drive(fs: &FsInfo, run: &ReplaceRun) {
         if let Some(d) = fs.device(run.src_devid) {
             d.allocatable.store(true, Ordering::Release);
         }
+        undo(fs, run);
     }
     *lock(&run.elapsed_s) = Some(run.started.elapsed().as_secs_f64());
     *lock(&run.state) = end;
     run.finished.finish();
+}
+
+/// A canceled or failed replace takes the target out of the pool again
+/// (moving back what was switched to it), so that the same device can be
+/// used for the next attempt. When that is not possible (the pool cannot do
+/// without it, or failed) the target stays a member and the failure says so.
+fn undo(fs: &FsInfo, run: &ReplaceRun) {
+    let t = run.target.devid;
+    match crate::jobs::devices::remove(fs, t) {
+        Ok(()) => run.target_left.store(true, Ordering::Release),
+        Err(e) => {
+            tracing::warn!("device replace: the new device devid {t} stays in the pool: {e}");
+            let mut f = lock(&run.failure);
+            let note = format!("the new device stays in the pool as devid {t}: {e}");
+            *f = Some(match f.take() {
+                Some(was) => format!("{was}; {note}"),
+                None => note,
+            });
+        }
+    }
 }
 
 fn drive_inner(fs: &FsInfo, run: &ReplaceRun) -> Result<State> {
@@ -330,7 +407,7 @@ fn drive_inner(fs: &FsInfo, run: &ReplaceRun) -> Result<State> {
                 Some(s) => s,
                 None => reserve_chunk(fs, start, run.src_devid, &run.target)?,
             };
-            let n = match replace_group(fs, start, run.src_devid, &run.target, &slots) {
+            let n = match replace_group(fs, run, start, &slots) {
                 Ok(n) => n,
                 Err(e) => {
                     release(&run.target, slots.iter());
@@ -349,20 +426,27 @@ fn drive_inner(fs: &FsInfo, run: &ReplaceRun) -> Result<State> {
             stuck_since = None;
         }
     }
-    crate::jobs::devices::forget(fs, run.src_devid)?;
+    // Space kept for groups that went away, before the target is renamed.
+    let left = std::mem::take(&mut *lock(&run.reserved));
+    release(&run.target, left.values().flatten());
+    if crate::jobs::devices::take_over(fs, run.src_devid, &run.target)? {
+        run.target_devid.store(run.src_devid, Ordering::Release);
+    }
     tracing::info!(
-        "replaced devid {} by devid {}",
+        "replaced devid {} by {}",
         run.src_devid,
-        run.target.devid
+        run.target.dev.path().display()
     );
     Ok(State::Finished)
 }
 
-/// A live extent of a group: where, how long, and its checksums (data).
+/// A live extent of a group: where, how long, and (data) its extent item,
+/// which names the volume and LBA of a bad sector.
 struct Live {
     logical: u64,
     len: u64,
     tree_block: bool,
+    item: Option<ExtentItem>,
 }
 
 fn live_extents(fs: &FsInfo, start: u64, end: u64) -> Result<Vec<Live>> {
@@ -374,7 +458,7 @@ fn live_extents(fs: &FsInfo, start: u64, end: u64) -> Result<Vec<Live>> {
         Key::new(start, item::EXTENT, 0),
         Key::new(end - 1, item::METADATA, u64::MAX),
     ) {
-        let (k, _) = r?;
+        let (k, v) = r?;
         let (len, tree_block) = match k.ty {
             item::EXTENT => (k.offset, false),
             item::METADATA => (fs.node_bytes as u64, true),
@@ -389,17 +473,14 @@ fn live_extents(fs: &FsInfo, start: u64, end: u64) -> Result<Vec<Live>> {
             logical: k.objectid,
             len,
             tree_block,
+            item: (!tree_block).then(|| ExtentItem::decode(&v).ok()).flatten(),
         });
     }
     Ok(out)
 }
 
-/// Read the verified content of one live extent.
-fn read_live(fs: &FsInfo, x: &Live) -> Result<Vec<u8>> {
-    if x.tree_block {
-        let n = fs.read_node(x.logical, None)?;
-        return Ok(n.encode(&fs.pool_uuid, fs.node_bytes, fs.csum_type));
-    }
+/// The checksums of a live data extent (None: stored without).
+fn extent_sums(fs: &FsInfo, x: &Live) -> Result<Option<Vec<u8>>> {
     let sums = {
         let st = lock(&fs.trans);
         crate::btree::get(
@@ -409,27 +490,23 @@ fn read_live(fs: &FsInfo, x: &Live) -> Result<Vec<u8>> {
         )?
     };
     let cs = fs.csum_type.size_bytes() as u64;
-    let sums = sums.filter(|s| s.len() as u64 >= x.len / SECTOR_BYTES * cs);
-    let mut buf = vec![0u8; x.len as usize];
-    let l0 = x.logical;
-    fs.read_data(x.logical, &mut buf, sums.as_deref(), &|lg, l| {
+    Ok(sums.filter(|s| s.len() as u64 >= x.len / SECTOR_BYTES * cs))
+}
+
+/// Read the verified content of `len` bytes at `logical`.
+fn read_verified(fs: &FsInfo, logical: u64, buf: &mut [u8], sums: Option<&[u8]>) -> Result<()> {
+    fs.read_data(logical, buf, sums, &|lg, l| {
         Error::Corrupt(format!(
-            "device replace: logical {lg:#x}+{l} (extent {l0:#x}) has no good copy on any mirror"
+            "device replace: logical {lg:#x}+{l} has no good copy on any mirror"
         ))
-    })?;
-    Ok(buf)
+    })
 }
 
 /// Copy one group's stripes on `src` to `dst` (at the physical offsets
 /// reserved in `slots`) and switch the chunk over. Returns the bytes copied.
 /// When the group is gone or no longer on `src`, its slots are released.
-fn replace_group(
-    fs: &FsInfo,
-    start: u64,
-    src: u64,
-    dst: &Arc<Device>,
-    slots: &[(usize, u64)],
-) -> Result<u64> {
+fn replace_group(fs: &FsInfo, run: &ReplaceRun, start: u64, slots: &[(usize, u64)]) -> Result<u64> {
+    let (src, dst) = (run.src_devid, &run.target);
     let _serial = lock(&fs.reloc_lock);
     let gone = || {
         release(dst, slots.iter());
@@ -473,6 +550,7 @@ fn replace_group(
         };
     }
     let mv = GroupMove {
+        run,
         start,
         src,
         dst,
@@ -494,6 +572,8 @@ fn replace_group(
 /// One group's switch to the new device: the chunk as mapped before and
 /// after, and which of its stripes move where.
 struct GroupMove<'a> {
+    /// Where sectors with no good copy are counted and logged.
+    run: &'a ReplaceRun,
     start: u64,
     src: u64,
     dst: &'a Arc<Device>,
@@ -532,7 +612,7 @@ impl GroupMove<'_> {
     fn copy(&self, fs: &FsInfo, bg: &BlockGroup) -> Result<Option<u64>> {
         let mut copied = 0;
         for x in live_extents(fs, bg.start, bg.end())? {
-            let buf = match read_live(fs, &x) {
+            let buf = match self.read_live(fs, &x) {
                 Ok(b) => b,
                 // Deleted under the copy (metadata groups are not held
                 // read-only): nothing left to replace.
@@ -557,6 +637,76 @@ impl GroupMove<'_> {
             copied += x.len;
         }
         Ok(Some(copied))
+    }
+
+    /// The content of one live extent, verified. A data sector with no
+    /// good copy on any mirror does not stop the replace (the disk being
+    /// replaced is often failing): it is copied as a mirror holds it, so
+    /// that reads of it keep failing their checksum rather than return
+    /// other bytes, and counted and logged with its volume and LBA. A tree
+    /// block with no good copy fails the replace.
+    fn read_live(&self, fs: &FsInfo, x: &Live) -> Result<Vec<u8>> {
+        if x.tree_block {
+            let n = fs.read_node(x.logical, None)?;
+            return Ok(n.encode(&fs.pool_uuid, fs.node_bytes, fs.csum_type));
+        }
+        let sums = extent_sums(fs, x)?;
+        let mut buf = vec![0u8; x.len as usize];
+        match read_verified(fs, x.logical, &mut buf, sums.as_deref()) {
+            Err(Error::Corrupt(_)) => {}
+            r => return r.map(|()| buf),
+        }
+        let sector = SECTOR_BYTES as usize;
+        let cs = fs.csum_type.size_bytes();
+        for (i, dst) in buf.chunks_mut(sector).enumerate() {
+            let lg = x.logical + (i * sector) as u64;
+            let sum = sums.as_deref().map(|s| &s[i * cs..(i + 1) * cs]);
+            match read_verified(fs, lg, dst, sum) {
+                Ok(()) => {}
+                Err(Error::Corrupt(_)) => self.salvage_sector(fs, x, lg, dst),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Fill `dst` with a sector that has no good copy as the first
+    /// readable mirror holds it (zeros if none reads), and log it.
+    fn salvage_sector(&self, fs: &FsInfo, x: &Live, logical: u64, dst: &mut [u8]) {
+        let piece = self
+            .map
+            .map(logical, SECTOR_BYTES)
+            .ok()
+            .and_then(|mut p| p.pop());
+        let mirrors = piece.as_ref().map_or(0, |p| p.mirrors.len());
+        let readable = piece
+            .as_ref()
+            .is_some_and(|p| (0..mirrors).any(|m| fs.read_copy(p, m, dst).is_ok()));
+        if !readable {
+            dst.fill(0);
+        }
+        let physical = piece
+            .as_ref()
+            .and_then(|p| p.mirrors.iter().find(|&&(d, _)| d == self.src))
+            .map_or(0, |&(_, ph)| ph);
+        let (volume, lba) = x
+            .item
+            .as_ref()
+            .map_or((None, None), |ei| sector_owner(fs, ei, logical - x.logical));
+        self.run.record(ErrorRecord {
+            devid: self.src,
+            physical,
+            logical,
+            volume,
+            lba,
+            length_bytes: SECTOR_BYTES,
+            kind: if readable {
+                ErrorKind::DataCsum
+            } else {
+                ErrorKind::DataRead
+            },
+            repaired: false,
+        });
     }
 
     /// Point the chunk item, the device extents and the mapping at `dst`.

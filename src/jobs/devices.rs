@@ -41,7 +41,8 @@ pub fn resolve(fs: &FsInfo, spec: &str) -> Result<u64> {
 }
 
 fn next_devid(fs: &FsInfo) -> u64 {
-    let present = fs.devices().iter().map(|d| d.devid).max().unwrap_or(0);
+    // Aliases count: a devid an old map may name is never given out again.
+    let present = read(&fs.devices).keys().max().copied().unwrap_or(0);
     let missing = read(&fs.missing).keys().max().copied().unwrap_or(0);
     present.max(missing) + 1
 }
@@ -212,22 +213,150 @@ pub fn forget(fs: &FsInfo, devid: u64) -> Result<()> {
             tree_id::DEV,
             &Key::new(objectid::DEV_STATS, item::DEV_STATS, devid),
         )?;
-        write(&ctx.fs.devices).remove(&devid);
+        write(&ctx.fs.devices).retain(|_, d| d.devid != devid);
         write(&ctx.fs.missing).remove(&devid);
         ctx.st.dirty = true;
         Ok(())
     })?;
     commit(fs)?;
     if let Some(d) = dev {
-        d.supers_valid.store(false, Ordering::Release);
-        // No longer a member: a later open must not take it for one.
-        let zero = vec![0u8; SUPER_BYTES];
-        for &o in &SUPER_OFFSETS {
-            if o + SUPER_BYTES as u64 <= d.total_bytes {
-                let _ = d.dev.write_at(&zero, o);
+        wipe_supers(&d);
+    }
+    Ok(())
+}
+
+/// A device that is no longer a member: a later open must not take it for one.
+fn wipe_supers(d: &Device) {
+    d.supers_valid.store(false, Ordering::Release);
+    let zero = vec![0u8; SUPER_BYTES];
+    for &o in &SUPER_OFFSETS {
+        if o + SUPER_BYTES as u64 <= d.total_bytes {
+            let _ = d.dev.write_at(&zero, o);
+        }
+    }
+    let _ = d.dev.flush();
+}
+
+/// How long [`take_over`] waits for old maps that name the source.
+const RETIRED_WAIT: Duration = Duration::from_secs(30);
+
+/// Give the replace target the devid of `src`, which holds no chunk any
+/// more (as btrfs does: a replaced disk keeps its devid), and drop `src`.
+/// The device item, the target's device extents and every chunk stripe on
+/// it are renamed in one transaction. The target stays reachable under its
+/// old devid for maps taken before the rename; `src` names the target only
+/// once no one holds a map that names the old source (a scrub between two
+/// views, a read in flight). Returns false, keeping the target's devid,
+/// when such a holder does not let go within [`RETIRED_WAIT`].
+pub fn take_over(fs: &FsInfo, src: u64, target: &Arc<Device>) -> Result<bool> {
+    let t = target.devid;
+    debug_assert!(
+        chunks_on(fs, src).is_empty(),
+        "devid {src} still holds chunks"
+    );
+    let deadline = crate::util::sched::now() + RETIRED_WAIT;
+    while fs.mapping.retired_on(src) > 0 {
+        if crate::util::sched::now() >= deadline {
+            tracing::warn!(
+                "devid {src}: old chunk maps still held; the new device keeps devid {t}"
+            );
+            forget(fs, src)?;
+            return Ok(false);
+        }
+        crate::util::sched::sleep(Duration::from_millis(5));
+    }
+    let old_src = fs.device(src);
+    let renamed = Arc::new(Device::new(src, target.uuid, target.dev.clone()));
+    renamed.supers_valid.store(false, Ordering::Release);
+    transaction::change(fs, |ctx| {
+        // Chunks are allocated in transactions: none can land between.
+        let extents = read(&target.extents).clone();
+        *write(&renamed.extents) = extents;
+        for id in [src, t] {
+            ctx.delete(
+                tree_id::CHUNK,
+                &Key::new(objectid::DEV_ITEMS, item::DEV_ITEM, id),
+            )?;
+            ctx.delete(
+                tree_id::DEV,
+                &Key::new(objectid::DEV_STATS, item::DEV_STATS, id),
+            )?;
+        }
+        let it = DevItem {
+            devid: src,
+            total_bytes: renamed.total_bytes,
+            uuid: renamed.uuid,
+        };
+        ctx.insert(
+            tree_id::CHUNK,
+            Key::new(objectid::DEV_ITEMS, item::DEV_ITEM, src),
+            it.encode(),
+        )?;
+        for m in fs.mapping.all() {
+            if m.item.stripes.iter().any(|st| st.devid == t) {
+                rename_stripes(ctx, &m.item, t, src)?;
             }
         }
-        let _ = d.dev.flush();
+        let mut devs = write(&ctx.fs.devices);
+        devs.insert(src, renamed.clone());
+        devs.insert(t, renamed.clone());
+        drop(devs);
+        write(&ctx.fs.missing).remove(&src);
+        ctx.fs.dev_stats_dirty.store(true, Ordering::Release);
+        ctx.st.dirty = true;
+        Ok(())
+    })?;
+    commit(fs)?;
+    if let Some(d) = old_src.filter(|d| !Arc::ptr_eq(d, &renamed)) {
+        wipe_supers(&d);
     }
+    tracing::info!(
+        "devid {t} ({}) is now devid {src}",
+        renamed.dev.path().display()
+    );
+    Ok(true)
+}
+
+/// Rewrite one chunk's stripes on devid `from` as on `to`: its item (or
+/// pending item), its device extents and its map.
+fn rename_stripes(
+    ctx: &mut transaction::Ctx,
+    chunk: &crate::format::ChunkItem,
+    from: u64,
+    to: u64,
+) -> Result<()> {
+    let mut item = chunk.clone();
+    for st in item.stripes.iter_mut().filter(|st| st.devid == from) {
+        st.devid = to;
+    }
+    let start = item.logical;
+    if let Some(c) = ctx
+        .st
+        .pending_chunks
+        .iter_mut()
+        .find(|c| c.logical == start)
+    {
+        // Not in the trees yet: the commit inserts it, stripes and all.
+        *c = item.clone();
+    } else {
+        ctx.insert(
+            tree_id::CHUNK,
+            Key::new(objectid::FIRST_CHUNK, item::CHUNK, start),
+            item.encode(),
+        )?;
+        for st in chunk.stripes.iter().filter(|st| st.devid == from) {
+            ctx.delete(tree_id::DEV, &Key::new(from, item::DEV_EXTENT, st.physical))?;
+            ctx.insert(
+                tree_id::DEV,
+                Key::new(to, item::DEV_EXTENT, st.physical),
+                crate::format::DevExtent {
+                    chunk_logical: start,
+                    length: item.stripe_bytes,
+                }
+                .encode(),
+            )?;
+        }
+    }
+    ctx.fs.mapping.insert(item);
     Ok(())
 }

@@ -20,7 +20,7 @@ use crate::format::{
     SUPER_OFFSETS, VOLUME_NAME_MAX_BYTES,
 };
 use crate::util::error::{Error, Result};
-use crate::util::sync::{lock, read, write, Arc, Ordering};
+use crate::util::sync::{lock, write, Arc, Ordering};
 
 /// Largest volume (keeps LBA arithmetic far from overflow).
 pub const MAX_VOLUME_BYTES: u64 = 1 << 60;
@@ -624,8 +624,9 @@ impl Pool {
 
     /// Paths of the devices, by devid.
     pub fn device_paths(&self) -> Vec<PathBuf> {
-        read(&self.fs.devices)
-            .values()
+        self.fs
+            .devices()
+            .iter()
             .map(|d| d.dev.path().to_path_buf())
             .collect()
     }

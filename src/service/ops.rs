@@ -506,13 +506,41 @@ pub fn replace_output(
             crate::util::size::human(s.bytes_copied),
             s.duration_s
         );
+        if s.target_left {
+            t += &format!(
+                "New device:       left the pool again; {} can be used anew\n",
+                s.target_path
+            );
+        }
+        if s.uncorrectable_errors > 0 {
+            t += &format!(
+                "Uncorrectable:    {} sectors with no good copy (copied as they were; reads of them fail)\n",
+                s.uncorrectable_errors
+            );
+        }
+        for e in &s.errors {
+            t += &format!(
+                "  logical {:#x}: {} on devid {} physical {:#x}{}\n",
+                e.logical,
+                e.kind,
+                e.devid,
+                e.physical,
+                match (&e.volume, e.lba) {
+                    (Some(v), Some(l)) => format!(", volume {v} LBA {l}"),
+                    _ => String::new(),
+                }
+            );
+        }
         if let Some(f) = &s.failure {
             t += &format!("Failure:          {f}\n");
         }
         OpOutput::ok(t)
     };
-    if s.state == crate::jobs::dev_replace::State::Failed {
-        out.exit = 1;
+    match s.state {
+        crate::jobs::dev_replace::State::Failed => out.exit = 1,
+        // As scrub: finished, but data was lost.
+        crate::jobs::dev_replace::State::Finished if s.uncorrectable_errors > 0 => out.exit = 3,
+        _ => {}
     }
     out
 }

@@ -30,7 +30,7 @@ use crate::btree::Iter;
 use crate::engine::fs_info::{tree_index, CommitRoots, FsInfo, NoRepair};
 use crate::engine::transaction::Ctx;
 use crate::format::progress::SCRUB_COUNTERS;
-use crate::format::{item, tree_id, DevExtent, Key};
+use crate::format::{item, tree_id, DevExtent, ExtentItem, Key};
 use crate::jobs::control::{ActiveClock, Completion, JobSlot};
 use crate::util::error::{Error, Result};
 use crate::util::sync::{lock, thread, Arc, AtomicBool, Mutex, Ordering};
@@ -323,6 +323,24 @@ impl ScrubRun {
             e.push(r);
         }
     }
+}
+
+/// Which volume and LBA (byte offset) a data sector `delta` bytes into
+/// extent `ei` belongs to; scrub and device replace name them in their logs.
+pub(crate) fn sector_owner(
+    fs: &FsInfo,
+    ei: &ExtentItem,
+    delta: u64,
+) -> (Option<String>, Option<u64>) {
+    let Some(b) = ei.backrefs.first() else {
+        return (None, None);
+    };
+    let name = lock(&fs.trans)
+        .volumes
+        .iter()
+        .find(|(_, v)| v.id == b.volume_id)
+        .map(|(n, _)| n.clone());
+    (name, Some(b.lba_bytes + delta))
 }
 
 /// Why a device scan stopped early.

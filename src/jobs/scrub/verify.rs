@@ -5,7 +5,7 @@ use crate::btree::Node;
 use crate::chunk::volumes::ChunkMap;
 use crate::engine::fs_info::{tree_index, CommitRoots, FsInfo, NoRepair};
 use crate::format::{item, objectid, tree_id, ExtentItem, Key, MetadataItem, SECTOR_BYTES};
-use crate::util::sync::{lock, Arc};
+use crate::util::sync::Arc;
 
 use super::repair::repair;
 use super::scan::{Alloc, DevScan};
@@ -144,7 +144,7 @@ fn verify_data(
             };
             scan.update(|p| kind.count(&mut p.counters));
             let fixed = repair(scan, u, sec, s, &|b| fs.csum_type.matches(b, want));
-            let (vol, lba) = who(fs, ei, sec - start);
+            let (vol, lba) = super::sector_owner(fs, ei, sec - start);
             scan.run.record(ErrorRecord {
                 devid: scan.devid,
                 physical: u.physical_of(sec),
@@ -209,17 +209,4 @@ fn verify_tree(
         });
     }
     nb
-}
-
-/// Which volume and LBA a data sector belongs to.
-fn who(fs: &FsInfo, ei: &ExtentItem, delta: u64) -> (Option<String>, Option<u64>) {
-    let Some(b) = ei.backrefs.first() else {
-        return (None, None);
-    };
-    let name = lock(&fs.trans)
-        .volumes
-        .iter()
-        .find(|(_, v)| v.id == b.volume_id)
-        .map(|(n, _)| n.clone());
-    (name, Some(b.lba_bytes + delta))
 }

@@ -1,0 +1,232 @@
+//! Device replace as a user with a failing disk meets it: sectors with no
+//! good copy are counted and named, not fatal; the new device takes the old
+//! one's devid; a canceled replace takes the new device out again so that it
+//! can be used for the next attempt.
+
+mod common;
+mod serve_harness;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use chunkvol::device::fault::FaultyDevice;
+use chunkvol::device::BlockDevice;
+use chunkvol::format::Profile;
+use chunkvol::jobs::dev_replace::{self, State};
+use chunkvol::util::failpoint::{self, Action};
+use chunkvol::Pool;
+use serde_json::Value;
+use serve_harness::{cv, cv_json, cv_ok, make_pool, offline_check, s, TestDir};
+
+const SECTOR: u64 = 4096;
+const DATA_BYTES: usize = 48 << 20;
+
+/// Failpoints are process-wide: one failpoint test at a time.
+fn serial() -> MutexGuard<'static, ()> {
+    static L: Mutex<()> = Mutex::new(());
+    let g = L.lock().unwrap_or_else(|e| e.into_inner());
+    failpoint::reset();
+    g
+}
+
+fn with_devs<'a>(head: &[&'a str], devs: &'a [PathBuf]) -> Vec<&'a str> {
+    let mut v = head.to_vec();
+    v.extend(devs.iter().map(|d| s(d)));
+    v
+}
+
+/// Flip bytes of `len` bytes at `phys` of a device file.
+fn corrupt(path: &std::path::Path, phys: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = vec![0u8; SECTOR as usize];
+    f.read_exact_at(&mut b, phys).unwrap();
+    for x in b.iter_mut().step_by(61) {
+        *x ^= 0x5a;
+    }
+    f.write_all_at(&b, phys).unwrap();
+}
+
+/// Corrupt `n` data sectors on every copy; returns their logical addresses.
+fn ruin_sectors(devs: &[PathBuf], n: usize) -> BTreeSet<u64> {
+    let pool = Pool::open_paths(devs).unwrap();
+    let ext = pool.data_extents().unwrap();
+    let mut bad = BTreeSet::new();
+    let mut plan = Vec::new();
+    // Spread over the extents: first, middle and last.
+    for i in 0..n {
+        let (start, len) = ext[i * (ext.len() - 1) / (n - 1).max(1)];
+        let lg = start + (len / SECTOR / 2) * SECTOR;
+        bad.insert(lg);
+        let copies = pool.sector_copies(lg).unwrap();
+        assert_eq!(copies.len(), 2, "raid1: two copies of {lg:#x}");
+        plan.extend(copies);
+    }
+    pool.close().unwrap();
+    for (p, phys) in plan {
+        corrupt(&p, phys);
+    }
+    bad
+}
+
+/// raid1 with sectors bad on both copies: `device replace -B` finishes with
+/// exit 3, names each bad sector's volume and LBA, the new device takes the
+/// source's devid, the source leaves; reads of the bad LBAs fail and every
+/// other byte reads back.
+#[test]
+fn replace_finishes_past_sectors_with_no_good_copy() {
+    let dir = TestDir::new("replace-bad");
+    let devs = make_pool(&dir, "256M", "128M");
+    let input = dir.join("in.bin");
+    std::fs::write(&input, common::pattern(11, DATA_BYTES)).unwrap();
+    cv_ok(&with_devs(&["volume", "import", "disk0", s(&input)], &devs));
+    let bad = ruin_sectors(&devs, 3);
+    let new = dir.join("c.img");
+    std::fs::File::create(&new)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    let o = cv(&with_devs(
+        &[
+            "device",
+            "replace",
+            "start",
+            s(&devs[1]),
+            s(&new),
+            "-B",
+            "--json",
+        ],
+        &devs,
+    ));
+    assert_eq!(o.code, 3, "uncorrectable sectors: exit 3\n{}", o.text());
+    let st: Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(st["state"], "finished", "{st}");
+    assert_eq!(st["uncorrectable_errors"], bad.len() as u64, "{st}");
+    assert_eq!(st["src_devid"], 2, "{st}");
+    assert_eq!(st["target_devid"], 2, "the new device takes devid 2: {st}");
+    let log = st["errors"].as_array().expect("errors");
+    let logged: BTreeSet<u64> = log.iter().map(|e| e["logical"].as_u64().unwrap()).collect();
+    assert_eq!(logged, bad, "{st}");
+    let mut lbas = BTreeSet::new();
+    for e in log {
+        assert_eq!(e["volume"], "disk0", "{e}");
+        assert_eq!(e["repaired"], false, "{e}");
+        lbas.insert(e["lba"].as_u64().expect("lba"));
+    }
+    // The text form names them too.
+    let members = vec![devs[0].clone(), new.clone()];
+    let u = cv_json(&with_devs(&["usage", "--json"], &members));
+    let ids: Vec<(u64, String)> = u["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["devid"].as_u64().unwrap(),
+                d["path"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        vec![(1, s(&devs[0]).to_string()), (2, s(&new).to_string())],
+        "{u}"
+    );
+    assert!(
+        !chunkvol::pool::is_pool_device(&devs[1]),
+        "the old device no longer looks like a member"
+    );
+    let o = offline_check(&members, false);
+    assert!(o.stdout.contains("no problems found"), "{}", o.text());
+    // Reads: the bad LBAs fail, everything else is the data.
+    let pool = Pool::open_paths(&members).unwrap();
+    let vol = pool.volume("disk0").unwrap();
+    let want = common::pattern(11, DATA_BYTES);
+    let mut buf = vec![0u8; SECTOR as usize];
+    for lba in (0..DATA_BYTES as u64).step_by(SECTOR as usize) {
+        let r = vol.read_at(&mut buf, lba);
+        if lbas.contains(&lba) {
+            assert!(r.is_err(), "LBA {lba} has no good copy, yet read back");
+        } else {
+            r.unwrap_or_else(|e| panic!("LBA {lba}: {e}"));
+            let i = lba as usize;
+            assert!(buf == want[i..i + SECTOR as usize], "LBA {lba} differs");
+        }
+    }
+}
+
+/// A replace canceled after some groups were switched to the new device:
+/// they move back, the new device leaves the pool, and a second replace
+/// onto the same device finishes, the new device taking the source's devid.
+#[test]
+fn canceled_replace_takes_the_new_device_out_and_it_can_be_reused() {
+    let _g = serial();
+    let devs = common::mkfs_mem(Profile::Raid1, 192 << 20);
+    let pool = common::open_mem(&devs);
+    let vol = pool.create_volume("v", 128 << 20).unwrap();
+    let data = common::pattern(5, 100 << 20);
+    vol.write_at(&data, 0).unwrap();
+    pool.flush().unwrap();
+    let fs = pool.fs();
+    let chunks = chunkvol::jobs::devices::chunks_on(fs, 2);
+    assert!(chunks.len() >= 3, "several chunks on devid 2: {chunks:x?}");
+    // Cancel takes effect after the current group: pause in the middle.
+    let last = chunks[chunks.len() / 2];
+    let new = std::sync::Arc::new(FaultyDevice::new("/mem/new", 192 << 20));
+    failpoint::set("replace::before_copy", Action::PauseIf(last));
+    let run = dev_replace::start(fs, 2, new.clone(), false).unwrap();
+    assert!(
+        failpoint::wait_paused("replace::before_copy", Duration::from_secs(30)),
+        "the replace never reached the middle chunk"
+    );
+    let moved = chunkvol::jobs::devices::chunks_on(fs, 3);
+    assert!(
+        !moved.is_empty(),
+        "some chunks were switched before the cancel"
+    );
+    dev_replace::cancel(fs).unwrap();
+    failpoint::release("replace::before_copy");
+    let st = run.wait();
+    assert_eq!(st.state, State::Canceled, "{st:?}");
+    assert!(st.target_left, "{st:?}");
+    let ids: Vec<u64> = fs.devices().iter().map(|d| d.devid).collect();
+    assert_eq!(ids, vec![1, 2], "the new device left");
+    assert!(chunkvol::device::read_supers(new.as_ref()).is_err());
+    let mut back = vec![0u8; data.len()];
+    vol.read_at(&mut back, 0).unwrap();
+    assert!(back == data, "data changed by the canceled replace");
+
+    // The same device again, to the end.
+    let run = dev_replace::start(fs, 2, new.clone(), true).unwrap();
+    let st = run.wait();
+    assert_eq!(st.state, State::Finished, "{st:?}");
+    assert_eq!(st.target_devid, 2, "{st:?}");
+    let members: Vec<(u64, String)> = fs
+        .devices()
+        .iter()
+        .map(|d| (d.devid, d.dev.path().display().to_string()))
+        .collect();
+    assert_eq!(
+        members,
+        vec![(1, "/mem/dev1".to_string()), (2, "/mem/new".to_string())]
+    );
+    vol.write_at(&common::pattern(6, 1 << 20), 0).unwrap();
+    pool.close().unwrap();
+    let pool = Pool::open(vec![
+        devs[0].clone() as std::sync::Arc<dyn BlockDevice>,
+        new.clone(),
+    ])
+    .unwrap();
+    let r = chunkvol::pool::check::check(&pool, true).unwrap();
+    assert!(r.ok(), "{:#?}", r.problems);
+    let vol = pool.volume("v").unwrap();
+    vol.read_at(&mut back, 0).unwrap();
+    assert!(back[..1 << 20] == common::pattern(6, 1 << 20)[..]);
+    assert!(back[1 << 20..] == data[1 << 20..]);
+}
