@@ -963,11 +963,19 @@ fn a_chunk_allocated_while_replace_starts_succeeds_and_moves() {
         chunkvol::jobs::dev_replace::State::Finished,
         "{st:?}"
     );
+    // The new device took devid 1; the old one left.
+    assert_eq!(st.target_devid, 1, "{st:?}");
     let map = fs.mapping.get(x).expect("the new chunk's map");
+    let paths: Vec<String> = map
+        .item
+        .stripes
+        .iter()
+        .map(|st| fs.device(st.devid).unwrap().dev.path().display().to_string())
+        .collect();
     assert!(
-        map.item.stripes.iter().all(|s| s.devid != 1),
-        "chunk {x:#x} stays on the replaced device: {:?}",
-        map.item.stripes
+        !paths.iter().any(|p| p == "/mem/dev1"),
+        "chunk {x:#x} stays on the replaced device: {paths:?}"
     );
+    assert!(paths.iter().any(|p| p == "mem-new"), "{paths:?}");
     assert_setup_data_intact(&s);
 }
