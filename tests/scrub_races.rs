@@ -970,12 +970,88 @@ fn a_chunk_allocated_while_replace_starts_succeeds_and_moves() {
         .item
         .stripes
         .iter()
-        .map(|st| fs.device(st.devid).unwrap().dev.path().display().to_string())
+        .map(|st| {
+            fs.device(st.devid)
+                .unwrap()
+                .dev
+                .path()
+                .display()
+                .to_string()
+        })
         .collect();
     assert!(
         !paths.iter().any(|p| p == "/mem/dev1"),
         "chunk {x:#x} stays on the replaced device: {paths:?}"
     );
     assert!(paths.iter().any(|p| p == "mem-new"), "{paths:?}");
+    assert_setup_data_intact(&s);
+}
+
+/// Device replace hands the source's devid to the new device when it ends.
+/// A scrub of the source that still holds a chunk map taken before the
+/// switch (its stripe names devid 2 at the old device's physical offset)
+/// must go on reading the old device: the rename waits until no one holds
+/// such a map. Without the wait, the scrub reads the new device at the old
+/// offset (here made to fail) and reports a false read error.
+#[test]
+fn replace_renames_the_devid_only_after_old_maps_are_let_go() {
+    let _g = serial();
+    let s = setup();
+    let fs = s.fs().clone();
+    // The source's last data extent: what the scrub holds when the replace ends.
+    let (phys, x) = chunkvol::jobs::devices::chunks_on(&fs, 2)
+        .into_iter()
+        .filter(|&c| {
+            fs.block_group(c)
+                .is_some_and(|b| b.is_data() && b.used_bytes() > 0)
+        })
+        .map(|c| {
+            let m = fs.mapping.get(c).unwrap();
+            let st = m.item.stripes.iter().find(|st| st.devid == 2).unwrap();
+            (st.physical, c)
+        })
+        .max()
+        .expect("a data chunk on devid 2");
+    let len = fs.mapping.get(x).unwrap().item.stripe_bytes;
+    failpoint::set("scrub::unit", Action::PauseIf(x));
+    let run = scrub::start(
+        &fs,
+        ScrubOptions {
+            readonly: true,
+            devid: Some(2),
+            limit_bytes_per_s: None,
+        },
+    )
+    .unwrap();
+    paused("scrub::unit");
+    let newdev = Arc::new(FaultyDevice::new("mem-new", 128 << 20));
+    let replace = chunkvol::jobs::dev_replace::start(&fs, 2, newdev.clone(), false).unwrap();
+    let end = std::time::Instant::now() + T;
+    while failpoint::hits("devices::take_over") == 0 {
+        assert!(
+            std::time::Instant::now() < end,
+            "the replace never finished copying"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    // Whatever reads the new device where the old one held the extent fails.
+    newdev.fail_reads(phys..phys + len);
+    failpoint::release("scrub::unit");
+    let sc = run.wait();
+    let st = replace.wait();
+    newdev.heal();
+    assert_eq!(sc.state, State::Finished, "{sc:?}");
+    assert_eq!(sc.counters.errors(), 0, "false errors: {:?}", sc.errors);
+    assert_eq!(
+        st.state,
+        chunkvol::jobs::dev_replace::State::Finished,
+        "{st:?}"
+    );
+    assert_eq!(st.target_devid, 2, "the new device took devid 2: {st:?}");
+    assert_eq!(
+        fs.device(2).unwrap().dev.path().display().to_string(),
+        "mem-new"
+    );
     assert_setup_data_intact(&s);
 }

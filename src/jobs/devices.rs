@@ -254,6 +254,7 @@ pub fn take_over(fs: &FsInfo, src: u64, target: &Arc<Device>) -> Result<bool> {
         chunks_on(fs, src).is_empty(),
         "devid {src} still holds chunks"
     );
+    crate::failpoint!("devices::take_over", src);
     let deadline = crate::util::sched::now() + RETIRED_WAIT;
     while fs.mapping.retired_on(src) > 0 {
         if crate::util::sched::now() >= deadline {
