@@ -16,14 +16,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-mutants >/dev/null 2>&1 || cargo install cargo-mutants --locked
-rules='may_hand_back|cleaner_verdict|remove_block_group|drop_chunk_map|removable|freeze|ro_hold|scrub_mark|foreign_ro|Drop for|hand_back_locked|writable|BgState::empty|into_relocated|delete_unused_bgs|group_map|scrub_dev_extent|relocate_block_group|wait_for_writers|copy_and_switch'
+rules='may_hand_back|cleaner_verdict|remove_block_group|drop_chunk_map|removable|freeze|ro_hold|scrub_mark|foreign_ro|Drop for|hand_back_locked|writable|BgState::empty|into_relocated|delete_unused_bgs|group_map|scrub_dev_extent|relocate_block_group|wait_for_writers|copy_and_switch|take_over|retired_on|retire'
 args=(--file src/engine/block_group.rs)
 if [ "${1:-}" = "--whole" ]; then
   shift
   args+=(--file src/engine/free_space.rs)
 else
   args+=(--file src/jobs/scrub/scan.rs --file src/jobs/relocation.rs
-    --file src/jobs/dev_replace.rs --re "$rules")
+    --file src/jobs/dev_replace.rs --file src/jobs/devices.rs
+    --file src/chunk/volumes.rs --re "$rules")
 fi
 mkdir -p target/mutants
 export CHUNKVOL_SIM_SEEDS=${CHUNKVOL_SIM_SEEDS:-200}
