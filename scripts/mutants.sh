@@ -30,4 +30,4 @@ mkdir -p target/mutants
 export CHUNKVOL_SIM_SEEDS=${CHUNKVOL_SIM_SEEDS:-200}
 exec cargo mutants "${args[@]}" --profile ci --timeout 300 \
   --output target/mutants "$@" -- \
-  --lib --test scrub_races --test check_findings --test reclaim --test lifecycle_sim
+  --lib --test scrub_races --test check_findings --test reclaim --test replace --test lifecycle_sim
