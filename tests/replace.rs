@@ -18,7 +18,9 @@ use chunkvol::jobs::dev_replace::{self, State};
 use chunkvol::util::failpoint::{self, Action};
 use chunkvol::Pool;
 use serde_json::Value;
-use serve_harness::{cv, cv_json, cv_ok, make_pool, offline_check, s, TestDir};
+use serve_harness::{
+    cmp_files, cv, cv_json, cv_ok, make_pool, offline_check, s, write_random_file, Server, TestDir,
+};
 
 const SECTOR: u64 = 4096;
 const DATA_BYTES: usize = 48 << 20;
@@ -229,4 +231,101 @@ fn canceled_replace_takes_the_new_device_out_and_it_can_be_reused() {
     vol.read_at(&mut back, 0).unwrap();
     assert!(back[..1 << 20] == common::pattern(6, 1 << 20)[..]);
     assert!(back[1 << 20..] == data[1 << 20..]);
+}
+
+fn replace_status(srv: &Server) -> Value {
+    cv_json(&[
+        "device",
+        "replace",
+        "status",
+        "--json",
+        "--socket",
+        srv.sock(),
+    ])
+}
+
+/// kill -9 in the middle of a replace of 1 GiB of data: the restarted
+/// server continues it on its own, without copying again the groups that
+/// were switched before the crash, and the data is identical.
+#[test]
+fn replace_interrupted_by_a_crash_resumes_where_it_stopped() {
+    let dir = TestDir::new("replace-crash");
+    let devs = make_pool(&dir, "1536M", "1100M");
+    let input = dir.join("in.bin");
+    let data_bytes: u64 = 1 << 30;
+    write_random_file(&input, data_bytes, 77);
+    cv_ok(&with_devs(&["volume", "import", "disk0", s(&input)], &devs));
+    let new = dir.join("c.img");
+    std::fs::File::create(&new)
+        .unwrap()
+        .set_len(1536 << 20)
+        .unwrap();
+    let mut srv = Server::start(&dir, &devs, 1);
+    cv_ok(&[
+        "device",
+        "replace",
+        "start",
+        s(&devs[1]),
+        s(&new),
+        "--socket",
+        srv.sock(),
+    ]);
+    let end = std::time::Instant::now() + Duration::from_secs(300);
+    let before = loop {
+        let st = replace_status(&srv);
+        assert_eq!(st["state"], "running", "finished before the crash: {st}");
+        // Past the first data group (each is 1536 MiB x 2 / 10).
+        if st["bytes_copied"].as_u64().unwrap() >= 400 << 20 {
+            break st;
+        }
+        assert!(std::time::Instant::now() < end, "no group copied: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    srv.kill9();
+    let total = before["block_groups_total"].as_u64().unwrap();
+    assert!(total >= 3, "several groups to copy: {before}");
+    // The restarted server is given every member, the new device too.
+    srv.devs.push(new.clone());
+    srv.launch();
+    let after = loop {
+        let st = replace_status(&srv);
+        if st["state"] != "running" {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "the resumed replace never ended: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(after["state"], "finished", "{after}\n{}", srv.log_tail());
+    assert_eq!(
+        after["block_groups_done"], after["block_groups_total"],
+        "{after}"
+    );
+    assert_eq!(after["target_devid"], 2, "{after}");
+    let copied = after["bytes_copied"].as_u64().unwrap();
+    // At least one full data group was done before the crash.
+    assert!(
+        copied + (250 << 20) <= data_bytes,
+        "the resumed replace copied {copied} bytes: groups were copied again\nbefore {before}\nafter {after}"
+    );
+    assert!(
+        srv.log_tail()
+            .contains("resumed the interrupted device replace"),
+        "{}",
+        srv.log_tail()
+    );
+    srv.stop();
+    let members = vec![devs[0].clone(), new.clone()];
+    let o = offline_check(&members, true);
+    assert!(o.stdout.contains("no problems found"), "{}", o.text());
+    let out = dir.join("out.bin");
+    cv_ok(&with_devs(
+        &["volume", "export", "disk0", s(&out)],
+        &members,
+    ));
+    let f = std::fs::OpenOptions::new().write(true).open(&out).unwrap();
+    f.set_len(data_bytes).unwrap();
+    cmp_files(&input, &out);
 }

@@ -335,6 +335,17 @@ enum ReplaceCmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Continue a replace a crash or restart interrupted (`serve` does it
+    /// on its own at start).
+    Resume {
+        /// Wait for the end.
+        #[arg(short = 'B')]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Progress of the running or last replace.
     Status {
         #[arg(long)]
@@ -978,6 +989,16 @@ fn replace_cmd(cmd: ReplaceCmd) -> i32 {
                 Op::DeviceReplaceStart {
                     src,
                     new: absolute(&new_dev),
+                    json,
+                    wait: wait || offline,
+                },
+            )
+        }
+        ReplaceCmd::Resume { wait, json, target } => {
+            let offline = target.socket.is_none();
+            run_op(
+                &target,
+                Op::DeviceReplaceResume {
                     json,
                     wait: wait || offline,
                 },

@@ -67,6 +67,7 @@ pub mod item {
     pub const SCRUB_ERROR: u8 = 251;
     pub const BALANCE_STATE: u8 = 252;
     pub const BALANCE_PENDING: u8 = 253;
+    pub const REPLACE_STATE: u8 = 254;
 }
 
 /// Well-known object ids.
@@ -78,6 +79,7 @@ pub mod objectid {
     pub const DEV_STATS: u64 = 0;
     pub const SCRUB: u64 = 2;
     pub const BALANCE: u64 = 3;
+    pub const REPLACE: u64 = 4;
     pub const CSUM: u64 = u64::MAX - 9;
 }
 

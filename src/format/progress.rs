@@ -128,6 +128,61 @@ impl BalanceProgress {
     }
 }
 
+/// Device replace states, as printed and in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplaceState {
+    Never,
+    Running,
+    Finished,
+    Canceled,
+    Failed,
+    /// Stopped by a crash or a restart; `device replace resume` (or `serve`)
+    /// goes on.
+    Interrupted,
+}
+
+impl ReplaceState {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReplaceState::Never => "never",
+            ReplaceState::Running => "running",
+            ReplaceState::Finished => "finished",
+            ReplaceState::Canceled => "canceled",
+            ReplaceState::Failed => "failed",
+            ReplaceState::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// What the pool keeps about the last device replace (item REPLACE_STATE,
+/// JSON): enough to continue it after a crash and to report it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplaceProgress {
+    pub state: ReplaceState,
+    pub src_devid: u64,
+    pub target_devid: u64,
+    pub target_path: String,
+    pub started_at: u64,
+    pub block_groups_total: u64,
+    pub block_groups_done: u64,
+    pub bytes_copied: u64,
+    pub uncorrectable_errors: u64,
+    pub failure: Option<String>,
+}
+
+impl ReplaceProgress {
+    /// The item's JSON.
+    pub fn encode(&self) -> serde_json::Result<Vec<u8>> {
+        serde_json::to_vec(self)
+    }
+
+    /// Any malformed JSON is an error, never a panic.
+    pub fn decode(b: &[u8]) -> Result<ReplaceProgress, DecodeError> {
+        serde_json::from_slice(b).map_err(|e| DecodeError(e.to_string()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,28 +29,9 @@ use crate::util::sync::{lock, read, write, Arc, AtomicBool, AtomicU64, Mutex, Or
 /// maps before it gives up naming them.
 const STUCK_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Replace states, as printed and in JSON.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    Never,
-    Running,
-    Finished,
-    Canceled,
-    Failed,
-}
-
-impl State {
-    pub fn name(self) -> &'static str {
-        match self {
-            State::Never => "never",
-            State::Running => "running",
-            State::Finished => "finished",
-            State::Canceled => "canceled",
-            State::Failed => "failed",
-        }
-    }
-}
+use crate::engine::transaction::{self, commit, Ctx};
+use crate::format::progress::ReplaceProgress;
+pub use crate::format::progress::ReplaceState as State;
 
 /// `device replace status` output.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -79,6 +60,8 @@ pub struct ReplaceStatus {
 pub struct ReplaceRun {
     src_devid: u64,
     target: Arc<Device>,
+    /// Unix seconds of the first start (kept across a resume).
+    started_at: u64,
     /// The target's devid: the source's once the replace finished.
     target_devid: AtomicU64,
     /// A canceled or failed replace took the target out of the pool.
@@ -118,6 +101,22 @@ impl ReplaceRun {
         }
     }
 
+    fn persisted(&self) -> ReplaceProgress {
+        let s = self.status();
+        ReplaceProgress {
+            state: s.state,
+            src_devid: s.src_devid,
+            target_devid: s.target_devid,
+            target_path: s.target_path,
+            started_at: self.started_at,
+            block_groups_total: s.block_groups_total,
+            block_groups_done: s.block_groups_done,
+            bytes_copied: s.bytes_copied,
+            uncorrectable_errors: s.uncorrectable_errors,
+            failure: s.failure,
+        }
+    }
+
     /// Count and log a sector that has no good copy.
     fn record(&self, r: ErrorRecord) {
         tracing::warn!(
@@ -146,8 +145,33 @@ impl ReplaceRun {
 }
 
 /// Status of the running or last replace of this process.
+/// Without one, the last replace the pool recorded ("interrupted" when it
+/// was running when the process ended).
 pub fn status(fs: &FsInfo) -> Option<ReplaceStatus> {
-    JobSlot::<ReplaceRun>::of(fs).current().map(|r| r.status())
+    if let Some(r) = JobSlot::<ReplaceRun>::of(fs).current() {
+        return Some(r.status());
+    }
+    let p = load(fs)
+        .inspect_err(|e| tracing::warn!("device replace record: {e}"))
+        .ok()
+        .flatten()?;
+    Some(ReplaceStatus {
+        state: match p.state {
+            State::Running => State::Interrupted,
+            s => s,
+        },
+        src_devid: p.src_devid,
+        target_devid: p.target_devid,
+        target_path: p.target_path,
+        target_left: false,
+        block_groups_total: p.block_groups_total,
+        block_groups_done: p.block_groups_done,
+        bytes_copied: p.bytes_copied,
+        duration_s: 0.0,
+        uncorrectable_errors: p.uncorrectable_errors,
+        errors: Vec::new(),
+        failure: p.failure,
+    })
 }
 
 /// Stop a running replace after the current block group; the new device
@@ -188,12 +212,17 @@ pub fn start(
 ) -> Result<Arc<ReplaceRun>> {
     fs.check_abort()?;
     let slot = JobSlot::<ReplaceRun>::of(fs);
-    let mut slot = slot.hold();
+    let slot = slot.hold();
     if slot
         .as_ref()
         .is_some_and(|r| *lock(&r.state) == State::Running)
     {
         return Err(Error::Busy("a device replace is already running".into()));
+    }
+    if load(fs)?.is_some_and(|p| p.state == State::Running) {
+        return Err(Error::Busy(
+            "an interrupted device replace exists; `device replace resume` it first".into(),
+        ));
     }
     if fs.device(src).is_none() && !read(&fs.missing).contains_key(&src) {
         return Err(Error::Invalid(format!("no device with devid {src}")));
@@ -219,6 +248,94 @@ pub fn start(
     let target = fs
         .device(devid)
         .ok_or_else(|| Error::Invalid(format!("devid {devid} vanished after add")))?;
+    let total = crate::jobs::devices::chunks_on(fs, src).len() as u64;
+    let from = ReplaceProgress {
+        state: State::Running,
+        src_devid: src,
+        target_devid: devid,
+        target_path: target.dev.path().display().to_string(),
+        started_at: crate::util::time::now_s(),
+        block_groups_total: total,
+        block_groups_done: 0,
+        bytes_copied: 0,
+        uncorrectable_errors: 0,
+        failure: None,
+    };
+    let run = match begin(fs, target, &from) {
+        Ok(r) => r,
+        Err(e) => {
+            // Nothing was copied: the new device leaves again.
+            if let Err(e2) = crate::jobs::devices::remove(fs, devid) {
+                tracing::warn!("device replace: devid {devid} stays in the pool: {e2}");
+            }
+            return Err(e);
+        }
+    };
+    launch(fs, slot, run, wait)
+}
+
+/// Continue the replace a crash or a restart interrupted: the groups
+/// switched before it stay switched, the rest are copied.
+pub fn resume(fs: &Arc<FsInfo>, wait: bool) -> Result<Arc<ReplaceRun>> {
+    fs.check_abort()?;
+    let slot = JobSlot::<ReplaceRun>::of(fs);
+    let slot = slot.hold();
+    if slot
+        .as_ref()
+        .is_some_and(|r| *lock(&r.state) == State::Running)
+    {
+        return Err(Error::Busy("a device replace is already running".into()));
+    }
+    let Some(p) = load(fs)? else {
+        return Err(Error::Invalid(
+            "there is no device replace to resume".into(),
+        ));
+    };
+    if p.state != State::Running {
+        return Err(Error::Invalid(format!(
+            "the last device replace is {}; nothing to resume",
+            p.state.name()
+        )));
+    }
+    let mut p = p;
+    let left = crate::jobs::devices::chunks_on(fs, p.src_devid).len() as u64;
+    let src_gone =
+        fs.device(p.src_devid).is_none() && !read(&fs.missing).contains_key(&p.src_devid);
+    if src_gone && left == 0 {
+        // The crash came after the source left: only the record was behind.
+        p.state = State::Finished;
+        p.block_groups_done = p.block_groups_total;
+        save(fs, &p)?;
+        commit(fs)?;
+        return Err(Error::Invalid(format!(
+            "the replace of devid {} had finished; nothing to resume",
+            p.src_devid
+        )));
+    }
+    // What committed is what counts: the record may lag a group behind.
+    p.block_groups_total = p.block_groups_total.max(p.block_groups_done + left);
+    p.block_groups_done = p.block_groups_total - left;
+    let target = fs.device(p.target_devid).ok_or_else(|| {
+        Error::Invalid(format!(
+            "the replace target devid {} ({}) is not in the pool",
+            p.target_devid, p.target_path
+        ))
+    })?;
+    tracing::info!(
+        "resuming the replace of devid {} by devid {}: {} of {} block groups were done",
+        p.src_devid,
+        p.target_devid,
+        p.block_groups_done,
+        p.block_groups_total
+    );
+    let run = begin(fs, target, &p)?;
+    launch(fs, slot, run, wait)
+}
+
+/// Take the target space, switch allocation from the source to the target,
+/// and persist the run.
+fn begin(fs: &FsInfo, target: Arc<Device>, from: &ReplaceProgress) -> Result<Arc<ReplaceRun>> {
+    let src = from.src_devid;
     crate::failpoint!("replace::before_reserve", src);
     let reserved = reserve_target(fs, src, &target);
     // The copies' space is taken: new chunks may use the rest of the
@@ -237,22 +354,37 @@ pub fn start(
         target_left: AtomicBool::new(false),
         target,
         started: Instant::now(),
+        started_at: from.started_at,
         state: Mutex::new(State::Running),
-        total: AtomicU64::new(crate::jobs::devices::chunks_on(fs, src).len() as u64),
-        done: AtomicU64::new(0),
+        total: AtomicU64::new(from.block_groups_total),
+        done: AtomicU64::new(from.block_groups_done),
         bytes: AtomicU64::new(0),
         elapsed_s: Mutex::new(None),
         cancel: AtomicBool::new(false),
         failure: Mutex::new(None),
-        uncorrectable: AtomicU64::new(0),
+        uncorrectable: AtomicU64::new(from.uncorrectable_errors),
         errors: Mutex::new(Vec::new()),
         finished: Completion::default(),
         reserved: Mutex::new(reserved),
     });
+    save(fs, &run.persisted())?;
+    commit(fs)?;
+    Ok(run)
+}
+
+/// Publish the run and drive it (here, or in a thread).
+fn launch(
+    fs: &Arc<FsInfo>,
+    mut slot: crate::util::sync::MutexGuard<'_, Option<Arc<ReplaceRun>>>,
+    run: Arc<ReplaceRun>,
+    wait: bool,
+) -> Result<Arc<ReplaceRun>> {
     *slot = Some(run.clone());
     drop(slot);
     tracing::info!(
-        "replacing devid {src} by devid {devid} ({})",
+        "replacing devid {} by devid {} ({})",
+        run.src_devid,
+        run.target.devid,
         run.target.dev.path().display()
     );
     if wait {
@@ -262,6 +394,33 @@ pub fn start(
         crate::util::sched::spawn(move || drive(&f, &r));
     }
     Ok(run)
+}
+
+fn state_key() -> Key {
+    Key::new(objectid::REPLACE, item::REPLACE_STATE, 0)
+}
+
+/// The last replace as the pool keeps it.
+fn load(fs: &FsInfo) -> Result<Option<ReplaceProgress>> {
+    let st = lock(&fs.trans);
+    let Some(v) = crate::btree::get(fs, &st.root(tree_id::DEV), &state_key())? else {
+        return Ok(None);
+    };
+    ReplaceProgress::decode(&v)
+        .map(Some)
+        .map_err(|e| Error::Corrupt(format!("device replace state item: {e}")))
+}
+
+fn save_in(ctx: &mut Ctx, p: &ReplaceProgress) -> Result<()> {
+    let v = p
+        .encode()
+        .map_err(|e| Error::Corrupt(format!("device replace state: {e}")))?;
+    ctx.insert(tree_id::DEV, state_key(), v).map(|_| ())
+}
+
+/// Record `p` with the next commit.
+fn save(fs: &FsInfo, p: &ReplaceProgress) -> Result<()> {
+    transaction::change(fs, |ctx| save_in(ctx, p))
 }
 
 /// Take the target space for the stripes of one chunk on `src`.
@@ -348,15 +507,26 @@ fn drive(fs: &FsInfo, run: &ReplaceRun) {
     // Space kept for groups that went away (or were not reached).
     let left = std::mem::take(&mut *lock(&run.reserved));
     release(&run.target, left.values().flatten());
+    *lock(&run.elapsed_s) = Some(run.started.elapsed().as_secs_f64());
     if end != State::Finished {
         if let Some(d) = fs.device(run.src_devid) {
             d.allocatable.store(true, Ordering::Release);
         }
+        // Not running any more, whatever happens to the target next.
+        *lock(&run.state) = end;
+        persist_end(fs, run);
         undo(fs, run);
+        persist_end(fs, run);
     }
-    *lock(&run.elapsed_s) = Some(run.started.elapsed().as_secs_f64());
     *lock(&run.state) = end;
     run.finished.finish();
+}
+
+/// Record how a run ended (best effort: the pool may have failed).
+fn persist_end(fs: &FsInfo, run: &ReplaceRun) {
+    if let Err(e) = save(fs, &run.persisted()).and_then(|()| commit(fs).map(|_| ())) {
+        tracing::warn!("device replace: cannot record its end: {e}");
+    }
 }
 
 /// A canceled or failed replace takes the target out of the pool again
@@ -418,6 +588,10 @@ fn drive_inner(fs: &FsInfo, run: &ReplaceRun) -> Result<State> {
             if !crate::jobs::devices::chunks_on(fs, run.src_devid).contains(&start) {
                 run.done.fetch_add(1, Ordering::AcqRel);
             }
+            // Committed with the switch: a resume after a crash starts
+            // after this group (one commit per group of hundreds of MiB).
+            save(fs, &run.persisted())?;
+            commit(fs)?;
         }
         if crate::jobs::devices::chunks_on(fs, run.src_devid) == before {
             stuck_since.get_or_insert_with(crate::util::sched::now);
@@ -429,8 +603,19 @@ fn drive_inner(fs: &FsInfo, run: &ReplaceRun) -> Result<State> {
     // Space kept for groups that went away, before the target is renamed.
     let left = std::mem::take(&mut *lock(&run.reserved));
     release(&run.target, left.values().flatten());
-    if crate::jobs::devices::take_over(fs, run.src_devid, &run.target)? {
+    let mut fin = run.persisted();
+    fin.state = State::Finished;
+    fin.block_groups_done = fin.block_groups_total.max(fin.block_groups_done);
+    fin.target_devid = run.src_devid;
+    // The rename and the finished state commit together: a crash never
+    // leaves a "running" item that names the renamed target as the source.
+    let record = |ctx: &mut Ctx| save_in(ctx, &fin);
+    if crate::jobs::devices::take_over(fs, run.src_devid, &run.target, &record)? {
         run.target_devid.store(run.src_devid, Ordering::Release);
+    } else {
+        fin.target_devid = run.target.devid;
+        save(fs, &fin)?;
+        commit(fs)?;
     }
     tracing::info!(
         "replaced devid {} by {}",

@@ -248,7 +248,13 @@ const RETIRED_WAIT: Duration = Duration::from_secs(30);
 /// once no one holds a map that names the old source (a scrub between two
 /// views, a read in flight). Returns false, keeping the target's devid,
 /// when such a holder does not let go within [`RETIRED_WAIT`].
-pub fn take_over(fs: &FsInfo, src: u64, target: &Arc<Device>) -> Result<bool> {
+/// `record` runs in the rename's transaction (the replace's finished state).
+pub fn take_over(
+    fs: &FsInfo,
+    src: u64,
+    target: &Arc<Device>,
+    record: &dyn Fn(&mut transaction::Ctx) -> Result<()>,
+) -> Result<bool> {
     let t = target.devid;
     debug_assert!(
         chunks_on(fs, src).is_empty(),
@@ -294,7 +300,13 @@ pub fn take_over(fs: &FsInfo, src: u64, target: &Arc<Device>) -> Result<bool> {
             it.encode(),
         )?;
         for m in fs.mapping.all() {
-            if m.item.stripes.iter().any(|st| st.devid == t) {
+            // A removed group whose map drop waits for a scrub's freeze
+            // (R4) has no items left to rename; its map, still naming `t`,
+            // reaches the renamed device through the alias until dropped.
+            let live = fs
+                .block_group_at(m.start())
+                .is_some_and(|b| !b.is_removed());
+            if live && m.item.stripes.iter().any(|st| st.devid == t) {
                 rename_stripes(ctx, &m.item, t, src)?;
             }
         }
@@ -305,7 +317,7 @@ pub fn take_over(fs: &FsInfo, src: u64, target: &Arc<Device>) -> Result<bool> {
         write(&ctx.fs.missing).remove(&src);
         ctx.fs.dev_stats_dirty.store(true, Ordering::Release);
         ctx.st.dirty = true;
-        Ok(())
+        record(ctx)
     })?;
     commit(fs)?;
     if let Some(d) = old_src.filter(|d| !Arc::ptr_eq(d, &renamed)) {

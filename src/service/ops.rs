@@ -74,6 +74,10 @@ pub enum Op {
         json: bool,
         wait: bool,
     },
+    DeviceReplaceResume {
+        json: bool,
+        wait: bool,
+    },
     DeviceReplaceStatus {
         json: bool,
     },
@@ -151,6 +155,7 @@ fn run_inner(pool: &Pool, op: &Op) -> Result<OpOutput> {
         Op::DeviceAdd { .. }
         | Op::DeviceRemove { .. }
         | Op::DeviceReplaceStart { .. }
+        | Op::DeviceReplaceResume { .. }
         | Op::DeviceReplaceStatus { .. }
         | Op::DeviceReplaceCancel
         | Op::DeviceStats { .. } => device_op(pool, op),
@@ -225,6 +230,11 @@ fn device_op(pool: &Pool, op: &Op) -> Result<OpOutput> {
             let devid = crate::jobs::devices::resolve(pool.fs(), src)?;
             let d = crate::device::FileDevice::open(new)?;
             let run = crate::jobs::dev_replace::start(pool.fs(), devid, Arc::new(d), *wait)?;
+            let s = if *wait { run.wait() } else { run.status() };
+            replace_output(Some(&s), *j)
+        }
+        Op::DeviceReplaceResume { json: j, wait } => {
+            let run = crate::jobs::dev_replace::resume(pool.fs(), *wait)?;
             let s = if *wait { run.wait() } else { run.status() };
             replace_output(Some(&s), *j)
         }

@@ -140,6 +140,20 @@ pub fn demo_pool(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(devs)
 }
 
+/// A device replace a crash or a restart interrupted goes on, as btrfs
+/// continues one at mount.
+fn resume_replace(pool: &Pool) {
+    use crate::jobs::dev_replace;
+    let interrupted =
+        dev_replace::status(pool.fs()).is_some_and(|s| s.state == dev_replace::State::Interrupted);
+    if interrupted {
+        match dev_replace::resume(pool.fs(), false) {
+            Ok(_) => tracing::info!("resumed the interrupted device replace"),
+            Err(e) => tracing::warn!("cannot resume the interrupted device replace: {e}"),
+        }
+    }
+}
+
 /// Background commits and the cleaner.
 fn background(pool: Pool, interval: Duration, stop: Arc<AtomicBool>) {
     let fs = pool.fs().clone();
@@ -211,6 +225,7 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
             ..Default::default()
         },
     )?;
+    resume_replace(&pool);
     let (sock_path, control) = bind_control(cfg.socket.clone(), &devs)?;
     let listener = bind_listener(&cfg.listen)?;
     for d in &devs {
