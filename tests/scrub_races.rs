@@ -1055,3 +1055,52 @@ fn replace_renames_the_devid_only_after_old_maps_are_let_go() {
     );
     assert_setup_data_intact(&s);
 }
+
+/// Found by the deterministic scheduler (tests/lifecycle_sim.rs, seed 644):
+/// a group switched to the replace target, then deleted by the cleaner while
+/// a scrub's freeze defers its map drop (R4), when the replace ends and the
+/// target takes the source's devid. The rename walked every map, the
+/// deleted group's too, and wrote its chunk item back: a chunk with no block
+/// group and no device extents. The rename now skips removed groups.
+#[test]
+fn replace_rename_does_not_resurrect_a_group_removed_under_a_freeze() {
+    let _g = serial();
+    let s = setup();
+    let fs = s.fs().clone();
+    let x = empty_group(&s);
+    failpoint::set("scrub::frozen", Action::PauseIf(x));
+    let run = start_dev1(&s, true);
+    paused("scrub::frozen");
+    failpoint::set("devices::take_over", Action::Pause);
+    let newdev = Arc::new(FaultyDevice::new("mem-new", 128 << 20));
+    let replace = chunkvol::jobs::dev_replace::start(&fs, 2, newdev, false).unwrap();
+    paused("devices::take_over");
+    let map = fs.mapping.get(x).expect("x is mapped");
+    assert!(
+        map.item.stripes.iter().all(|st| st.devid != 2),
+        "x was switched to the target: {:?}",
+        map.item.stripes
+    );
+    drop(map);
+    // The cleaner deletes x; the frozen scrub keeps its map for now.
+    let pass = delete_unused_bgs(&fs).unwrap();
+    assert_eq!(pass.deleted, 1, "{pass:?}");
+    assert!(
+        fs.mapping.get(x).is_some(),
+        "map drop deferred by the freeze"
+    );
+    failpoint::release("devices::take_over");
+    let st = replace.wait();
+    assert_eq!(
+        st.state,
+        chunkvol::jobs::dev_replace::State::Finished,
+        "{st:?}"
+    );
+    assert_eq!(st.target_devid, 2, "{st:?}");
+    failpoint::release("scrub::frozen");
+    let sc = run.wait();
+    assert_eq!(sc.counters.errors(), 0, "{sc:?}");
+    assert!(fs.mapping.get(x).is_none(), "the deferred drop ran");
+    commit(&fs).unwrap();
+    assert_setup_data_intact(&s);
+}
