@@ -437,6 +437,50 @@ pub fn alloc_chunk(
 mod tests {
     use super::*;
 
+    fn raid1_at(logical: u64, devids: [u64; 2]) -> ChunkItem {
+        ChunkItem {
+            logical,
+            length: 8 << 20,
+            bg_type: bg_type::DATA,
+            profile: Profile::Raid1,
+            stripe_bytes: 8 << 20,
+            stripe_unit_bytes: 0,
+            stripes: devids
+                .iter()
+                .map(|&devid| Stripe {
+                    devid,
+                    physical: 1 << 20,
+                })
+                .collect(),
+        }
+    }
+
+    /// The devid rename's wait (R10) counts only maps still held that name
+    /// the device, and the list of retired maps does not grow with maps no
+    /// one holds.
+    #[test]
+    fn retired_maps_are_counted_by_device_while_held_and_pruned_after() {
+        let t = MappingTree::default();
+        let held = t.insert(raid1_at(1 << 30, [1, 2]));
+        t.insert(raid1_at(1 << 30, [1, 3]));
+        assert_eq!(t.retired_on(2), 1, "the held map names devid 2");
+        assert_eq!(t.retired_on(3), 0, "the current map is not retired");
+        let other = t.insert(raid1_at(2 << 30, [1, 3]));
+        t.remove(2 << 30);
+        assert_eq!(t.retired_on(2), 1);
+        assert_eq!(t.retired_on(3), 1, "a removed map still held");
+        drop((held, other));
+        assert_eq!((t.retired_on(1), t.retired_on(2), t.retired_on(3)), (0, 0, 0));
+        for _ in 0..100 {
+            t.insert(raid1_at(1 << 30, [1, 3]));
+        }
+        assert!(
+            read(&t.maps).retired.len() <= 1,
+            "maps no one holds are pruned: {}",
+            read(&t.maps).retired.len()
+        );
+    }
+
     #[test]
     fn raid10_map_roundtrip() {
         let item = ChunkItem {
