@@ -470,7 +470,10 @@ mod tests {
         assert_eq!(t.retired_on(2), 1);
         assert_eq!(t.retired_on(3), 1, "a removed map still held");
         drop((held, other));
-        assert_eq!((t.retired_on(1), t.retired_on(2), t.retired_on(3)), (0, 0, 0));
+        assert_eq!(
+            (t.retired_on(1), t.retired_on(2), t.retired_on(3)),
+            (0, 0, 0)
+        );
         for _ in 0..100 {
             t.insert(raid1_at(1 << 30, [1, 3]));
         }
