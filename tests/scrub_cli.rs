@@ -259,3 +259,81 @@ fn dup_corruption_found_and_repaired() {
 fn raid10_corruption_found_and_repaired() {
     corruption_case("raid10", 4, 512);
 }
+
+/// Ctrl-C on an offline `scrub start -B`: the scrub stops where it is, its
+/// progress is saved with the pool, the command exits 130 saying how to go
+/// on, and `scrub resume -B` continues from there instead of from zero.
+#[test]
+fn sigint_on_offline_scrub_saves_progress_and_resume_continues() {
+    let dir = tempdir("sigint");
+    let devs: Vec<String> = vec!["d0.img".into(), "d1.img".into()];
+    ok(
+        &a(
+            &[
+                "mkfs",
+                "--data",
+                "raid1",
+                "--metadata",
+                "raid1",
+                "--size",
+                "1G",
+            ],
+            &devs,
+        ),
+        &dir,
+    );
+    ok(&a(&["volume", "create", "v", "--size", "1G"], &devs), &dir);
+    std::fs::write(dir.join("in.bin"), common::pattern(9, 384 << 20)).unwrap();
+    ok(&a(&["volume", "import", "v", "in.bin"], &devs), &dir);
+    // 40 MiB/s per device: about ten seconds for the whole pool.
+    let child = Command::new(env!("CARGO_BIN_EXE_chunkvol"))
+        .args(a(
+            &["scrub", "start", "-B", "--json", "--limit", "40M"],
+            &devs,
+        ))
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let o = child.wait_with_output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert_eq!(o.status.code(), Some(130), "{out}\n{err}");
+    assert!(err.contains("resume"), "says how to go on: {err}");
+    let first: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(first["state"], "canceled", "{first}");
+    let done = u(&first, "bytes_scrubbed");
+    let total = u(&first, "bytes_total");
+    assert!(done > 0 && done < total, "stopped mid-way: {first}");
+    let st = ok(&a(&["scrub", "status", "--json"], &devs), &dir);
+    let st: serde_json::Value = serde_json::from_str(&st).unwrap();
+    assert!(u(&st, "bytes_scrubbed") > 0, "progress was saved: {st}");
+    let (c, v) = {
+        let (c, out, err) = run(&a(&["scrub", "resume", "-B", "--json"], &devs), &dir);
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+        (c, v)
+    };
+    assert_eq!(c, 0, "{v}");
+    assert_eq!(v["state"], "finished", "{v}");
+    let this_run = u(&v, "bytes_scrubbed_this_run");
+    assert!(
+        this_run + (32 << 20) < u(&v, "bytes_total"),
+        "the resumed scrub started from zero: {v}"
+    );
+    assert!(
+        u(&v, "bytes_scrubbed") >= u(&v, "bytes_total") - (1 << 20),
+        "{v}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

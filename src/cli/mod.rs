@@ -607,6 +607,46 @@ fn absolute(p: &std::path::Path) -> PathBuf {
 }
 
 /// Run a pool command online (through the server) or offline.
+/// SIGINT or SIGTERM during an offline command: the first stops its job
+/// where it can resume (progress saved with the pool's close), a second
+/// exits at once.
+struct OfflineSignals {
+    handle: signal_hook::iterator::Handle,
+    thread: std::thread::JoinHandle<()>,
+    seen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl OfflineSignals {
+    fn install(pool: &Pool) -> Result<OfflineSignals, String> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+            .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+        let handle = signals.handle();
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p, s) = (pool.clone(), seen.clone());
+        let thread = std::thread::spawn(move || {
+            for _ in signals.forever() {
+                if s.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                    std::process::exit(130);
+                }
+                ops::interrupt(&p);
+            }
+        });
+        Ok(OfflineSignals {
+            handle,
+            thread,
+            seen,
+        })
+    }
+
+    /// Stop listening; whether a signal came.
+    fn finish(self) -> bool {
+        self.handle.close();
+        let _ = self.thread.join();
+        self.seen.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
 fn run_op(target: &Target, op: Op) -> i32 {
     match (&target.socket, target.devs.is_empty()) {
         (Some(_), false) => fail(2, "give either --socket or device paths, not both"),
@@ -627,11 +667,21 @@ fn run_op(target: &Target, op: Op) -> i32 {
                 Ok(p) => p,
                 Err(e) => return fail(2, e),
             };
+            let signals = match OfflineSignals::install(&pool) {
+                Ok(s) => s,
+                Err(e) => return fail(1, e),
+            };
             let out = ops::run(&pool, &op);
+            let interrupted = signals.finish();
             if let Err(e) = pool.close() {
                 return fail(1, e);
             }
-            emit(out)
+            let code = emit(out);
+            if interrupted {
+                eprintln!("interrupted: progress saved; `resume` continues where it stopped");
+                return 130;
+            }
+            code
         }
     }
 }

@@ -73,6 +73,8 @@ pub struct ReplaceRun {
     bytes: AtomicU64,
     elapsed_s: Mutex<Option<f64>>,
     cancel: AtomicBool,
+    /// Stop after the current group, resumable (a signal to an offline `-B`).
+    interrupt: AtomicBool,
     failure: Mutex<Option<String>>,
     uncorrectable: AtomicU64,
     errors: Mutex<Vec<ErrorRecord>>,
@@ -187,6 +189,18 @@ pub fn cancel(fs: &FsInfo) -> Result<()> {
     }
 }
 
+/// Stop a running replace after the current group, keeping it for
+/// `resume` (the target stays, what was switched stays switched).
+pub fn interrupt(fs: &FsInfo) -> Result<()> {
+    match JobSlot::<ReplaceRun>::of(fs).current() {
+        Some(r) if *lock(&r.state) == State::Running => {
+            r.interrupt.store(true, Ordering::Release);
+            Ok(())
+        }
+        _ => Err(Error::Invalid("no device replace is running".into())),
+    }
+}
+
 /// Bytes of stripes `devid` holds.
 fn stripe_bytes_on(fs: &FsInfo, devid: u64) -> u64 {
     fs.mapping
@@ -219,7 +233,7 @@ pub fn start(
     {
         return Err(Error::Busy("a device replace is already running".into()));
     }
-    if load(fs)?.is_some_and(|p| p.state == State::Running) {
+    if load(fs)?.is_some_and(|p| matches!(p.state, State::Running | State::Interrupted)) {
         return Err(Error::Busy(
             "an interrupted device replace exists; `device replace resume` it first".into(),
         ));
@@ -291,7 +305,7 @@ pub fn resume(fs: &Arc<FsInfo>, wait: bool) -> Result<Arc<ReplaceRun>> {
             "there is no device replace to resume".into(),
         ));
     };
-    if p.state != State::Running {
+    if !matches!(p.state, State::Running | State::Interrupted) {
         return Err(Error::Invalid(format!(
             "the last device replace is {}; nothing to resume",
             p.state.name()
@@ -361,6 +375,7 @@ fn begin(fs: &FsInfo, target: Arc<Device>, from: &ReplaceProgress) -> Result<Arc
         bytes: AtomicU64::new(0),
         elapsed_s: Mutex::new(None),
         cancel: AtomicBool::new(false),
+        interrupt: AtomicBool::new(false),
         failure: Mutex::new(None),
         uncorrectable: AtomicU64::new(from.uncorrectable_errors),
         errors: Mutex::new(Vec::new()),
@@ -515,8 +530,10 @@ fn drive(fs: &FsInfo, run: &ReplaceRun) {
         // Not running any more, whatever happens to the target next.
         *lock(&run.state) = end;
         persist_end(fs, run);
-        undo(fs, run);
-        persist_end(fs, run);
+        if end != State::Interrupted {
+            undo(fs, run);
+            persist_end(fs, run);
+        }
     }
     *lock(&run.state) = end;
     run.finished.finish();
@@ -569,6 +586,9 @@ fn drive_inner(fs: &FsInfo, run: &ReplaceRun) -> Result<State> {
         for start in todo {
             if run.cancel.load(Ordering::Acquire) {
                 return Ok(State::Canceled);
+            }
+            if run.interrupt.load(Ordering::Acquire) {
+                return Ok(State::Interrupted);
             }
             // A chunk whose allocation raced with the start of the replace
             // gets its target space now.

@@ -208,6 +208,16 @@ fn scrub_op(pool: &Pool, op: &Op) -> Result<OpOutput> {
     })
 }
 
+/// A signal stopped an offline command: stop the job it runs so that its
+/// progress is saved and `resume` continues it (scrub is canceled, which
+/// keeps its position; balance pauses; replace is interrupted).
+pub fn interrupt(pool: &Pool) {
+    let fs = pool.fs();
+    let _ = crate::jobs::scrub::cancel(fs);
+    let _ = crate::jobs::balance::pause(fs);
+    let _ = crate::jobs::dev_replace::interrupt(fs);
+}
+
 /// Device membership, replace and error counters.
 fn device_op(pool: &Pool, op: &Op) -> Result<OpOutput> {
     Ok(match op {
