@@ -323,7 +323,7 @@ impl Pool {
         if devs.is_empty() {
             return Err(Error::Invalid("no devices given".into()));
         }
-        let (best, devices) = pick_superblock(&devs)?;
+        let (best, devices, stale) = pick_superblock(&devs)?;
         let fs = FsInfo::new(FsParams {
             pool_uuid: best.pool_uuid,
             csum_type: best.csum_type,
@@ -349,6 +349,7 @@ impl Pool {
         load.dev_tree(&roots)?;
         load.block_groups(&roots)?;
         load.volumes(&roots)?;
+        report_stale_supers(&fs, &best, &stale);
         Ok(Pool { fs: Arc::new(fs) })
     }
 
@@ -647,9 +648,38 @@ pub fn is_pool_device(path: &Path) -> bool {
 
 /// The newest superblock among the devices, and the devices as pool
 /// members; every device must belong to that pool, each devid once.
-fn pick_superblock(
-    devs: &[Arc<dyn BlockDevice>],
-) -> Result<(Superblock, BTreeMap<u64, Arc<Device>>)> {
+/// A member whose newest superblock is more than one generation older than
+/// the pool's: it missed commits (absent for a while, or its superblock
+/// writes failed).
+struct StaleSuper {
+    devid: u64,
+    generation: u64,
+}
+
+/// Stale members are trusted for nothing: the pool opens from the newest
+/// superblock, their stale copies fail checksum or generation checks and are
+/// read from a mirror, and their superblocks are rewritten by the next
+/// commit. Each is reported and counted as a generation error.
+fn report_stale_supers(fs: &FsInfo, best: &Superblock, stale: &[StaleSuper]) {
+    for s in stale {
+        let Some(d) = fs.device(s.devid) else {
+            continue;
+        };
+        tracing::warn!(
+            "{} (devid {}): superblock generation {} is older than the pool's {}; it missed commits (was it absent?): run a scrub",
+            d.dev.path().display(),
+            s.devid,
+            s.generation,
+            best.generation
+        );
+        d.stats.generation_errs.fetch_add(1, Ordering::Relaxed);
+        fs.dev_stats_dirty.store(true, Ordering::Release);
+    }
+}
+
+type Picked = (Superblock, BTreeMap<u64, Arc<Device>>, Vec<StaleSuper>);
+
+fn pick_superblock(devs: &[Arc<dyn BlockDevice>]) -> Result<Picked> {
     let mut supers = Vec::new();
     for d in devs {
         supers.push(read_supers(d.as_ref())?.remove(0));
@@ -682,7 +712,17 @@ fn pick_superblock(
             Arc::new(Device::new(sb.devid, sb.dev_uuid, d.clone())),
         );
     }
-    Ok((best, devices))
+    let stale = supers
+        .iter()
+        // One behind is a crash while superblocks were being written: the
+        // commit before is complete on every device. More is missed commits.
+        .filter(|s| s.generation + 1 < best.generation)
+        .map(|s| StaleSuper {
+            devid: s.devid,
+            generation: s.generation,
+        })
+        .collect();
+    Ok((best, devices, stale))
 }
 
 /// Rebuilds the in-memory state of a pool from its metadata, one tree at

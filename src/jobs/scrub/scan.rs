@@ -45,6 +45,17 @@ fn scrub_supers(fs: &FsInfo, run: &ScrubRun, devid: u64) {
         }
         if !ok {
             update(run, devid, |p| ErrorKind::Super.count(&mut p.counters));
+            // Every commit writes every copy on every device: making the
+            // next one happen rewrites this copy (never with -r, R9).
+            let repaired = !run.opts.readonly
+                && crate::engine::transaction::change(fs, |ctx| {
+                    ctx.st.dirty = true;
+                    Ok(())
+                })
+                .is_ok();
+            if repaired {
+                update(run, devid, |p| p.counters.corrected_errors += 1);
+            }
             run.record(ErrorRecord {
                 devid,
                 physical: o,
@@ -53,7 +64,7 @@ fn scrub_supers(fs: &FsInfo, run: &ScrubRun, devid: u64) {
                 lba: None,
                 length_bytes: SUPER_BYTES as u64,
                 kind: ErrorKind::Super,
-                repaired: false,
+                repaired,
             });
         }
     }
