@@ -717,3 +717,124 @@ fn nbd_storm_fio_with_scrub_balance_replace() {
     drop(srv);
     offline_check(&now, true);
 }
+
+// ---------------------------------------------------------------------------
+// 6. serve --degraded: reads served, writes refused, replace heals under fio
+
+/// fio job writing (or, with `verify_only`, verifying) a sequential pattern
+/// of `size` at `offset`.
+fn fio_pattern_cmd(uri: &str, offset: &str, size: &str, verify_only: bool) -> Command {
+    let mut c = Command::new(tool("fio"));
+    c.args([
+        "--name=pattern",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=write",
+        "--bs=64k",
+        "--iodepth=4",
+        &format!("--offset={offset}"),
+        &format!("--size={size}"),
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+        "--output-format=json",
+    ]);
+    if verify_only {
+        c.arg("--verify_only=1");
+    } else {
+        c.arg("--do_verify=0");
+    }
+    c
+}
+
+fn fio_ok(mut c: Command, what: &str) {
+    let o = run(&mut c, Duration::from_secs(300));
+    assert_eq!(o.code, 0, "fio {what} failed:\n{}", o.text());
+    assert!(!o.all().contains("verify: "), "fio {what}:\n{}", o.text());
+}
+
+#[test]
+fn serve_degraded_reads_refuses_writes_and_replace_heals_under_fio() {
+    require_tools(&["fio", "qemu-io"]);
+    let dir = TestDir::new("degraded");
+    let devs = make_pool(&dir, "1G", "512M");
+    {
+        let srv = Server::start(&dir, &devs, 1);
+        fio_ok(
+            fio_pattern_cmd(&srv.uri("disk0"), "0", "96M", false),
+            "pattern write",
+        );
+    }
+    // The second mirror is gone.
+    let gone = dir.join("b.gone");
+    std::fs::rename(&devs[1], &gone).unwrap();
+    let mut srv = Server::start_with(&dir, &devs[..1], 1, &["--degraded"]);
+    let uri = srv.uri("disk0");
+    fio_ok(fio_pattern_cmd(&uri, "0", "96M", true), "verify, degraded");
+    let mut c = Command::new(tool("qemu-io"));
+    c.args(["-f", "raw", &uri, "-c", "write -P 0x5a 200M 64k"]);
+    let o = run(&mut c, Duration::from_secs(60));
+    assert!(
+        o.all().contains("Operation not permitted"),
+        "a degraded write is refused as on a read-only device:\n{}",
+        o.text()
+    );
+    // Heal: the replace returns once the new device takes new chunks, then
+    // copies while fio writes and verifies elsewhere.
+    let c_img = dir.join("c.img");
+    fs_create_sparse(&c_img, GIB);
+    cv_ok(&[
+        "device",
+        "replace",
+        "start",
+        "missing",
+        s(&c_img),
+        "--socket",
+        srv.sock(),
+    ]);
+    let fio = {
+        let mut c = fio_verify_cmd(&uri, 1, "64M", 10, "16k");
+        c.arg("--offset=256M");
+        c.current_dir(dir.join(""));
+        thread::spawn(move || run(&mut c, Duration::from_secs(300)))
+    };
+    let end = std::time::Instant::now() + Duration::from_secs(300);
+    let st = loop {
+        let st = cv_json(&[
+            "device",
+            "replace",
+            "status",
+            "--json",
+            "--socket",
+            srv.sock(),
+        ]);
+        if st["state"] != "running" {
+            break st;
+        }
+        assert!(std::time::Instant::now() < end, "replace never ended: {st}");
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(st["state"], "finished", "{st}");
+    assert_eq!(
+        st["target_devid"], 2,
+        "the new device takes the missing devid: {st}"
+    );
+    assert_fio_clean(&fio.join().unwrap(), 1);
+    srv.stop();
+    let whole = vec![devs[0].clone(), c_img.clone()];
+    offline_check(&whole, true);
+    let u = cv_json(&args(&["usage", "--json"], &whole));
+    assert!(
+        u["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["missing"] == false),
+        "{u}"
+    );
+    let srv = Server::start(&dir, &whole, 1);
+    fio_ok(
+        fio_pattern_cmd(&srv.uri("disk0"), "0", "96M", true),
+        "verify, healed",
+    );
+}

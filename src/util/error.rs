@@ -65,6 +65,9 @@ impl Error {
             Error::NoSpace(_) => return std::io::Error::from_raw_os_error(28),
             Error::Invalid(_) | Error::OutOfRange { .. } => K::InvalidInput,
             Error::Aborted(_) => return std::io::Error::from_raw_os_error(30),
+            // Writes a degraded pool cannot place on every mirror are refused
+            // as on a read-only device (NBD_EPERM), message kept.
+            Error::Degraded(_) => K::ReadOnlyFilesystem,
             _ => K::Other,
         };
         std::io::Error::new(kind, self.to_string())
