@@ -327,17 +327,22 @@ pub fn max_chunk_bytes(t: u64) -> u64 {
 pub const MIN_STRIPE_BYTES: u64 = 1 << 20;
 
 /// Pick devices and physical ranges for a new chunk and mark them allocated.
-/// The chunk size is about a tenth of the pool, capped per type, so small test
-/// pools get several chunks.
+/// The chunk size is about a tenth of the pool, capped per type (and at
+/// `cap_bytes` when not 0), so small test pools get several chunks.
 pub fn alloc_chunk(
     devices: &[Arc<Device>],
     logical: u64,
     t: u64,
     profile: Profile,
+    cap_bytes: u64,
 ) -> Result<ChunkItem> {
     let pool_bytes: u64 = devices.iter().map(|d| d.total_bytes).sum();
     let mib = 1u64 << 20;
-    let target = (pool_bytes / 10 / mib * mib).clamp(MIN_STRIPE_BYTES, max_chunk_bytes(t));
+    let max = match cap_bytes {
+        0 => max_chunk_bytes(t),
+        c => c.clamp(MIN_STRIPE_BYTES, max_chunk_bytes(t)),
+    };
+    let target = (pool_bytes / 10 / mib * mib).clamp(MIN_STRIPE_BYTES, max);
     let mut cands: Vec<(u64, Arc<Device>)> =
         devices.iter().map(|d| (d.max_hole(), d.clone())).collect();
     cands.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.devid.cmp(&b.1.devid)));

@@ -10,6 +10,10 @@ use crate::format::{bg_type, item, objectid, tree_id, Key, VolumeExtent, SECTOR_
 use crate::util::error::{Error, Result};
 use crate::util::sync::{lock, Arc, Ordering};
 
+/// Largest range one freeing change punches: at most 256 sector extents, so
+/// that the global metadata reserve covers its tree changes.
+pub const PUNCH_PIECE_BYTES: u64 = 1 << 20;
+
 /// A handle on one volume. Cheap to clone; safe to use from many threads.
 #[derive(Clone)]
 pub struct Volume {
@@ -286,8 +290,20 @@ impl Volume {
         Ok(())
     }
 
+    /// Free a range in pieces of at most [`PUNCH_PIECE_BYTES`], each a
+    /// change of its own that may use the global reserve: a pool whose
+    /// metadata is full can still be emptied.
     fn punch_range(&self, start: u64, len: u64) -> Result<()> {
-        crate::engine::transaction::change(&self.fs, |ctx| extent::punch(ctx, self.id, start, len))
+        let end = start + len;
+        let mut at = start;
+        while at < end {
+            let n = (end - at).min(PUNCH_PIECE_BYTES);
+            crate::engine::transaction::change_freeing(&self.fs, |ctx| {
+                extent::punch(ctx, self.id, at, n)
+            })?;
+            at += n;
+        }
+        Ok(())
     }
 
     /// Free the whole sectors inside [offset, +len). Partial sectors at the

@@ -89,6 +89,9 @@ pub struct FsInfo {
     pub client_ops: AtomicU64,
     /// Reads do not rewrite bad copies (check, dump-tree).
     pub no_repair: AtomicBool,
+    /// Largest new metadata chunk, 0 for the default (btrfs's
+    /// `allocation/metadata/chunk_size` in sysfs); not persisted.
+    pub metadata_chunk_cap_bytes: AtomicU64,
     /// Device error counters changed since the last commit.
     pub dev_stats_dirty: AtomicBool,
     /// Longest data extent (bounded so its checksum item fits a leaf).
@@ -188,6 +191,7 @@ impl FsInfo {
             dev_stats_dirty: AtomicBool::new(false),
             rmw_locks: std::array::from_fn(|_| OrderedMutex::new(Rank::Rmw, ())),
             no_repair: AtomicBool::new(false),
+            metadata_chunk_cap_bytes: AtomicU64::new(0),
             client_ops: AtomicU64::new(0),
             max_extent_bytes: sectors * SECTOR_BYTES,
             missing: RwLock::new(BTreeMap::new()),

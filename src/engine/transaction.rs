@@ -209,7 +209,11 @@ impl<'a> Ctx<'a> {
     pub fn new_chunk(&mut self, t: u64) -> Result<Arc<BlockGroup>> {
         let profile = self.target_profile(t);
         let logical = self.fs.mapping.next_logical();
-        let item = alloc_chunk(&self.fs.alloc_devices(), logical, t, profile).map_err(|e| {
+        let cap = match t {
+            bg_type::METADATA => self.fs.metadata_chunk_cap_bytes.load(Ordering::Relaxed),
+            _ => 0,
+        };
+        let item = alloc_chunk(&self.fs.alloc_devices(), logical, t, profile, cap).map_err(|e| {
             let missing: Vec<String> = crate::util::sync::read(&self.fs.missing)
                 .keys()
                 .map(|d| format!("devid {d}"))
@@ -484,18 +488,38 @@ fn writeout(
 /// space to come back (readers of older views letting go) before ENOSPC.
 pub const ENOSPC_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Metadata nodes that ordinary changes leave free for changes that free
+/// space (discards, deletes), as btrfs's global reserve: a pool whose
+/// metadata is full refuses writes with ENOSPC but can still be emptied.
+pub const GLOBAL_RESERVE_NODES: u64 = 64;
+
 /// Run a change in the running transaction. When metadata is short, commit
 /// first (what earlier transactions freed comes back once they are durable)
 /// and try again, as btrfs flushes before it gives up with ENOSPC; while
 /// freed space is still pinned by readers, keep trying for a bounded time.
-pub fn change<R>(fs: &FsInfo, mut f: impl FnMut(&mut Ctx) -> Result<R>) -> Result<R> {
+/// It fails with ENOSPC rather than use the [`GLOBAL_RESERVE_NODES`].
+pub fn change<R>(fs: &FsInfo, f: impl FnMut(&mut Ctx) -> Result<R>) -> Result<R> {
+    change_needing(fs, META_MIN_NODES + GLOBAL_RESERVE_NODES, f)
+}
+
+/// [`change`] for a change that frees space: it may use the global reserve.
+/// Keep each one small (a bounded number of items) so the reserve covers it.
+pub fn change_freeing<R>(fs: &FsInfo, f: impl FnMut(&mut Ctx) -> Result<R>) -> Result<R> {
+    change_needing(fs, META_MIN_NODES, f)
+}
+
+fn change_needing<R>(
+    fs: &FsInfo,
+    min_nodes: u64,
+    mut f: impl FnMut(&mut Ctx) -> Result<R>,
+) -> Result<R> {
     let deadline = crate::util::sched::now() + ENOSPC_WAIT;
     for attempt in 0.. {
         // Ask for the full reserve before the first commit, the minimum after.
         let need = if attempt == 0 {
-            META_RESERVE_NODES
+            META_RESERVE_NODES.max(min_nodes)
         } else {
-            META_MIN_NODES
+            min_nodes
         };
         {
             let mut st = lock(&fs.trans);
