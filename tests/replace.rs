@@ -329,3 +329,30 @@ fn replace_interrupted_by_a_crash_resumes_where_it_stopped() {
     f.set_len(data_bytes).unwrap();
     cmp_files(&input, &out);
 }
+
+/// A pool of one device (data single, metadata dup) replaced by another:
+/// every chunk lies wholly on the source, so the rename must rewrite chunks
+/// none of whose stripes stay behind. The new device alone then opens it.
+#[test]
+fn replace_of_a_one_device_pool() {
+    let _g = serial();
+    let devs = common::mkfs_mem(Profile::Single, 128 << 20);
+    let pool = common::open_mem(&devs);
+    let vol = pool.create_volume("v", 64 << 20).unwrap();
+    let data = common::pattern(21, 40 << 20);
+    vol.write_at(&data, 0).unwrap();
+    pool.flush().unwrap();
+    let new = std::sync::Arc::new(FaultyDevice::new("/mem/new", 128 << 20));
+    let st = dev_replace::start(pool.fs(), 1, new.clone(), true)
+        .unwrap()
+        .wait();
+    assert_eq!(st.state, State::Finished, "{st:?}");
+    assert_eq!(st.target_devid, 1, "{st:?}");
+    pool.close().unwrap();
+    let pool = Pool::open(vec![new as std::sync::Arc<dyn BlockDevice>]).unwrap();
+    let r = chunkvol::pool::check::check(&pool, true).unwrap();
+    assert!(r.ok(), "{:#?}", r.problems);
+    let mut back = vec![0u8; data.len()];
+    pool.volume("v").unwrap().read_at(&mut back, 0).unwrap();
+    assert!(back == data);
+}
