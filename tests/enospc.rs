@@ -56,7 +56,7 @@ fn full_pool_fails_cleanly_and_recovers() {
 /// 1 MiB and every byte of the devices is given to data chunks first, then
 /// 4 KiB writes into holes make one extent each until the metadata is full.
 /// Clients get ENOSPC naming metadata, the pool never aborts (with a scrub
-/// and a relocation attempt running meanwhile), a discard still goes
+/// running meanwhile, then a relocation and a full balance), a discard still goes
 /// through (the global reserve; before it, the discard itself failed with
 /// ENOSPC and the pool could not be emptied), writes work again, and
 /// `check` is clean after a reopen.
@@ -124,6 +124,21 @@ fn metadata_enospc_keeps_discards_working_and_never_aborts() {
         .map(|b| b.start)
         .unwrap();
     let _ = chunkvol::jobs::relocation::relocate_block_group(&fs, data_group, &|| false);
+    let bal = chunkvol::jobs::balance::start(
+        &fs,
+        chunkvol::jobs::balance::BalanceArgs {
+            full: true,
+            ..Default::default()
+        },
+        true,
+    );
+    if let Ok(run) = bal {
+        let st = run.wait(&fs);
+        assert!(
+            st.failure.as_deref().is_none_or(|f| f.contains("no space")),
+            "a full balance may stop for space, nothing else: {st:?}"
+        );
+    }
     assert!(!fs.is_aborted(), "metadata ENOSPC must not fail the pool");
     // Discards go through at full metadata, and make room for writes.
     vol.discard(0, (written * 8192).min(64 << 20)).unwrap();
