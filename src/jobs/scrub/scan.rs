@@ -27,7 +27,10 @@ const YIELD_TO_CLIENTS: Duration = Duration::from_millis(2);
 
 /// Check each superblock copy; they have no mirror to repair from here.
 fn scrub_supers(fs: &FsInfo, run: &ScrubRun, devid: u64) {
-    let Some(d) = fs.device(devid) else {
+    // A replace target renamed to its source's devid after this scrub
+    // started stays reachable under its old devid (an alias): its
+    // superblocks carry the new devid and are checked under that one.
+    let Some(d) = fs.device(devid).filter(|d| d.devid == devid) else {
         return;
     };
     for &o in &SUPER_OFFSETS {
@@ -91,6 +94,7 @@ fn checkpoint_wait(fs: &FsInfo, run: &ScrubRun) -> Result<(), Stop> {
 pub(super) fn scrub_device(fs: &FsInfo, run: &ScrubRun, devid: u64) -> Result<(), Stop> {
     let resume_at = update(run, devid, |p| p.last_physical);
     if resume_at == 0 {
+        failpoint!("scrub::before_supers", devid);
         scrub_supers(fs, run, devid);
     }
     let mut pos = resume_at;
