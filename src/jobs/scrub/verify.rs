@@ -5,7 +5,7 @@ use crate::btree::Node;
 use crate::chunk::volumes::ChunkMap;
 use crate::engine::fs_info::{tree_index, CommitRoots, FsInfo, NoRepair};
 use crate::format::{item, objectid, tree_id, ExtentItem, Key, MetadataItem, SECTOR_BYTES};
-use crate::util::sync::Arc;
+use crate::util::sync::{Arc, Ordering};
 
 use super::repair::repair;
 use super::scan::{Alloc, DevScan};
@@ -80,6 +80,14 @@ pub(super) fn scrub_unit(scan: &mut DevScan, u: &Unit, allocs: &[Alloc]) -> u64 
         .dev
         .read_at(&mut scan.buf[..u.len as usize], u.physical)
         .is_ok();
+    if !read_ok {
+        // As btrfs: a read error scrub meets counts against the device
+        // (persisted with the next commit, unless -r, which writes nothing).
+        dev.stats.read_errs.fetch_add(1, Ordering::Relaxed);
+        if !scan.run.opts.readonly {
+            fs.dev_stats_dirty.store(true, Ordering::Release);
+        }
+    }
     let mut covered = 0;
     for a in here {
         covered += match a {
