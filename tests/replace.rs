@@ -356,3 +356,74 @@ fn replace_of_a_one_device_pool() {
     pool.volume("v").unwrap().read_at(&mut back, 0).unwrap();
     assert!(back == data);
 }
+
+/// Power lost inside the commit that renames the target: the other member
+/// has the new superblocks, the target still carries its old devid in its
+/// superblocks, and the replaced source's were never wiped. Opening with all
+/// three works: the tree's device uuids say which device is devid 2, and the
+/// old source is left out.
+#[test]
+fn open_after_a_crash_inside_the_rename_commit() {
+    let _g = serial();
+    let devs = common::mkfs_mem(Profile::Raid1, 128 << 20);
+    let pool = common::open_mem(&devs);
+    let vol = pool.create_volume("v", 64 << 20).unwrap();
+    let data = common::pattern(33, 40 << 20);
+    vol.write_at(&data, 0).unwrap();
+    pool.flush().unwrap();
+    let new = std::sync::Arc::new(FaultyDevice::new("/mem/new", 128 << 20));
+    failpoint::set("devices::take_over", Action::Pause);
+    let run = dev_replace::start(pool.fs(), 2, new.clone(), false).unwrap();
+    assert!(failpoint::wait_paused(
+        "devices::take_over",
+        Duration::from_secs(30)
+    ));
+    let supers = |d: &FaultyDevice| -> Vec<(u64, Vec<u8>)> {
+        let img = d.image();
+        chunkvol::format::SUPER_OFFSETS
+            .iter()
+            .filter(|&&o| o as usize + 4096 <= img.len())
+            .map(|&o| (o, img[o as usize..o as usize + 4096].to_vec()))
+            .collect()
+    };
+    let (old_target, old_source) = (supers(&new), supers(&devs[1]));
+    failpoint::release("devices::take_over");
+    assert_eq!(run.wait().target_devid, 2);
+    pool.close().unwrap();
+    for (o, b) in &old_target {
+        new.corrupt(*o, b);
+    }
+    for (o, b) in &old_source {
+        devs[1].corrupt(*o, b);
+    }
+    assert_eq!(
+        chunkvol::device::read_supers(new.as_ref()).unwrap()[0].devid,
+        3
+    );
+    let pool = Pool::open(vec![
+        devs[0].clone() as std::sync::Arc<dyn BlockDevice>,
+        devs[1].clone(),
+        new.clone(),
+    ])
+    .expect("opens after a crash inside the rename commit");
+    let members: Vec<(u64, String)> = pool
+        .fs()
+        .devices()
+        .iter()
+        .map(|d| (d.devid, d.dev.path().display().to_string()))
+        .collect();
+    assert_eq!(
+        members,
+        vec![(1, "/mem/dev1".to_string()), (2, "/mem/new".to_string())]
+    );
+    let r = chunkvol::pool::check::check(&pool, true).unwrap();
+    assert!(r.ok(), "{:#?}", r.problems);
+    let mut back = vec![0u8; data.len()];
+    pool.volume("v").unwrap().read_at(&mut back, 0).unwrap();
+    assert!(back == data);
+    pool.close().unwrap();
+    assert_eq!(
+        chunkvol::device::read_supers(new.as_ref()).unwrap()[0].devid,
+        2
+    );
+}

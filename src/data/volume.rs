@@ -216,7 +216,8 @@ impl Volume {
             }
             let lba = offset + i as u64;
             if zero {
-                self.punch_range(lba, (j - i) as u64)?;
+                // A write of zeroes is a write: no dipping into the reserve.
+                self.punch_range(lba, (j - i) as u64, false)?;
             } else {
                 self.write_run(&data[i..j], lba)?;
             }
@@ -291,16 +292,21 @@ impl Volume {
     }
 
     /// Free a range in pieces of at most [`PUNCH_PIECE_BYTES`], each a
-    /// change of its own that may use the global reserve: a pool whose
-    /// metadata is full can still be emptied.
-    fn punch_range(&self, start: u64, len: u64) -> Result<()> {
+    /// change of its own; for discards (`freeing`) one that may use the
+    /// global reserve, so a pool whose metadata is full can still be
+    /// emptied.
+    fn punch_range(&self, start: u64, len: u64, freeing: bool) -> Result<()> {
+        use crate::engine::transaction::{change, change_freeing};
         let end = start + len;
         let mut at = start;
         while at < end {
             let n = (end - at).min(PUNCH_PIECE_BYTES);
-            crate::engine::transaction::change_freeing(&self.fs, |ctx| {
-                extent::punch(ctx, self.id, at, n)
-            })?;
+            let punch = |ctx: &mut Ctx| extent::punch(ctx, self.id, at, n);
+            if freeing {
+                change_freeing(&self.fs, punch)?;
+            } else {
+                change(&self.fs, punch)?;
+            }
             at += n;
         }
         Ok(())
@@ -313,7 +319,7 @@ impl Volume {
         let a = offset.div_ceil(SECTOR_BYTES) * SECTOR_BYTES;
         let b = (offset + len) / SECTOR_BYTES * SECTOR_BYTES;
         if b > a {
-            self.punch_range(a, b - a)?;
+            self.punch_range(a, b - a, true)?;
         }
         Ok(())
     }
@@ -329,7 +335,7 @@ impl Volume {
         if a > offset {
             self.write_at(&vec![0u8; (a - offset) as usize], offset)?;
         }
-        self.punch_range(a, b - a)?;
+        self.punch_range(a, b - a, true)?;
         if offset + len > b {
             self.write_at(&vec![0u8; (offset + len - b) as usize], b)?;
         }

@@ -207,6 +207,11 @@ impl FsInfo {
     pub fn device(&self, devid: u64) -> Option<Arc<Device>> {
         read(&self.devices).get(&devid).cloned()
     }
+    /// The device whose devid is `devid` (not one only reachable by it, an
+    /// alias): what commands naming a devid act on.
+    pub fn member(&self, devid: u64) -> Option<Arc<Device>> {
+        self.device(devid).filter(|d| d.devid == devid)
+    }
     /// The pool's devices, each once (aliases left out).
     pub fn devices(&self) -> Vec<Arc<Device>> {
         read(&self.devices)

@@ -238,7 +238,7 @@ pub fn start(
             "an interrupted device replace exists; `device replace resume` it first".into(),
         ));
     }
-    if fs.device(src).is_none() && !read(&fs.missing).contains_key(&src) {
+    if fs.member(src).is_none() && !read(&fs.missing).contains_key(&src) {
         return Err(Error::Invalid(format!("no device with devid {src}")));
     }
     let need = stripe_bytes_on(fs, src);
@@ -359,7 +359,7 @@ fn begin(fs: &FsInfo, target: Arc<Device>, from: &ReplaceProgress) -> Result<Arc
     // meanwhile); a chunk the source got in between is moved by `drive`.
     target.allocatable.store(true, Ordering::Release);
     let reserved = reserved?;
-    if let Some(d) = fs.device(src) {
+    if let Some(d) = fs.member(src) {
         d.allocatable.store(false, Ordering::Release);
     }
     let run = Arc::new(ReplaceRun {
@@ -382,8 +382,15 @@ fn begin(fs: &FsInfo, target: Arc<Device>, from: &ReplaceProgress) -> Result<Arc
         finished: Completion::default(),
         reserved: Mutex::new(reserved),
     });
-    save(fs, &run.persisted())?;
-    commit(fs)?;
+    if let Err(e) = save(fs, &run.persisted()).and_then(|()| commit(fs).map(|_| ())) {
+        // Not started after all: allocation and target space as before.
+        if let Some(d) = fs.member(src) {
+            d.allocatable.store(true, Ordering::Release);
+        }
+        let left = std::mem::take(&mut *lock(&run.reserved));
+        release(&run.target, left.values().flatten());
+        return Err(e);
+    }
     Ok(run)
 }
 

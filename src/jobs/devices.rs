@@ -20,7 +20,7 @@ const DRAIN_WAIT: Duration = Duration::from_secs(60);
 /// Which device a command names: a devid, `missing`, or a path.
 pub fn resolve(fs: &FsInfo, spec: &str) -> Result<u64> {
     if let Ok(id) = spec.parse::<u64>() {
-        if fs.device(id).is_some() || read(&fs.missing).contains_key(&id) {
+        if fs.member(id).is_some() || read(&fs.missing).contains_key(&id) {
             return Ok(id);
         }
         return Err(Error::Invalid(format!("no device with devid {id}")));
@@ -152,7 +152,7 @@ pub fn chunks_on(fs: &FsInfo, devid: u64) -> Vec<u64> {
 /// superblocks. Clients keep reading and writing meanwhile.
 pub fn remove(fs: &FsInfo, devid: u64) -> Result<()> {
     fs.check_abort()?;
-    let present = fs.device(devid);
+    let present = fs.member(devid);
     if present.is_none() && !read(&fs.missing).contains_key(&devid) {
         return Err(Error::Invalid(format!("no device with devid {devid}")));
     }
@@ -203,7 +203,7 @@ fn evacuate(fs: &FsInfo, devid: u64) -> Result<()> {
 /// Drop a device that holds no chunk: its items, its place in the pool, and
 /// (if present) its superblocks.
 pub fn forget(fs: &FsInfo, devid: u64) -> Result<()> {
-    let dev = fs.device(devid);
+    let dev = fs.member(devid);
     transaction::change(fs, |ctx| {
         ctx.delete(
             tree_id::CHUNK,
@@ -272,7 +272,7 @@ pub fn take_over(
         }
         crate::util::sched::sleep(Duration::from_millis(5));
     }
-    let old_src = fs.device(src);
+    let old_src = fs.member(src);
     let renamed = Arc::new(Device::new(src, target.uuid, target.dev.clone()));
     renamed.supers_valid.store(false, Ordering::Release);
     transaction::change(fs, |ctx| {
@@ -299,6 +299,14 @@ pub fn take_over(
             Key::new(objectid::DEV_ITEMS, item::DEV_ITEM, src),
             it.encode(),
         )?;
+        // The device table first: from here `src` (named by no map that
+        // is alive) and `t` both reach the renamed device, so I/O through
+        // a map renamed below never lands on the old source.
+        let mut devs = write(&ctx.fs.devices);
+        devs.insert(src, renamed.clone());
+        devs.insert(t, renamed.clone());
+        drop(devs);
+        write(&ctx.fs.missing).remove(&src);
         for m in fs.mapping.all() {
             // A removed group whose map drop waits for a scrub's freeze
             // (R4) has no items left to rename; its map, still naming `t`,
@@ -310,11 +318,6 @@ pub fn take_over(
                 rename_stripes(ctx, &m.item, t, src)?;
             }
         }
-        let mut devs = write(&ctx.fs.devices);
-        devs.insert(src, renamed.clone());
-        devs.insert(t, renamed.clone());
-        drop(devs);
-        write(&ctx.fs.missing).remove(&src);
         ctx.fs.dev_stats_dirty.store(true, Ordering::Release);
         ctx.st.dirty = true;
         record(ctx)

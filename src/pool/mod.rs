@@ -701,11 +701,32 @@ fn pick_superblock(devs: &[Arc<dyn BlockDevice>]) -> Result<Picked> {
                 ),
             });
         }
-        if devices.contains_key(&sb.devid) {
-            return Err(Error::Device {
-                path: d.path().into(),
-                msg: format!("devid {} given twice", sb.devid),
-            });
+        if let Some((other, gen)) = devices.get(&sb.devid).map(|o: &Arc<Device>| {
+            let g = supers
+                .iter()
+                .zip(devs)
+                .find(|(_, x)| Arc::ptr_eq(x, &o.dev))
+                .map_or(0, |(s, _)| s.generation);
+            (o.clone(), g)
+        }) {
+            if other.uuid == sb.dev_uuid {
+                return Err(Error::Device {
+                    path: d.path().into(),
+                    msg: format!("devid {} given twice", sb.devid),
+                });
+            }
+            // Two devices claim one devid: a replace's source whose
+            // superblocks were not wiped yet, and its target. The newer
+            // superblock wins; the tree's uuids settle it in `members`.
+            if gen > sb.generation {
+                tracing::warn!(
+                    "{}: devid {} is claimed by a newer superblock on {}; ignored",
+                    d.path().display(),
+                    sb.devid,
+                    other.dev.path().display()
+                );
+                continue;
+            }
         }
         devices.insert(
             sb.devid,
@@ -811,6 +832,7 @@ impl Loader<'_> {
         degraded: bool,
     ) -> Result<()> {
         let fs = self.fs;
+        self.rekey_by_uuid(dev_items);
         let missing: Vec<String> = dev_items
             .iter()
             .filter(|d| fs.device(d.devid).is_none())
@@ -850,6 +872,47 @@ impl Loader<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Devices are known by the devid their superblock carries, the tree
+    /// knows their uuids too. A crash inside a replace's rename commit can
+    /// leave the renamed device's superblocks with its old devid, and the
+    /// replaced source's not wiped yet: each device takes the devid the tree
+    /// gives its uuid, and one the tree does not list (a former member) is
+    /// left out, with a warning.
+    fn rekey_by_uuid(&self, dev_items: &[DevItem]) {
+        let mut rewrite = false;
+        let mut table = write(&self.fs.devices);
+        let present: Vec<Arc<Device>> = table.values().cloned().collect();
+        table.clear();
+        for d in present {
+            match dev_items.iter().find(|x| x.uuid == d.uuid) {
+                Some(x) if x.devid == d.devid => {
+                    table.insert(d.devid, d);
+                }
+                Some(x) => {
+                    tracing::warn!(
+                        "{}: its superblock says devid {}, the pool says devid {} (a replace's last commit did not reach it); using devid {}",
+                        d.dev.path().display(),
+                        d.devid,
+                        x.devid,
+                        x.devid
+                    );
+                    table.insert(x.devid, Arc::new(Device::new(x.devid, d.uuid, d.dev.clone())));
+                    rewrite = true;
+                }
+                None => tracing::warn!(
+                    "{}: devid {} is no longer a member of this pool (replaced or removed); ignored",
+                    d.dev.path().display(),
+                    d.devid
+                ),
+            }
+        }
+        drop(table);
+        if rewrite {
+            // The next commit writes its superblocks with the right devid.
+            lock(&self.fs.trans).dirty = true;
+        }
     }
 
     /// Dev tree: device extents and error counters.
