@@ -427,3 +427,41 @@ fn open_after_a_crash_inside_the_rename_commit() {
         2
     );
 }
+
+/// An interrupted replace whose target was then removed cannot go on:
+/// `resume` says so and records it failed, and a new replace may start
+/// (the record no longer blocks it).
+#[test]
+fn an_interrupted_replace_without_its_target_does_not_block_a_new_one() {
+    let _g = serial();
+    let devs = common::mkfs_mem(Profile::Raid1, 192 << 20);
+    let pool = common::open_mem(&devs);
+    let vol = pool.create_volume("v", 128 << 20).unwrap();
+    let data = common::pattern(8, 100 << 20);
+    vol.write_at(&data, 0).unwrap();
+    pool.flush().unwrap();
+    let fs = pool.fs();
+    let chunks = chunkvol::jobs::devices::chunks_on(fs, 2);
+    let middle = chunks[chunks.len() / 2];
+    let first = std::sync::Arc::new(FaultyDevice::new("/mem/first", 192 << 20));
+    failpoint::set("replace::before_copy", Action::PauseIf(middle));
+    let run = dev_replace::start(fs, 2, first, false).unwrap();
+    assert!(failpoint::wait_paused(
+        "replace::before_copy",
+        Duration::from_secs(30)
+    ));
+    dev_replace::interrupt(fs).unwrap();
+    failpoint::release("replace::before_copy");
+    assert_eq!(run.wait().state, State::Interrupted);
+    chunkvol::jobs::devices::remove(fs, 3).unwrap();
+    let e = dev_replace::resume(fs, true).map(|_| ()).unwrap_err();
+    assert!(e.to_string().contains("marked failed"), "{e}");
+    assert_eq!(dev_replace::status(fs).unwrap().state, State::Failed);
+    let second = std::sync::Arc::new(FaultyDevice::new("/mem/second", 192 << 20));
+    let st = dev_replace::start(fs, 2, second, true).unwrap().wait();
+    assert_eq!(st.state, State::Finished, "{st:?}");
+    assert_eq!(st.target_devid, 2);
+    let mut back = vec![0u8; data.len()];
+    vol.read_at(&mut back, 0).unwrap();
+    assert!(back == data);
+}

@@ -329,12 +329,25 @@ pub fn resume(fs: &Arc<FsInfo>, wait: bool) -> Result<Arc<ReplaceRun>> {
     // What committed is what counts: the record may lag a group behind.
     p.block_groups_total = p.block_groups_total.max(p.block_groups_done + left);
     p.block_groups_done = p.block_groups_total - left;
-    let target = fs.device(p.target_devid).ok_or_else(|| {
-        Error::Invalid(format!(
+    let Some(target) = fs.member(p.target_devid) else {
+        // Nothing can continue it: record it failed, so that a new
+        // replace may start.
+        let why = format!(
             "the replace target devid {} ({}) is not in the pool",
             p.target_devid, p.target_path
-        ))
-    })?;
+        );
+        p.state = State::Failed;
+        p.failure = Some(why.clone());
+        save(fs, &p)?;
+        commit(fs)?;
+        if let Some(r) = slot.as_ref() {
+            *lock(&r.state) = State::Failed;
+            *lock(&r.failure) = Some(why.clone());
+        }
+        return Err(Error::Invalid(format!(
+            "{why}; the interrupted replace is marked failed, start a new one"
+        )));
+    };
     tracing::info!(
         "resuming the replace of devid {} by devid {}: {} of {} block groups were done",
         p.src_devid,
@@ -640,9 +653,12 @@ fn drive_inner(fs: &FsInfo, run: &ReplaceRun) -> Result<State> {
     if crate::jobs::devices::take_over(fs, run.src_devid, &run.target, &record)? {
         run.target_devid.store(run.src_devid, Ordering::Release);
     } else {
+        // The source is gone: finished whatever happens to the record (a
+        // failure here must not send `drive` to `undo` the target).
         fin.target_devid = run.target.devid;
-        save(fs, &fin)?;
-        commit(fs)?;
+        if let Err(e) = save(fs, &fin).and_then(|()| commit(fs).map(|_| ())) {
+            tracing::warn!("device replace finished; cannot record it: {e}");
+        }
     }
     tracing::info!(
         "replaced devid {} by {}",
