@@ -163,30 +163,61 @@ fn replace_finishes_past_sectors_with_no_good_copy() {
     }
 }
 
+/// A replace of devid 2, paused before copying the middle one of its
+/// chunks (some groups switched, some not), in a raid1 pool of two 192 MiB
+/// devices holding 100 MiB of `pattern(seed)` in volume "v".
+struct Paused {
+    devs: Vec<std::sync::Arc<FaultyDevice>>,
+    pool: Pool,
+    data: Vec<u8>,
+    new: std::sync::Arc<FaultyDevice>,
+    run: std::sync::Arc<dev_replace::ReplaceRun>,
+}
+
+/// [`Paused`], the new device called `name`.
+fn replace_paused_in_the_middle(seed: u64, name: &str) -> Paused {
+    let devs = common::mkfs_mem(Profile::Raid1, 192 << 20);
+    let pool = common::open_mem(&devs);
+    let vol = pool.create_volume("v", 128 << 20).unwrap();
+    let data = common::pattern(seed, 100 << 20);
+    vol.write_at(&data, 0).unwrap();
+    pool.flush().unwrap();
+    let fs = pool.fs();
+    let chunks = chunkvol::jobs::devices::chunks_on(fs, 2);
+    assert!(chunks.len() >= 3, "several chunks on devid 2: {chunks:x?}");
+    let middle = chunks[chunks.len() / 2];
+    let new = std::sync::Arc::new(FaultyDevice::new(name, 192 << 20));
+    failpoint::set("replace::before_copy", Action::PauseIf(middle));
+    let run = dev_replace::start(fs, 2, new.clone(), false).unwrap();
+    assert!(
+        failpoint::wait_paused("replace::before_copy", Duration::from_secs(30)),
+        "the replace never reached the middle chunk"
+    );
+    Paused {
+        devs,
+        pool,
+        data,
+        new,
+        run,
+    }
+}
+
 /// A replace canceled after some groups were switched to the new device:
 /// they move back, the new device leaves the pool, and a second replace
 /// onto the same device finishes, the new device taking the source's devid.
 #[test]
 fn canceled_replace_takes_the_new_device_out_and_it_can_be_reused() {
     let _g = serial();
-    let devs = common::mkfs_mem(Profile::Raid1, 192 << 20);
-    let pool = common::open_mem(&devs);
-    let vol = pool.create_volume("v", 128 << 20).unwrap();
-    let data = common::pattern(5, 100 << 20);
-    vol.write_at(&data, 0).unwrap();
-    pool.flush().unwrap();
-    let fs = pool.fs();
-    let chunks = chunkvol::jobs::devices::chunks_on(fs, 2);
-    assert!(chunks.len() >= 3, "several chunks on devid 2: {chunks:x?}");
     // Cancel takes effect after the current group: pause in the middle.
-    let last = chunks[chunks.len() / 2];
-    let new = std::sync::Arc::new(FaultyDevice::new("/mem/new", 192 << 20));
-    failpoint::set("replace::before_copy", Action::PauseIf(last));
-    let run = dev_replace::start(fs, 2, new.clone(), false).unwrap();
-    assert!(
-        failpoint::wait_paused("replace::before_copy", Duration::from_secs(30)),
-        "the replace never reached the middle chunk"
-    );
+    let Paused {
+        devs,
+        pool,
+        data,
+        new,
+        run,
+    } = replace_paused_in_the_middle(5, "/mem/new");
+    let fs = pool.fs();
+    let vol = pool.volume("v").unwrap();
     let moved = chunkvol::jobs::devices::chunks_on(fs, 3);
     assert!(
         !moved.is_empty(),
@@ -434,22 +465,11 @@ fn open_after_a_crash_inside_the_rename_commit() {
 #[test]
 fn an_interrupted_replace_without_its_target_does_not_block_a_new_one() {
     let _g = serial();
-    let devs = common::mkfs_mem(Profile::Raid1, 192 << 20);
-    let pool = common::open_mem(&devs);
-    let vol = pool.create_volume("v", 128 << 20).unwrap();
-    let data = common::pattern(8, 100 << 20);
-    vol.write_at(&data, 0).unwrap();
-    pool.flush().unwrap();
+    let Paused {
+        pool, data, run, ..
+    } = replace_paused_in_the_middle(8, "/mem/first");
     let fs = pool.fs();
-    let chunks = chunkvol::jobs::devices::chunks_on(fs, 2);
-    let middle = chunks[chunks.len() / 2];
-    let first = std::sync::Arc::new(FaultyDevice::new("/mem/first", 192 << 20));
-    failpoint::set("replace::before_copy", Action::PauseIf(middle));
-    let run = dev_replace::start(fs, 2, first, false).unwrap();
-    assert!(failpoint::wait_paused(
-        "replace::before_copy",
-        Duration::from_secs(30)
-    ));
+    let vol = pool.volume("v").unwrap();
     dev_replace::interrupt(fs).unwrap();
     failpoint::release("replace::before_copy");
     assert_eq!(run.wait().state, State::Interrupted);
