@@ -15,7 +15,7 @@ use crate::btree::Iter;
 use crate::device::BlockDevice;
 use crate::engine::block_group::BlockGroup;
 use crate::engine::fs_info::FsInfo;
-use crate::format::{item, objectid, tree_id, DevExtent, ExtentItem, Key, Stripe, SECTOR_BYTES};
+use crate::format::{item, objectid, tree_id, ExtentItem, Key, Stripe, SECTOR_BYTES};
 use crate::jobs::control::{Completion, JobSlot};
 use crate::jobs::relocation::wait_for_writers;
 use crate::jobs::scrub::{sector_owner, ErrorKind, ErrorRecord, MAX_ERROR_RECORDS};
@@ -769,7 +769,6 @@ fn replace_group(fs: &FsInfo, run: &ReplaceRun, start: u64, slots: &[(usize, u64
     {
         return gone();
     }
-    let taken: Vec<u64> = slots.iter().map(|&(_, p)| p).collect();
     let mut item = map.item.clone();
     for &(k, p) in slots {
         item.stripes[k] = Stripe {
@@ -785,7 +784,6 @@ fn replace_group(fs: &FsInfo, run: &ReplaceRun, start: u64, slots: &[(usize, u64
         map,
         new_map: ChunkMap { item },
         idxs,
-        taken,
     };
     let r = mv.copy_and_switch(fs, &bg);
     drop(commits);
@@ -811,8 +809,6 @@ struct GroupMove<'a> {
     new_map: ChunkMap,
     /// Indexes of the moving stripes.
     idxs: Vec<usize>,
-    /// Their physical offsets on `dst`, in the same order.
-    taken: Vec<u64>,
 }
 
 impl GroupMove<'_> {
@@ -939,52 +935,10 @@ impl GroupMove<'_> {
 
     /// Point the chunk item, the device extents and the mapping at `dst`.
     fn switch(&self, ctx: &mut crate::engine::transaction::Ctx) -> Result<()> {
-        let GroupMove {
-            start,
-            src,
-            dst,
-            map,
-            idxs,
-            taken,
-            ..
-        } = self;
-        let (start, src) = (*start, *src);
-        let item = &self.new_map.item;
-        let pending = ctx
-            .st
-            .pending_chunks
-            .iter_mut()
-            .find(|c| c.logical == start);
-        if let Some(c) = pending {
-            // Not in the trees yet: the commit inserts it, stripes and all.
-            *c = item.clone();
-        } else {
-            ctx.insert(
-                tree_id::CHUNK,
-                Key::new(objectid::FIRST_CHUNK, item::CHUNK, start),
-                item.encode(),
-            )?;
-            for (&k, &p) in idxs.iter().zip(taken) {
-                let old = map.item.stripes[k];
-                ctx.delete(
-                    tree_id::DEV,
-                    &Key::new(old.devid, item::DEV_EXTENT, old.physical),
-                )?;
-                ctx.insert(
-                    tree_id::DEV,
-                    Key::new(dst.devid, item::DEV_EXTENT, p),
-                    DevExtent {
-                        chunk_logical: start,
-                        length: item.stripe_bytes,
-                    }
-                    .encode(),
-                )?;
-            }
-        }
-        ctx.fs.mapping.insert(item.clone());
-        if let Some(s) = ctx.fs.device(src) {
-            for &k in idxs {
-                write(&s.extents).remove(&map.item.stripes[k].physical);
+        crate::jobs::devices::restripe_chunk(ctx, &self.map.item, self.new_map.item.clone())?;
+        if let Some(s) = ctx.fs.device(self.src) {
+            for &k in &self.idxs {
+                write(&s.extents).remove(&self.map.item.stripes[k].physical);
             }
         }
         ctx.st.dirty = true;

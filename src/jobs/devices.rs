@@ -333,8 +333,7 @@ pub fn take_over(
     Ok(true)
 }
 
-/// Rewrite one chunk's stripes on devid `from` as on `to`: its item (or
-/// pending item), its device extents and its map.
+/// Rewrite one chunk's stripes on devid `from` as on `to`.
 fn rename_stripes(
     ctx: &mut transaction::Ctx,
     chunk: &crate::format::ChunkItem,
@@ -345,7 +344,19 @@ fn rename_stripes(
     for st in item.stripes.iter_mut().filter(|st| st.devid == from) {
         st.devid = to;
     }
-    let start = item.logical;
+    restripe_chunk(ctx, chunk, item)
+}
+
+/// Give a chunk new stripes (same count, same size): its item (or pending
+/// item), the device extents of every stripe that changed, and its map.
+/// Device replace switches chunks with it; the devid rename too.
+pub(crate) fn restripe_chunk(
+    ctx: &mut transaction::Ctx,
+    old: &crate::format::ChunkItem,
+    new: crate::format::ChunkItem,
+) -> Result<()> {
+    debug_assert_eq!(old.stripes.len(), new.stripes.len());
+    let start = new.logical;
     if let Some(c) = ctx
         .st
         .pending_chunks
@@ -353,26 +364,29 @@ fn rename_stripes(
         .find(|c| c.logical == start)
     {
         // Not in the trees yet: the commit inserts it, stripes and all.
-        *c = item.clone();
+        *c = new.clone();
     } else {
         ctx.insert(
             tree_id::CHUNK,
             Key::new(objectid::FIRST_CHUNK, item::CHUNK, start),
-            item.encode(),
+            new.encode(),
         )?;
-        for st in chunk.stripes.iter().filter(|st| st.devid == from) {
-            ctx.delete(tree_id::DEV, &Key::new(from, item::DEV_EXTENT, st.physical))?;
+        for (a, b) in old.stripes.iter().zip(&new.stripes).filter(|(a, b)| a != b) {
+            ctx.delete(
+                tree_id::DEV,
+                &Key::new(a.devid, item::DEV_EXTENT, a.physical),
+            )?;
             ctx.insert(
                 tree_id::DEV,
-                Key::new(to, item::DEV_EXTENT, st.physical),
+                Key::new(b.devid, item::DEV_EXTENT, b.physical),
                 crate::format::DevExtent {
                     chunk_logical: start,
-                    length: item.stripe_bytes,
+                    length: new.stripe_bytes,
                 }
                 .encode(),
             )?;
         }
     }
-    ctx.fs.mapping.insert(item);
+    ctx.fs.mapping.insert(new);
     Ok(())
 }
