@@ -227,12 +227,7 @@ pub fn start(
     fs.check_abort()?;
     let slot = JobSlot::<ReplaceRun>::of(fs);
     let slot = slot.hold();
-    if slot
-        .as_ref()
-        .is_some_and(|r| *lock(&r.state) == State::Running)
-    {
-        return Err(Error::Busy("a device replace is already running".into()));
-    }
+    refuse_if_running(&slot)?;
     if load(fs)?.is_some_and(|p| matches!(p.state, State::Running | State::Interrupted)) {
         return Err(Error::Busy(
             "an interrupted device replace exists; `device replace resume` it first".into(),
@@ -288,18 +283,24 @@ pub fn start(
     launch(fs, slot, run, wait)
 }
 
-/// Continue the replace a crash or a restart interrupted: the groups
-/// switched before it stay switched, the rest are copied.
-pub fn resume(fs: &Arc<FsInfo>, wait: bool) -> Result<Arc<ReplaceRun>> {
-    fs.check_abort()?;
-    let slot = JobSlot::<ReplaceRun>::of(fs);
-    let slot = slot.hold();
+/// One replace at a time in a pool.
+fn refuse_if_running(slot: &Option<Arc<ReplaceRun>>) -> Result<()> {
     if slot
         .as_ref()
         .is_some_and(|r| *lock(&r.state) == State::Running)
     {
         return Err(Error::Busy("a device replace is already running".into()));
     }
+    Ok(())
+}
+
+/// Continue the replace a crash or a restart interrupted: the groups
+/// switched before it stay switched, the rest are copied.
+pub fn resume(fs: &Arc<FsInfo>, wait: bool) -> Result<Arc<ReplaceRun>> {
+    fs.check_abort()?;
+    let slot = JobSlot::<ReplaceRun>::of(fs);
+    let slot = slot.hold();
+    refuse_if_running(&slot)?;
     let Some(p) = load(fs)? else {
         return Err(Error::Invalid(
             "there is no device replace to resume".into(),
