@@ -696,3 +696,153 @@ pub fn assert_fio_clean(o: &Out, jobs: usize) -> (u64, u64) {
     }
     (w, r)
 }
+
+// ---------------------------------------------------------------------------
+// A kernel filesystem on an export
+
+/// nbdfuse + losetup + mount, undone in reverse order (also on failure).
+pub struct KernelDisk {
+    pub mnt: PathBuf,
+    pub fs: PathBuf,
+    nbdfuse: Option<Child>,
+    fuse_mounted: bool,
+    loopdev: Option<String>,
+    mounted: bool,
+}
+
+impl KernelDisk {
+    pub fn attach(dir: &TestDir, uri: &str) -> KernelDisk {
+        assert!(
+            Path::new("/dev/fuse").exists(),
+            "/dev/fuse is missing: FUSE is needed for nbdfuse"
+        );
+        let mnt = dir.join("mnt");
+        let fsdir = dir.join("fs");
+        fs::create_dir_all(&mnt).unwrap();
+        fs::create_dir_all(&fsdir).unwrap();
+        let pidfile = dir.join("nbdfuse.pid");
+        let _ = fs::remove_file(&pidfile);
+        let log = fs::File::create(dir.join("nbdfuse.log")).unwrap();
+        let child = Command::new(tool("nbdfuse"))
+            .arg("-P")
+            .arg(&pidfile)
+            .arg(&mnt)
+            .arg(uri)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn nbdfuse");
+        let mut kd = KernelDisk {
+            mnt,
+            fs: fsdir,
+            nbdfuse: Some(child),
+            fuse_mounted: false,
+            loopdev: None,
+            mounted: false,
+        };
+        let image = kd.mnt.join("nbd");
+        let start = Instant::now();
+        loop {
+            let ready = fs::read_to_string(&pidfile)
+                .map(|p| !p.trim().is_empty())
+                .unwrap_or(false);
+            if ready && image.exists() {
+                break;
+            }
+            if let Some(st) = kd.nbdfuse.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "nbdfuse exited ({st}) before mounting (is FUSE usable here?):\n{}",
+                    fs::read_to_string(dir.join("nbdfuse.log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                start.elapsed() < START_TIMEOUT,
+                "nbdfuse did not expose {} within {START_TIMEOUT:?}",
+                image.display()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        kd.fuse_mounted = true;
+        let o = run(
+            Command::new(tool("losetup")).args(["-f", "--show", s(&image)]),
+            CMD_TIMEOUT,
+        );
+        assert_eq!(
+            o.code,
+            0,
+            "cannot attach a loop device (loop devices are needed for this test):\n{}",
+            o.text()
+        );
+        let dev = o.stdout.trim().to_string();
+        assert!(dev.starts_with("/dev/loop"), "{}", o.text());
+        kd.loopdev = Some(dev);
+        kd
+    }
+
+    pub fn dev(&self) -> &str {
+        self.loopdev.as_deref().unwrap()
+    }
+
+    pub fn mount(&mut self) {
+        run_ok(
+            Command::new(tool("mount")).args([self.dev(), s(&self.fs)]),
+            CMD_TIMEOUT,
+        );
+        self.mounted = true;
+    }
+
+    pub fn umount(&mut self) {
+        run_ok(Command::new(tool("umount")).arg(&self.fs), CMD_TIMEOUT);
+        self.mounted = false;
+    }
+
+    /// Undo everything; `strict` asserts each step worked.
+    pub fn detach(&mut self, strict: bool) {
+        if self.mounted {
+            let o = run(Command::new(tool("umount")).arg(&self.fs), CMD_TIMEOUT);
+            if o.code != 0 {
+                let _ = run(
+                    Command::new(tool("umount")).arg("-l").arg(&self.fs),
+                    CMD_TIMEOUT,
+                );
+            }
+            assert!(!strict || o.code == 0, "{}", o.text());
+            self.mounted = false;
+        }
+        if let Some(dev) = self.loopdev.take() {
+            let o = run(
+                Command::new(tool("losetup")).args(["-d", &dev]),
+                CMD_TIMEOUT,
+            );
+            assert!(!strict || o.code == 0, "{}", o.text());
+        }
+        if self.fuse_mounted {
+            let o = run(
+                Command::new(tool("fusermount3")).arg("-u").arg(&self.mnt),
+                CMD_TIMEOUT,
+            );
+            if o.code != 0 {
+                let _ = run(
+                    Command::new(tool("fusermount3")).arg("-uz").arg(&self.mnt),
+                    CMD_TIMEOUT,
+                );
+            }
+            assert!(!strict || o.code == 0, "{}", o.text());
+            self.fuse_mounted = false;
+        }
+        if let Some(mut c) = self.nbdfuse.take() {
+            if wait_timeout(&mut c, Duration::from_secs(20)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+                assert!(!strict, "nbdfuse did not exit after fusermount3 -u");
+            }
+        }
+    }
+}
+
+impl Drop for KernelDisk {
+    fn drop(&mut self) {
+        self.detach(false);
+    }
+}
