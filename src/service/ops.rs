@@ -604,6 +604,18 @@ pub fn scrub_output(
             human(c.data_bytes_scrubbed),
             human(c.tree_bytes_scrubbed)
         );
+        if s.state == crate::jobs::scrub::State::Finished && c.bytes_scrubbed < s.bytes_total {
+            t += &format!(
+                "Not scrubbed:     {} (freed or moved while the scrub ran)\n",
+                human(s.bytes_total - c.bytes_scrubbed)
+            );
+        }
+        if !s.departed_devids.is_empty() {
+            t += &format!(
+                "Not counted:      devid {:?} (left the pool after it was scrubbed)\n",
+                s.departed_devids
+            );
+        }
         t += &format!("Rate:             {}/s\n", human(s.rate_bytes_per_s));
         t += &format!(
             "Error summary:    read={} super={} verify={} csum={}\n  Corrected:      {}\n  Uncorrectable:  {}\n  Unverified:     {}\n",

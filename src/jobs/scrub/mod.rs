@@ -248,6 +248,40 @@ pub struct ScrubStatus {
     pub errors: Option<Vec<ErrorRecord>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// Devices scrubbed by this run that have left the pool since (removed):
+    /// their bytes and counts are no longer in the totals.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub departed_devids: Vec<u64>,
+}
+
+impl ScrubStatus {
+    /// Keep only the pool's current members in the totals: a device that
+    /// was removed after it was scrubbed no longer counts.
+    fn follow_members(mut self, members: &[u64]) -> ScrubStatus {
+        let (kept, gone): (Vec<DevProgress>, Vec<DevProgress>) = std::mem::take(&mut self.devices)
+            .into_iter()
+            .partition(|d| members.contains(&d.devid));
+        if gone.is_empty() {
+            self.devices = kept;
+            return self;
+        }
+        self.departed_devids = gone.iter().map(|d| d.devid).collect();
+        let mut c = Counters::default();
+        for d in &kept {
+            c.add(&d.counters);
+        }
+        self.counters = c;
+        self.bytes_total = kept.iter().map(|d| d.bytes_total).sum();
+        self.bytes_scrubbed_this_run = kept.iter().map(|d| d.bytes_scrubbed_this_run).sum();
+        if self.eta_s.is_some() && self.rate_bytes_per_s > 0 {
+            let left = self
+                .bytes_total
+                .saturating_sub(self.counters.bytes_scrubbed);
+            self.eta_s = Some(left / self.rate_bytes_per_s);
+        }
+        self.devices = kept;
+        self
+    }
 }
 
 /// A scrub in progress (or just ended) in this process.
@@ -296,6 +330,7 @@ impl ScrubRun {
             devices: devs,
             errors: with_errors.then(|| lock(&self.errors).clone()),
             failure: lock(&self.failure).clone(),
+            departed_devids: Vec::new(),
         }
     }
 
@@ -361,6 +396,11 @@ fn is_active(run: &ScrubRun) -> bool {
 
 /// Status of the current or last scrub (from the pool if none ran here).
 pub fn status(fs: &FsInfo, with_errors: bool) -> Result<ScrubStatus> {
+    let members: Vec<u64> = fs.devices().iter().map(|d| d.devid).collect();
+    Ok(status_of_any_run(fs, with_errors)?.follow_members(&members))
+}
+
+fn status_of_any_run(fs: &FsInfo, with_errors: bool) -> Result<ScrubStatus> {
     if let Some(run) = current(fs) {
         return Ok(run.status(with_errors));
     }
@@ -379,6 +419,7 @@ pub fn status(fs: &FsInfo, with_errors: bool) -> Result<ScrubStatus> {
             devices: Vec::new(),
             errors: with_errors.then(Vec::new),
             failure: None,
+            departed_devids: Vec::new(),
         });
     };
     let mut c = Counters::default();
@@ -412,6 +453,7 @@ pub fn status(fs: &FsInfo, with_errors: bool) -> Result<ScrubStatus> {
             None
         },
         failure: None,
+        departed_devids: Vec::new(),
     })
 }
 
@@ -482,6 +524,11 @@ fn launch(
     from: Option<Vec<Persisted>>,
 ) -> Result<Arc<ScrubRun>> {
     fs.check_abort()?;
+    // Scrub reads the last commit: commit first, so that what clients wrote
+    // before the start is scrubbed too and the total is what it will read.
+    if let Err(e) = crate::engine::transaction::commit(fs) {
+        tracing::warn!("scrub: cannot commit before starting ({e}); scrubbing the last commit");
+    }
     let slot = JobSlot::<ScrubRun>::of(fs);
     let mut slot = slot.hold();
     if slot.as_ref().is_some_and(|r| is_active(r)) {
