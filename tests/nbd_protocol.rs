@@ -11,7 +11,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -40,6 +40,7 @@ struct MemExport {
     state: Mutex<MemState>,
     flushes: AtomicU64,
     fast_zero: bool,
+    read_only: AtomicBool,
 }
 
 impl MemExport {
@@ -53,6 +54,7 @@ impl MemExport {
             }),
             flushes: AtomicU64::new(0),
             fast_zero,
+            read_only: AtomicBool::new(false),
         }
     }
 
@@ -167,6 +169,10 @@ impl Export for MemExport {
 
     fn fast_zero(&self) -> bool {
         self.fast_zero
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only.load(Ordering::SeqCst)
     }
 }
 
@@ -849,6 +855,37 @@ fn export_name_without_zeroes_enters_transmission() {
     c.request(0, CMD_READ, 5, 4096, 8, &[]);
     assert_eq!(c.simple_reply(), (0, 5));
     assert_eq!(c.read_n(8), [0u8; 8]);
+    srv.stop();
+}
+
+#[test]
+fn read_only_export_is_announced_and_writes_get_eperm() {
+    const FLAG_READ_ONLY: u16 = 1 << 1;
+    const FLAG_SEND_TRIM: u16 = 1 << 5;
+    const EPERM: u32 = 1;
+    let srv = TestServer::start(&[("d", MIB, true)]);
+    let exp = srv.export("d");
+    exp.write(0, &[0xab; 4096], false).unwrap();
+    exp.read_only.store(true, Ordering::SeqCst);
+    let mut c = Raw::connect(srv.port);
+    c.option(OPT_EXPORT_NAME, b"d");
+    let r = c.read_n(10);
+    let flags = Raw::u16_at(&r, 8);
+    assert_ne!(flags & FLAG_READ_ONLY, 0, "NBD_FLAG_READ_ONLY");
+    assert_eq!(flags & FLAG_SEND_TRIM, 0, "no trim on a read-only export");
+    // The server refuses, whatever the client was told.
+    c.request(0, CMD_WRITE, 1, 0, 4096, &[0x11; 4096]);
+    assert_eq!(c.simple_reply(), (EPERM, 1));
+    c.request(0, CMD_TRIM, 2, 0, 4096, &[]);
+    assert_eq!(c.simple_reply(), (EPERM, 2));
+    c.request(0, CMD_WRITE_ZEROES, 3, 0, 4096, &[]);
+    assert_eq!(c.simple_reply(), (EPERM, 3));
+    c.request(0, CMD_FLUSH, 4, 0, 0, &[]);
+    assert_eq!(c.simple_reply(), (0, 4));
+    c.request(0, CMD_READ, 5, 0, 4096, &[]);
+    assert_eq!(c.simple_reply(), (0, 5));
+    assert_eq!(c.read_n(4096), vec![0xab; 4096]);
+    assert_eq!(exp.snapshot()[..4096], [0xab; 4096]);
     srv.stop();
 }
 

@@ -39,25 +39,7 @@ enum Cmd {
     /// Create a pool on devices.
     Mkfs(MkfsArgs),
     /// Serve the pool's volumes over NBD (no DEV: the demo pool in ./chunkvol-data).
-    Serve {
-        /// ADDR:PORT, or unix:PATH.
-        #[arg(long, default_value = "127.0.0.1:10809")]
-        listen: String,
-        /// Control socket (default: chunkvol.sock beside the first device).
-        #[arg(long)]
-        socket: Option<PathBuf>,
-        /// Seconds between background commits.
-        #[arg(long, default_value_t = 30)]
-        commit_interval: u64,
-        /// Relocate block groups whose usage falls below this percent in
-        /// the background (0: off), as btrfs's bg_reclaim_threshold.
-        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=99))]
-        reclaim_threshold: u64,
-        /// Serve although members are missing (see --degraded of pool commands).
-        #[arg(long)]
-        degraded: bool,
-        devs: Vec<PathBuf>,
-    },
+    Serve(ServeArgs),
     /// Manage volumes.
     Volume {
         #[command(subcommand)]
@@ -414,6 +396,15 @@ enum VolumeCmd {
         name: String,
         #[arg(long, value_parser = size::parse_size)]
         size: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Change a volume's properties: `--read-only true` refuses writes,
+    /// discards and resizes (NBD clients see a read-only export).
+    Set {
+        name: String,
+        #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+        read_only: Option<bool>,
         #[command(flatten)]
         target: Target,
     },
@@ -843,6 +834,45 @@ fn dump_tree(devs: &[PathBuf], which: Option<&str>) -> i32 {
     0
 }
 
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// ADDR:PORT, or unix:PATH.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    listen: String,
+    /// Control socket (default: chunkvol.sock beside the first device).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Seconds between background commits.
+    #[arg(long, default_value_t = 30)]
+    commit_interval: u64,
+    /// Relocate block groups whose usage falls below this percent in
+    /// the background (0: off), as btrfs's bg_reclaim_threshold.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=99))]
+    reclaim_threshold: u64,
+    /// Serve although members are missing (see --degraded of pool commands).
+    #[arg(long)]
+    degraded: bool,
+    /// Export every volume read-only (as qemu-nbd -r): writes, trims and
+    /// write-zeroes fail with EPERM.
+    #[arg(long, short = 'r')]
+    read_only: bool,
+    devs: Vec<PathBuf>,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> crate::service::server::ServeConfig {
+        crate::service::server::ServeConfig {
+            listen: self.listen,
+            socket: self.socket,
+            commit_interval: std::time::Duration::from_secs(self.commit_interval.max(1)),
+            devs: self.devs,
+            reclaim_threshold_percent: self.reclaim_threshold,
+            degraded: self.degraded,
+            read_only: self.read_only,
+        }
+    }
+}
+
 /// Entry point; returns the process exit code.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
@@ -855,27 +885,10 @@ pub fn main() -> i32 {
     let serving = matches!(cli.cmd, Cmd::Serve { .. });
     init_logging(if serving { "info" } else { "warn" });
     match cli.cmd {
-        Cmd::Serve {
-            listen,
-            socket,
-            commit_interval,
-            reclaim_threshold,
-            degraded,
-            devs,
-        } => {
-            let cfg = crate::service::server::ServeConfig {
-                listen,
-                socket,
-                commit_interval: std::time::Duration::from_secs(commit_interval.max(1)),
-                devs,
-                reclaim_threshold_percent: reclaim_threshold,
-                degraded,
-            };
-            match crate::service::server::run(cfg) {
-                Ok(()) => 0,
-                Err(e) => fail(2, e),
-            }
-        }
+        Cmd::Serve(a) => match crate::service::server::run(a.into_config()) {
+            Ok(()) => 0,
+            Err(e) => fail(2, e),
+        },
         Cmd::Mkfs(a) => mkfs(a),
         Cmd::Stress(a) => stress(a),
         Cmd::BenchCsum {
@@ -916,6 +929,11 @@ fn volume_cmd(cmd: VolumeCmd) -> i32 {
                 size_bytes: size,
             },
         ),
+        VolumeCmd::Set {
+            name,
+            read_only,
+            target,
+        } => run_op(&target, Op::VolumeSet { name, read_only }),
         VolumeCmd::Import { name, file, target } => run_op(
             &target,
             Op::VolumeImport {

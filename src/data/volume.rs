@@ -54,6 +54,16 @@ impl Volume {
         self.id
     }
 
+    /// Whether writes are refused.
+    pub fn read_only(&self) -> Result<bool> {
+        let st = lock(&self.fs.trans);
+        st.volumes
+            .get(&*self.name)
+            .filter(|v| v.id == self.id)
+            .map(|v| v.read_only)
+            .ok_or_else(|| Error::NoVolume(self.name.to_string()))
+    }
+
     /// Current size; errors if the volume was deleted.
     pub fn size_bytes(&self) -> Result<u64> {
         let st = lock(&self.fs.trans);
@@ -64,8 +74,18 @@ impl Volume {
             .ok_or_else(|| Error::NoVolume(self.name.to_string()))
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
-        let size = self.size_bytes()?;
+    fn check_range(&self, offset: u64, len: u64, write: bool) -> Result<()> {
+        let (size, read_only) = {
+            let st = lock(&self.fs.trans);
+            st.volumes
+                .get(&*self.name)
+                .filter(|v| v.id == self.id)
+                .map(|v| (v.size_bytes, v.read_only))
+                .ok_or_else(|| Error::NoVolume(self.name.to_string()))?
+        };
+        if write && read_only {
+            return Err(Error::ReadOnlyVolume(self.name.to_string()));
+        }
         if offset.checked_add(len).is_none_or(|e| e > size) {
             return Err(Error::OutOfRange {
                 volume: self.name.to_string(),
@@ -79,9 +99,9 @@ impl Volume {
 
     /// Count a client request, check its range, and widen it to whole
     /// sectors; None for an empty request.
-    fn client_io(&self, offset: u64, len: u64) -> Result<Option<(u64, u64)>> {
+    fn client_io(&self, offset: u64, len: u64, write: bool) -> Result<Option<(u64, u64)>> {
         self.fs.client_ops.fetch_add(1, Ordering::Relaxed);
-        self.check_range(offset, len)?;
+        self.check_range(offset, len, write)?;
         if len == 0 {
             return Ok(None);
         }
@@ -93,7 +113,7 @@ impl Volume {
     /// Read `buf.len()` bytes at `offset`. Unmapped ranges read as zeroes.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let len = buf.len() as u64;
-        let Some((start, end)) = self.client_io(offset, len)? else {
+        let Some((start, end)) = self.client_io(offset, len, false)? else {
             return Ok(());
         };
         if start == offset && end == offset + len {
@@ -177,7 +197,7 @@ impl Volume {
     /// rewritten; all-zero sectors become holes.
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
         let len = data.len() as u64;
-        let Some((start, end)) = self.client_io(offset, len)? else {
+        let Some((start, end)) = self.client_io(offset, len, true)? else {
             return Ok(());
         };
         if start == offset && end == offset + len {
@@ -315,7 +335,7 @@ impl Volume {
     /// Free the whole sectors inside [offset, +len). Partial sectors at the
     /// edges are left as they are (discard is advisory).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.check_range(offset, len)?;
+        self.check_range(offset, len, true)?;
         let a = offset.div_ceil(SECTOR_BYTES) * SECTOR_BYTES;
         let b = (offset + len) / SECTOR_BYTES * SECTOR_BYTES;
         if b > a {
@@ -326,7 +346,7 @@ impl Volume {
 
     /// Make [offset, +len) read as zeroes, freeing whole sectors.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.check_range(offset, len)?;
+        self.check_range(offset, len, true)?;
         let a = offset.div_ceil(SECTOR_BYTES) * SECTOR_BYTES;
         let b = (offset + len) / SECTOR_BYTES * SECTOR_BYTES;
         if b <= a {
@@ -349,7 +369,7 @@ impl Volume {
 
     /// Allocation map of [offset, +len): runs of allocated data and holes.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        self.check_range(offset, len)?;
+        self.check_range(offset, len, false)?;
         let end = offset + len;
         let fs = &*self.fs;
         let (vroot, _guard) = {

@@ -31,6 +31,8 @@ pub enum MetaRef {
 pub struct VolumeInfo {
     pub id: u64,
     pub size_bytes: u64,
+    /// Writes, discards and resizes are refused.
+    pub read_only: bool,
 }
 
 /// The running transaction. Lock order: commit lock, then this, then block

@@ -550,11 +550,17 @@ impl MetadataItem {
     }
 }
 
+/// VOLUME_ITEM flag: writes, discards and resizes are refused.
+pub const VOLUME_FLAG_READ_ONLY: u64 = 1;
+const VOLUME_FLAGS_KNOWN: u64 = VOLUME_FLAG_READ_ONLY;
+
 /// VOLUME_ITEM value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeItem {
     pub size_bytes: u64,
     pub name: String,
+    /// `VOLUME_FLAG_*`; absent (0) in items written before flags existed.
+    pub flags: u64,
 }
 
 impl VolumeItem {
@@ -563,6 +569,7 @@ impl VolumeItem {
         v.put_u64(self.size_bytes);
         v.put_u16(self.name.len() as u16);
         v.extend_from_slice(self.name.as_bytes());
+        v.put_u64(self.flags);
         v
     }
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
@@ -571,7 +578,20 @@ impl VolumeItem {
         let n = r.u16()? as usize;
         let name = String::from_utf8(r.bytes(n)?.to_vec())
             .map_err(|_| DecodeError("volume name is not UTF-8".into()))?;
-        Ok(VolumeItem { size_bytes, name })
+        let flags = if r.remaining() > 0 { r.u64()? } else { 0 };
+        if flags & !VOLUME_FLAGS_KNOWN != 0 {
+            return Err(DecodeError(format!(
+                "volume {name}: unknown flags {flags:#x}"
+            )));
+        }
+        Ok(VolumeItem {
+            size_bytes,
+            name,
+            flags,
+        })
+    }
+    pub fn read_only(&self) -> bool {
+        self.flags & VOLUME_FLAG_READ_ONLY != 0
     }
 }
 

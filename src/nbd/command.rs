@@ -11,6 +11,8 @@ pub struct Limits {
     pub export_size_bytes: u64,
     pub structured_replies: bool,
     pub base_allocation_id: Option<u32>,
+    /// NBD_FLAG_READ_ONLY was announced: every command that writes is EPERM.
+    pub read_only: bool,
 }
 
 /// A validated operation, ready to run against the export.
@@ -94,6 +96,9 @@ pub fn validate(req: &Request, limits: &Limits) -> Result<Op, Rejection> {
     }
     let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
     let (offset, len) = (req.offset, req.length);
+    if limits.read_only && matches!(cmd, Command::Write | Command::Trim | Command::WriteZeroes) {
+        return Err(reject(NBD_EPERM, "the export is read-only"));
+    }
     Ok(match cmd {
         // FLUSH's offset and length are reserved; we ignore them rather than
         // fail a client that fills them in.
@@ -221,7 +226,25 @@ mod tests {
             export_size_bytes: SIZE,
             structured_replies: true,
             base_allocation_id: Some(7),
+            read_only: false,
         }
+    }
+
+    #[test]
+    fn a_read_only_export_refuses_every_write_with_eperm() {
+        let ro = Limits {
+            read_only: true,
+            ..limits()
+        };
+        for kind in [1u16, 4, 6] {
+            assert_eq!(
+                err(validate(&req(kind, 0, 0, 4096), &ro)),
+                NBD_EPERM,
+                "cmd {kind}"
+            );
+        }
+        assert!(validate(&req(0, 0, 0, 4096), &ro).is_ok(), "read");
+        assert!(validate(&req(3, 0, 0, 0), &ro).is_ok(), "flush");
     }
 
     fn req(kind: u16, flags: u16, offset: u64, length: u32) -> Request {

@@ -130,6 +130,7 @@ pub fn serve<R: Read>(
             export_size_bytes: session.size_bytes,
             structured_replies: session.structured_replies,
             base_allocation_id: session.base_allocation_id,
+            read_only: session.transmission_flags & NBD_FLAG_READ_ONLY != 0,
         },
         replies: ReplySink {
             stream: Mutex::new(writer),

@@ -34,6 +34,12 @@ pub trait Export: Send + Sync {
     fn fast_zero(&self) -> bool {
         true
     }
+    /// Whether the export refuses writes; sampled at handshake for
+    /// NBD_FLAG_READ_ONLY (the write calls still refuse on their own if it
+    /// becomes read-only later).
+    fn read_only(&self) -> bool {
+        false
+    }
 }
 
 /// The set of exports; looked up by name on every handshake (exports can be created/deleted while serving).

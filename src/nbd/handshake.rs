@@ -56,16 +56,19 @@ pub enum HandshakeError {
     NotFixedNewstyle(u32),
 }
 
-/// Transmission flags for an export; DF needs structured replies.
-pub fn transmission_flags(structured_replies: bool) -> u16 {
+/// Transmission flags for an export; DF needs structured replies. A
+/// read-only export announces it and offers no command that writes.
+pub fn transmission_flags(structured_replies: bool, read_only: bool) -> u16 {
     let mut flags = NBD_FLAG_HAS_FLAGS
         | NBD_FLAG_SEND_FLUSH
         | NBD_FLAG_SEND_FUA
-        | NBD_FLAG_SEND_TRIM
-        | NBD_FLAG_SEND_WRITE_ZEROES
-        | NBD_FLAG_SEND_FAST_ZERO
         | NBD_FLAG_SEND_CACHE
         | NBD_FLAG_CAN_MULTI_CONN;
+    if read_only {
+        flags |= NBD_FLAG_READ_ONLY;
+    } else {
+        flags |= NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO;
+    }
     if structured_replies {
         flags |= NBD_FLAG_SEND_DF;
     }
@@ -90,7 +93,7 @@ impl State {
         };
         Negotiated {
             size_bytes: export.size_bytes(),
-            transmission_flags: transmission_flags(self.structured_replies),
+            transmission_flags: transmission_flags(self.structured_replies, export.read_only()),
             structured_replies: self.structured_replies,
             base_allocation_id,
             export_name,

@@ -129,6 +129,7 @@ pub struct VolumeSummary {
     pub name: String,
     pub size_bytes: u64,
     pub allocated_bytes: u64,
+    pub read_only: bool,
 }
 
 /// Check a volume name: non-empty, at most 200 bytes, no '/' or NUL.
@@ -378,12 +379,19 @@ impl Pool {
             VolumeItem {
                 size_bytes,
                 name: name.into(),
+                flags: 0,
             }
             .encode(),
         )?;
         st.next_volume_id += 1;
-        st.volumes
-            .insert(name.into(), VolumeInfo { id, size_bytes });
+        st.volumes.insert(
+            name.into(),
+            VolumeInfo {
+                id,
+                size_bytes,
+                read_only: false,
+            },
+        );
         Ok(Volume::new(self.fs.clone(), id, name))
     }
 
@@ -408,6 +416,7 @@ impl Pool {
             out.push(VolumeSummary {
                 size_bytes: v.size_bytes()?,
                 allocated_bytes: v.allocated_bytes()?,
+                read_only: v.read_only()?,
                 name,
             });
         }
@@ -441,26 +450,35 @@ impl Pool {
             .get(name)
             .cloned()
             .ok_or_else(|| Error::NoVolume(name.into()))?;
+        if v.read_only {
+            return Err(Error::ReadOnlyVolume(name.into()));
+        }
         let mut ctx = Ctx::begin(&self.fs, &mut st)?;
         if size_bytes < v.size_bytes {
             crate::data::extent::punch(&mut ctx, v.id, size_bytes, v.size_bytes - size_bytes)?;
         }
-        ctx.insert(
-            tree_id::VOLUME,
-            Key::new(objectid::VOLUMES, item::VOLUME_ITEM, v.id),
-            VolumeItem {
-                size_bytes,
-                name: name.into(),
-            }
-            .encode(),
-        )?;
-        st.volumes.insert(
-            name.into(),
-            VolumeInfo {
-                id: v.id,
-                size_bytes,
-            },
-        );
+        let v = VolumeInfo { size_bytes, ..v };
+        put_volume_item(&mut ctx, name, &v)?;
+        st.volumes.insert(name.into(), v);
+        Ok(())
+    }
+
+    /// Make a volume read-only (writes, discards and resizes refused, also
+    /// through connections already open) or writable again.
+    pub fn set_volume_read_only(&self, name: &str, read_only: bool) -> Result<()> {
+        let mut st = lock(&self.fs.trans);
+        let v = st
+            .volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::NoVolume(name.into()))?;
+        if v.read_only == read_only {
+            return Ok(());
+        }
+        let mut ctx = Ctx::begin(&self.fs, &mut st)?;
+        let v = VolumeInfo { read_only, ..v };
+        put_volume_item(&mut ctx, name, &v)?;
+        st.volumes.insert(name.into(), v);
         Ok(())
     }
 
@@ -997,13 +1015,33 @@ impl Loader<'_> {
             let (k, v) = r?;
             let vi = VolumeItem::decode(&v).map_err(|e| self.bad(format!("{k}: {e}")))?;
             st.volumes.insert(
-                vi.name,
+                vi.name.clone(),
                 VolumeInfo {
                     id: k.offset,
                     size_bytes: vi.size_bytes,
+                    read_only: vi.read_only(),
                 },
             );
         }
         Ok(())
     }
+}
+
+/// Writes a volume's VOLUME_ITEM from its in-memory record.
+fn put_volume_item(ctx: &mut Ctx<'_>, name: &str, v: &VolumeInfo) -> Result<()> {
+    let flags = if v.read_only {
+        crate::format::VOLUME_FLAG_READ_ONLY
+    } else {
+        0
+    };
+    ctx.insert(
+        tree_id::VOLUME,
+        Key::new(objectid::VOLUMES, item::VOLUME_ITEM, v.id),
+        VolumeItem {
+            size_bytes: v.size_bytes,
+            name: name.into(),
+            flags,
+        }
+        .encode(),
+    )
 }

@@ -30,6 +30,11 @@ pub enum Op {
         name: String,
         size_bytes: u64,
     },
+    /// Change a volume's properties.
+    VolumeSet {
+        name: String,
+        read_only: Option<bool>,
+    },
     VolumeImport {
         name: String,
         file: PathBuf,
@@ -169,6 +174,7 @@ fn run_inner(pool: &Pool, op: &Op) -> Result<OpOutput> {
         | Op::VolumeList { .. }
         | Op::VolumeDelete { .. }
         | Op::VolumeResize { .. }
+        | Op::VolumeSet { .. }
         | Op::VolumeImport { .. }
         | Op::VolumeExport { .. } => volume_op(pool, op),
     }
@@ -334,13 +340,14 @@ fn volume_op(pool: &Pool, op: &Op) -> Result<OpOutput> {
             if *j {
                 OpOutput::ok(json(&serde_json::json!({ "volumes": vols })))
             } else {
-                let mut s = String::from("name                 size        allocated\n");
+                let mut s = String::from("name                 size        allocated   flags\n");
                 for v in vols {
                     s += &format!(
-                        "{:<20} {:<11} {}\n",
+                        "{:<20} {:<11} {:<11} {}\n",
                         v.name,
                         human(v.size_bytes),
-                        human(v.allocated_bytes)
+                        human(v.allocated_bytes),
+                        if v.read_only { "ro" } else { "-" }
                     );
                 }
                 OpOutput::ok(s)
@@ -355,6 +362,17 @@ fn volume_op(pool: &Pool, op: &Op) -> Result<OpOutput> {
             pool.resize_volume(name, *size_bytes)?;
             pool.flush()?;
             OpOutput::ok(format!("resized volume {name} to {}\n", human(*size_bytes)))
+        }
+        Op::VolumeSet { name, read_only } => {
+            let Some(ro) = read_only else {
+                return Err(Error::Invalid(format!(
+                    "volume set {name}: nothing to set (--read-only true|false)"
+                )));
+            };
+            pool.set_volume_read_only(name, *ro)?;
+            pool.flush()?;
+            let what = if *ro { "read-only" } else { "writable" };
+            OpOutput::ok(format!("volume {name} is {what}\n"))
         }
         Op::VolumeImport { name, file } => {
             let n = import(pool, name, file)?;

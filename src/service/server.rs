@@ -32,9 +32,26 @@ pub struct ServeConfig {
     pub reclaim_threshold_percent: u64,
     /// Open although members are missing.
     pub degraded: bool,
+    /// Export every volume read-only.
+    pub read_only: bool,
 }
 
-struct VolumeExport(Volume);
+/// A volume served over NBD; `read_only` is the server's `--read-only`
+/// (a volume's own read-only flag is checked by the volume itself).
+struct VolumeExport(Volume, bool);
+
+impl VolumeExport {
+    fn writable(&self) -> std::io::Result<()> {
+        if self.1 {
+            let msg = format!("volume {}: the server exports it read-only", self.0.name());
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ReadOnlyFilesystem,
+                msg,
+            ));
+        }
+        Ok(())
+    }
+}
 
 impl Export for VolumeExport {
     fn size_bytes(&self) -> u64 {
@@ -44,6 +61,7 @@ impl Export for VolumeExport {
         Ok(self.0.read_at(buf, offset)?)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()> {
+        self.writable()?;
         self.0.write_at(data, offset)?;
         if fua {
             self.0.flush()?;
@@ -54,6 +72,7 @@ impl Export for VolumeExport {
         Ok(self.0.flush()?)
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> std::io::Result<()> {
+        self.writable()?;
         self.0.discard(offset, len)?;
         if fua {
             self.0.flush()?;
@@ -67,6 +86,7 @@ impl Export for VolumeExport {
         _may_unmap: bool,
         fua: bool,
     ) -> std::io::Result<()> {
+        self.writable()?;
         // Zeroes are always holes here: a thin volume reads them back as
         // zeroes without storing them, so NO_HOLE changes nothing we keep.
         self.0.write_zeroes(offset, len)?;
@@ -83,9 +103,12 @@ impl Export for VolumeExport {
             .map(|e| (e.len, if e.allocated { 0 } else { 3 }))
             .collect())
     }
+    fn read_only(&self) -> bool {
+        self.1 || self.0.read_only().unwrap_or(false)
+    }
 }
 
-struct PoolExports(Pool);
+struct PoolExports(Pool, bool);
 
 impl ExportProvider for PoolExports {
     fn list(&self) -> Vec<String> {
@@ -95,7 +118,7 @@ impl ExportProvider for PoolExports {
         self.0
             .volume(name)
             .ok()
-            .map(|v| Arc::new(VolumeExport(v)) as Arc<dyn Export>)
+            .map(|v| Arc::new(VolumeExport(v, self.1)) as Arc<dyn Export>)
     }
     fn default_name(&self) -> Option<String> {
         let names = self.0.volume_names();
@@ -239,7 +262,7 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
         );
     }
     let server = nbd::Server::new(
-        Arc::new(PoolExports(pool.clone())),
+        Arc::new(PoolExports(pool.clone(), cfg.read_only)),
         nbd::ServerConfig::default(),
     );
     let stop = Arc::new(AtomicBool::new(false));

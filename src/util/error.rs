@@ -55,6 +55,8 @@ pub enum Error {
     Busy(String),
     #[error("{0}")]
     Degraded(String),
+    #[error("volume {0}: read-only")]
+    ReadOnlyVolume(String),
 }
 
 impl Error {
@@ -67,7 +69,7 @@ impl Error {
             Error::Aborted(_) => return std::io::Error::from_raw_os_error(30),
             // Writes a degraded pool cannot place on every mirror are refused
             // as on a read-only device (NBD_EPERM), message kept.
-            Error::Degraded(_) => K::ReadOnlyFilesystem,
+            Error::Degraded(_) | Error::ReadOnlyVolume(_) => K::ReadOnlyFilesystem,
             _ => K::Other,
         };
         std::io::Error::new(kind, self.to_string())
