@@ -59,6 +59,23 @@ fn handle(pool: &Pool, stream: UnixStream) {
     }
 }
 
+/// Commands act with the server's privileges (import and export open
+/// files): only the server's own user and root may use them, whatever the
+/// socket file's mode. Returns why a peer is refused.
+fn refuse_peer(s: &UnixStream) -> Option<String> {
+    let me = rustix::process::geteuid();
+    match rustix::net::sockopt::socket_peercred(s) {
+        Ok(c) if c.uid == me || c.uid.is_root() => None,
+        Ok(c) => Some(format!(
+            "uid {} (pid {}): only uid {} or root may use the control socket",
+            c.uid.as_raw(),
+            c.pid.as_raw_nonzero(),
+            me.as_raw()
+        )),
+        Err(e) => Some(format!("cannot read the peer's credentials: {e}")),
+    }
+}
+
 /// Serve control requests until `stop` is set.
 pub fn serve(pool: Pool, listener: UnixListener, stop: Arc<AtomicBool>) {
     listener.set_nonblocking(true).ok();
@@ -66,6 +83,19 @@ pub fn serve(pool: Pool, listener: UnixListener, stop: Arc<AtomicBool>) {
         match listener.accept() {
             Ok((s, _)) => {
                 s.set_nonblocking(false).ok();
+                if let Some(why) = refuse_peer(&s) {
+                    tracing::warn!("control socket: refused a connection from {why}");
+                    let out = OpOutput {
+                        stderr: format!("error: permission denied: {why}\n"),
+                        exit: 1,
+                        ..Default::default()
+                    };
+                    if let Ok(mut line) = serde_json::to_string(&out) {
+                        line.push('\n');
+                        let _ = (&s).write_all(line.as_bytes());
+                    }
+                    continue;
+                }
                 let p = pool.clone();
                 thread::spawn(move || handle(&p, s));
             }

@@ -319,18 +319,31 @@ fn bind_control(socket: Option<PathBuf>, devs: &[PathBuf]) -> Result<(PathBuf, U
             sock_path.display()
         )));
     }
-    let _ = std::fs::remove_file(&sock_path);
-    let control = UnixListener::bind(&sock_path).map_err(|e| Error::Device {
+    let control = bind_private(&sock_path).map_err(|e| Error::Device {
         path: sock_path.clone(),
         msg: format!("cannot bind control socket: {e}"),
     })?;
-    // Control commands act as the server (import and export open files):
-    // only its owner may connect.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600));
-    }
     Ok((sock_path, control))
+}
+
+/// Binds a Unix socket that is never reachable with a wider mode than 0600:
+/// it is bound in a fresh 0700 directory, set to 0600, then renamed into
+/// place. Control commands act as the server (import and export open
+/// files), so only its owner may connect (and `control` checks the peer).
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let parent = path.parent().unwrap_or(Path::new("."));
+    let tmp_dir = parent.join(format!(".chunkvol-sock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp_dir);
+    std::fs::DirBuilder::new().mode(0o700).create(&tmp_dir)?;
+    let tmp = tmp_dir.join("sock");
+    let bound = UnixListener::bind(&tmp).and_then(|l| {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(l)
+    });
+    let _ = std::fs::remove_dir_all(&tmp_dir);
+    bound
 }
 
 /// `--listen` is ADDR:PORT, or unix:PATH (a stale socket file is replaced).
