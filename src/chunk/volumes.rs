@@ -247,6 +247,10 @@ pub struct Device {
     pub allocatable: std::sync::atomic::AtomicBool,
     /// Its superblocks are the pool's (false while it joins or leaves).
     pub supers_valid: std::sync::atomic::AtomicBool,
+    /// Generation of the transaction in which this device took its devid
+    /// from another (a replace's rename); 0 otherwise. A commit root older
+    /// than this describes the previous holder of the devid (R10).
+    pub devid_since_gen: std::sync::atomic::AtomicU64,
 }
 
 impl Device {
@@ -261,6 +265,7 @@ impl Device {
             extents: OrderedRwLock::new(Rank::DevExtents, BTreeMap::new()),
             allocatable: std::sync::atomic::AtomicBool::new(true),
             supers_valid: std::sync::atomic::AtomicBool::new(true),
+            devid_since_gen: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }

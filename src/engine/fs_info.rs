@@ -77,6 +77,8 @@ pub struct FsInfo {
     pub trans: OrderedMutex<TransState>,
     /// Serialises commits (outermost lock of the commit path).
     pub commit_lock: OrderedMutex<()>,
+    /// Someone holds `commit_lock` and is committing.
+    pub commit_running: AtomicBool,
     pub committed_gen: AtomicU64,
     pub commit_roots: RwLock<CommitRoots>,
     readers: OrderedMutex<BTreeMap<u64, usize>>,
@@ -180,6 +182,7 @@ impl FsInfo {
             writeback: Mutex::new(HashMap::new()),
             trans: OrderedMutex::new(Rank::Trans, trans),
             commit_lock: OrderedMutex::new(Rank::Commit, ()),
+            commit_running: AtomicBool::new(false),
             committed_gen: AtomicU64::new(committed_gen),
             commit_roots: RwLock::new(CommitRoots {
                 gen: committed_gen,

@@ -564,8 +564,29 @@ pub fn commit(fs: &FsInfo) -> Result<u64> {
     commit_upto(fs, u64::MAX)
 }
 
+/// Commit unless a commit is already running: for callers that must not
+/// wait behind one stuck on a slow device (scrub's start, R6). None when
+/// one was running.
+pub fn commit_unless_running(fs: &FsInfo) -> Option<Result<u64>> {
+    if fs.commit_running.load(Ordering::Acquire) {
+        return None;
+    }
+    Some(commit(fs))
+}
+
+/// Clears `commit_running` however the commit ends.
+struct Running<'a>(&'a FsInfo);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.commit_running.store(false, Ordering::Release);
+    }
+}
+
 fn commit_upto(fs: &FsInfo, target: u64) -> Result<u64> {
     let _commit = lock(&fs.commit_lock);
+    fs.commit_running.store(true, Ordering::Release);
+    let _running = Running(fs);
     fs.check_abort()?;
     let done = fs.committed_gen.load(Ordering::Acquire);
     if done >= target {

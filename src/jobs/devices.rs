@@ -276,6 +276,7 @@ pub fn take_over(
     let renamed = Arc::new(Device::new(src, target.uuid, target.dev.clone()));
     renamed.supers_valid.store(false, Ordering::Release);
     transaction::change(fs, |ctx| {
+        renamed.devid_since_gen.store(ctx.st.gen, Ordering::Release);
         // Chunks are allocated in transactions: none can land between.
         let extents = read(&target.extents).clone();
         *write(&renamed.extents) = extents;

@@ -526,8 +526,13 @@ fn launch(
     fs.check_abort()?;
     // Scrub reads the last commit: commit first, so that what clients wrote
     // before the start is scrubbed too and the total is what it will read.
-    if let Err(e) = crate::engine::transaction::commit(fs) {
-        tracing::warn!("scrub: cannot commit before starting ({e}); scrubbing the last commit");
+    // Never behind a commit already running, which may be stuck (R6).
+    match crate::engine::transaction::commit_unless_running(fs) {
+        Some(Ok(_)) => {}
+        Some(Err(e)) => {
+            tracing::warn!("scrub: cannot commit before starting ({e}); scrubbing the last commit")
+        }
+        None => tracing::info!("scrub: a commit is running; scrubbing the last commit"),
     }
     let slot = JobSlot::<ScrubRun>::of(fs);
     let mut slot = slot.hold();

@@ -345,6 +345,19 @@ fn scrub_group(scan: &mut DevScan, bg: &Arc<BlockGroup>) -> Result<(), Stop> {
     let Some(map) = group_map(scan, bg)? else {
         return Ok(());
     };
+    // The view found this extent under the devid; if a replace handed the
+    // devid to its new device since, the extent was the old device's and
+    // the map now names the new one (R10, the view side): skip it. Checked
+    // after the map is taken: a rename after that leaves the map naming
+    // the new device's own devid, so no stripe below matches.
+    let renamed_since = scan.fs.member(scan.devid).is_some_and(|d| {
+        d.devid_since_gen.load(std::sync::atomic::Ordering::Acquire) > scan.snap.0.gen
+    });
+    if renamed_since {
+        failpoint!("scrub::devid_renamed_since_view", bg.start);
+        scan.skipped();
+        return Ok(());
+    }
     let (fs, run, devid, phys, de) = (scan.fs, scan.run, scan.devid, scan.phys, scan.de);
     let allocs = allocations(fs, &scan.snap.0, bg).map_err(|e| Stop::Failed(e.to_string()))?;
     let mut view = GroupView {
