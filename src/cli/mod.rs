@@ -856,7 +856,29 @@ struct ServeArgs {
     /// write-zeroes fail with EPERM.
     #[arg(long, short = 'r')]
     read_only: bool,
+    /// TLS certificate chain (PEM) for NBD clients (as qemu-nbd's
+    /// tls-creds-x509 or nbdkit's --tls-certificates).
+    #[arg(long, requires = "tls_key", value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert", value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to: clients without a
+    /// valid certificate are refused.
+    #[arg(long, requires = "tls_cert", value_name = "PEM")]
+    tls_client_ca: Option<PathBuf>,
+    /// With a certificate: `require` (default) refuses clients that do not
+    /// start TLS; `on` lets them choose.
+    #[arg(long, value_enum, requires = "tls_cert")]
+    tls: Option<TlsMode>,
     devs: Vec<PathBuf>,
+}
+
+/// `serve --tls`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum TlsMode {
+    On,
+    Require,
 }
 
 impl ServeArgs {
@@ -869,6 +891,12 @@ impl ServeArgs {
             reclaim_threshold_percent: self.reclaim_threshold,
             degraded: self.degraded,
             read_only: self.read_only,
+            tls: self.tls_cert.map(|cert| crate::service::server::TlsFiles {
+                cert,
+                key: self.tls_key.unwrap_or_default(),
+                client_ca: self.tls_client_ca,
+                required: !matches!(self.tls, Some(TlsMode::On)),
+            }),
         }
     }
 }

@@ -39,6 +39,24 @@ pub enum Outcome {
     Aborted,
     /// The client closed the connection between options.
     Closed,
+    /// STARTTLS was acknowledged: run the TLS handshake, then go on with
+    /// [`negotiate_after_tls`] over the secured stream.
+    StartTls(Resume),
+}
+
+/// What survives STARTTLS: the client's flags. Options negotiated before it
+/// are forgotten (a man in the middle could have sent them).
+#[derive(Debug, Clone, Copy)]
+pub struct Resume {
+    fixed_newstyle: bool,
+    no_zeroes: bool,
+}
+
+/// Whether the server offers TLS, and insists on it (FORCEDTLS).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TlsPolicy {
+    pub offered: bool,
+    pub required: bool,
 }
 
 /// Reasons the server hangs up during the handshake.
@@ -54,6 +72,8 @@ pub enum HandshakeError {
     OptionTooLarge { option: u32, length: u32 },
     #[error("client without fixed newstyle sent option {0}")]
     NotFixedNewstyle(u32),
+    #[error("NBD_OPT_EXPORT_NAME before TLS, which this server requires")]
+    TlsRequired,
 }
 
 /// Transmission flags for an export; DF needs structured replies. A
@@ -80,6 +100,9 @@ pub fn transmission_flags(structured_replies: bool, read_only: bool) -> u16 {
 struct State {
     fixed_newstyle: bool,
     no_zeroes: bool,
+    tls: TlsPolicy,
+    /// The options are being haggled over TLS.
+    tls_active: bool,
     structured_replies: bool,
     /// Canonical export name for which `base:allocation` was selected.
     meta_export: Option<String>,
@@ -137,6 +160,7 @@ pub fn negotiate<R: Read, W: Write>(
     r: &mut R,
     w: &mut W,
     provider: &dyn ExportProvider,
+    tls: TlsPolicy,
 ) -> Result<Result<Negotiated, Outcome>, HandshakeError> {
     w.write_all(&encode_greeting())?;
     w.flush()?;
@@ -145,12 +169,46 @@ pub fn negotiate<R: Read, W: Write>(
         return Ok(Err(Outcome::Closed));
     }
     let client = parse_client_flags(&flags)?;
-    let mut st = State {
+    let st = State {
         fixed_newstyle: client.fixed_newstyle,
         no_zeroes: client.no_zeroes,
+        // TLS needs fixed newstyle.
+        tls: if client.fixed_newstyle {
+            tls
+        } else {
+            TlsPolicy::default()
+        },
         ..State::default()
     };
+    haggle(r, w, provider, st)
+}
 
+/// Option haggling resumed over TLS after [`Outcome::StartTls`].
+pub fn negotiate_after_tls<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    provider: &dyn ExportProvider,
+    resume: Resume,
+) -> Result<Result<Negotiated, Outcome>, HandshakeError> {
+    let st = State {
+        fixed_newstyle: resume.fixed_newstyle,
+        no_zeroes: resume.no_zeroes,
+        tls: TlsPolicy {
+            offered: true,
+            required: true,
+        },
+        tls_active: true,
+        ..State::default()
+    };
+    haggle(r, w, provider, st)
+}
+
+fn haggle<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    provider: &dyn ExportProvider,
+    mut st: State,
+) -> Result<Result<Negotiated, Outcome>, HandshakeError> {
     loop {
         let mut hdr = [0u8; OPTION_HEADER_BYTES];
         if !read_exact_or_eof(r, &mut hdr)? {
@@ -206,6 +264,18 @@ fn handle_option(
     provider: &dyn ExportProvider,
     out: &mut Vec<u8>,
 ) -> Result<Option<Result<Negotiated, Outcome>>, HandshakeError> {
+    if st.tls.required && !st.tls_active {
+        match option {
+            NBD_OPT_STARTTLS | NBD_OPT_ABORT => {}
+            // It cannot be answered with an error: hang up.
+            NBD_OPT_EXPORT_NAME => return Err(HandshakeError::TlsRequired),
+            _ => {
+                let msg = b"TLS is required: send NBD_OPT_STARTTLS first";
+                encode_option_reply(out, option, NBD_REP_ERR_TLS_REQD, msg);
+                return Ok(None);
+            }
+        }
+    }
     match option {
         NBD_OPT_EXPORT_NAME => {
             let requested = parse_string(data).map_err(|_| {
@@ -238,10 +308,22 @@ fn handle_option(
             }
         }
         NBD_OPT_STARTTLS => {
-            let (reply, msg): (u32, &[u8]) = if data.is_empty() {
-                (NBD_REP_ERR_POLICY, b"TLS is not supported by this server")
+            let refusal: Option<(u32, &[u8])> = if !data.is_empty() {
+                Some((NBD_REP_ERR_INVALID, b"STARTTLS takes no data"))
+            } else if st.tls_active {
+                Some((NBD_REP_ERR_INVALID, b"TLS is already on"))
+            } else if !st.tls.offered {
+                Some((NBD_REP_ERR_POLICY, b"TLS is not enabled on this server"))
             } else {
-                (NBD_REP_ERR_INVALID, b"STARTTLS takes no data")
+                None
+            };
+            let Some((reply, msg)) = refusal else {
+                encode_option_reply(out, option, NBD_REP_ACK, &[]);
+                let resume = Resume {
+                    fixed_newstyle: st.fixed_newstyle,
+                    no_zeroes: st.no_zeroes,
+                };
+                return Ok(Some(Err(Outcome::StartTls(resume))));
             };
             encode_option_reply(out, option, reply, msg);
         }
@@ -434,9 +516,61 @@ mod tests {
     type Run = (Result<Result<Negotiated, Outcome>, HandshakeError>, Vec<u8>);
 
     fn run(script: Script) -> Run {
+        run_tls(script, TlsPolicy::default())
+    }
+
+    fn run_tls(script: Script, tls: TlsPolicy) -> Run {
         let mut out = Vec::new();
-        let res = negotiate(&mut &script.0[..], &mut out, &Provider);
+        let res = negotiate(&mut &script.0[..], &mut out, &Provider, tls);
         (res, out)
+    }
+
+    #[test]
+    fn forced_tls_refuses_options_until_starttls() {
+        let forced = TlsPolicy {
+            offered: true,
+            required: true,
+        };
+        let (res, out) = run_tls(
+            Script::new(FIXED)
+                .opt(NBD_OPT_LIST, &[])
+                .opt(NBD_OPT_GO, &info_data("d", &[]))
+                .opt(NBD_OPT_STARTTLS, &[]),
+            forced,
+        );
+        assert!(matches!(res, Ok(Err(Outcome::StartTls(_)))));
+        let kinds: Vec<u32> = replies(&out).iter().map(|r| r.1).collect();
+        assert_eq!(
+            kinds,
+            [NBD_REP_ERR_TLS_REQD, NBD_REP_ERR_TLS_REQD, NBD_REP_ACK]
+        );
+        // EXPORT_NAME cannot be refused: the server hangs up.
+        let (res, _) = run_tls(Script::new(FIXED).opt(NBD_OPT_EXPORT_NAME, b"d"), forced);
+        assert!(matches!(res, Err(HandshakeError::TlsRequired)));
+        // Offered but not required: options work without TLS.
+        let optional = TlsPolicy {
+            offered: true,
+            required: false,
+        };
+        let (res, out) = run_tls(Script::new(FIXED).opt(NBD_OPT_LIST, &[]), optional);
+        assert!(matches!(res, Ok(Err(Outcome::Closed))));
+        assert_eq!(replies(&out).last().unwrap().1, NBD_REP_ACK);
+        // Over TLS, a second STARTTLS is invalid and nothing needs TLS.
+        let mut out = Vec::new();
+        let resume = Resume {
+            fixed_newstyle: true,
+            no_zeroes: false,
+        };
+        let script = Script(Vec::new())
+            .opt(NBD_OPT_STARTTLS, &[])
+            .opt(NBD_OPT_LIST, &[]);
+        let res = negotiate_after_tls(&mut &script.0[..], &mut out, &Provider, resume);
+        assert!(matches!(res, Ok(Err(Outcome::Closed))));
+        let mut framed = vec![0u8; GREETING_BYTES];
+        framed.extend_from_slice(&out);
+        let kinds: Vec<u32> = replies(&framed).iter().map(|r| r.1).collect();
+        assert_eq!(kinds[0], NBD_REP_ERR_INVALID);
+        assert_eq!(*kinds.last().unwrap(), NBD_REP_ACK);
     }
 
     /// Splits server output (after the greeting) into (option, reply type, data).

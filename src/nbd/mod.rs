@@ -2,7 +2,8 @@
 //!
 //! Implements the fixed-newstyle handshake (`NBD_OPT_EXPORT_NAME`, `ABORT`,
 //! `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and
-//! `SET_META_CONTEXT` with `base:allocation`; `STARTTLS` is refused) and the
+//! `SET_META_CONTEXT` with `base:allocation`; `STARTTLS` with rustls when
+//! [`ServerConfig::tls`] is set, refused otherwise) and the
 //! transmission phase (`READ`, `WRITE`, `DISC`, `FLUSH`, `TRIM`, `CACHE`,
 //! `WRITE_ZEROES`, `BLOCK_STATUS`) with simple or structured replies, over
 //! TCP or Unix sockets, using only std threads.
@@ -27,8 +28,10 @@ mod ordering;
 pub mod proto;
 mod server;
 mod stream;
+mod tls;
 
 pub use errno::nbd_error_from_io;
 pub use export::{Export, ExportProvider};
 pub use proto::{parse_request, ProtoError, Request};
 pub use server::{Server, ServerConfig, ShutdownHandle};
+pub use tls::{load_config as load_tls_config, TlsSetup};

@@ -61,6 +61,8 @@ pub const NBD_REP_ERR_UNSUP: u32 = NBD_REP_ERR | 1;
 pub const NBD_REP_ERR_POLICY: u32 = NBD_REP_ERR | 2;
 /// Option error: syntactically or semantically invalid.
 pub const NBD_REP_ERR_INVALID: u32 = NBD_REP_ERR | 3;
+/// Option error: TLS must be started first (FORCEDTLS).
+pub const NBD_REP_ERR_TLS_REQD: u32 = NBD_REP_ERR | 5;
 /// Option error: the export does not exist.
 pub const NBD_REP_ERR_UNKNOWN: u32 = NBD_REP_ERR | 6;
 /// Option error: the server is shutting down.

@@ -39,6 +39,8 @@ pub struct ServerConfig {
     pub max_in_flight_bytes_per_conn: usize,
     /// Threads executing requests of one connection in parallel.
     pub worker_threads_per_conn: usize,
+    /// TLS offered (or required) through NBD_OPT_STARTTLS.
+    pub tls: Option<super::tls::TlsSetup>,
 }
 
 impl Default for ServerConfig {
@@ -47,6 +49,7 @@ impl Default for ServerConfig {
             max_connections: 64,
             max_in_flight_bytes_per_conn: 64 << 20,
             worker_threads_per_conn: 4,
+            tls: None,
         }
     }
 }
@@ -320,13 +323,46 @@ impl Server {
         // One buffered reader for both phases, so bytes the client pipelined
         // right after NBD_OPT_GO are not lost.
         let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
-        let session = match handshake::negotiate(&mut reader, &mut writer, shared.provider.as_ref())
-        {
+        let tls = shared.config.tls.as_ref();
+        let policy = handshake::TlsPolicy {
+            offered: tls.is_some(),
+            required: tls.is_some_and(|t| t.required),
+        };
+        let provider = shared.provider.as_ref();
+        let mut result = handshake::negotiate(&mut reader, &mut writer, provider, policy);
+        if let (Ok(Err(Outcome::StartTls(resume))), Some(tls)) = (&result, tls) {
+            let resume = *resume;
+            // The client may send nothing between STARTTLS and its handshake.
+            if !reader.buffer().is_empty() {
+                tracing::info!(conn = id, %peer, reason = "data after STARTTLS", "nbd connection closed");
+                return;
+            }
+            let plain = match super::tls::upgrade(
+                reader.into_inner(),
+                tls.config.clone(),
+                &format!("nbd-c{id}"),
+            ) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(conn = id, %peer, error = %e, "nbd TLS handshake failed");
+                    return;
+                }
+            };
+            let _ = plain.set_read_timeout_stream(Some(HANDSHAKE_IDLE_TIMEOUT));
+            writer = match plain.try_clone_stream() {
+                Ok(w) => w,
+                Err(_) => return,
+            };
+            reader = BufReader::with_capacity(READ_BUFFER_BYTES, plain);
+            result = handshake::negotiate_after_tls(&mut reader, &mut writer, provider, resume);
+        }
+        let session = match result {
             Ok(Ok(session)) => session,
             Ok(Err(outcome)) => {
                 let reason = match outcome {
                     Outcome::Aborted => "client aborted negotiation",
                     Outcome::Closed => "client closed during negotiation",
+                    Outcome::StartTls(_) => "STARTTLS without TLS configured",
                 };
                 tracing::info!(conn = id, %peer, export = "-", reason, "nbd connection closed");
                 return;

@@ -34,6 +34,29 @@ pub struct ServeConfig {
     pub degraded: bool,
     /// Export every volume read-only.
     pub read_only: bool,
+    /// Serve NBD over TLS.
+    pub tls: Option<TlsFiles>,
+}
+
+/// `serve --tls-cert/--tls-key/--tls-client-ca/--tls`.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+    /// Refuse clients that do not start TLS.
+    pub required: bool,
+}
+
+impl TlsFiles {
+    fn load(&self) -> Result<nbd::TlsSetup> {
+        let config = nbd::load_tls_config(&self.cert, &self.key, self.client_ca.as_deref())
+            .map_err(Error::Invalid)?;
+        Ok(nbd::TlsSetup {
+            config: Arc::new(config),
+            required: self.required,
+        })
+    }
 }
 
 /// A volume served over NBD; `read_only` is the server's `--read-only`
@@ -241,6 +264,8 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
     } else {
         cfg.devs.clone()
     };
+    // Bad TLS files fail before the pool is opened.
+    let tls = cfg.tls.as_ref().map(TlsFiles::load).transpose()?;
     let pool = Pool::open_paths_with(
         &devs,
         crate::pool::OpenOptions {
@@ -263,7 +288,10 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
     }
     let server = nbd::Server::new(
         Arc::new(PoolExports(pool.clone(), cfg.read_only)),
-        nbd::ServerConfig::default(),
+        nbd::ServerConfig {
+            tls,
+            ..Default::default()
+        },
     );
     let stop = Arc::new(AtomicBool::new(false));
     install_signal_handlers(stop.clone(), server.shutdown_handle())?;
