@@ -871,6 +871,10 @@ struct ServeArgs {
     /// start TLS; `on` lets them choose.
     #[arg(long, value_enum, requires = "tls_cert")]
     tls: Option<TlsMode>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (a bare PORT
+    /// listens on 127.0.0.1).
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = crate::service::metrics::parse_addr)]
+    metrics: Option<std::net::SocketAddr>,
     devs: Vec<PathBuf>,
 }
 
@@ -897,6 +901,7 @@ impl ServeArgs {
                 client_ca: self.tls_client_ca,
                 required: !matches!(self.tls, Some(TlsMode::On)),
             }),
+            metrics: self.metrics,
         }
     }
 }

@@ -79,6 +79,8 @@ pub struct FsInfo {
     pub commit_lock: OrderedMutex<()>,
     /// Someone holds `commit_lock` and is committing.
     pub commit_running: AtomicBool,
+    /// Time of each commit that wrote a new generation (for metrics).
+    pub commit_latency: crate::util::histogram::Histogram,
     pub committed_gen: AtomicU64,
     pub commit_roots: RwLock<CommitRoots>,
     readers: OrderedMutex<BTreeMap<u64, usize>>,
@@ -183,6 +185,7 @@ impl FsInfo {
             trans: OrderedMutex::new(Rank::Trans, trans),
             commit_lock: OrderedMutex::new(Rank::Commit, ()),
             commit_running: AtomicBool::new(false),
+            commit_latency: Default::default(),
             committed_gen: AtomicU64::new(committed_gen),
             commit_roots: RwLock::new(CommitRoots {
                 gen: committed_gen,

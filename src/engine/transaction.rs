@@ -585,6 +585,7 @@ impl Drop for Running<'_> {
 
 fn commit_upto(fs: &FsInfo, target: u64) -> Result<u64> {
     let _commit = lock(&fs.commit_lock);
+    let started = std::time::Instant::now();
     fs.commit_running.store(true, Ordering::Release);
     let _running = Running(fs);
     fs.check_abort()?;
@@ -683,6 +684,7 @@ fn commit_upto(fs: &FsInfo, target: u64) -> Result<u64> {
     let before = fs.committed_gen.swap(gen, Ordering::AcqRel);
     debug_assert_eq!(before, done, "another commit ran under the commit lock");
     fs.release_pinned();
+    fs.commit_latency.observe(started.elapsed());
     Ok(gen)
 }
 

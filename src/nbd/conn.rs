@@ -65,6 +65,8 @@ pub struct Stats {
     pub requests: AtomicU64,
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// The server's counters, shared by every connection.
+    pub server: std::sync::Arc<super::metrics::Metrics>,
 }
 
 /// Serialises reply writes; after the first failure every reply is dropped.
@@ -277,9 +279,14 @@ fn execute<'a>(conn: &'a Conn<'a>, job: Job<'a>) {
         ticket,
         _permit,
     } = job;
+    let t0 = std::time::Instant::now();
     let reply = catch_unwind(AssertUnwindSafe(|| {
         run_op(conn, cookie, op, &payload, flush_barrier)
     }));
+    let failed = reply
+        .as_ref()
+        .map_or(true, |r| super::metrics::reply_is_error(r));
+    conn.stats.server.record(&op, t0.elapsed(), failed);
     // The export call is over: a FLUSH queued behind this write may proceed.
     drop(ticket);
     let reply = reply.unwrap_or_else(|_| {

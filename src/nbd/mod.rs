@@ -24,6 +24,7 @@ mod errno;
 mod export;
 mod handshake;
 mod io_util;
+mod metrics;
 mod ordering;
 pub mod proto;
 mod server;
@@ -32,6 +33,7 @@ mod tls;
 
 pub use errno::nbd_error_from_io;
 pub use export::{Export, ExportProvider};
+pub use metrics::{CommandMetrics, Metrics, COMMANDS};
 pub use proto::{parse_request, ProtoError, Request};
 pub use server::{Server, ServerConfig, ShutdownHandle};
 pub use tls::{load_config as load_tls_config, TlsSetup};

@@ -76,6 +76,7 @@ struct Shared {
     registry: Mutex<Registry>,
     /// Signalled when a connection ends or shutdown starts.
     changed: Condvar,
+    metrics: Arc<super::metrics::Metrics>,
 }
 
 #[derive(Default)]
@@ -150,8 +151,14 @@ impl Server {
                 next_id: AtomicU64::new(1),
                 registry: Mutex::new(Registry::default()),
                 changed: Condvar::new(),
+                metrics: Arc::default(),
             }),
         }
+    }
+
+    /// Requests, bytes, errors and latency per command, and connections.
+    pub fn metrics(&self) -> Arc<super::metrics::Metrics> {
+        self.shared.metrics.clone()
     }
 
     /// A cloneable handle that stops this server.
@@ -385,9 +392,24 @@ impl Server {
             worker_threads: shared.config.worker_threads_per_conn,
             max_in_flight_bytes: shared.config.max_in_flight_bytes_per_conn,
         };
-        let stats = Stats::default();
+        let stats = Stats {
+            server: shared.metrics.clone(),
+            ..Default::default()
+        };
+        shared
+            .metrics
+            .connections_total
+            .fetch_add(1, Ordering::Relaxed);
+        shared
+            .metrics
+            .connections_open
+            .fetch_add(1, Ordering::Relaxed);
         let name = format!("nbd-c{id}");
         let end = conn::serve(&mut reader, writer, &session, limits, &stats, &name);
+        shared
+            .metrics
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
         tracing::info!(
             conn = id,
             %peer,

@@ -2,5 +2,6 @@
 //! control socket (`control`) and `chunkvol serve` (`server`).
 
 pub mod control;
+pub mod metrics;
 pub mod ops;
 pub mod server;

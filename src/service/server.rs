@@ -36,6 +36,8 @@ pub struct ServeConfig {
     pub read_only: bool,
     /// Serve NBD over TLS.
     pub tls: Option<TlsFiles>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// `serve --tls-cert/--tls-key/--tls-client-ca/--tls`.
@@ -266,6 +268,7 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
     };
     // Bad TLS files fail before the pool is opened.
     let tls = cfg.tls.as_ref().map(TlsFiles::load).transpose()?;
+    let metrics = cfg.metrics.map(crate::service::metrics::bind).transpose()?;
     let pool = Pool::open_paths_with(
         &devs,
         crate::pool::OpenOptions {
@@ -303,6 +306,10 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
         let (p, s, i) = (pool.clone(), stop.clone(), cfg.commit_interval);
         thread::spawn(move || background(p, i, s))
     };
+    let metrics = metrics.map(|l| {
+        let (p, s) = (pool.clone(), stop.clone());
+        crate::service::metrics::spawn(l, p, server.metrics(), s)
+    });
     let reclaim = (cfg.reclaim_threshold_percent > 0).then(|| {
         let (p, s, t) = (pool.clone(), stop.clone(), cfg.reclaim_threshold_percent);
         thread::spawn(move || reclaimer(p, t, s))
@@ -319,8 +326,8 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
     stop.store(true, Ordering::Release);
     let _ = ctl.join();
     let _ = bg.join();
-    if let Some(r) = reclaim {
-        let _ = r.join();
+    for t in reclaim.into_iter().chain(metrics) {
+        let _ = t.join();
     }
     let closed = pool.close();
     let _ = std::fs::remove_file(&sock_path);

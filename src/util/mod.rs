@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod failpoint;
+pub mod histogram;
 pub mod sched;
 pub mod size;
 pub mod sync;
