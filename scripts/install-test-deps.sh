@@ -6,7 +6,8 @@ need=()
 for t in nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:libnbd-bin nbdkit:nbdkit fio:fio \
          qemu-io:qemu-utils qemu-img:qemu-utils mkfs.ext4:e2fsprogs losetup:mount \
          fusermount3:fuse3 cmp:diffutils e2fsck:e2fsprogs debugfs:e2fsprogs \
-         setpriv:util-linux openssl:openssl; do
+         setpriv:util-linux openssl:openssl \
+         systemd-analyze:systemd bash:bash; do
   cmd=${t%%:*}; pkg=${t##*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

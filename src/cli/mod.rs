@@ -87,6 +87,10 @@ enum Cmd {
     },
     /// Run the stress harness on in-memory devices (docs/TESTING.md).
     Stress(StressArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) for `man -l -`, or install it as chunkvol.1.
+    Manpage,
     /// Measure this build's checksum paths against the raw crates (bench/run).
     BenchCsum {
         /// Bytes hashed per call.
@@ -930,6 +934,19 @@ pub fn main() -> i32 {
             json,
         } => bench_csum(buffer_bytes, seconds, json),
         Cmd::Volume { cmd } => volume_cmd(cmd),
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "chunkvol", &mut std::io::stdout());
+            0
+        }
+        Cmd::Manpage => {
+            use clap::CommandFactory;
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => 0,
+                Err(e) => fail(1, e),
+            }
+        }
         Cmd::Usage { json, target } => run_op(&target, Op::Usage { json }),
         Cmd::Check {
             check_data_csum,

@@ -324,6 +324,7 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
         }
     };
     stop.store(true, Ordering::Release);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = ctl.join();
     let _ = bg.join();
     for t in reclaim.into_iter().chain(metrics) {
@@ -450,5 +451,14 @@ fn print_banner(pool: &Pool, listener: &Listener, listen: &str, sock_path: &Path
     {
         use std::io::Write;
         let _ = std::io::stdout().flush();
+    }
+    // Under systemd (Type=notify): ready once the listeners are bound.
+    let status = format!("serving {} on {uri}", exports.join(", "));
+    let ready = [
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ];
+    if let Err(e) = sd_notify::notify(&ready) {
+        tracing::warn!("sd_notify: {e}");
     }
 }
