@@ -318,3 +318,52 @@ fn bad_input_is_rejected_clearly() {
     assert!(e.contains("a.img") && e.contains("checksum"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_device_named_twice_is_refused_and_a_failed_mkfs_removes_its_files() {
+    let dir = tempdir("twice");
+    // mkfs naming one file twice, by the same name and through a symlink.
+    let (c, _, e) = run(&["mkfs", "--size", "64M", "a.img", "a.img"], &dir);
+    assert_eq!(c, 2, "{e}");
+    assert!(
+        !dir.join("a.img").exists(),
+        "the failed mkfs left a.img behind"
+    );
+    ok(
+        &[
+            "mkfs",
+            "--data",
+            "raid1",
+            "--metadata",
+            "raid1",
+            "--size",
+            "64M",
+            "a.img",
+            "b.img",
+        ],
+        &dir,
+    );
+    std::os::unix::fs::symlink(dir.join("a.img"), dir.join("link.img")).unwrap();
+    let (c, _, e) = run(&["usage", "a.img", "link.img"], &dir);
+    assert_eq!(c, 2, "{e}");
+    assert!(e.contains("a.img and link.img are the same device"), "{e}");
+    assert!(!e.contains("in use"), "{e}");
+    // A failed mkfs removes the files it created, and only those.
+    let before = std::fs::read(dir.join("b.img")).unwrap();
+    let (c, _, e) = run(
+        &[
+            "mkfs", "--data", "raid1c3", "--size", "64M", "new1.img", "new2.img", "b.img",
+        ],
+        &dir,
+    );
+    assert_ne!(c, 0, "{e}");
+    assert!(
+        !dir.join("new1.img").exists() && !dir.join("new2.img").exists(),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(dir.join("b.img")).unwrap(),
+        before,
+        "b.img was changed"
+    );
+}

@@ -102,8 +102,9 @@ fn serve_notifies_readiness_and_stopping() {
         ])
         .args(&devs)
         .env("NOTIFY_SOCKET", &sock)
+        .env_remove("NO_COLOR")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("serve.log")).unwrap())
         .spawn()
         .unwrap();
     let mut buf = [0u8; 4096];
@@ -121,4 +122,8 @@ fn serve_notifies_readiness_and_stopping() {
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
     let st = wait_timeout(&mut child, STOP_TIMEOUT).expect("serve exits after SIGINT");
     assert!(st.success());
+    // Its log went to a file: no colour codes in it.
+    let log = std::fs::read_to_string(dir.join("serve.log")).unwrap();
+    assert!(log.contains("INFO"), "{log}");
+    assert!(!log.contains('\x1b'), "ANSI escapes in a log file:\n{log}");
 }

@@ -824,21 +824,9 @@ impl Superblock {
     }
 }
 
-/// A fresh random 128-bit id.
+/// A fresh random (version 4) UUID.
 pub fn new_uuid() -> [u8; 16] {
-    use std::io::Read;
-    let mut u = [0u8; 16];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        if f.read_exact(&mut u).is_ok() {
-            return u;
-        }
-    }
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    u.copy_from_slice(&(t ^ ((std::process::id() as u128) << 64)).to_le_bytes());
-    u
+    uuid::Uuid::new_v4().into_bytes()
 }
 
 /// Format a uuid the usual way.
@@ -856,6 +844,16 @@ pub fn uuid_string(u: &[u8; 16]) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn new_uuids_are_version_4() {
+        let (a, b) = (new_uuid(), new_uuid());
+        assert_ne!(a, b);
+        for u in [a, b] {
+            assert_eq!(u[6] >> 4, 4, "version 4");
+            assert_eq!(u[8] & 0xc0, 0x80, "RFC 4122 variant");
+        }
+    }
     use super::*;
 
     fn sample_super() -> Superblock {

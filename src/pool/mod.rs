@@ -161,10 +161,33 @@ fn validate_volume_size(name: &str, size: u64) -> Result<()> {
 }
 
 fn open_files(paths: &[PathBuf]) -> Result<Vec<Arc<dyn BlockDevice>>> {
+    refuse_named_twice(paths)?;
     paths
         .iter()
         .map(|p| FileDevice::open(p).map(|d| Arc::new(d) as Arc<dyn BlockDevice>))
         .collect()
+}
+
+/// The same file (or device) given twice, by one name or two: a clear
+/// error instead of "in use" from the second open's lock.
+fn refuse_named_twice(paths: &[PathBuf]) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen: Vec<((u64, u64), &PathBuf)> = Vec::new();
+    for p in paths {
+        let Ok(m) = std::fs::metadata(p) else {
+            continue;
+        };
+        let id = (m.dev(), m.ino());
+        if let Some((_, first)) = seen.iter().find(|(k, _)| *k == id) {
+            return Err(Error::Invalid(format!(
+                "{} and {} are the same device: name each device once",
+                first.display(),
+                p.display()
+            )));
+        }
+        seen.push((id, p));
+    }
+    Ok(())
 }
 
 impl Pool {
@@ -278,12 +301,23 @@ impl Pool {
         create_bytes: Option<u64>,
         opts: &MkfsOptions,
     ) -> Result<()> {
-        if let Some(sz) = create_bytes {
-            for p in paths {
-                FileDevice::create_sparse(p, sz)?;
+        refuse_named_twice(paths)?;
+        // Files this mkfs creates are removed again if it fails.
+        let created: Vec<&PathBuf> = paths.iter().filter(|p| !p.exists()).collect();
+        let r = (|| {
+            if let Some(sz) = create_bytes {
+                for p in paths {
+                    FileDevice::create_sparse(p, sz)?;
+                }
+            }
+            Self::mkfs(open_files(paths)?, opts)
+        })();
+        if r.is_err() {
+            for p in created {
+                let _ = std::fs::remove_file(p);
             }
         }
-        Self::mkfs(open_files(paths)?, opts)
+        r
     }
 
     /// Open device files.
