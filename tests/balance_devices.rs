@@ -183,7 +183,10 @@ fn bad_balance_and_device_requests_change_nothing() {
             &["balance", "start", "-dconvert=raid1c3"],
             "needs 3 devices",
         ),
-        (&["balance", "start", "-dusage=abc"], "usage"),
+        (
+            &["balance", "start", "-dusage=abc"],
+            "usage=abc: 'abc' is not a percent",
+        ),
         (&["balance", "start", "-dfoo=1"], "unknown balance filter"),
         (&["balance", "start", "-ddrange=0..10"], "needs devid"),
         (&["balance", "start", "-dusage=150"], "percent"),

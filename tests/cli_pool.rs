@@ -367,3 +367,17 @@ fn a_device_named_twice_is_refused_and_a_failed_mkfs_removes_its_files() {
         "b.img was changed"
     );
 }
+
+#[test]
+fn dump_tree_names_item_types() {
+    let dir = tempdir("dumptree");
+    ok(&["mkfs", "--size", "64M", "a.img"], &dir);
+    ok(&["volume", "create", "v", "--size", "1G", "a.img"], &dir);
+    let out = ok(&["dump-tree", "--tree", "volume", "a.img"], &dir);
+    assert!(out.contains("item (1 VOLUME_ITEM 256)"), "{out}");
+    let out = ok(&["dump-tree", "--tree", "chunk", "a.img"], &dir);
+    assert!(
+        out.contains(" DEV_ITEM ") && out.contains(" CHUNK "),
+        "{out}"
+    );
+}

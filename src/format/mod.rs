@@ -68,6 +68,28 @@ pub mod item {
     pub const BALANCE_STATE: u8 = 252;
     pub const BALANCE_PENDING: u8 = 253;
     pub const REPLACE_STATE: u8 = 254;
+
+    /// The type's name, as `dump-tree` and error messages print keys.
+    pub fn name(ty: u8) -> Option<&'static str> {
+        Some(match ty {
+            VOLUME_ITEM => "VOLUME_ITEM",
+            VOLUME_EXTENT => "VOLUME_EXTENT",
+            CSUM => "CSUM",
+            EXTENT => "EXTENT",
+            METADATA => "METADATA",
+            BLOCK_GROUP => "BLOCK_GROUP",
+            DEV_EXTENT => "DEV_EXTENT",
+            DEV_ITEM => "DEV_ITEM",
+            CHUNK => "CHUNK",
+            DEV_STATS => "DEV_STATS",
+            SCRUB_STATE => "SCRUB_STATE",
+            SCRUB_ERROR => "SCRUB_ERROR",
+            BALANCE_STATE => "BALANCE_STATE",
+            BALANCE_PENDING => "BALANCE_PENDING",
+            REPLACE_STATE => "REPLACE_STATE",
+            _ => return None,
+        })
+    }
 }
 
 /// Well-known object ids.
@@ -213,7 +235,10 @@ impl Key {
 
 impl std::fmt::Display for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "({} {} {})", self.objectid, self.ty, self.offset)
+        match item::name(self.ty) {
+            Some(n) => write!(f, "({} {n} {})", self.objectid, self.offset),
+            None => write!(f, "({} type {} {})", self.objectid, self.ty, self.offset),
+        }
     }
 }
 

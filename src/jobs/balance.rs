@@ -81,11 +81,28 @@ impl Filters {
             match k {
                 "usage" => {
                     let v = need()?;
-                    let u = if v.contains("..") {
-                        let (a, b) = parse_range(v, "usage")?;
-                        Usage::Range(a, b.min(100))
-                    } else {
-                        Usage::Below(parse_num(v, "usage")?)
+                    let pct = |s: &str, empty: u64| -> Result<u64> {
+                        if s.is_empty() {
+                            return Ok(empty);
+                        }
+                        s.parse().map_err(|_| {
+                            Error::Invalid(format!(
+                                "balance filter usage={v}: '{s}' is not a percent \
+                                 (usage=N or usage=N..M, N and M in 0..100)"
+                            ))
+                        })
+                    };
+                    let u = match v.split_once("..") {
+                        Some((a, b)) => {
+                            let (a, b) = (pct(a, 0)?, pct(b, 100)?);
+                            if a > b {
+                                return Err(Error::Invalid(format!(
+                                    "balance filter usage={v}: start is past the end"
+                                )));
+                            }
+                            Usage::Range(a, b.min(100))
+                        }
+                        None => Usage::Below(pct(v, 0)?),
                     };
                     let bad = match u {
                         Usage::Below(n) => n > 100,
