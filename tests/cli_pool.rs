@@ -325,6 +325,7 @@ fn a_device_named_twice_is_refused_and_a_failed_mkfs_removes_its_files() {
     // mkfs naming one file twice, by the same name and through a symlink.
     let (c, _, e) = run(&["mkfs", "--size", "64M", "a.img", "a.img"], &dir);
     assert_eq!(c, 2, "{e}");
+    assert!(e.contains("are the same device"), "{e}");
     assert!(
         !dir.join("a.img").exists(),
         "the failed mkfs left a.img behind"
@@ -357,6 +358,7 @@ fn a_device_named_twice_is_refused_and_a_failed_mkfs_removes_its_files() {
         &dir,
     );
     assert_ne!(c, 0, "{e}");
+    assert!(e.contains("b.img: already holds"), "{e}");
     assert!(
         !dir.join("new1.img").exists() && !dir.join("new2.img").exists(),
         "{e}"

@@ -1,8 +1,9 @@
-//! The control socket acts with the server's privileges, so it is never
-//! reachable by other users: it appears with mode 0600 (bound in a private
-//! directory, then renamed into place), and a peer of another uid that gets
-//! past the file mode anyway (CAP_DAC_OVERRIDE) is refused by its
-//! credentials (SO_PEERCRED) and logged.
+//! The control socket acts with the server's privileges, so it is not
+//! reachable by other users: it has mode 0600, and a peer of another uid
+//! that gets past the file mode anyway (CAP_DAC_OVERRIDE) is refused by its
+//! credentials (SO_PEERCRED) and logged. (That the socket is never
+//! reachable with a wider mode, being bound in a private directory and
+//! renamed into place, is by construction; this test sees only the result.)
 
 mod serve_harness;
 

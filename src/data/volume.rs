@@ -54,35 +54,29 @@ impl Volume {
         self.id
     }
 
-    /// Whether writes are refused.
-    pub fn read_only(&self) -> Result<bool> {
+    /// This volume's record; errors if it was deleted.
+    fn info(&self) -> Result<crate::engine::transaction::VolumeInfo> {
         let st = lock(&self.fs.trans);
         st.volumes
             .get(&*self.name)
             .filter(|v| v.id == self.id)
-            .map(|v| v.read_only)
+            .cloned()
             .ok_or_else(|| Error::NoVolume(self.name.to_string()))
+    }
+
+    /// Whether writes are refused.
+    pub fn read_only(&self) -> Result<bool> {
+        self.info().map(|v| v.read_only)
     }
 
     /// Current size; errors if the volume was deleted.
     pub fn size_bytes(&self) -> Result<u64> {
-        let st = lock(&self.fs.trans);
-        st.volumes
-            .get(&*self.name)
-            .filter(|v| v.id == self.id)
-            .map(|v| v.size_bytes)
-            .ok_or_else(|| Error::NoVolume(self.name.to_string()))
+        self.info().map(|v| v.size_bytes)
     }
 
     fn check_range(&self, offset: u64, len: u64, write: bool) -> Result<()> {
-        let (size, read_only) = {
-            let st = lock(&self.fs.trans);
-            st.volumes
-                .get(&*self.name)
-                .filter(|v| v.id == self.id)
-                .map(|v| (v.size_bytes, v.read_only))
-                .ok_or_else(|| Error::NoVolume(self.name.to_string()))?
-        };
+        let v = self.info()?;
+        let (size, read_only) = (v.size_bytes, v.read_only);
         if write && read_only {
             return Err(Error::ReadOnlyVolume(self.name.to_string()));
         }
@@ -285,6 +279,10 @@ impl Volume {
                 crate::engine::transaction::change(fs, |ctx| {
                     match ctx.st.volumes.values().find(|v| v.id == self.id) {
                         None => return Err(Error::NoVolume(self.name.to_string())),
+                        // Made read-only while this write was in flight.
+                        Some(v) if v.read_only => {
+                            return Err(Error::ReadOnlyVolume(self.name.to_string()))
+                        }
                         // Shrunk while this write was in flight.
                         Some(v) if at + got > v.size_bytes => {
                             return Err(Error::OutOfRange {
@@ -321,7 +319,19 @@ impl Volume {
         let mut at = start;
         while at < end {
             let n = (end - at).min(PUNCH_PIECE_BYTES);
-            let punch = |ctx: &mut Ctx| extent::punch(ctx, self.id, at, n);
+            let punch = |ctx: &mut Ctx| {
+                // A discard that passed its check before the volume became
+                // read-only must not change it afterwards.
+                let ro = ctx
+                    .st
+                    .volumes
+                    .values()
+                    .any(|v| v.id == self.id && v.read_only);
+                if ro {
+                    return Err(Error::ReadOnlyVolume(self.name.to_string()));
+                }
+                extent::punch(ctx, self.id, at, n)
+            };
             if freeing {
                 change_freeing(&self.fs, punch)?;
             } else {

@@ -72,7 +72,7 @@ pub enum HandshakeError {
     OptionTooLarge { option: u32, length: u32 },
     #[error("client without fixed newstyle sent option {0}")]
     NotFixedNewstyle(u32),
-    #[error("NBD_OPT_EXPORT_NAME before TLS, which this server requires")]
+    #[error("the client did not start TLS, which this server requires")]
     TlsRequired,
 }
 
@@ -169,10 +169,14 @@ pub fn negotiate<R: Read, W: Write>(
         return Ok(Err(Outcome::Closed));
     }
     let client = parse_client_flags(&flags)?;
+    // TLS needs fixed newstyle: a client without it can never start TLS,
+    // so a server that requires TLS hangs up on it.
+    if tls.required && !client.fixed_newstyle {
+        return Err(HandshakeError::TlsRequired);
+    }
     let st = State {
         fixed_newstyle: client.fixed_newstyle,
         no_zeroes: client.no_zeroes,
-        // TLS needs fixed newstyle.
         tls: if client.fixed_newstyle {
             tls
         } else {
@@ -546,6 +550,10 @@ mod tests {
         );
         // EXPORT_NAME cannot be refused: the server hangs up.
         let (res, _) = run_tls(Script::new(FIXED).opt(NBD_OPT_EXPORT_NAME, b"d"), forced);
+        assert!(matches!(res, Err(HandshakeError::TlsRequired)));
+        // A client without fixed newstyle cannot start TLS: it is hung up on
+        // before it can ask for an export.
+        let (res, _) = run_tls(Script::new(0).opt(NBD_OPT_EXPORT_NAME, b"d"), forced);
         assert!(matches!(res, Err(HandshakeError::TlsRequired)));
         // Offered but not required: options work without TLS.
         let optional = TlsPolicy {

@@ -400,16 +400,10 @@ impl Server {
             .metrics
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
-        shared
-            .metrics
-            .connections_open
-            .fetch_add(1, Ordering::Relaxed);
+        let open = OpenConnection::count(&shared.metrics);
         let name = format!("nbd-c{id}");
         let end = conn::serve(&mut reader, writer, &session, limits, &stats, &name);
-        shared
-            .metrics
-            .connections_open
-            .fetch_sub(1, Ordering::Relaxed);
+        drop(open);
         tracing::info!(
             conn = id,
             %peer,
@@ -457,6 +451,23 @@ fn classify_accept_error(e: &io::Error) -> AcceptError {
             }
             _ => AcceptError::Fatal,
         },
+    }
+}
+
+/// Counts an open connection in the metrics until dropped (also when the
+/// connection's thread unwinds).
+struct OpenConnection<'a>(&'a super::metrics::Metrics);
+
+impl<'a> OpenConnection<'a> {
+    fn count(m: &'a super::metrics::Metrics) -> Self {
+        m.connections_open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(m)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

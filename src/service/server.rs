@@ -314,7 +314,8 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
         let (p, s, t) = (pool.clone(), stop.clone(), cfg.reclaim_threshold_percent);
         thread::spawn(move || reclaimer(p, t, s))
     });
-    print_banner(&pool, &listener, &cfg.listen, &sock_path);
+    let tls_required = cfg.tls.as_ref().is_some_and(|t| t.required);
+    print_banner(&pool, (&listener, &cfg.listen, tls_required), &sock_path);
     let served = match listener {
         Listener::Tcp(l) => server.serve_tcp(l),
         Listener::Unix(l, p) => {
@@ -327,9 +328,12 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = ctl.join();
     let _ = bg.join();
-    for t in reclaim.into_iter().chain(metrics) {
-        let _ = t.join();
+    if let Some(r) = reclaim {
+        let _ = r.join();
     }
+    // Not joined: a scraper that never reads its reply must not hold up
+    // shutdown. The thread sees `stop` within its poll interval otherwise.
+    drop(metrics);
     let closed = pool.close();
     let _ = std::fs::remove_file(&sock_path);
     for d in &devs {
@@ -427,7 +431,9 @@ fn install_signal_handlers(stop: Arc<AtomicBool>, shutdown: nbd::ShutdownHandle)
 }
 
 /// Tell the user where to connect; flushed, since scripts wait for it.
-fn print_banner(pool: &Pool, listener: &Listener, listen: &str, sock_path: &Path) {
+/// `nbd://` or, when TLS is required, `nbds://` (as libnbd spells it).
+fn print_banner(pool: &Pool, (listener, listen, tls): (&Listener, &str, bool), sock_path: &Path) {
+    let scheme = if tls { "nbds" } else { "nbd" };
     let exports = pool.volume_names();
     let first = exports.first().cloned().unwrap_or_else(|| "NAME".into());
     let uri = match listener {
@@ -436,9 +442,9 @@ fn print_banner(pool: &Pool, listener: &Listener, listen: &str, sock_path: &Path
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or(listen.to_string());
-            format!("nbd://{a}")
+            format!("{scheme}://{a}")
         }
-        Listener::Unix(_, p) => format!("nbd+unix:///?socket={}", p.display()),
+        Listener::Unix(_, p) => format!("{scheme}+unix:///?socket={}", p.display()),
     };
     println!("chunkvol serving {} on {uri}", exports.join(", "));
     println!("control socket: {}", sock_path.display());

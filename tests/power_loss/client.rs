@@ -137,8 +137,10 @@ impl Client {
         self.reply()
     }
 
-    pub fn flush(&mut self) -> io::Result<()> {
+    /// FLUSH; `sent` runs once the request is on the wire, before the reply.
+    pub fn flush_then(&mut self, sent: impl FnOnce()) -> io::Result<()> {
         self.request(CMD_FLUSH, 0, 0, 0, &[])?;
+        sent();
         self.reply()
     }
 

@@ -140,10 +140,12 @@ impl Writer {
                 })
             }
             70..=79 => {
-                if let Some(tx) = flush_sent {
-                    let _ = tx.try_send(());
-                }
-                c.flush().map(|()| {
+                let sent = || {
+                    if let Some(tx) = flush_sent {
+                        let _ = tx.try_send(());
+                    }
+                };
+                c.flush_then(sent).map(|()| {
                     self.stats.flushes_acked += 1;
                     for d in std::mem::take(&mut self.dirty) {
                         self.blocks[d].settle();
@@ -282,9 +284,10 @@ fn round(srv: &mut Server, mut ws: Vec<Writer>, rng: &mut Rng, t: &mut Totals) -
     drop(tx);
     t.jobs_started += maybe_start_jobs(srv, rng);
     if at_flush {
-        // Kill as a FLUSH goes out: the commit it starts is cut short.
-        let _ = rx.recv_timeout(min_load + Duration::from_secs(5));
-        t.flush_cuts += 1;
+        // Kill once a FLUSH is on the wire: the commit it starts is cut short.
+        if rx.recv_timeout(min_load + Duration::from_secs(5)).is_ok() {
+            t.flush_cuts += 1;
+        }
     } else {
         thread::sleep(min_load + Duration::from_millis(rng.below(800)));
     }

@@ -266,11 +266,15 @@ impl ScrubStatus {
             return self;
         }
         self.departed_devids = gone.iter().map(|d| d.devid).collect();
-        let mut c = Counters::default();
-        for d in &kept {
-            c.add(&d.counters);
+        // Their bytes leave the totals; the errors found on them stay (the
+        // error log still names them, and what had no good copy still has
+        // none after the device left).
+        for d in &gone {
+            let c = &mut self.counters;
+            c.bytes_scrubbed -= d.counters.bytes_scrubbed;
+            c.data_bytes_scrubbed -= d.counters.data_bytes_scrubbed;
+            c.tree_bytes_scrubbed -= d.counters.tree_bytes_scrubbed;
         }
-        self.counters = c;
         self.bytes_total = kept.iter().map(|d| d.bytes_total).sum();
         self.bytes_scrubbed_this_run = kept.iter().map(|d| d.bytes_scrubbed_this_run).sum();
         if self.eta_s.is_some() && self.rate_bytes_per_s > 0 {
@@ -526,8 +530,14 @@ fn launch(
     fs.check_abort()?;
     // Scrub reads the last commit: commit first, so that what clients wrote
     // before the start is scrubbed too and the total is what it will read.
-    // Never behind a commit already running, which may be stuck (R6).
-    match crate::engine::transaction::commit_unless_running(fs) {
+    // Never behind a commit already running, which may be stuck (R6); and
+    // never for `-r`, which writes nothing (R9).
+    let commit = if opts.readonly {
+        Some(Ok(0))
+    } else {
+        crate::engine::transaction::commit_unless_running(fs)
+    };
+    match commit {
         Some(Ok(_)) => {}
         Some(Err(e)) => {
             tracing::warn!("scrub: cannot commit before starting ({e}); scrubbing the last commit")
