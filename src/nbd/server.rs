@@ -337,6 +337,7 @@ impl Server {
         };
         let provider = shared.provider.as_ref();
         let mut result = handshake::negotiate(&mut reader, &mut writer, provider, policy);
+        let mut pumps = None;
         if let (Ok(Err(Outcome::StartTls(resume))), Some(tls)) = (&result, tls) {
             let resume = *resume;
             // The client may send nothing between STARTTLS and its handshake.
@@ -344,7 +345,7 @@ impl Server {
                 tracing::info!(conn = id, %peer, reason = "data after STARTTLS", "nbd connection closed");
                 return;
             }
-            let plain = match super::tls::upgrade(
+            let (plain, p) = match super::tls::upgrade(
                 reader.into_inner(),
                 tls.config.clone(),
                 &format!("nbd-c{id}"),
@@ -355,6 +356,7 @@ impl Server {
                     return;
                 }
             };
+            pumps = Some(p);
             let _ = plain.set_read_timeout_stream(Some(HANDSHAKE_IDLE_TIMEOUT));
             writer = match plain.try_clone_stream() {
                 Ok(w) => w,
@@ -415,6 +417,13 @@ impl Server {
             server_shutdown = shared.is_shutting_down(),
             "nbd connection closed"
         );
+        // Closing the plain end lets the TLS pumps send what is left and
+        // close_notify; the connection stays registered (so a shutdown's
+        // grace can cut the socket) until they are done.
+        drop(reader);
+        if let Some(p) = pumps {
+            p.join();
+        }
     }
 }
 

@@ -120,13 +120,27 @@ impl Session {
     }
 }
 
+/// The two pump threads of a TLS connection. Joined when the connection
+/// ends, so that its last replies reach the client (or the server's grace
+/// shutdown of the socket ends the wait) before the connection counts as
+/// gone.
+pub struct Pumps(Vec<thread::JoinHandle<()>>);
+
+impl Pumps {
+    pub fn join(self) {
+        for h in self.0 {
+            let _ = h.join();
+        }
+    }
+}
+
 /// Completes the TLS handshake on `raw` and returns the plain end the NBD
-/// code goes on with. `name` names the pump threads.
+/// code goes on with, and its pumps. `name` names the pump threads.
 pub fn upgrade(
     mut raw: Box<dyn Stream>,
     config: Arc<RustlsConfig>,
     name: &str,
-) -> io::Result<Box<dyn Stream>> {
+) -> io::Result<(Box<dyn Stream>, Pumps)> {
     let mut tls = ServerConnection::new(config).map_err(io::Error::other)?;
     while tls.is_handshaking() {
         tls.complete_io(&mut raw)?;
@@ -149,13 +163,22 @@ pub fn upgrade(
         out: Mutex::new(raw.try_clone_stream()?),
     });
     let (s, inner_w) = (session.clone(), inner.try_clone()?);
-    thread::Builder::new()
+    let shut = raw.try_clone_stream()?;
+    let input = thread::Builder::new()
         .name(format!("{name}-tls-in"))
         .spawn(move || from_client(raw, &s, inner_w))?;
-    thread::Builder::new()
+    let output = thread::Builder::new()
         .name(format!("{name}-tls-out"))
-        .spawn(move || to_client(inner, &session))?;
-    Ok(Box::new(outer))
+        .spawn(move || to_client(inner, &session));
+    match output {
+        Ok(output) => Ok((Box::new(outer), Pumps(vec![input, output]))),
+        Err(e) => {
+            // Unblock the reader pump so that it ends.
+            let _ = shut.shutdown_stream(Shutdown::Both);
+            let _ = input.join();
+            Err(e)
+        }
+    }
 }
 
 /// Decrypts what the client sends into the plain end; ends on EOF, a socket
