@@ -240,3 +240,51 @@ fn bad_tls_files_are_refused_before_the_pool_opens() {
     let o = serve_harness::cv(&["serve", "--tls-key", s(&missing)]);
     assert_eq!(o.code, 2, "--tls-key alone is a usage error: {}", o.text());
 }
+
+/// Holds a TLS connection open (after one read) until stdin closes.
+const HOLD_PY: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.set_tls(nbd.TLS_REQUIRE)
+h.set_tls_certificates(sys.argv[2])
+h.connect_uri(sys.argv[1])
+h.pread(4096, 0)
+print("connected", flush=True)
+sys.stdin.read()
+"#;
+
+#[test]
+fn shutdown_with_an_open_tls_connection_exits_cleanly() {
+    require_tools(&["openssl"]);
+    let dir = TestDir::new("tls-shutdown");
+    let certs = dir.join("certs");
+    make_certs(&certs);
+    let devs = make_pool(&dir, "256M", "64M");
+    let (cert, key) = (certs.join("server-cert.pem"), certs.join("server-key.pem"));
+    let mut srv = Server::start_with(
+        &dir,
+        &devs,
+        1,
+        &["--tls-cert", s(&cert), "--tls-key", s(&key)],
+    );
+    let uri = format!("nbds://127.0.0.1:{}/disk0", srv.port);
+    let mut py = Command::new(serve_harness::python_with_libnbd())
+        .args(["-c", HOLD_PY, &uri, s(&certs)])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(py.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "connected");
+    // SIGINT with the TLS client idle: the grace ends, the socket is cut,
+    // the pumps end, the server exits 0 (Server::stop asserts all three).
+    srv.stop();
+    drop(py.stdin.take());
+    let _ = py.wait();
+    offline_check(&devs, true);
+}
