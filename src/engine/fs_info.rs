@@ -77,8 +77,6 @@ pub struct FsInfo {
     pub trans: OrderedMutex<TransState>,
     /// Serialises commits (outermost lock of the commit path).
     pub commit_lock: OrderedMutex<()>,
-    /// Someone holds `commit_lock` and is committing.
-    pub commit_running: AtomicBool,
     /// Time of each commit that wrote a new generation (for metrics).
     pub commit_latency: crate::util::histogram::Histogram,
     pub committed_gen: AtomicU64,
@@ -184,7 +182,6 @@ impl FsInfo {
             writeback: Mutex::new(HashMap::new()),
             trans: OrderedMutex::new(Rank::Trans, trans),
             commit_lock: OrderedMutex::new(Rank::Commit, ()),
-            commit_running: AtomicBool::new(false),
             commit_latency: Default::default(),
             committed_gen: AtomicU64::new(committed_gen),
             commit_roots: RwLock::new(CommitRoots {

@@ -566,28 +566,23 @@ pub fn commit(fs: &FsInfo) -> Result<u64> {
 
 /// Commit unless a commit is already running: for callers that must not
 /// wait behind one stuck on a slow device (scrub's start, R6). None when
-/// one was running.
+/// one was running (the commit lock was taken).
 pub fn commit_unless_running(fs: &FsInfo) -> Option<Result<u64>> {
-    if fs.commit_running.load(Ordering::Acquire) {
-        return None;
-    }
-    Some(commit(fs))
-}
-
-/// Clears `commit_running` however the commit ends.
-struct Running<'a>(&'a FsInfo);
-
-impl Drop for Running<'_> {
-    fn drop(&mut self) {
-        self.0.commit_running.store(false, Ordering::Release);
-    }
+    let held = fs.commit_lock.try_lock_now()?;
+    Some(commit_held(fs, u64::MAX, held))
 }
 
 fn commit_upto(fs: &FsInfo, target: u64) -> Result<u64> {
-    let _commit = lock(&fs.commit_lock);
+    commit_held(fs, target, lock(&fs.commit_lock))
+}
+
+/// The commit, with the commit lock held by the caller.
+fn commit_held(
+    fs: &FsInfo,
+    target: u64,
+    _commit: crate::util::sync::OrderedGuard<'_, ()>,
+) -> Result<u64> {
     let started = std::time::Instant::now();
-    fs.commit_running.store(true, Ordering::Release);
-    let _running = Running(fs);
     fs.check_abort()?;
     let done = fs.committed_gen.load(Ordering::Acquire);
     if done >= target {

@@ -194,6 +194,27 @@ impl<T> OrderedMutex<T> {
             inner: Mutex::new(value),
         }
     }
+
+    /// The lock if it is free now, without waiting (the order is still
+    /// checked, as for [`lock`]).
+    pub fn try_lock_now(&self) -> Option<OrderedGuard<'_, T>> {
+        enter(self.rank);
+        if sched::in_sim() {
+            sched::switch_point(self.rank.point());
+        }
+        let guard = match self.inner.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                leave(self.rank);
+                return None;
+            }
+        };
+        Some(OrderedGuard {
+            guard,
+            rank: self.rank,
+        })
+    }
 }
 
 /// A held [`OrderedMutex`].
@@ -394,6 +415,18 @@ mod tests {
                 vec![Rank::Trans, Rank::BlockGroup, Rank::ChunkMaps]
             );
         }
+    }
+
+    #[test]
+    fn try_lock_now_never_waits() {
+        let m = OrderedMutex::new(Rank::Commit, 1u32);
+        let held = m.try_lock_now().expect("free");
+        assert_eq!(*held, 1);
+        std::thread::scope(|s| {
+            s.spawn(|| assert!(m.try_lock_now().is_none(), "held elsewhere"));
+        });
+        drop(held);
+        assert!(m.try_lock_now().is_some(), "free again");
     }
 
     #[test]
