@@ -368,6 +368,17 @@ fn a_device_named_twice_is_refused_and_a_failed_mkfs_removes_its_files() {
         before,
         "b.img was changed"
     );
+    // A dangling symlink to a new file is one device named twice: mkfs fails,
+    // removes the file it created, and keeps the user's symlink.
+    std::os::unix::fs::symlink(dir.join("c.img"), dir.join("to-c.img")).unwrap();
+    let (c, _, e) = run(&["mkfs", "--size", "64M", "c.img", "to-c.img"], &dir);
+    assert_eq!(c, 2, "{e}");
+    assert!(e.contains("are the same device"), "{e}");
+    assert!(!dir.join("c.img").exists(), "c.img left behind");
+    assert!(
+        std::fs::symlink_metadata(dir.join("to-c.img")).is_ok(),
+        "the user's symlink was removed"
+    );
 }
 
 #[test]

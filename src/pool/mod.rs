@@ -302,8 +302,12 @@ impl Pool {
         opts: &MkfsOptions,
     ) -> Result<()> {
         refuse_named_twice(paths)?;
-        // Files this mkfs creates are removed again if it fails.
-        let created: Vec<&PathBuf> = paths.iter().filter(|p| !p.exists()).collect();
+        // Files this mkfs creates are removed again if it fails; a name that
+        // is already there (a file, or a symlink even if dangling) is kept.
+        let created: Vec<&PathBuf> = paths
+            .iter()
+            .filter(|p| std::fs::symlink_metadata(p).is_err())
+            .collect();
         let r = (|| {
             if let Some(sz) = create_bytes {
                 for p in paths {
