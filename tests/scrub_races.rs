@@ -1004,6 +1004,26 @@ fn a_chunk_allocated_while_replace_starts_succeeds_and_moves() {
     assert_setup_data_intact(&s);
 }
 
+/// The data chunks on `devid` that hold data: (physical start on it,
+/// logical start), by physical start; at least one.
+fn used_data_chunks_on(fs: &FsInfo, devid: u64) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = chunkvol::jobs::devices::chunks_on(fs, devid)
+        .into_iter()
+        .filter(|&c| {
+            fs.block_group(c)
+                .is_some_and(|b| b.is_data() && b.used_bytes() > 0)
+        })
+        .map(|c| {
+            let m = fs.mapping.get(c).unwrap();
+            let st = m.item.stripes.iter().find(|st| st.devid == devid).unwrap();
+            (st.physical, c)
+        })
+        .collect();
+    v.sort_unstable();
+    assert!(!v.is_empty(), "no data chunk on devid {devid}");
+    v
+}
+
 /// Device replace hands the source's devid to the new device when it ends.
 /// A scrub of the source that still holds a chunk map taken before the
 /// switch (its stripe names devid 2 at the old device's physical offset)
@@ -1016,19 +1036,7 @@ fn replace_renames_the_devid_only_after_old_maps_are_let_go() {
     let s = setup();
     let fs = s.fs().clone();
     // The source's last data extent: what the scrub holds when the replace ends.
-    let (phys, x) = chunkvol::jobs::devices::chunks_on(&fs, 2)
-        .into_iter()
-        .filter(|&c| {
-            fs.block_group(c)
-                .is_some_and(|b| b.is_data() && b.used_bytes() > 0)
-        })
-        .map(|c| {
-            let m = fs.mapping.get(c).unwrap();
-            let st = m.item.stripes.iter().find(|st| st.devid == 2).unwrap();
-            (st.physical, c)
-        })
-        .max()
-        .expect("a data chunk on devid 2");
+    let (phys, x) = *used_data_chunks_on(&fs, 2).last().unwrap();
     let len = fs.mapping.get(x).unwrap().item.stripe_bytes;
     failpoint::set("scrub::unit", Action::PauseIf(x));
     let run = scrub::start(
@@ -1086,19 +1094,7 @@ fn scrub_skips_an_extent_found_under_a_devid_renamed_since_its_view() {
     let _g = serial();
     let s = setup();
     let fs = s.fs().clone();
-    let (phys, x) = chunkvol::jobs::devices::chunks_on(&fs, 2)
-        .into_iter()
-        .filter(|&c| {
-            fs.block_group(c)
-                .is_some_and(|b| b.is_data() && b.used_bytes() > 0)
-        })
-        .map(|c| {
-            let m = fs.mapping.get(c).unwrap();
-            let st = m.item.stripes.iter().find(|st| st.devid == 2).unwrap();
-            (st.physical, c)
-        })
-        .min()
-        .expect("a data chunk on devid 2");
+    let (phys, x) = used_data_chunks_on(&fs, 2)[0];
     let len = fs.mapping.get(x).unwrap().item.stripe_bytes;
     failpoint::set("scrub::group_found", Action::PauseIf(x));
     let run = scrub::start(
