@@ -53,20 +53,7 @@ fn scrub_right_after_unflushed_writes_covers_them() {
 fn scrub_totals_follow_the_members_after_device_remove() {
     let dir = TestDir::new("scrub-departed");
     let devs: Vec<_> = (0..3).map(|i| dir.join(format!("d{i}.img"))).collect();
-    let mut a = vec![
-        "mkfs",
-        "--data",
-        "raid1",
-        "--metadata",
-        "raid1",
-        "--size",
-        "512M",
-    ];
-    a.extend(devs.iter().map(|d| s(d)));
-    cv_ok(&a);
-    let mut a = vec!["volume", "create", "disk0", "--size", "256M"];
-    a.extend(devs.iter().map(|d| s(d)));
-    cv_ok(&a);
+    serve_harness::make_pool_on(&devs, "512M", "256M");
     let mut srv = Server::start(&dir, &devs, 1);
     write_unflushed(&srv.uri("disk0"), 64 * MIB);
     let before = cv_json(&["scrub", "start", "-B", "--json", "--socket", srv.sock()]);

@@ -464,11 +464,7 @@ impl Pool {
     /// Delete a volume and free its data.
     pub fn delete_volume(&self, name: &str) -> Result<()> {
         let mut st = lock(&self.fs.trans);
-        let v = st
-            .volumes
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::NoVolume(name.into()))?;
+        let v = volume_record(&st, name)?;
         let mut ctx = Ctx::begin(&self.fs, &mut st)?;
         crate::data::extent::punch(&mut ctx, v.id, 0, v.size_bytes)?;
         ctx.delete(
@@ -483,11 +479,7 @@ impl Pool {
     pub fn resize_volume(&self, name: &str, size_bytes: u64) -> Result<()> {
         validate_volume_size(name, size_bytes)?;
         let mut st = lock(&self.fs.trans);
-        let v = st
-            .volumes
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::NoVolume(name.into()))?;
+        let v = volume_record(&st, name)?;
         if v.read_only {
             return Err(Error::ReadOnlyVolume(name.into()));
         }
@@ -505,11 +497,7 @@ impl Pool {
     /// through connections already open) or writable again.
     pub fn set_volume_read_only(&self, name: &str, read_only: bool) -> Result<()> {
         let mut st = lock(&self.fs.trans);
-        let v = st
-            .volumes
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::NoVolume(name.into()))?;
+        let v = volume_record(&st, name)?;
         if v.read_only == read_only {
             return Ok(());
         }
@@ -1082,4 +1070,12 @@ fn put_volume_item(ctx: &mut Ctx<'_>, name: &str, v: &VolumeInfo) -> Result<()> 
         }
         .encode(),
     )
+}
+
+/// A volume's in-memory record, or `NoVolume`.
+fn volume_record(st: &crate::engine::transaction::TransState, name: &str) -> Result<VolumeInfo> {
+    st.volumes
+        .get(name)
+        .cloned()
+        .ok_or_else(|| Error::NoVolume(name.into()))
 }

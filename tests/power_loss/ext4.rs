@@ -121,23 +121,6 @@ fn fsck_and_compare(dir: &TestDir, srv: &Server, synced: &Synced, cut: u64) -> b
     replay.text().contains("recovering journal")
 }
 
-fn mkfs_pool(devs: &[PathBuf]) {
-    let mut a = vec![
-        "mkfs",
-        "--data",
-        "raid1",
-        "--metadata",
-        "raid1",
-        "--size",
-        "192M",
-    ];
-    a.extend(devs.iter().map(|d| s(d)));
-    crate::serve_harness::cv_ok(&a);
-    let mut a = vec!["volume", "create", "disk0", "--size", "128M"];
-    a.extend(devs.iter().map(|d| s(d)));
-    crate::serve_harness::cv_ok(&a);
-}
-
 fn mount_ext4(dir: &TestDir, srv: &Server, fresh: bool) -> KernelDisk {
     let mut kd = KernelDisk::attach(dir, &srv.uri("disk0"));
     if fresh {
@@ -166,7 +149,7 @@ fn ext4_on_the_export_is_fsck_clean_after_power_cuts() {
     let dir = TestDir::new("powercut-ext4");
     let fs = CutFs::mount(&dir.join("cutfs"), &dir.join("backing"));
     let devs: Vec<PathBuf> = (0..2).map(|i| fs.path(&format!("d{i}.img"))).collect();
-    mkfs_pool(&devs);
+    crate::serve_harness::make_pool_on(&devs, "192M", "128M");
     let mut rng = Rng::new(0xe474_0001);
     let mut srv = Server::start(&dir, &devs, 1);
     let mut kd = mount_ext4(&dir, &srv, true);

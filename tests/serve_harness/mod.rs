@@ -228,7 +228,15 @@ impl Drop for TestDir {
 /// disk0 of `vol_size` (offline). Returns the device paths.
 pub fn make_pool(dir: &TestDir, dev_size: &str, vol_size: &str) -> Vec<PathBuf> {
     let devs = vec![dir.join("a.img"), dir.join("b.img")];
-    cv_ok(&[
+    make_pool_on(&devs, dev_size, vol_size);
+    devs
+}
+
+/// mkfs a raid1 pool (data and metadata) on `devs`, sparse files of
+/// `dev_size`, and create volume disk0 of `vol_size` (offline).
+pub fn make_pool_on(devs: &[PathBuf], dev_size: &str, vol_size: &str) {
+    let paths: Vec<&str> = devs.iter().map(|d| s(d)).collect();
+    let mut a = vec![
         "mkfs",
         "--data",
         "raid1",
@@ -236,19 +244,12 @@ pub fn make_pool(dir: &TestDir, dev_size: &str, vol_size: &str) -> Vec<PathBuf> 
         "raid1",
         "--size",
         dev_size,
-        s(&devs[0]),
-        s(&devs[1]),
-    ]);
-    cv_ok(&[
-        "volume",
-        "create",
-        "disk0",
-        "--size",
-        vol_size,
-        s(&devs[0]),
-        s(&devs[1]),
-    ]);
-    devs
+    ];
+    a.extend(&paths);
+    cv_ok(&a);
+    let mut a = vec!["volume", "create", "disk0", "--size", vol_size];
+    a.extend(&paths);
+    cv_ok(&a);
 }
 
 pub fn offline_check(devs: &[PathBuf], data: bool) -> Out {
