@@ -16,6 +16,10 @@ use crate::util::size;
 #[derive(Parser, Debug)]
 #[command(name = "chunkvol", version, about)]
 pub struct Cli {
+    /// Print the result, and any error, as JSON on stdout
+    /// (`{"error": …, "exit_code": …}`); exit codes are unchanged.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -47,8 +51,6 @@ enum Cmd {
     },
     /// Show space usage.
     Usage {
-        #[arg(long)]
-        json: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -57,8 +59,6 @@ enum Cmd {
         /// Also read and verify every data sector on every copy.
         #[arg(long)]
         check_data_csum: bool,
-        #[arg(long)]
-        json: bool,
         #[arg(required = true)]
         devs: Vec<PathBuf>,
     },
@@ -99,8 +99,6 @@ enum Cmd {
         /// Seconds per measured path.
         #[arg(long, default_value_t = 0.6)]
         seconds: f64,
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -209,6 +207,7 @@ fn stress(a: StressArgs) -> i32 {
             .unwrap_or(1)
     });
     let mut code = 0;
+    let mut runs = Vec::new();
     for p in profiles {
         let mut o =
             StressOptions::for_profile(p, mode, seed, std::time::Duration::from_secs(a.duration));
@@ -225,13 +224,43 @@ fn stress(a: StressArgs) -> i32 {
         if let Err(e) = o.validate() {
             return fail(2, e);
         }
-        println!(
+        let head = format!(
             "stress {} profile {} seed {seed} devices {}",
             mode.name(),
             p.name(),
             o.devices
         );
-        match crate::stress::run(&o) {
+        let replay = format!(
+            "chunkvol stress --mode {} --profile {} --seed {seed} --duration {}",
+            mode.name(),
+            p.name(),
+            a.duration
+        );
+        if !json_out() {
+            println!("{head}");
+        }
+        let r = crate::stress::run(&o);
+        if r.is_err() {
+            code = 1;
+        }
+        if json_out() {
+            let mut v = serde_json::json!({
+                "mode": mode.name(), "profile": p.name(), "seed": seed, "devices": o.devices,
+            });
+            match r {
+                Ok(r) => {
+                    v["seconds"] = r.seconds.into();
+                    v["lines"] = r.lines.into();
+                }
+                Err(e) => {
+                    v["error"] = e.to_string().into();
+                    v["replay"] = replay.into();
+                }
+            }
+            runs.push(v);
+            continue;
+        }
+        match r {
             Ok(r) => {
                 println!("  ok in {:.1} s", r.seconds);
                 for l in r.lines {
@@ -240,15 +269,13 @@ fn stress(a: StressArgs) -> i32 {
             }
             Err(e) => {
                 println!("  FAILED: {e}");
-                println!(
-                    "  replay: chunkvol stress --mode {} --profile {} --seed {seed} --duration {}",
-                    mode.name(),
-                    p.name(),
-                    a.duration
-                );
-                code = 1;
+                println!("  replay: {replay}");
             }
         }
+    }
+    if json_out() {
+        let v = serde_json::json!({ "runs": runs, "ok": code == 0 });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     }
     code
 }
@@ -273,15 +300,11 @@ enum BalanceCmd {
         /// Wait for the end.
         #[arg(short = 'B')]
         wait: bool,
-        #[arg(long)]
-        json: bool,
         #[command(flatten)]
         target: Target,
     },
     /// Progress of the running or last balance.
     Status {
-        #[arg(long)]
-        json: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -294,8 +317,6 @@ enum BalanceCmd {
     Resume {
         #[arg(short = 'B')]
         wait: bool,
-        #[arg(long)]
-        json: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -316,8 +337,6 @@ enum ReplaceCmd {
         /// Wait for the end.
         #[arg(short = 'B')]
         wait: bool,
-        #[arg(long)]
-        json: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -327,15 +346,11 @@ enum ReplaceCmd {
         /// Wait for the end.
         #[arg(short = 'B')]
         wait: bool,
-        #[arg(long)]
-        json: bool,
         #[command(flatten)]
         target: Target,
     },
     /// Progress of the running or last replace.
     Status {
-        #[arg(long)]
-        json: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -384,8 +399,6 @@ enum VolumeCmd {
     },
     /// List volumes.
     List {
-        #[arg(long)]
-        json: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -444,15 +457,11 @@ enum ScrubCmd {
         /// Read rate cap per device (e.g. 100M); default yields to client I/O.
         #[arg(long, value_parser = size::parse_size)]
         limit: Option<u64>,
-        #[arg(long)]
-        json: bool,
         #[command(flatten)]
         target: Target,
     },
     /// Progress and errors of the current or last scrub.
     Status {
-        #[arg(long)]
-        json: bool,
         /// List what was found.
         #[arg(long)]
         errors: bool,
@@ -473,8 +482,6 @@ enum ScrubCmd {
     Resume {
         #[arg(short = 'B')]
         wait: bool,
-        #[arg(long)]
-        json: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -548,8 +555,6 @@ fn scrub_online(target: &Target, op: Op, wait: bool, json: bool) -> i32 {
 enum DeviceCmd {
     /// Error counters per device.
     Stats {
-        #[arg(long)]
-        json: bool,
         /// Zero the counters after printing them.
         #[arg(long)]
         reset: bool,
@@ -588,17 +593,55 @@ fn init_logging(default: &str) {
         .try_init();
 }
 
+/// `--json`, set once from the command line before any output.
+static JSON_OUTPUT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Whether results and errors print as JSON.
+fn json_out() -> bool {
+    JSON_OUTPUT.get().copied().unwrap_or(false)
+}
+
+/// Print a command's result. Under `--json`: its JSON (the op's own, or
+/// its structured value), or `{"error", "exit_code"}` when it failed
+/// without one.
 fn emit(out: OpOutput) -> i32 {
     use std::io::Write;
-    print!("{}", out.stdout);
+    if json_out() && out.stdout.trim().is_empty() && out.exit != 0 {
+        let msg = out.stderr.trim();
+        return fail(out.exit, msg.strip_prefix("error: ").unwrap_or(msg));
+    }
+    match (&out.value, json_out()) {
+        (Some(v), true) => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        _ => print!("{}", out.stdout),
+    }
     eprint!("{}", out.stderr);
     let _ = std::io::stdout().flush();
     out.exit
 }
 
+/// Report an error: `error: MSG` on stderr, or under `--json` the object
+/// `{"error": MSG, "exit_code": CODE}` on stdout. Returns `code`.
 fn fail(code: i32, msg: impl std::fmt::Display) -> i32 {
-    eprintln!("error: {msg}");
+    if json_out() {
+        let v = serde_json::json!({ "error": msg.to_string(), "exit_code": code });
+        println!("{v}");
+    } else {
+        eprintln!("error: {msg}");
+    }
     code
+}
+
+/// Print a plain result: `text` (with a newline), or `value` under `--json`.
+fn done(text: impl std::fmt::Display, value: serde_json::Value) -> i32 {
+    if json_out() {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
+    } else {
+        println!("{text}");
+    }
+    0
 }
 
 fn absolute(p: &std::path::Path) -> PathBuf {
@@ -715,20 +758,24 @@ fn mkfs(a: MkfsArgs) -> i32 {
                 Err(e) => return fail(1, e),
             };
             let u = pool.usage();
-            println!(
-                "created pool on {} device(s), {} total; data {}, metadata {}, checksum {}",
-                a.devs.len(),
-                size::human(u.device_size_bytes),
-                data.map(|p| p.name())
-                    .unwrap_or(if a.devs.len() > 1 { "raid1" } else { "single" }),
-                metadata.map(|p| p.name()).unwrap_or(if a.devs.len() > 1 {
-                    "raid1"
-                } else {
-                    "dup"
+            let many = a.devs.len() > 1;
+            let data = data.map_or(if many { "raid1" } else { "single" }, |p| p.name());
+            let metadata = metadata.map_or(if many { "raid1" } else { "dup" }, |p| p.name());
+            done(
+                format_args!(
+                    "created pool on {} device(s), {} total; data {data}, metadata {metadata}, checksum {}",
+                    a.devs.len(),
+                    size::human(u.device_size_bytes),
+                    csum.name()
+                ),
+                serde_json::json!({
+                    "devices": a.devs,
+                    "device_size_bytes": u.device_size_bytes,
+                    "data": data,
+                    "metadata": metadata,
+                    "csum": csum.name(),
                 }),
-                csum.name()
-            );
-            0
+            )
         }
         Err(e @ (crate::Error::Invalid(_) | crate::Error::Busy(_))) => fail(2, e),
         Err(e) => fail(1, e),
@@ -808,6 +855,46 @@ fn dump_node(fs: &FsInfo, n: &Node, indent: usize, out: &mut String) {
     }
 }
 
+/// A tree block and, recursively, its children as JSON.
+fn dump_node_json(fs: &FsInfo, n: &Node) -> serde_json::Value {
+    use serde_json::json;
+    let key = |k: &crate::format::Key| {
+        json!({
+            "objectid": k.objectid,
+            "type": crate::format::item::name(k.ty).map_or_else(|| k.ty.to_string(), str::to_string),
+            "offset": k.offset,
+        })
+    };
+    let mut v = json!({
+        "addr": n.addr,
+        "level": n.level,
+        "gen": n.gen,
+        "owner": tree_id::name(n.owner),
+    });
+    match &n.body {
+        Body::Leaf(items) => {
+            v["items"] = items
+                .iter()
+                .map(|(k, val)| json!({ "key": key(k), "size": val.len() }))
+                .collect();
+        }
+        Body::Internal(ch) => {
+            v["children"] = ch
+                .iter()
+                .map(|c| {
+                    let mut p = json!({ "key": key(&c.key), "addr": c.addr, "gen": c.gen });
+                    match fs.load_node(c.addr, c.gen, n.owner, n.level - 1) {
+                        Ok(child) => p["node"] = dump_node_json(fs, &child),
+                        Err(e) => p["error"] = e.to_string().into(),
+                    }
+                    p
+                })
+                .collect();
+        }
+    }
+    v
+}
+
 fn dump_tree(devs: &[PathBuf], which: Option<&str>) -> i32 {
     let pool = match Pool::open_paths_no_repair(devs) {
         Ok(p) => p,
@@ -816,20 +903,24 @@ fn dump_tree(devs: &[PathBuf], which: Option<&str>) -> i32 {
     let fs = pool.fs();
     let roots = crate::util::sync::read(&fs.commit_roots).clone();
     let mut out = String::new();
-    let mut found = false;
+    let mut trees = Vec::new();
     for (i, t) in tree_id::ALL.iter().enumerate() {
         if which.is_some_and(|w| w != tree_id::name(*t)) {
             continue;
         }
-        found = true;
-        out.push_str(&format!(
-            "{} tree (generation {}):\n",
-            tree_id::name(*t),
-            roots.gen
-        ));
-        dump_node(fs, &roots.roots[i], 2, &mut out);
+        let name = tree_id::name(*t);
+        if json_out() {
+            trees.push(serde_json::json!({
+                "tree": name,
+                "generation": roots.gen,
+                "root": dump_node_json(fs, &roots.roots[i]),
+            }));
+        } else {
+            out.push_str(&format!("{name} tree (generation {}):\n", roots.gen));
+            dump_node(fs, &roots.roots[i], 2, &mut out);
+        }
     }
-    if !found {
+    if trees.is_empty() && out.is_empty() {
         return fail(
             2,
             format!(
@@ -837,6 +928,9 @@ fn dump_tree(devs: &[PathBuf], which: Option<&str>) -> i32 {
                 which.unwrap_or("")
             ),
         );
+    }
+    if json_out() {
+        return done("", serde_json::json!({ "trees": trees }));
     }
     print!("{out}");
     0
@@ -910,6 +1004,7 @@ impl ServeArgs {
                 required: !matches!(self.tls, Some(TlsMode::On)),
             }),
             metrics: self.metrics,
+            json_banner: json_out(),
         }
     }
 }
@@ -919,10 +1014,23 @@ pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
+            // A parse error cannot read the flag from the parse; look for it.
+            let json = std::env::args_os().skip(1).any(|a| a == "--json");
+            if json && e.use_stderr() {
+                let _ = JSON_OUTPUT.set(true);
+                let text = e.render().to_string();
+                let msg = text
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches("error: ");
+                return fail(2, msg);
+            }
             let _ = e.print();
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
+    let _ = JSON_OUTPUT.set(cli.json);
     let serving = matches!(cli.cmd, Cmd::Serve { .. });
     init_logging(if serving { "info" } else { "warn" });
     match cli.cmd {
@@ -935,28 +1043,32 @@ pub fn main() -> i32 {
         Cmd::BenchCsum {
             buffer_bytes,
             seconds,
-            json,
-        } => bench_csum(buffer_bytes, seconds, json),
+        } => bench_csum(buffer_bytes, seconds, json_out()),
         Cmd::Volume { cmd } => volume_cmd(cmd),
         Cmd::Completions { shell } => {
             use clap::CommandFactory;
-            let mut cmd = Cli::command();
-            clap_complete::generate(shell, &mut cmd, "chunkvol", &mut std::io::stdout());
-            0
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "chunkvol", &mut script);
+            let script = String::from_utf8_lossy(&script);
+            let v = serde_json::json!({ "shell": shell.to_string(), "script": script });
+            done(script.trim_end(), v)
         }
         Cmd::Manpage => {
             use clap::CommandFactory;
-            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
-                Ok(()) => 0,
+            let mut roff = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut roff) {
+                Ok(()) => {
+                    let roff = String::from_utf8_lossy(&roff);
+                    done(roff.trim_end(), serde_json::json!({ "roff": roff }))
+                }
                 Err(e) => fail(1, e),
             }
         }
-        Cmd::Usage { json, target } => run_op(&target, Op::Usage { json }),
+        Cmd::Usage { target } => run_op(&target, Op::Usage { json: json_out() }),
         Cmd::Check {
             check_data_csum,
-            json,
             devs,
-        } => check(&devs, check_data_csum, json),
+        } => check(&devs, check_data_csum, json_out()),
         Cmd::DumpTree { tree, devs } => dump_tree(&devs, tree.as_deref()),
         Cmd::Scrub { cmd } => scrub_cmd(cmd),
         Cmd::Device { cmd } => device_cmd(cmd),
@@ -974,7 +1086,7 @@ fn volume_cmd(cmd: VolumeCmd) -> i32 {
                 size_bytes: size,
             },
         ),
-        VolumeCmd::List { json, target } => run_op(&target, Op::VolumeList { json }),
+        VolumeCmd::List { target } => run_op(&target, Op::VolumeList { json: json_out() }),
         VolumeCmd::Delete { name, target } => run_op(&target, Op::VolumeDelete { name }),
         VolumeCmd::Resize { name, size, target } => run_op(
             &target,
@@ -1007,13 +1119,13 @@ fn volume_cmd(cmd: VolumeCmd) -> i32 {
 
 /// Start and resume poll online with -B; offline the op itself waits.
 fn scrub_cmd(cmd: ScrubCmd) -> i32 {
+    let json = json_out();
     match cmd {
         ScrubCmd::Start {
             wait,
             readonly,
             devid,
             limit,
-            json,
             target,
         } => {
             let opts = crate::jobs::scrub::ScrubOptions {
@@ -1033,11 +1145,7 @@ fn scrub_cmd(cmd: ScrubCmd) -> i32 {
                 json,
             )
         }
-        ScrubCmd::Status {
-            json,
-            errors,
-            target,
-        } => run_op(
+        ScrubCmd::Status { errors, target } => run_op(
             &target,
             Op::ScrubStatus {
                 json,
@@ -1047,7 +1155,7 @@ fn scrub_cmd(cmd: ScrubCmd) -> i32 {
         ),
         ScrubCmd::Cancel { target } => run_op(&target, Op::ScrubCancel),
         ScrubCmd::Pause { target } => run_op(&target, Op::ScrubPause),
-        ScrubCmd::Resume { wait, json, target } => {
+        ScrubCmd::Resume { wait, target } => {
             let offline = target.socket.is_none();
             scrub_online(
                 &target,
@@ -1075,11 +1183,13 @@ fn device_arg(dev: String) -> String {
 /// Device membership commands; replace has its own subcommands.
 fn device_cmd(cmd: DeviceCmd) -> i32 {
     match cmd {
-        DeviceCmd::Stats {
-            json,
-            reset,
-            target,
-        } => run_op(&target, Op::DeviceStats { json, reset }),
+        DeviceCmd::Stats { reset, target } => run_op(
+            &target,
+            Op::DeviceStats {
+                json: json_out(),
+                reset,
+            },
+        ),
         DeviceCmd::Add { dev, target } => run_op(
             &target,
             Op::DeviceAdd {
@@ -1096,12 +1206,12 @@ fn device_cmd(cmd: DeviceCmd) -> i32 {
 
 /// Offline, a replace always runs to the end (nothing would keep it going).
 fn replace_cmd(cmd: ReplaceCmd) -> i32 {
+    let json = json_out();
     match cmd {
         ReplaceCmd::Start {
             src,
             new_dev,
             wait,
-            json,
             target,
         } => {
             let src = device_arg(src);
@@ -1116,7 +1226,7 @@ fn replace_cmd(cmd: ReplaceCmd) -> i32 {
                 },
             )
         }
-        ReplaceCmd::Resume { wait, json, target } => {
+        ReplaceCmd::Resume { wait, target } => {
             let offline = target.socket.is_none();
             run_op(
                 &target,
@@ -1126,13 +1236,16 @@ fn replace_cmd(cmd: ReplaceCmd) -> i32 {
                 },
             )
         }
-        ReplaceCmd::Status { json, target } => run_op(&target, Op::DeviceReplaceStatus { json }),
+        ReplaceCmd::Status { target } => {
+            run_op(&target, Op::DeviceReplaceStatus { json: json_out() })
+        }
         ReplaceCmd::Cancel { target } => run_op(&target, Op::DeviceReplaceCancel),
     }
 }
 
 /// Offline, a balance always runs to the end (nothing would keep it going).
 fn balance_cmd(cmd: BalanceCmd) -> i32 {
+    let json = json_out();
     match cmd {
         BalanceCmd::Start {
             data,
@@ -1140,7 +1253,6 @@ fn balance_cmd(cmd: BalanceCmd) -> i32 {
             system,
             full,
             wait,
-            json,
             target,
         } => {
             let offline = target.socket.is_none();
@@ -1169,9 +1281,9 @@ fn balance_cmd(cmd: BalanceCmd) -> i32 {
                 },
             )
         }
-        BalanceCmd::Status { json, target } => run_op(&target, Op::BalanceStatus { json }),
+        BalanceCmd::Status { target } => run_op(&target, Op::BalanceStatus { json: json_out() }),
         BalanceCmd::Pause { target } => run_op(&target, Op::BalancePause),
-        BalanceCmd::Resume { wait, json, target } => {
+        BalanceCmd::Resume { wait, target } => {
             let offline = target.socket.is_none();
             run_op(
                 &target,

@@ -52,6 +52,23 @@ pub fn add(fs: &FsInfo, dev: Arc<dyn BlockDevice>) -> Result<u64> {
     add_with(fs, dev, true)
 }
 
+/// A path that is a member already (by any name): a clear error, checked
+/// before the open, whose lock would otherwise report "in use".
+pub fn refuse_member(fs: &FsInfo, path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let Some(want) = id(path) else {
+        return Ok(());
+    };
+    match fs.devices().iter().find(|d| id(d.dev.path()) == Some(want)) {
+        Some(d) => Err(Error::Device {
+            path: path.to_path_buf(),
+            msg: format!("is already devid {} of this pool", d.devid),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// [`add`], choosing whether new chunks may use the device yet (a replace
 /// target takes its space for the copies first).
 pub fn add_with(fs: &FsInfo, dev: Arc<dyn BlockDevice>, allocatable: bool) -> Result<u64> {
@@ -78,15 +95,7 @@ pub fn add_with(fs: &FsInfo, dev: Arc<dyn BlockDevice>, allocatable: bool) -> Re
         };
         return Err(Error::Device { path, msg: what });
     }
-    let canon = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
-    for d in fs.devices() {
-        if std::fs::canonicalize(d.dev.path()).is_ok_and(|p| p == canon) {
-            return Err(Error::Device {
-                path,
-                msg: format!("is already devid {}", d.devid),
-            });
-        }
-    }
+    refuse_member(fs, &path)?;
     let _serial = crate::util::sync::lock(&fs.reloc_lock);
     let devid = next_devid(fs);
     let d = Arc::new(Device::new(devid, new_uuid(), dev));

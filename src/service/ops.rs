@@ -109,12 +109,23 @@ pub struct OpOutput {
     pub stdout: String,
     pub stderr: String,
     pub exit: i32,
+    /// The result as JSON, for commands whose `stdout` is text only.
+    #[serde(default)]
+    pub value: Option<serde_json::Value>,
 }
 
 impl OpOutput {
     fn ok(stdout: String) -> OpOutput {
         OpOutput {
             stdout,
+            ..Default::default()
+        }
+    }
+    /// A finished command: `text` for people, `value` for `--json`.
+    fn done(text: String, value: serde_json::Value) -> OpOutput {
+        OpOutput {
+            stdout: text,
+            value: Some(value),
             ..Default::default()
         }
     }
@@ -130,6 +141,14 @@ impl OpOutput {
             ..Default::default()
         }
     }
+}
+
+/// A job control request was accepted (the job acts on it at its next step).
+fn requested(job: &str, action: &str) -> OpOutput {
+    OpOutput::done(
+        format!("{job} {action} requested\n"),
+        serde_json::json!({ "job": job, "requested": action }),
+    )
 }
 
 /// Copy unit for import and export.
@@ -204,11 +223,11 @@ fn scrub_op(pool: &Pool, op: &Op) -> Result<OpOutput> {
         }
         Op::ScrubCancel => {
             scrub::cancel(pool.fs())?;
-            OpOutput::ok("scrub cancel requested\n".into())
+            requested("scrub", "cancel")
         }
         Op::ScrubPause => {
             scrub::pause(pool.fs())?;
-            OpOutput::ok("scrub paused\n".into())
+            requested("scrub", "pause")
         }
         _ => unreachable!("not a scrub op: {op:?}"),
     })
@@ -228,14 +247,21 @@ pub fn interrupt(pool: &Pool) {
 fn device_op(pool: &Pool, op: &Op) -> Result<OpOutput> {
     Ok(match op {
         Op::DeviceAdd { path } => {
+            crate::jobs::devices::refuse_member(pool.fs(), path)?;
             let d = crate::device::FileDevice::open(path)?;
             let devid = crate::jobs::devices::add(pool.fs(), Arc::new(d))?;
-            OpOutput::ok(format!("added {} as devid {devid}\n", path.display()))
+            OpOutput::done(
+                format!("added {} as devid {devid}\n", path.display()),
+                serde_json::json!({ "added": path, "devid": devid }),
+            )
         }
         Op::DeviceRemove { dev } => {
             let devid = crate::jobs::devices::resolve(pool.fs(), dev)?;
             crate::jobs::devices::remove(pool.fs(), devid)?;
-            OpOutput::ok(format!("removed devid {devid}\n"))
+            OpOutput::done(
+                format!("removed devid {devid}\n"),
+                serde_json::json!({ "removed_devid": devid }),
+            )
         }
         Op::DeviceReplaceStart {
             src,
@@ -244,6 +270,7 @@ fn device_op(pool: &Pool, op: &Op) -> Result<OpOutput> {
             wait,
         } => {
             let devid = crate::jobs::devices::resolve(pool.fs(), src)?;
+            crate::jobs::devices::refuse_member(pool.fs(), new)?;
             let d = crate::device::FileDevice::open(new)?;
             let run = crate::jobs::dev_replace::start(pool.fs(), devid, Arc::new(d), *wait)?;
             let s = if *wait { run.wait() } else { run.status() };
@@ -259,7 +286,7 @@ fn device_op(pool: &Pool, op: &Op) -> Result<OpOutput> {
         }
         Op::DeviceReplaceCancel => {
             crate::jobs::dev_replace::cancel(pool.fs())?;
-            OpOutput::ok("device replace cancel requested\n".into())
+            requested("device replace", "cancel")
         }
         Op::DeviceStats { json: j, reset } => {
             let stats = pool.device_stats();
@@ -316,11 +343,11 @@ fn balance_op(pool: &Pool, op: &Op) -> Result<OpOutput> {
         }
         Op::BalancePause => {
             crate::jobs::balance::pause(pool.fs())?;
-            OpOutput::ok("balance pause requested\n".into())
+            requested("balance", "pause")
         }
         Op::BalanceCancel => {
             crate::jobs::balance::cancel(pool.fs())?;
-            OpOutput::ok("balance cancel requested\n".into())
+            requested("balance", "cancel")
         }
         _ => unreachable!("not a balance op: {op:?}"),
     })
@@ -333,7 +360,10 @@ fn volume_op(pool: &Pool, op: &Op) -> Result<OpOutput> {
         Op::VolumeCreate { name, size_bytes } => {
             pool.create_volume(name, *size_bytes)?;
             pool.flush()?;
-            OpOutput::ok(format!("created volume {name} ({})\n", human(*size_bytes)))
+            OpOutput::done(
+                format!("created volume {name} ({})\n", human(*size_bytes)),
+                serde_json::json!({ "created": name, "size_bytes": size_bytes }),
+            )
         }
         Op::VolumeList { json: j } => {
             let vols = pool.list_volumes()?;
@@ -356,12 +386,18 @@ fn volume_op(pool: &Pool, op: &Op) -> Result<OpOutput> {
         Op::VolumeDelete { name } => {
             pool.delete_volume(name)?;
             pool.flush()?;
-            OpOutput::ok(format!("deleted volume {name}\n"))
+            OpOutput::done(
+                format!("deleted volume {name}\n"),
+                serde_json::json!({ "deleted": name }),
+            )
         }
         Op::VolumeResize { name, size_bytes } => {
             pool.resize_volume(name, *size_bytes)?;
             pool.flush()?;
-            OpOutput::ok(format!("resized volume {name} to {}\n", human(*size_bytes)))
+            OpOutput::done(
+                format!("resized volume {name} to {}\n", human(*size_bytes)),
+                serde_json::json!({ "resized": name, "size_bytes": size_bytes }),
+            )
         }
         Op::VolumeSet { name, read_only } => {
             let Some(ro) = read_only else {
@@ -372,15 +408,24 @@ fn volume_op(pool: &Pool, op: &Op) -> Result<OpOutput> {
             pool.set_volume_read_only(name, *ro)?;
             pool.flush()?;
             let what = if *ro { "read-only" } else { "writable" };
-            OpOutput::ok(format!("volume {name} is {what}\n"))
+            OpOutput::done(
+                format!("volume {name} is {what}\n"),
+                serde_json::json!({ "volume": name, "read_only": ro }),
+            )
         }
         Op::VolumeImport { name, file } => {
             let n = import(pool, name, file)?;
-            OpOutput::ok(format!("imported {} into volume {name}\n", human(n)))
+            OpOutput::done(
+                format!("imported {} into volume {name}\n", human(n)),
+                serde_json::json!({ "imported": name, "file": file, "bytes": n }),
+            )
         }
         Op::VolumeExport { name, file } => {
             let n = export(pool, name, file)?;
-            OpOutput::ok(format!("exported {} from volume {name}\n", human(n)))
+            OpOutput::done(
+                format!("exported {} from volume {name}\n", human(n)),
+                serde_json::json!({ "exported": name, "file": file, "bytes": n }),
+            )
         }
         _ => unreachable!("not a volume op: {op:?}"),
     })

@@ -38,6 +38,8 @@ pub struct ServeConfig {
     pub tls: Option<TlsFiles>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Print the ready banner as one JSON object (`--json`).
+    pub json_banner: bool,
 }
 
 /// `serve --tls-cert/--tls-key/--tls-client-ca/--tls`.
@@ -315,7 +317,12 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
         thread::spawn(move || reclaimer(p, t, s))
     });
     let tls_required = cfg.tls.as_ref().is_some_and(|t| t.required);
-    print_banner(&pool, (&listener, &cfg.listen, tls_required), &sock_path);
+    print_banner(
+        &pool,
+        (&listener, &cfg.listen, tls_required),
+        &sock_path,
+        cfg.json_banner,
+    );
     let served = match listener {
         Listener::Tcp(l) => server.serve_tcp(l),
         Listener::Unix(l, p) => {
@@ -432,10 +439,14 @@ fn install_signal_handlers(stop: Arc<AtomicBool>, shutdown: nbd::ShutdownHandle)
 
 /// Tell the user where to connect; flushed, since scripts wait for it.
 /// `nbd://` or, when TLS is required, `nbds://` (as libnbd spells it).
-fn print_banner(pool: &Pool, (listener, listen, tls): (&Listener, &str, bool), sock_path: &Path) {
+fn print_banner(
+    pool: &Pool,
+    (listener, listen, tls): (&Listener, &str, bool),
+    sock_path: &Path,
+    json: bool,
+) {
     let scheme = if tls { "nbds" } else { "nbd" };
     let exports = pool.volume_names();
-    let first = exports.first().cloned().unwrap_or_else(|| "NAME".into());
     let uri = match listener {
         Listener::Tcp(l) => {
             let a = l
@@ -446,13 +457,15 @@ fn print_banner(pool: &Pool, (listener, listen, tls): (&Listener, &str, bool), s
         }
         Listener::Unix(_, p) => format!("{scheme}+unix:///?socket={}", p.display()),
     };
-    println!("chunkvol serving {} on {uri}", exports.join(", "));
-    println!("control socket: {}", sock_path.display());
-    match listener {
-        Listener::Tcp(_) => println!("try: nbdinfo {uri}/{first}"),
-        Listener::Unix(_, p) => {
-            println!("try: nbdinfo 'nbd+unix:///{first}?socket={}'", p.display())
-        }
+    if json {
+        let v = serde_json::json!({
+            "exports": exports,
+            "uri": uri,
+            "control_socket": sock_path,
+        });
+        println!("{v}");
+    } else {
+        print_banner_text(listener, &uri, &exports, sock_path);
     }
     {
         use std::io::Write;
@@ -466,5 +479,17 @@ fn print_banner(pool: &Pool, (listener, listen, tls): (&Listener, &str, bool), s
     ];
     if let Err(e) = sd_notify::notify(&ready) {
         tracing::warn!("sd_notify: {e}");
+    }
+}
+
+fn print_banner_text(listener: &Listener, uri: &str, exports: &[String], sock_path: &Path) {
+    let first = exports.first().cloned().unwrap_or_else(|| "NAME".into());
+    println!("chunkvol serving {} on {uri}", exports.join(", "));
+    println!("control socket: {}", sock_path.display());
+    match listener {
+        Listener::Tcp(_) => println!("try: nbdinfo {uri}/{first}"),
+        Listener::Unix(_, p) => {
+            println!("try: nbdinfo 'nbd+unix:///{first}?socket={}'", p.display())
+        }
     }
 }
