@@ -7,7 +7,7 @@ for t in nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:libnbd-bin nbdkit:nbdkit 
          qemu-io:qemu-utils qemu-img:qemu-utils mkfs.ext4:e2fsprogs losetup:mount \
          fusermount3:fuse3 cmp:diffutils e2fsck:e2fsprogs debugfs:e2fsprogs \
          setpriv:util-linux openssl:openssl \
-         systemd-analyze:systemd bash:bash; do
+         systemd-analyze:systemd bash:bash script:bsdutils chromium:chromium; do
   cmd=${t%%:*}; pkg=${t##*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

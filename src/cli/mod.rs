@@ -12,6 +12,9 @@ use crate::pool::{MkfsOptions, Pool};
 use crate::service::ops::{self, Op, OpOutput};
 use crate::util::size;
 
+mod progress;
+use progress::Watch;
+
 /// chunkvol: self-healing, multi-device, copy-on-write block storage served over NBD.
 #[derive(Parser, Debug)]
 #[command(name = "chunkvol", version, about)]
@@ -487,70 +490,6 @@ enum ScrubCmd {
     },
 }
 
-/// Start or resume online, and with -B poll until the end.
-fn scrub_online(target: &Target, op: Op, wait: bool, json: bool) -> i32 {
-    let Some(sock) = &target.socket else {
-        // Offline always waits.
-        return run_op(target, op);
-    };
-    let out = match crate::service::control::request(sock, &op) {
-        Ok(o) => o,
-        Err(e) => return fail(2, e),
-    };
-    if out.exit != 0 || !wait {
-        return emit(out);
-    }
-    use std::io::IsTerminal;
-    let tty = std::io::stderr().is_terminal();
-    loop {
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        let st = match crate::service::control::request(
-            sock,
-            &Op::ScrubStatus {
-                json: true,
-                errors: false,
-                final_exit: false,
-            },
-        ) {
-            Ok(o) => o,
-            Err(e) => return fail(2, e),
-        };
-        let v: serde_json::Value = serde_json::from_str(&st.stdout).unwrap_or_default();
-        let state = v["state"].as_str().unwrap_or("").to_string();
-        if tty {
-            let done = v["bytes_scrubbed"].as_u64().unwrap_or(0);
-            let total = v["bytes_total"].as_u64().unwrap_or(0).max(1);
-            let width = 40usize;
-            let fill = ((done as f64 / total as f64).min(1.0) * width as f64) as usize;
-            eprint!(
-                "\r[{}{}] {:>5.1}% {}/s eta {}s   ",
-                "#".repeat(fill),
-                "-".repeat(width - fill),
-                100.0 * done as f64 / total as f64,
-                size::human(v["rate_bytes_per_s"].as_u64().unwrap_or(0)),
-                v["eta_s"].as_u64().unwrap_or(0)
-            );
-        }
-        if state != "running" && state != "paused" {
-            if tty {
-                eprintln!();
-            }
-            break;
-        }
-    }
-    match crate::service::control::request(
-        sock,
-        &Op::ScrubStatus {
-            json,
-            errors: false,
-            final_exit: true,
-        },
-    ) {
-        Ok(o) => emit(o),
-        Err(e) => fail(2, e),
-    }
-}
-
 #[derive(Subcommand, Debug)]
 enum DeviceCmd {
     /// Error counters per device.
@@ -690,16 +629,34 @@ impl OfflineSignals {
 }
 
 fn run_op(target: &Target, op: Op) -> i32 {
+    run_op_with(target, op, None)
+}
+
+/// [`run_op`] with a progress bar following `watch` while it runs.
+fn run_op_with(target: &Target, op: Op, watch: Option<Watch>) -> i32 {
     match (&target.socket, target.devs.is_empty()) {
         (Some(_), false) => fail(2, "give either --socket or device paths, not both"),
         (None, true) => fail(
             2,
             "no target: give --socket PATH or the pool's device paths",
         ),
-        (Some(sock), true) => match crate::service::control::request(sock, &op) {
-            Ok(out) => emit(out),
-            Err(e) => fail(2, e),
-        },
+        (Some(sock), true) => {
+            let bar = watch.and_then(|w| {
+                let sock = sock.clone();
+                progress::start(
+                    w,
+                    Box::new(move |op| crate::service::control::request(&sock, op).ok()),
+                )
+            });
+            let r = crate::service::control::request(sock, &op);
+            if let Some(b) = bar {
+                b.finish(r.as_ref().is_ok_and(|o| o.exit == 0));
+            }
+            match r {
+                Ok(out) => emit(out),
+                Err(e) => fail(2, e),
+            }
+        }
         (None, false) => {
             let opts = crate::pool::OpenOptions {
                 degraded: target.degraded,
@@ -713,7 +670,14 @@ fn run_op(target: &Target, op: Op) -> i32 {
                 Ok(s) => s,
                 Err(e) => return fail(1, e),
             };
+            let bar = watch.and_then(|w| {
+                let p = pool.clone();
+                progress::start(w, Box::new(move |op| Some(ops::run(&p, op))))
+            });
             let out = ops::run(&pool, &op);
+            if let Some(b) = bar {
+                b.finish(out.exit == 0);
+            }
             let interrupted = signals.finish();
             if let Err(e) = pool.close() {
                 return fail(1, e);
@@ -1100,24 +1064,27 @@ fn volume_cmd(cmd: VolumeCmd) -> i32 {
             read_only,
             target,
         } => run_op(&target, Op::VolumeSet { name, read_only }),
-        VolumeCmd::Import { name, file, target } => run_op(
-            &target,
-            Op::VolumeImport {
-                name,
-                file: absolute(&file),
-            },
-        ),
-        VolumeCmd::Export { name, file, target } => run_op(
-            &target,
-            Op::VolumeExport {
-                name,
-                file: absolute(&file),
-            },
-        ),
+        VolumeCmd::Import { name, file, target } => {
+            let file = absolute(&file);
+            let watch = Some(Watch::Task("import"));
+            run_op_with(&target, Op::VolumeImport { name, file }, watch)
+        }
+        VolumeCmd::Export { name, file, target } => {
+            let file = absolute(&file);
+            let watch = Some(Watch::Task("export"));
+            run_op_with(&target, Op::VolumeExport { name, file }, watch)
+        }
     }
 }
 
-/// Start and resume poll online with -B; offline the op itself waits.
+/// Whether a job command waits for the end (`-B`, and always offline,
+/// where nothing would keep the job going), and the bar to show then.
+fn waiting(wait: bool, target: &Target, w: Watch) -> (bool, Option<Watch>) {
+    let wait = wait || target.socket.is_none();
+    (wait, wait.then_some(w))
+}
+
+/// Scrub commands; start and resume wait with -B, and always offline.
 fn scrub_cmd(cmd: ScrubCmd) -> i32 {
     let json = json_out();
     match cmd {
@@ -1133,17 +1100,8 @@ fn scrub_cmd(cmd: ScrubCmd) -> i32 {
                 devid,
                 limit_bytes_per_s: limit,
             };
-            let offline = target.socket.is_none();
-            scrub_online(
-                &target,
-                Op::ScrubStart {
-                    opts,
-                    json,
-                    wait: offline,
-                },
-                wait,
-                json,
-            )
+            let (wait, watch) = waiting(wait, &target, Watch::Scrub);
+            run_op_with(&target, Op::ScrubStart { opts, json, wait }, watch)
         }
         ScrubCmd::Status { errors, target } => run_op(
             &target,
@@ -1156,16 +1114,8 @@ fn scrub_cmd(cmd: ScrubCmd) -> i32 {
         ScrubCmd::Cancel { target } => run_op(&target, Op::ScrubCancel),
         ScrubCmd::Pause { target } => run_op(&target, Op::ScrubPause),
         ScrubCmd::Resume { wait, target } => {
-            let offline = target.socket.is_none();
-            scrub_online(
-                &target,
-                Op::ScrubResume {
-                    json,
-                    wait: offline,
-                },
-                wait,
-                json,
-            )
+            let (wait, watch) = waiting(wait, &target, Watch::Scrub);
+            run_op_with(&target, Op::ScrubResume { json, wait }, watch)
         }
     }
 }
@@ -1198,7 +1148,11 @@ fn device_cmd(cmd: DeviceCmd) -> i32 {
         ),
         DeviceCmd::Remove { dev, target } => {
             let dev = device_arg(dev);
-            run_op(&target, Op::DeviceRemove { dev })
+            run_op_with(
+                &target,
+                Op::DeviceRemove { dev },
+                Some(Watch::Task("remove")),
+            )
         }
         DeviceCmd::Replace { cmd } => replace_cmd(cmd),
     }
@@ -1215,26 +1169,19 @@ fn replace_cmd(cmd: ReplaceCmd) -> i32 {
             target,
         } => {
             let src = device_arg(src);
-            let offline = target.socket.is_none();
-            run_op(
-                &target,
-                Op::DeviceReplaceStart {
-                    src,
-                    new: absolute(&new_dev),
-                    json,
-                    wait: wait || offline,
-                },
-            )
+            let (wait, watch) = waiting(wait, &target, Watch::Replace);
+            let new = absolute(&new_dev);
+            let op = Op::DeviceReplaceStart {
+                src,
+                new,
+                json,
+                wait,
+            };
+            run_op_with(&target, op, watch)
         }
         ReplaceCmd::Resume { wait, target } => {
-            let offline = target.socket.is_none();
-            run_op(
-                &target,
-                Op::DeviceReplaceResume {
-                    json,
-                    wait: wait || offline,
-                },
-            )
+            let (wait, watch) = waiting(wait, &target, Watch::Replace);
+            run_op_with(&target, Op::DeviceReplaceResume { json, wait }, watch)
         }
         ReplaceCmd::Status { target } => {
             run_op(&target, Op::DeviceReplaceStatus { json: json_out() })
@@ -1255,7 +1202,6 @@ fn balance_cmd(cmd: BalanceCmd) -> i32 {
             wait,
             target,
         } => {
-            let offline = target.socket.is_none();
             let args = crate::jobs::balance::BalanceArgs {
                 data,
                 metadata,
@@ -1272,26 +1218,14 @@ fn balance_cmd(cmd: BalanceCmd) -> i32 {
                     return fail(2, e);
                 }
             }
-            run_op(
-                &target,
-                Op::BalanceStart {
-                    args,
-                    json,
-                    wait: wait || offline,
-                },
-            )
+            let (wait, watch) = waiting(wait, &target, Watch::Balance);
+            run_op_with(&target, Op::BalanceStart { args, json, wait }, watch)
         }
         BalanceCmd::Status { target } => run_op(&target, Op::BalanceStatus { json: json_out() }),
         BalanceCmd::Pause { target } => run_op(&target, Op::BalancePause),
         BalanceCmd::Resume { wait, target } => {
-            let offline = target.socket.is_none();
-            run_op(
-                &target,
-                Op::BalanceResume {
-                    json,
-                    wait: wait || offline,
-                },
-            )
+            let (wait, watch) = waiting(wait, &target, Watch::Balance);
+            run_op_with(&target, Op::BalanceResume { json, wait }, watch)
         }
         BalanceCmd::Cancel { target } => run_op(&target, Op::BalanceCancel),
     }

@@ -10,7 +10,7 @@ use crate::engine::fs_info::FsInfo;
 use crate::engine::transaction::{self, commit};
 use crate::format::progress::BalanceProgress as Persisted;
 use crate::format::{bg_type, item, objectid, tree_id, Key, Profile};
-use crate::jobs::control::{Completion, JobSlot};
+use crate::jobs::control::{ActiveClock, Completion, JobSlot, Pace};
 use crate::jobs::relocation::relocate_block_group;
 use crate::util::error::{Error, Result};
 use crate::util::sync::{lock, Arc, AtomicBool, AtomicU64, Mutex, Ordering};
@@ -317,6 +317,10 @@ pub struct BalanceStatus {
     pub block_groups_done: u64,
     pub block_groups_left: u64,
     pub bytes_relocated: u64,
+    /// This run's duration, rate and time left (zero for a run of an
+    /// earlier process).
+    #[serde(flatten)]
+    pub pace: Pace,
     pub args: Option<BalanceArgs>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
@@ -334,18 +338,52 @@ pub struct BalanceRun {
     cancel: AtomicBool,
     failure: Mutex<Option<String>>,
     finished: Completion,
+    /// This run's working time; stopped when it ends.
+    clock: ActiveClock,
+    /// Groups and bytes done before this run (a resumed balance).
+    done_before: u64,
+    bytes_before: u64,
 }
 
 impl BalanceRun {
+    fn new(args: BalanceArgs, started_at: u64, done_before: u64, bytes_before: u64) -> Self {
+        BalanceRun {
+            args,
+            started_at,
+            state: Mutex::new(State::Running),
+            total: AtomicU64::new(0),
+            done: AtomicU64::new(done_before),
+            bytes: AtomicU64::new(bytes_before),
+            pause: AtomicBool::new(false),
+            cancel: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            finished: Completion::default(),
+            clock: ActiveClock::running(),
+            done_before,
+            bytes_before,
+        }
+    }
+
     pub fn status(&self, fs: &FsInfo) -> BalanceStatus {
         let total = self.total.load(Ordering::Acquire);
+        let state = *lock(&self.state);
+        let done = self.done.load(Ordering::Acquire);
+        let bytes = self.bytes.load(Ordering::Acquire);
+        let left = pending(fs).map(|p| p.len() as u64).unwrap_or(0);
         BalanceStatus {
-            state: *lock(&self.state),
+            state,
             started_at: self.started_at,
             block_groups_total: total,
-            block_groups_done: self.done.load(Ordering::Acquire),
-            block_groups_left: pending(fs).map(|p| p.len() as u64).unwrap_or(0),
-            bytes_relocated: self.bytes.load(Ordering::Acquire),
+            block_groups_done: done,
+            block_groups_left: left,
+            bytes_relocated: bytes,
+            pace: Pace::of(
+                self.clock.active().as_secs_f64(),
+                bytes - self.bytes_before,
+                done - self.done_before,
+                left,
+                state == State::Running,
+            ),
             args: Some(self.args.clone()),
             failure: lock(&self.failure).clone(),
         }
@@ -441,18 +479,7 @@ pub fn start(fs: &Arc<FsInfo>, args: BalanceArgs, wait: bool) -> Result<Arc<Bala
         }
     }
     let plan = Plan::new(fs, &args)?;
-    let run = Arc::new(BalanceRun {
-        args,
-        started_at: now_s(),
-        state: Mutex::new(State::Running),
-        total: AtomicU64::new(0),
-        done: AtomicU64::new(0),
-        bytes: AtomicU64::new(0),
-        pause: AtomicBool::new(false),
-        cancel: AtomicBool::new(false),
-        failure: Mutex::new(None),
-        finished: Completion::default(),
-    });
+    let run = Arc::new(BalanceRun::new(args, now_s(), 0, 0));
     // Convert first: the moves must allocate in the target profile.
     let chosen = transaction::change(fs, |ctx| {
         if let Some(p) = plan.by_type.get(&bg_type::DATA).and_then(|f| f.convert) {
@@ -498,18 +525,9 @@ pub fn resume(fs: &Arc<FsInfo>, wait: bool) -> Result<Arc<BalanceRun>> {
         )));
     }
     let plan = Plan::new(fs, &p.args)?;
-    let run = Arc::new(BalanceRun {
-        args: p.args,
-        started_at: p.started_at,
-        state: Mutex::new(State::Running),
-        total: AtomicU64::new(p.block_groups_total),
-        done: AtomicU64::new(p.block_groups_done),
-        bytes: AtomicU64::new(p.bytes_relocated),
-        pause: AtomicBool::new(false),
-        cancel: AtomicBool::new(false),
-        failure: Mutex::new(None),
-        finished: Completion::default(),
-    });
+    let run = BalanceRun::new(p.args, p.started_at, p.block_groups_done, p.bytes_relocated);
+    run.total.store(p.block_groups_total, Ordering::Release);
+    let run = Arc::new(run);
     save(fs, &run.persisted())?;
     *slot = Some(run.clone());
     drop(slot);
@@ -574,6 +592,7 @@ pub fn status(fs: &FsInfo) -> Result<BalanceStatus> {
             block_groups_done: 0,
             block_groups_left: 0,
             bytes_relocated: 0,
+            pace: Pace::default(),
             args: None,
             failure: None,
         },
@@ -589,6 +608,7 @@ pub fn status(fs: &FsInfo) -> Result<BalanceStatus> {
             block_groups_done: p.block_groups_done,
             block_groups_left: pending(fs)?.len() as u64,
             bytes_relocated: p.bytes_relocated,
+            pace: Pace::default(),
             args: Some(p.args),
             failure: p.failure,
         },
@@ -607,6 +627,7 @@ fn drive(fs: &FsInfo, run: &BalanceRun, plan: &Plan) {
             State::Interrupted
         }
     };
+    run.clock.set_paused(true);
     *lock(&run.state) = end;
     if !fs.is_aborted() {
         let r = (|| {

@@ -46,7 +46,9 @@ pub struct ReplaceStatus {
     pub block_groups_total: u64,
     pub block_groups_done: u64,
     pub bytes_copied: u64,
-    pub duration_s: f64,
+    /// This run's duration, rate and time left.
+    #[serde(flatten)]
+    pub pace: crate::jobs::control::Pace,
     /// Sectors with no good copy on any mirror: copied as they were (their
     /// reads keep failing), logged in `errors`.
     pub uncorrectable_errors: u64,
@@ -70,6 +72,8 @@ pub struct ReplaceRun {
     state: Mutex<State>,
     total: AtomicU64,
     done: AtomicU64,
+    /// Groups an earlier run did (a resumed replace).
+    done_before: u64,
     bytes: AtomicU64,
     elapsed_s: Mutex<Option<f64>>,
     cancel: AtomicBool,
@@ -87,16 +91,27 @@ pub struct ReplaceRun {
 
 impl ReplaceRun {
     pub fn status(&self) -> ReplaceStatus {
+        let state = *lock(&self.state);
+        let total = self.total.load(Ordering::Acquire);
+        let done = self.done.load(Ordering::Acquire);
+        let bytes = self.bytes.load(Ordering::Acquire);
+        let secs = lock(&self.elapsed_s).unwrap_or(self.started.elapsed().as_secs_f64());
         ReplaceStatus {
-            state: *lock(&self.state),
+            state,
             src_devid: self.src_devid,
             target_devid: self.target_devid.load(Ordering::Acquire),
             target_left: self.target_left.load(Ordering::Acquire),
             target_path: self.target.dev.path().display().to_string(),
-            block_groups_total: self.total.load(Ordering::Acquire),
-            block_groups_done: self.done.load(Ordering::Acquire),
-            bytes_copied: self.bytes.load(Ordering::Acquire),
-            duration_s: lock(&self.elapsed_s).unwrap_or(self.started.elapsed().as_secs_f64()),
+            block_groups_total: total,
+            block_groups_done: done,
+            bytes_copied: bytes,
+            pace: crate::jobs::control::Pace::of(
+                secs,
+                bytes,
+                done.saturating_sub(self.done_before),
+                total.saturating_sub(done),
+                state == State::Running,
+            ),
             uncorrectable_errors: self.uncorrectable.load(Ordering::Acquire),
             errors: lock(&self.errors).clone(),
             failure: lock(&self.failure).clone(),
@@ -169,7 +184,7 @@ pub fn status(fs: &FsInfo) -> Option<ReplaceStatus> {
         block_groups_total: p.block_groups_total,
         block_groups_done: p.block_groups_done,
         bytes_copied: p.bytes_copied,
-        duration_s: 0.0,
+        pace: Default::default(),
         uncorrectable_errors: p.uncorrectable_errors,
         errors: Vec::new(),
         failure: p.failure,
@@ -386,6 +401,7 @@ fn begin(fs: &FsInfo, target: Arc<Device>, from: &ReplaceProgress) -> Result<Arc
         state: Mutex::new(State::Running),
         total: AtomicU64::new(from.block_groups_total),
         done: AtomicU64::new(from.block_groups_done),
+        done_before: from.block_groups_done,
         bytes: AtomicU64::new(0),
         elapsed_s: Mutex::new(None),
         cancel: AtomicBool::new(false),

@@ -169,7 +169,12 @@ pub fn remove(fs: &FsInfo, devid: u64) -> Result<()> {
     if let Some(d) = &present {
         d.allocatable.store(false, Ordering::Release);
     }
-    let r = evacuate(fs, devid);
+    let total_bytes = chunks_on(fs, devid)
+        .iter()
+        .filter_map(|&s| fs.block_group(s).map(|b| b.length))
+        .sum();
+    let task = crate::jobs::control::begin_task(fs, "remove", devid.to_string(), total_bytes);
+    let r = evacuate(fs, devid, &task);
     if r.is_err() {
         if let Some(d) = &present {
             d.allocatable.store(true, Ordering::Release);
@@ -181,7 +186,7 @@ pub fn remove(fs: &FsInfo, devid: u64) -> Result<()> {
     Ok(())
 }
 
-fn evacuate(fs: &FsInfo, devid: u64) -> Result<()> {
+fn evacuate(fs: &FsInfo, devid: u64, task: &crate::jobs::control::TaskGuard) -> Result<()> {
     let never = || false;
     let deadline = crate::util::sched::now() + DRAIN_WAIT;
     loop {
@@ -192,6 +197,7 @@ fn evacuate(fs: &FsInfo, devid: u64) -> Result<()> {
         for start in &todo {
             crate::failpoint!("devices::remove_group", *start);
             relocate_block_group(fs, *start, &never)?;
+            task.advance(fs.block_group(*start).map_or(0, |b| b.length));
         }
         if chunks_on(fs, devid).is_empty() {
             return Ok(());

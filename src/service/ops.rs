@@ -101,6 +101,9 @@ pub enum Op {
         wait: bool,
     },
     BalanceCancel,
+    /// Long operations running now that are not jobs (device remove,
+    /// volume import and export): for progress bars.
+    Progress,
 }
 
 /// What a command prints and how it exits.
@@ -189,6 +192,9 @@ fn run_inner(pool: &Pool, op: &Op) -> Result<OpOutput> {
         | Op::BalancePause
         | Op::BalanceCancel => balance_op(pool, op),
         Op::Usage { json: j } => Ok(usage_output(pool, *j)),
+        Op::Progress => Ok(OpOutput::ok(json(&serde_json::json!({
+            "tasks": crate::jobs::control::tasks(pool.fs())
+        })))),
         Op::VolumeCreate { .. }
         | Op::VolumeList { .. }
         | Op::VolumeDelete { .. }
@@ -496,6 +502,7 @@ pub fn import(pool: &Pool, name: &str, file: &std::path::Path) -> Result<u64> {
             file.display()
         )));
     }
+    let task = crate::jobs::control::begin_task(pool.fs(), "import", name.into(), len);
     let mut buf = vec![0u8; COPY_UNIT_BYTES];
     let mut off = 0u64;
     while off < len {
@@ -504,6 +511,7 @@ pub fn import(pool: &Pool, name: &str, file: &std::path::Path) -> Result<u64> {
             .map_err(|e| io_err(file, "read failed", e))?;
         v.write_at(&buf[..n], off)?;
         off += n as u64;
+        task.advance(n as u64);
     }
     v.flush()?;
     Ok(len)
@@ -514,6 +522,7 @@ pub fn export(pool: &Pool, name: &str, file: &std::path::Path) -> Result<u64> {
     let v = pool.volume(name)?;
     let size = v.size_bytes()?;
     let mut f = File::create(file).map_err(|e| io_err(file, "cannot create", e))?;
+    let task = crate::jobs::control::begin_task(pool.fs(), "export", name.into(), size);
     let mut buf = vec![0u8; COPY_UNIT_BYTES];
     let mut off = 0u64;
     while off < size {
@@ -528,11 +537,38 @@ pub fn export(pool: &Pool, name: &str, file: &std::path::Path) -> Result<u64> {
                 .map_err(|e| io_err(file, "write failed", e))?;
         }
         off += n as u64;
+        task.advance(n as u64);
     }
     f.set_len(size)
         .map_err(|e| io_err(file, "cannot size", e))?;
     f.sync_all().map_err(|e| io_err(file, "sync failed", e))?;
     Ok(size)
+}
+
+/// Unix seconds as local RFC 3339 (`2026-12-01T06:10:00+01:00`), as an
+/// operator reads them; UTC when the zone is unknown.
+pub fn local_time(unix_s: u64) -> String {
+    let Ok(ts) = jiff::Timestamp::from_second(unix_s.min(i64::MAX as u64) as i64) else {
+        return format!("@{unix_s}");
+    };
+    let zoned = ts.to_zoned_datetime(jiff::tz::TimeZone::system());
+    zoned.strftime("%Y-%m-%dT%H:%M:%S%:z").to_string()
+}
+
+/// A run's duration, rate and time left, as `status` prints them.
+fn pace_text(p: &crate::jobs::control::Pace) -> String {
+    if p.duration_s == 0.0 {
+        return String::new(); // a run of an earlier process: not recorded
+    }
+    let mut t = format!(
+        "Duration:         {:.1}s\nRate:             {}/s\n",
+        p.duration_s,
+        crate::util::size::human(p.rate_bytes_per_s)
+    );
+    if let Some(e) = p.eta_s {
+        t += &format!("Time left:        {e}s\n");
+    }
+    t
 }
 
 /// Print a balance status; exit 1 when it stopped on a failure.
@@ -545,10 +581,14 @@ pub fn balance_output(s: &crate::jobs::balance::BalanceStatus, as_json: bool) ->
             "Block groups:     {} of {} done, {} left\n",
             s.block_groups_done, s.block_groups_total, s.block_groups_left
         );
+        if s.started_at > 0 {
+            t += &format!("Started at:       {}\n", local_time(s.started_at));
+        }
         t += &format!(
             "Relocated:        {}\n",
             crate::util::size::human(s.bytes_relocated)
         );
+        t += &pace_text(&s.pace);
         if let Some(f) = &s.failure {
             t += &format!("Failure:          {f}\n");
         }
@@ -583,12 +623,12 @@ pub fn replace_output(
             s.target_path
         );
         t += &format!(
-            "Block groups:     {} of {} copied, {} in {:.1}s\n",
+            "Block groups:     {} of {} copied, {}\n",
             s.block_groups_done,
             s.block_groups_total,
             crate::util::size::human(s.bytes_copied),
-            s.duration_s
         );
+        t += &pace_text(&s.pace);
         if s.target_left {
             t += &format!(
                 "New device:       left the pool again; {} can be used anew\n",
@@ -646,7 +686,7 @@ pub fn scrub_output(
             if s.readonly { " (read-only)" } else { "" }
         );
         if s.started_at > 0 {
-            t += &format!("Started at:       {} (unix time)\n", s.started_at);
+            t += &format!("Started at:       {}\n", local_time(s.started_at));
         }
         t += &format!(
             "Duration:         {:.1}s (paused time excluded)\n",
