@@ -25,7 +25,7 @@ use crate::engine::fs_info::FsInfo;
 use crate::engine::transaction::Ctx;
 use crate::format::{bg_type, item, objectid, tree_id, Key, Profile};
 use crate::util::error::Result;
-use crate::util::sync::{lock, write, Arc, OrderedGuard, OrderedMutex, Rank};
+use crate::util::sync::{lock, write, Arc, Mutex, OrderedGuard, OrderedMutex, Rank};
 
 /// Mutable state of a block group, under its lock. Private: only this
 /// module changes it.
@@ -645,6 +645,42 @@ pub(crate) fn free_space_now(fs: &FsInfo) -> Result<bool> {
     Ok(pinned || deleted > 0)
 }
 
+/// Removed groups remembered for display (the dashboard's map).
+pub const RECENTLY_REMOVED_MAX: usize = 64;
+
+/// A block group that was removed, as the dashboard shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RemovedGroup {
+    pub start: u64,
+    pub length: u64,
+    #[serde(rename = "type")]
+    pub bg_type: &'static str,
+    pub profile: &'static str,
+    /// Unix seconds.
+    pub removed_at: u64,
+}
+
+/// The last [`RECENTLY_REMOVED_MAX`] groups removed in this process,
+/// oldest first. Display only: nothing decides anything from it.
+#[derive(Default)]
+pub struct RecentlyRemoved(Mutex<VecDeque<RemovedGroup>>);
+
+impl RecentlyRemoved {
+    fn push(&self, g: RemovedGroup) {
+        let mut q = lock(&self.0);
+        if q.len() == RECENTLY_REMOVED_MAX {
+            q.pop_front();
+        }
+        q.push_back(g);
+        debug_assert!(q.len() <= RECENTLY_REMOVED_MAX);
+    }
+
+    /// A copy, oldest first.
+    pub fn list(&self) -> Vec<RemovedGroup> {
+        lock(&self.0).iter().cloned().collect()
+    }
+}
+
 /// Delete a block group's items in the running transaction and retire it in
 /// memory. The caller's read-only hold proves nothing allocates there; the
 /// caller checked [`BlockGroup::removable`] in the same transaction (the
@@ -689,6 +725,13 @@ pub fn remove_block_group(ctx: &mut Ctx, hold: &RoHold) -> Result<()> {
     if drop_now {
         drop_chunk_map(fs, bg);
     }
+    fs.extension::<RecentlyRemoved>().push(RemovedGroup {
+        start: bg.start,
+        length: bg.length,
+        bg_type: bg_type::name(bg.bg_type),
+        profile: bg.profile.name(),
+        removed_at: crate::util::time::now_s(),
+    });
     tracing::info!(
         "deleted unused {} block group {:#x} ({} bytes)",
         bg_type::name(bg.bg_type),

@@ -497,13 +497,23 @@ fn scrape(reg: &Registry) -> String {
 /// The metrics listener, bound before the pool is opened.
 pub struct Listener(tiny_http::Server);
 
+impl Listener {
+    /// Where it listens (port 0 binds a free one).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.0.server_addr().to_ip()
+    }
+}
+
 pub fn bind(addr: SocketAddr) -> Result<Listener> {
     tiny_http::Server::http(addr)
         .map(Listener)
         .map_err(|e| Error::Invalid(format!("--metrics {addr}: cannot listen: {e}")))
 }
 
-/// Serves `/metrics` until `stop` is set.
+/// Serves `/metrics` and the dashboard ([`dashboard::route`]) until `stop`
+/// is set.
+///
+/// [`dashboard::route`]: crate::service::dashboard::route
 pub fn spawn(
     l: Listener,
     pool: Pool,
@@ -512,7 +522,10 @@ pub fn spawn(
 ) -> thread::JoinHandle<()> {
     let http = l.0;
     let mut reg = Registry::default();
-    reg.register_collector(Box::new(PoolCollector { pool, nbd }));
+    reg.register_collector(Box::new(PoolCollector {
+        pool: pool.clone(),
+        nbd,
+    }));
     thread::spawn(move || {
         while !stop.load(Ordering::Acquire) {
             let req = match http.recv_timeout(POLL) {
@@ -530,8 +543,13 @@ pub fn spawn(
                 )
                 .expect("static header");
                 tiny_http::Response::from_string(scrape(&reg)).with_header(ct)
+            } else if let Some(r) = crate::service::dashboard::route(req.url(), &pool) {
+                let ct = tiny_http::Header::from_bytes(&b"Content-Type"[..], r.content_type)
+                    .expect("static header");
+                tiny_http::Response::from_string(r.body).with_header(ct)
             } else {
-                tiny_http::Response::from_string("not found: try /metrics\n").with_status_code(404)
+                tiny_http::Response::from_string("not found: try /metrics or /\n")
+                    .with_status_code(404)
             };
             let _ = req.respond(resp);
         }

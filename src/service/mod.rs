@@ -2,6 +2,7 @@
 //! control socket (`control`) and `chunkvol serve` (`server`).
 
 pub mod control;
+pub mod dashboard;
 pub mod metrics;
 pub mod ops;
 pub mod server;
