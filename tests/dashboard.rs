@@ -65,6 +65,7 @@ fn chromium(url: &str, extra: &[&str]) -> String {
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
+        "--disable-dev-shm-usage",
         "--hide-scrollbars",
         "--window-size=1200,800",
         // Virtual time: the page's timers run until this much has passed,
