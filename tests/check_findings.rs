@@ -184,7 +184,7 @@ fn an_extent_without_its_volume_mapping() {
     assert_eq!(
         problems(&pool),
         set(&[format!(
-            "data extent {logical:#x}+{len}: volume {vid} LBA {lba} does not map it"
+            "data extent {logical:#x}+{len}: volume {vid} byte offset {lba} does not map it"
         )])
     );
 }
@@ -223,7 +223,7 @@ fn a_mapping_without_its_extent() {
         problems(&pool),
         set(&[
             format!(
-                "volume {vid} LBA {lba}: maps logical {logical:#x}+{len} with no matching extent"
+                "volume {vid} byte offset {lba}: maps logical {logical:#x}+{len} with no matching extent"
             ),
             format!("checksum item {logical:#x} belongs to no extent"),
             format!(
@@ -325,11 +325,11 @@ fn a_key_outside_its_parents_range() {
                 bad.addr
             ),
             format!(
-                "data extent {:#x}+{}: volume {vid} LBA {} does not map it",
+                "data extent {:#x}+{}: volume {vid} byte offset {} does not map it",
                 ve.logical, ve.len, old.offset
             ),
             format!(
-                "volume {vid} LBA {}: maps logical {:#x}+{} with no matching extent",
+                "volume {vid} byte offset {}: maps logical {:#x}+{} with no matching extent",
                 moved.offset, ve.logical, ve.len
             ),
         ])

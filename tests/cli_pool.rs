@@ -202,7 +202,7 @@ fn acceptance_3_corruption_is_found_and_repaired() {
     assert_eq!(c, 1, "check must report corruption:\n{out}");
     assert_eq!(out.matches("checksum mismatch").count(), 50, "{out}");
     assert!(
-        out.contains("volume disk0 LBA") || out.contains("volume other LBA"),
+        out.contains("volume disk0 byte offset") || out.contains("volume other byte offset"),
         "{out}"
     );
     ok(
@@ -244,7 +244,7 @@ fn acceptance_3_corruption_is_found_and_repaired() {
     assert!(c1 != 0 || c2 != 0, "one export must fail");
     assert_eq!(good_code, 0, "the other volume must still export");
     assert!(
-        bad_err.contains("LBA") && bad_err.contains("volume"),
+        bad_err.contains(": bytes ") && bad_err.contains("volume"),
         "{bad_err}"
     );
     assert!(bad_err.contains("no good copy"), "{bad_err}");

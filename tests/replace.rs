@@ -119,7 +119,7 @@ fn replace_finishes_past_sectors_with_no_good_copy() {
     for e in log {
         assert_eq!(e["volume"], "disk0", "{e}");
         assert_eq!(e["repaired"], false, "{e}");
-        lbas.insert(e["lba"].as_u64().expect("lba"));
+        lbas.insert(e["offset_bytes"].as_u64().expect("offset_bytes"));
     }
     // The text form names them too.
     let members = vec![devs[0].clone(), new.clone()];

@@ -231,7 +231,9 @@ fn corruption_case(profile: &str, ndev: usize, data_mib: usize) {
         .collect();
     assert!(!bad.is_empty(), "error log lacks {victim:#x}: {st}");
     assert_eq!(bad[0]["volume"], "disk0");
-    let lba = bad[0]["lba"].as_u64().expect("lba in the error log");
+    let lba = bad[0]["offset_bytes"]
+        .as_u64()
+        .expect("offset_bytes in the error log");
     let pool = chunkvol::Pool::open_paths(&paths).unwrap();
     let vol = pool.volume("disk0").unwrap();
     let mut b = vec![0u8; 4096];

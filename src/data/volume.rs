@@ -161,7 +161,7 @@ impl Volume {
             // missing or short item is corruption, not unverified data.
             let Some(sums) = sums.as_ref().filter(|x| x.len() >= b).map(|x| &x[a..b]) else {
                 return Err(Error::Corrupt(format!(
-                    "volume {}: LBA range {os}..{oe} (logical {:#x}): checksum item missing or short",
+                    "volume {}: bytes {os}..{oe} (logical {:#x}): checksum item missing or short",
                     self.name, ve.logical
                 )));
             };

@@ -142,8 +142,8 @@ impl ReplaceRun {
             r.logical,
             r.devid,
             r.physical,
-            match (&r.volume, r.lba) {
-                (Some(v), Some(l)) => format!(", volume {v} LBA {l}"),
+            match (&r.volume, r.offset_bytes) {
+                (Some(v), Some(o)) => format!(", volume {v} byte offset {o}"),
                 _ => String::new(),
             }
         );
@@ -939,7 +939,7 @@ impl GroupMove<'_> {
             physical,
             logical,
             volume,
-            lba,
+            offset_bytes: lba,
             length_bytes: SECTOR_BYTES,
             kind: if readable {
                 ErrorKind::DataCsum

@@ -355,7 +355,7 @@ fn check_data_extents(fs: &FsInfo, items: &Items, report: &mut CheckReport) -> B
             match ves.get(&(b.volume_id, b.lba_bytes)) {
                 Some(ve) if ve.logical == start && ve.len == *len => {}
                 _ => p.push(format!(
-                    "data extent {start:#x}+{len}: volume {} LBA {} does not map it",
+                    "data extent {start:#x}+{len}: volume {} byte offset {} does not map it",
                     b.volume_id, b.lba_bytes
                 )),
             }
@@ -390,14 +390,14 @@ fn check_volume_extents(items: &Items, p: &mut Vec<String>) {
                         .iter()
                         .any(|b| b.volume_id == *vid && b.lba_bytes == *lba) => {}
             _ => p.push(format!(
-                "volume {vid} LBA {lba}: maps logical {:#x}+{} with no matching extent",
+                "volume {vid} byte offset {lba}: maps logical {:#x}+{} with no matching extent",
                 ve.logical, ve.len
             )),
         }
         match vols.get(vid) {
             Some(v) if lba + ve.len <= v.size_bytes => {}
             Some(v) => p.push(format!(
-                "volume {} LBA {lba}+{} is past its end",
+                "volume {} bytes {lba}+{} are past its end",
                 v.name, ve.len
             )),
             None => p.push(format!("volume id {vid} has mappings but no volume item")),
@@ -522,7 +522,7 @@ impl BadSector<'_> {
             .first()
             .map(|b| {
                 format!(
-                    "volume {} LBA {}",
+                    "volume {} byte offset {}",
                     names
                         .get(&b.volume_id)
                         .cloned()

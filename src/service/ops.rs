@@ -648,8 +648,8 @@ pub fn replace_output(
                 e.kind,
                 e.devid,
                 e.physical,
-                match (&e.volume, e.lba) {
-                    (Some(v), Some(l)) => format!(", volume {v} LBA {l}"),
+                match (&e.volume, e.offset_bytes) {
+                    (Some(v), Some(o)) => format!(", volume {v} byte offset {o}"),
                     _ => String::new(),
                 }
             );
@@ -739,8 +739,8 @@ pub fn scrub_output(
                     e.devid,
                     e.physical,
                     e.logical,
-                    match (&e.volume, e.lba) {
-                        (Some(v), Some(l)) => format!(" volume {v} LBA {l}"),
+                    match (&e.volume, e.offset_bytes) {
+                        (Some(v), Some(o)) => format!(" volume {v} byte offset {o}"),
                         _ => String::new(),
                     },
                     e.length_bytes,

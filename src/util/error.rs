@@ -1,4 +1,5 @@
-//! Errors name the thing: device path, volume, logical address, LBA range.
+//! Errors name the thing: device path, volume, logical address, and the
+//! volume's byte range (`bytes A..B`: offsets, as NBD and qemu-io use).
 
 use std::path::PathBuf;
 
@@ -27,7 +28,7 @@ pub enum Error {
     NoChunk { logical: u64 },
     #[error("no space left: {0}")]
     NoSpace(String),
-    #[error("volume {volume}: LBA range {lba}..{end} (logical {logical:#x}): no good copy on any mirror", end = lba + len)]
+    #[error("volume {volume}: bytes {lba}..{end} (logical {logical:#x}): no good copy on any mirror", end = lba + len)]
     Unrecoverable {
         volume: String,
         lba: u64,

@@ -195,7 +195,10 @@ pub struct ErrorRecord {
     pub physical: u64,
     pub logical: u64,
     pub volume: Option<String>,
-    pub lba: Option<u64>,
+    /// Byte offset in `volume` of the first byte (records written before
+    /// the rename say `lba`, which held the same byte offset).
+    #[serde(alias = "lba")]
+    pub offset_bytes: Option<u64>,
     pub length_bytes: u64,
     pub kind: ErrorKind,
     pub repaired: bool,
@@ -351,8 +354,8 @@ impl ScrubRun {
             r.devid,
             r.physical,
             r.logical,
-            match (&r.volume, r.lba) {
-                (Some(v), Some(l)) => format!(" (volume {v} LBA {l})"),
+            match (&r.volume, r.offset_bytes) {
+                (Some(v), Some(o)) => format!(" (volume {v} byte offset {o})"),
                 _ => String::new(),
             },
             if r.repaired { ", repaired" } else { "" }
@@ -364,7 +367,7 @@ impl ScrubRun {
     }
 }
 
-/// Which volume and LBA (byte offset) a data sector `delta` bytes into
+/// Which volume and byte offset a data sector `delta` bytes into
 /// extent `ei` belongs to; scrub and device replace name them in their logs.
 pub(crate) fn sector_owner(
     fs: &FsInfo,
@@ -705,6 +708,17 @@ fn update<R>(run: &ScrubRun, devid: u64, f: impl FnOnce(&mut DevProgress) -> R) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_saved_with_lba_reads_as_offset_bytes() {
+        let old = r#"{"devid":1,"physical":4096,"logical":8192,"volume":"v",
+            "lba":12288,"length_bytes":4096,"kind":"data csum","repaired":false}"#;
+        let r: ErrorRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(r.offset_bytes, Some(12288));
+        let now = serde_json::to_value(&r).unwrap();
+        assert_eq!(now["offset_bytes"], 12288);
+        assert!(now.get("lba").is_none());
+    }
 
     #[test]
     fn error_kinds_keep_their_text() {

@@ -64,7 +64,7 @@ fn scrub_supers(fs: &FsInfo, run: &ScrubRun, devid: u64) {
                 physical: o,
                 logical: 0,
                 volume: None,
-                lba: None,
+                offset_bytes: None,
                 length_bytes: SUPER_BYTES as u64,
                 kind: ErrorKind::Super,
                 repaired,

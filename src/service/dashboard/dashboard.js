@@ -104,7 +104,7 @@ function renderErrors(errs) {
   for (const [by, e] of rows) {
     const tr = el("tr");
     for (const v of [by, e.kind, e.devid, hex(e.physical), hex(e.logical), e.volume || "-",
-                     e.lba === null || e.lba === undefined ? "-" : String(e.lba),
+                     e.offset_bytes === null || e.offset_bytes === undefined ? "-" : String(e.offset_bytes),
                      e.repaired === undefined ? "-" : (e.repaired ? "yes" : "no")]) {
       tr.appendChild(el("td", {}, String(v)));
     }
