@@ -3,6 +3,7 @@
 //! terminal, online and offline, and prints none otherwise. The terminal is
 //! a pseudo-terminal from util-linux `script`.
 
+mod common;
 mod serve_harness;
 
 use std::path::{Path, PathBuf};
@@ -13,7 +14,8 @@ use serve_harness::*;
 /// Run chunkvol under a pseudo-terminal; its screen output, `\r` as lines.
 fn on_tty(args: &[&str]) -> String {
     let script = tool("script");
-    let mut line = shell_quote(BIN);
+    // A wide terminal, so a frame is one line whatever the default is.
+    let mut line = format!("stty cols 200 rows 50; {}", shell_quote(BIN));
     for a in args {
         line.push(' ');
         line.push_str(&shell_quote(a));
@@ -155,4 +157,53 @@ fn live_scrub(args: &[&str]) {
         "no rate and time left in {running:#?}"
     );
     assert_bar(&sc, "scrub", "finished");
+}
+
+/// What the bar of a device remove reads: the `progress` request reports
+/// the bytes of the groups moved so far, while the remove runs (held by a
+/// failpoint before its second group).
+#[test]
+fn a_device_remove_reports_its_progress_while_it_runs() {
+    use chunkvol::format::Profile;
+    use chunkvol::jobs::{control, devices};
+    use chunkvol::util::failpoint::{self, Action};
+
+    let devs = common::mem_devices(3, 256 << 20);
+    let opts = chunkvol::MkfsOptions {
+        data: Some(Profile::Raid1),
+        metadata: Some(Profile::Raid1),
+        node_bytes: 4096,
+        ..Default::default()
+    };
+    chunkvol::Pool::mkfs(common::as_block(&devs), &opts).unwrap();
+    let pool = common::open_mem(&devs);
+    let v = pool.create_volume("v", 200 << 20).unwrap();
+    v.write_at(&common::pattern(3, 150 << 20), 0).unwrap();
+    pool.flush().unwrap();
+    let fs = pool.fs().clone();
+    let on3 = devices::chunks_on(&fs, 3);
+    assert!(on3.len() >= 2, "devid 3 holds {on3:x?}");
+    let len = |s: u64| fs.block_group_at(s).unwrap().length;
+    let total: u64 = on3.iter().map(|&s| len(s)).sum();
+    let first = len(on3[0]);
+    failpoint::set("devices::remove_group", Action::PauseIf(on3[1]));
+    let remover = {
+        let fs = fs.clone();
+        std::thread::spawn(move || devices::remove(&fs, 3))
+    };
+    assert!(failpoint::wait_paused(
+        "devices::remove_group",
+        std::time::Duration::from_secs(60)
+    ));
+    let t = control::tasks(&fs);
+    assert_eq!(t.len(), 1, "{t:?}");
+    assert_eq!((t[0].kind.as_str(), t[0].subject.as_str()), ("remove", "3"));
+    assert_eq!((t[0].done_bytes, t[0].total_bytes), (first, total), "{t:?}");
+    failpoint::release("devices::remove_group");
+    remover.join().unwrap().unwrap();
+    assert!(
+        control::tasks(&fs).is_empty(),
+        "the task ends with the remove"
+    );
+    failpoint::reset();
 }

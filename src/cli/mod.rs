@@ -645,7 +645,10 @@ fn run_op_with(target: &Target, op: Op, watch: Option<Watch>) -> i32 {
                 let sock = sock.clone();
                 progress::start(
                     w,
-                    Box::new(move |op| crate::service::control::request(&sock, op).ok()),
+                    Box::new(move |op| {
+                        let t = Some(std::time::Duration::from_secs(2));
+                        crate::service::control::request_within(&sock, op, t).ok()
+                    }),
                 )
             });
             let r = crate::service::control::request(sock, &op);
@@ -1066,12 +1069,12 @@ fn volume_cmd(cmd: VolumeCmd) -> i32 {
         } => run_op(&target, Op::VolumeSet { name, read_only }),
         VolumeCmd::Import { name, file, target } => {
             let file = absolute(&file);
-            let watch = Some(Watch::Task("import"));
+            let watch = Some(Watch::Task("import", Some(name.clone())));
             run_op_with(&target, Op::VolumeImport { name, file }, watch)
         }
         VolumeCmd::Export { name, file, target } => {
             let file = absolute(&file);
-            let watch = Some(Watch::Task("export"));
+            let watch = Some(Watch::Task("export", Some(name.clone())));
             run_op_with(&target, Op::VolumeExport { name, file }, watch)
         }
     }
@@ -1151,7 +1154,7 @@ fn device_cmd(cmd: DeviceCmd) -> i32 {
             run_op_with(
                 &target,
                 Op::DeviceRemove { dev },
-                Some(Watch::Task("remove")),
+                Some(Watch::Task("remove", None)),
             )
         }
         DeviceCmd::Replace { cmd } => replace_cmd(cmd),

@@ -23,13 +23,15 @@ const QUICK_POLL: Duration = Duration::from_millis(20);
 const TICK: Duration = Duration::from_millis(100);
 
 /// Which operation a bar follows.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Watch {
     Scrub,
     Balance,
     Replace,
-    /// A tracked operation by kind: `remove`, `import`, `export`.
-    Task(&'static str),
+    /// A tracked operation of a kind (`remove`, `import`, `export`) and,
+    /// when known, its subject (the volume), so that another client's
+    /// operation of the same kind is not taken for this one.
+    Task(&'static str, Option<String>),
 }
 
 /// Sends a request where the operation runs: the server, or the pool
@@ -50,7 +52,7 @@ struct Snapshot {
 }
 
 impl Watch {
-    fn request(self) -> Op {
+    fn request(&self) -> Op {
         match self {
             Watch::Scrub => Op::ScrubStatus {
                 json: true,
@@ -59,27 +61,29 @@ impl Watch {
             },
             Watch::Balance => Op::BalanceStatus { json: true },
             Watch::Replace => Op::DeviceReplaceStatus { json: true },
-            Watch::Task(_) => Op::Progress,
+            Watch::Task(..) => Op::Progress,
         }
     }
 
-    fn label(self) -> &'static str {
+    fn label(&self) -> &'static str {
         match self {
             Watch::Scrub => "scrub",
             Watch::Balance => "balance",
             Watch::Replace => "replace",
-            Watch::Task(k) => k,
+            Watch::Task(k, _) => k,
         }
     }
 
     /// Read a status reply; None when it says nothing about the operation.
-    fn parse(self, out: &OpOutput) -> Option<Snapshot> {
+    fn parse(&self, out: &OpOutput) -> Option<Snapshot> {
         let v: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
         let v = match self {
-            Watch::Task(kind) => v["tasks"]
+            Watch::Task(kind, subject) => v["tasks"]
                 .as_array()?
                 .iter()
-                .find(|t| t["kind"] == kind)?
+                .find(|t| {
+                    t["kind"] == *kind && subject.as_ref().is_none_or(|s| t["subject"] == **s)
+                })?
                 .clone(),
             _ => v,
         };
@@ -90,7 +94,7 @@ impl Watch {
             Watch::Balance | Watch::Replace => {
                 (n("block_groups_done"), n("block_groups_total"), true)
             }
-            Watch::Task(_) => (n("done_bytes"), n("total_bytes"), false),
+            Watch::Task(..) => (n("done_bytes"), n("total_bytes"), false),
         };
         Some(Snapshot {
             done,
@@ -135,7 +139,7 @@ pub fn start(watch: Watch, poll: Poll) -> Option<Bar> {
     if !std::io::stderr().is_terminal() {
         return None;
     }
-    let amounts = match watch {
+    let amounts = match &watch {
         Watch::Balance | Watch::Replace => "{pos}/{len} groups",
         _ => "{binary_bytes}/{binary_total_bytes}",
     };
@@ -150,7 +154,7 @@ pub fn start(watch: Watch, poll: Poll) -> Option<Bar> {
     let stop = Arc::new(AtomicBool::new(false));
     let poll = Arc::new(poll);
     let thread = {
-        let (bar, stop, poll) = (bar.clone(), stop.clone(), poll.clone());
+        let (bar, stop, poll, watch) = (bar.clone(), stop.clone(), poll.clone(), watch.clone());
         std::thread::spawn(move || {
             let started = std::time::Instant::now();
             let mut last = None;
@@ -198,9 +202,11 @@ impl Bar {
     pub fn finish(self, ok: bool) {
         self.stop.store(true, Ordering::Release);
         let last = self.thread.join().ok().flatten();
-        let end = match self.watch {
-            Watch::Task(_) => last.map(|mut s| {
-                if ok {
+        let end = match &self.watch {
+            Watch::Task(..) => last.map(|mut s| {
+                if !ok {
+                    s.state = "failed".into();
+                } else {
                     // The operation is gone from the list: its end is ours.
                     let secs = self.started.elapsed().as_secs_f64();
                     s = Snapshot {
@@ -250,9 +256,11 @@ mod tests {
                 .into(),
             ..Default::default()
         };
-        let s = Watch::Task("import").parse(&out).unwrap();
+        let s = Watch::Task("import", None).parse(&out).unwrap();
         assert_eq!((s.done, s.total, s.eta_s), (3, 8, Some(5)));
-        assert!(Watch::Task("remove").parse(&out).is_none());
+        assert!(Watch::Task("remove", None).parse(&out).is_none());
+        let other = Watch::Task("import", Some("w".into()));
+        assert!(other.parse(&out).is_none(), "another volume's import");
         let b = OpOutput {
             stdout: r#"{"state":"paused","block_groups_done":2,"block_groups_total":5}"#.into(),
             ..Default::default()

@@ -379,8 +379,8 @@ impl BalanceRun {
             bytes_relocated: bytes,
             pace: Pace::of(
                 self.clock.active().as_secs_f64(),
-                bytes - self.bytes_before,
-                done - self.done_before,
+                bytes.saturating_sub(self.bytes_before),
+                done.saturating_sub(self.done_before),
                 left,
                 state == State::Running,
             ),

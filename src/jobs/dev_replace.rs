@@ -52,7 +52,7 @@ pub struct ReplaceStatus {
     /// Sectors with no good copy on any mirror: copied as they were (their
     /// reads keep failing), logged in `errors`.
     pub uncorrectable_errors: u64,
-    /// The first [`MAX_ERROR_RECORDS`] of them, with volume and LBA.
+    /// The first [`MAX_ERROR_RECORDS`] of them, with volume and byte offset.
     pub errors: Vec<ErrorRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
@@ -686,7 +686,7 @@ fn drive_inner(fs: &FsInfo, run: &ReplaceRun) -> Result<State> {
 }
 
 /// A live extent of a group: where, how long, and (data) its extent item,
-/// which names the volume and LBA of a bad sector.
+/// which names the volume and byte offset of a bad sector.
 struct Live {
     logical: u64,
     len: u64,
@@ -884,7 +884,7 @@ impl GroupMove<'_> {
     /// good copy on any mirror does not stop the replace (the disk being
     /// replaced is often failing): it is copied as a mirror holds it, so
     /// that reads of it keep failing their checksum rather than return
-    /// other bytes, and counted and logged with its volume and LBA. A tree
+    /// other bytes, and counted and logged with its volume and byte offset. A tree
     /// block with no good copy fails the replace.
     fn read_live(&self, fs: &FsInfo, x: &Live) -> Result<Vec<u8>> {
         if x.tree_block {

@@ -196,8 +196,10 @@ fn evacuate(fs: &FsInfo, devid: u64, task: &crate::jobs::control::TaskGuard) -> 
             .collect();
         for start in &todo {
             crate::failpoint!("devices::remove_group", *start);
+            // Its length before it moves: a relocated group is gone after.
+            let length = fs.block_group_at(*start).map_or(0, |b| b.length);
             relocate_block_group(fs, *start, &never)?;
-            task.advance(fs.block_group(*start).map_or(0, |b| b.length));
+            task.advance(length);
         }
         if chunks_on(fs, devid).is_empty() {
             return Ok(());

@@ -14,12 +14,24 @@ pub const MAX_REQUEST_BYTES: u64 = 64 << 10;
 
 /// Send one command to the server at `socket`.
 pub fn request(socket: &Path, op: &Op) -> std::io::Result<OpOutput> {
+    request_within(socket, op, None)
+}
+
+/// [`request`], giving up when the server does not answer within
+/// `timeout` (a progress bar's poll must not hang its command).
+pub fn request_within(
+    socket: &Path,
+    op: &Op,
+    timeout: Option<std::time::Duration>,
+) -> std::io::Result<OpOutput> {
     let mut s = UnixStream::connect(socket).map_err(|e| {
         std::io::Error::new(
             e.kind(),
             format!("cannot reach chunkvol serve at {}: {e}", socket.display()),
         )
     })?;
+    s.set_read_timeout(timeout)?;
+    s.set_write_timeout(timeout)?;
     let mut line = serde_json::to_string(op).map_err(std::io::Error::other)?;
     line.push('\n');
     s.write_all(line.as_bytes())?;

@@ -161,7 +161,7 @@ pub fn jobs(pool: &Pool) -> Value {
     })
 }
 
-/// The scrub error log (with volume and LBA where data was hit), and the
+/// The scrub error log (with volume and byte offset where data was hit), and the
 /// sectors the last replace found without a good copy.
 pub fn errors(pool: &Pool) -> Value {
     let fs = pool.fs();

@@ -182,7 +182,8 @@ pub fn demo_pool(dir: &Path) -> Result<Vec<PathBuf>> {
     let pool = Pool::open_paths(&devs)?;
     pool.create_volume("disk0", DEMO_VOLUME_BYTES)?;
     pool.close()?;
-    println!(
+    // On stderr: stdout carries only the banner (one JSON line under --json).
+    eprintln!(
         "created demo pool in {}: two {} GiB sparse devices, raid1, volume disk0",
         dir.display(),
         DEMO_DEVICE_BYTES >> 30

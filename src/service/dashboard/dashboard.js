@@ -2,6 +2,8 @@
 "use strict";
 
 const POLL_MS = 1000;
+// Removed groups kept on the map, as many as the server remembers.
+const MAX_REMOVED = 64;
 // Groups seen (or reported removed), by start: shown as "removed" once gone.
 const known = new Map();
 
@@ -27,6 +29,8 @@ function renderMap(groups, removed) {
   // Removed lately (the server remembers), unless the start is reused.
   for (const g of removed) if (!known.has(g.start)) known.set(g.start, Object.assign({ used_bytes: 0, fill: 0 }, g));
   for (const g of groups) { known.set(g.start, g); now.add(g.start); }
+  const gone = [...known.keys()].filter(s => !now.has(s));
+  for (const s of gone.slice(0, Math.max(0, gone.length - MAX_REMOVED))) known.delete(s);
   const map = document.getElementById("map");
   map.replaceChildren();
   const starts = [...known.keys()].sort((a, b) => a - b);
