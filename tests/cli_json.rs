@@ -207,6 +207,13 @@ fn job_commands(pool: &[String]) {
     let v = json_ok(&with(&["scrub", "start", "-B"], pool), "state");
     assert_eq!(v["state"], "finished", "{v:#}");
     json_ok(&with(&["scrub", "status"], pool), "bytes_scrubbed");
+    json_fails(&["scrub", "status", "/nonexistent.img"], 2, "nonexistent");
+    json_fails(&["balance", "status", "/nonexistent.img"], 2, "nonexistent");
+    json_fails(
+        &["device", "replace", "status", "/nonexistent.img"],
+        2,
+        "nonexistent",
+    );
     json_fails(&with(&["scrub", "pause"], pool), 2, "scrub");
     json_fails(&with(&["scrub", "cancel"], pool), 2, "scrub");
     json_fails(&with(&["scrub", "resume"], pool), 2, "scrub");

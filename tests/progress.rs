@@ -118,6 +118,7 @@ fn long_commands_draw_a_bar_on_a_terminal_only() {
     assert_no_bar(&with(&["scrub", "start", "-B"], &sock));
     let sc = on_tty(&with(&["balance", "start", "-dusage=100", "-B"], &sock));
     assert_bar(&sc, "balance", "finished");
+    status_has_pace(&["balance", "status"], &sock);
     let sc = on_tty(&with(&["volume", "import", "disk0", s(&input)], &sock));
     assert_bar(&sc, "import", "done");
     let third = sparse(&dir.join("d.img"));
@@ -128,12 +129,38 @@ fn long_commands_draw_a_bar_on_a_terminal_only() {
         &sock,
     ));
     assert_bar(&sc, "replace", "finished");
+    status_has_pace(&["device", "replace", "status"], &sock);
     assert_bar(
         &on_tty(&with(&["device", "remove", &devs[0]], &sock)),
         "remove",
         "done",
     );
     srv.stop();
+}
+
+/// A job's `status` from this server: duration, rate and time left in
+/// JSON, and in text the rate and a local RFC 3339 start time.
+fn status_has_pace(cmd: &[&str], sock: &[String]) {
+    let v = cv_json(&with(&[cmd, &["--json"]].concat(), sock));
+    assert!(v["duration_s"].as_f64().is_some_and(|d| d > 0.0), "{v:#}");
+    assert!(
+        v["rate_bytes_per_s"].as_u64().is_some_and(|r| r > 0),
+        "{v:#}"
+    );
+    assert!(v.get("eta_s").is_some(), "{v:#}");
+    let text = cv_ok(&with(cmd, sock)).stdout;
+    assert!(text.contains("Rate:"), "{text}");
+    let started = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Started at:"))
+        .unwrap_or_else(|| panic!("no start time in:\n{text}"))
+        .trim();
+    // 2026-12-01T06:10:00+00:00
+    let b = started.as_bytes();
+    assert!(
+        started.len() == 25 && b[10] == b'T' && (b[19] == b'+' || b[19] == b'-'),
+        "not RFC 3339: {started:?}"
+    );
 }
 
 /// A scrub slow enough to watch: frames while it runs show a growing

@@ -168,6 +168,15 @@ fn tls_clients_read_and_write_and_plain_ones_are_refused() {
         "qemu-io over TLS:\n{}",
         o.text()
     );
+    // A client whose CA did not sign the server's certificate refuses it.
+    let stranger = dir.join("other-ca");
+    make_certs(&stranger);
+    let o = nbdinfo(&tls_uri(&srv, &stranger));
+    assert!(
+        o.code != 0,
+        "a client without our CA accepted the server:\n{}",
+        o.text()
+    );
     // FORCEDTLS: a plain client gets no export.
     let o = nbdinfo(&srv.uri("disk0"));
     assert!(o.code != 0, "a plain client was served:\n{}", o.text());

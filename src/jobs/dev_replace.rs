@@ -38,6 +38,8 @@ pub use crate::format::progress::ReplaceState as State;
 pub struct ReplaceStatus {
     pub state: State,
     pub src_devid: u64,
+    /// Unix seconds of the first start (0: not recorded).
+    pub started_at: u64,
     pub target_devid: u64,
     pub target_path: String,
     /// Canceled or failed: the target left the pool again (what had been
@@ -98,6 +100,7 @@ impl ReplaceRun {
         let secs = lock(&self.elapsed_s).unwrap_or(self.started.elapsed().as_secs_f64());
         ReplaceStatus {
             state,
+            started_at: self.started_at,
             src_devid: self.src_devid,
             target_devid: self.target_devid.load(Ordering::Acquire),
             target_left: self.target_left.load(Ordering::Acquire),
@@ -178,6 +181,7 @@ pub fn status(fs: &FsInfo) -> Option<ReplaceStatus> {
             s => s,
         },
         src_devid: p.src_devid,
+        started_at: p.started_at,
         target_devid: p.target_devid,
         target_path: p.target_path,
         target_left: false,

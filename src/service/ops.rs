@@ -622,6 +622,9 @@ pub fn replace_output(
             s.target_devid,
             s.target_path
         );
+        if s.started_at > 0 {
+            t += &format!("Started at:       {}\n", local_time(s.started_at));
+        }
         t += &format!(
             "Block groups:     {} of {} copied, {}\n",
             s.block_groups_done,
