@@ -938,17 +938,23 @@ fn online_control_socket_and_offline_refusal() {
             "offline command while serving should exit 2:\n{}",
             o.text()
         );
+        // Under --json the error is on stdout (docs/CLI.md).
         assert!(
-            o.stderr.contains(&format!("pid {pid}")),
+            o.all().contains(&format!("pid {pid}")),
             "message should name the server pid {pid}:\n{}",
             o.text()
         );
         assert!(
-            o.stderr.contains(&sock),
+            o.all().contains(&sock),
             "message should name the control socket {sock}:\n{}",
             o.text()
         );
-        assert!(o.stdout.is_empty(), "{}", o.text());
+        if args.contains(&"--json") {
+            let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("JSON error");
+            assert_eq!(v["exit_code"], 2, "{}", o.text());
+        } else {
+            assert!(o.stdout.is_empty(), "{}", o.text());
+        }
     }
     // mkfs --force on the live pool must not touch it.
     let o = cv(&[&["mkfs", "--force"][..], &dv[..]].concat());
