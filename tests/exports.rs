@@ -102,6 +102,25 @@ fn a_read_only_volume_refuses_writes_even_on_open_connections() {
     std::io::BufRead::read_line(&mut out, &mut line).unwrap();
     assert_eq!(line.trim(), "first write ok");
 
+    // qemu-io too, interactive, its first write done before the flip.
+    let mut qio = Command::new(tool("qemu-io"))
+        .args(["-f", "raw", &uri])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    let mut qin = qio.stdin.take().unwrap();
+    let mut qout = std::io::BufReader::new(qio.stdout.take().unwrap());
+    {
+        use std::io::Write;
+        qin.write_all(b"write -P 0x33 8k 4k\n").unwrap();
+        qin.flush().unwrap();
+    }
+    let mut qline = String::new();
+    std::io::BufRead::read_line(&mut qout, &mut qline).unwrap();
+    assert!(qline.contains("wrote 4096/4096"), "qemu-io: {qline:?}");
+
     cv_ok(&[
         "volume",
         "set",
@@ -111,6 +130,19 @@ fn a_read_only_volume_refuses_writes_even_on_open_connections() {
         "--socket",
         srv.sock(),
     ]);
+    // qemu-io's connection, opened before: its write gets EPERM.
+    {
+        use std::io::Write;
+        qin.write_all(b"write -P 0x44 12k 4k\nquit\n").unwrap();
+    }
+    drop(qin);
+    let mut qrest = String::new();
+    std::io::Read::read_to_string(&mut qout, &mut qrest).unwrap();
+    let _ = qio.wait();
+    assert!(
+        qrest.contains("write failed: Operation not permitted"),
+        "qemu-io after the flip:\n{qrest}"
+    );
     // The connection opened before: the server refuses its write.
     use std::io::Write;
     py.stdin.take().unwrap().write_all(b"go\n").unwrap();
