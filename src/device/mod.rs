@@ -16,6 +16,16 @@ pub trait BlockDevice: Send + Sync {
     fn path(&self) -> &Path;
     fn size_bytes(&self) -> u64;
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Read without leaving the bytes in the host's page cache, where the
+    /// device can (scrub: reading a whole pool must not evict the clients'
+    /// cached data). Direct I/O needs `buf`'s address, its length and
+    /// `offset` aligned to [`DIRECT_IO_ALIGN`]; otherwise, and on devices
+    /// without it, this is [`read_at`](Self::read_at).
+    ///
+    /// [`DIRECT_IO_ALIGN`]: crate::util::aligned::DIRECT_IO_ALIGN
+    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_at(buf, offset)
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Make every completed write durable.
     fn flush(&self) -> io::Result<()>;
@@ -25,6 +35,9 @@ pub trait BlockDevice: Send + Sync {
 pub struct FileDevice {
     path: PathBuf,
     file: File,
+    /// The same file opened with O_DIRECT, for [`BlockDevice::read_uncached`];
+    /// None where the host filesystem refuses it (tmpfs).
+    direct: Option<File>,
     size_bytes: u64,
 }
 
@@ -62,6 +75,7 @@ impl FileDevice {
         Ok(FileDevice {
             path: path.into(),
             file,
+            direct: open_direct(path),
             size_bytes,
         })
     }
@@ -86,6 +100,18 @@ impl FileDevice {
         }
         Ok(())
     }
+}
+
+/// `path` opened read-only with O_DIRECT, if the filesystem allows it. The
+/// lock is held by the main descriptor.
+fn open_direct(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+        .open(path)
+        .inspect_err(|e| tracing::debug!("{}: no direct I/O ({e})", path.display()))
+        .ok()
 }
 
 fn device_size(file: &File) -> io::Result<u64> {
@@ -124,6 +150,18 @@ impl BlockDevice for FileDevice {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
+    }
+    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        use crate::util::aligned::DIRECT_IO_ALIGN as A;
+        let aligned = (buf.as_ptr() as usize).is_multiple_of(A)
+            && buf.len().is_multiple_of(A)
+            && offset.is_multiple_of(A as u64);
+        match &self.direct {
+            // The kernel writes back dirty cached pages of the range first,
+            // so a direct read sees what buffered writes left.
+            Some(d) if aligned => d.read_exact_at(buf, offset),
+            _ => self.read_at(buf, offset),
+        }
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(buf, offset)

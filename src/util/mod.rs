@@ -3,6 +3,7 @@
 //! scheduler, size parsing and
 //! printing, and wall-clock helpers. Nothing here knows about pools.
 
+pub mod aligned;
 pub mod error;
 pub mod failpoint;
 pub mod histogram;

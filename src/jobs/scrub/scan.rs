@@ -118,7 +118,7 @@ pub(super) fn scrub_device(fs: &FsInfo, run: &ScrubRun, devid: u64) -> Result<()
             snap,
             pacer,
             csums: HashMap::new(),
-            buf: Vec::new(),
+            buf: Default::default(),
         };
         let r = scrub_dev_extent(&mut scan);
         pacer = scan.finish();
@@ -181,7 +181,8 @@ pub(super) struct DevScan<'f> {
     /// Checksum items found in `snap`, by data extent start.
     pub(super) csums: HashMap<u64, CsumLookup>,
     /// One unit's read buffer.
-    pub(super) buf: Vec<u8>,
+    /// Aligned, so that reads into it bypass the page cache.
+    pub(super) buf: crate::util::aligned::AlignedBuf,
 }
 
 impl DevScan<'_> {
@@ -380,7 +381,7 @@ fn scrub_group(scan: &mut DevScan, bg: &Arc<BlockGroup>) -> Result<(), Stop> {
         SCRUB_UNIT_BYTES
     };
     scan.csums.clear();
-    scan.buf.resize(unit as usize, 0);
+    scan.buf.resize(unit as usize);
     for idx in idxs {
         let mut off = scan.from / unit * unit;
         while off < de.length {

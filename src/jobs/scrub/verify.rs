@@ -78,7 +78,7 @@ pub(super) fn scrub_unit(scan: &mut DevScan, u: &Unit, allocs: &[Alloc]) -> u64 
     };
     let read_ok = dev
         .dev
-        .read_at(&mut scan.buf[..u.len as usize], u.physical)
+        .read_uncached(&mut scan.buf[..u.len as usize], u.physical)
         .is_ok();
     if !read_ok {
         // As btrfs: a read error scrub meets counts against the device
