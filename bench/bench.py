@@ -138,10 +138,10 @@ class Serve:
             self.p.kill()
 
 
-def fio(uri, rw, bs, depth, secs, jobs=1):
+def fio(uri, rw, bs, depth, secs, jobs=1, extra=()):
     cmd = ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
            f"--iodepth={depth}", f"--numjobs={jobs}", "--size=512M", "--time_based",
-           f"--runtime={secs}", "--group_reporting", "--output-format=json"]
+           f"--runtime={secs}", "--group_reporting", "--output-format=json", *extra]
     r = sh(cmd, check=False)
     if r.returncode != 0:
         ss = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout
@@ -252,15 +252,18 @@ def bench_scrub():
 def bench_nbd():
     secs = 5 if QUICK else 15
     d = fresh("nbd")
-    loads = [("write", "1M", 8), ("read", "1M", 8), ("randread", "4k", 32), ("randwrite", "4k", 32)]
+    # (rw, bs, depth, extra fio args, label suffix): the last is a database
+    # in a VM, a flush after every 4 KiB write.
+    loads = [("write", "1M", 8, (), ""), ("read", "1M", 8, (), ""), ("randread", "4k", 32, (), ""),
+             ("randwrite", "4k", 32, (), ""), ("randwrite", "4k", 1, ("--fsync=1",), " fsync")]
     conns = [1] if QUICK else [1, 4]
     rows = {}
 
     def run_loads(name, uri):
-        for rw, bs, depth in loads:
+        for rw, bs, depth, extra, suffix in loads:
             for jobs in conns:
-                r = fio(uri, rw, bs, depth, secs, jobs)
-                rows.setdefault(f"{rw} {bs} qd{depth} x{jobs}", {})[name] = r
+                r = fio(uri, rw, bs, depth, secs, jobs, extra)
+                rows.setdefault(f"{rw} {bs} qd{depth}{suffix} x{jobs}", {})[name] = r
 
     raw = os.path.join(d, "raw.img")
     sh(f"truncate -s 1G {raw}")

@@ -22,6 +22,10 @@ use crate::util::sync::{
 /// Stripes of [`FsInfo::rmw_locks`].
 pub const RMW_LOCKS: usize = 64;
 
+/// Pieces at least this large write their copies in parallel (below it a
+/// thread costs more than the second copy's write).
+pub const PARALLEL_COPY_MIN_BYTES: usize = 128 << 10;
+
 /// Index of a tree in root arrays, in [`tree_id::ALL`] order.
 pub fn tree_index(id: u64) -> usize {
     tree_id::ALL.iter().position(|&t| t == id).unwrap_or(0)
@@ -424,15 +428,15 @@ impl FsInfo {
         for p in &pieces {
             let off = (p.logical - logical) as usize;
             let chunk = &data[off..off + p.len as usize];
+            // Degraded: tree blocks still reach every present mirror (data
+            // never lands in such a group; the allocator avoids it).
+            let present: Vec<usize> = (0..p.mirrors.len())
+                .filter(|&i| !missing.contains_key(&p.mirrors[i].0))
+                .collect();
             let mut written = 0;
             let mut first_err = None;
-            for i in 0..p.mirrors.len() {
-                // Degraded: tree blocks still reach every present mirror (data
-                // never lands in such a group; the allocator avoids it).
-                if missing.contains_key(&p.mirrors[i].0) {
-                    continue;
-                }
-                match self.write_copy(p, i, chunk) {
+            for r in self.write_copies(p, &present, chunk) {
+                match r {
                     Ok(()) => written += 1,
                     Err(e) => {
                         tracing::warn!("{e}; the other copies carry the write");
@@ -450,6 +454,33 @@ impl FsInfo {
             }
         }
         Ok(())
+    }
+
+    /// Write `data` to the copies `which` of a piece: at once, each on its
+    /// own thread, when the piece is large enough to pay for the threads
+    /// (a raid1 write then takes as long as its slowest copy, not the sum);
+    /// one after another otherwise, and always inside a deterministic
+    /// simulation, whose actors must be the only threads that move.
+    fn write_copies(&self, p: &Mapped, which: &[usize], data: &[u8]) -> Vec<Result<()>> {
+        if which.len() < 2 || data.len() < PARALLEL_COPY_MIN_BYTES || crate::util::sched::in_sim() {
+            return which.iter().map(|&i| self.write_copy(p, i, data)).collect();
+        }
+        std::thread::scope(|sc| {
+            let others: Vec<_> = which[1..]
+                .iter()
+                .map(|&i| sc.spawn(move || self.write_copy(p, i, data)))
+                .collect();
+            let mut out = vec![self.write_copy(p, which[0], data)];
+            for h in others {
+                out.push(h.join().unwrap_or_else(|_| {
+                    Err(Error::Device {
+                        path: "mirror writer".into(),
+                        msg: "a copy's writer thread panicked".into(),
+                    })
+                }));
+            }
+            out
+        })
     }
 
     /// Flush every device. A device whose flush fails is tolerated only if

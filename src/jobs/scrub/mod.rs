@@ -284,7 +284,7 @@ impl ScrubStatus {
             let left = self
                 .bytes_total
                 .saturating_sub(self.counters.bytes_scrubbed);
-            self.eta_s = Some(left / self.rate_bytes_per_s);
+            self.eta_s = Some(left.div_ceil(self.rate_bytes_per_s));
         }
         self.devices = kept;
         self
@@ -323,7 +323,7 @@ impl ScrubRun {
         };
         let state = *lock(&self.state);
         let eta = (state == State::Running && rate > 0)
-            .then(|| total.saturating_sub(c.bytes_scrubbed) / rate);
+            .then(|| total.saturating_sub(c.bytes_scrubbed).div_ceil(rate));
         ScrubStatus {
             state,
             readonly: self.opts.readonly,
