@@ -255,6 +255,8 @@ fn tool_commands() {
     assert_eq!(v["ok"], true, "{v:#}");
     json_fails(&["stress", "--mode", "bogus"], 2, "bogus");
     json_fails(&["frobnicate"], 2, "frobnicate");
+    let v = json_ok(&["--version"], "version");
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
 }
 
 fn online_commands(dir: &TestDir, pool: &[String]) {

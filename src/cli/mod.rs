@@ -983,6 +983,12 @@ pub fn main() -> i32 {
         Err(e) => {
             // A parse error cannot read the flag from the parse; look for it.
             let json = std::env::args_os().skip(1).any(|a| a == "--json");
+            if json && e.kind() == clap::error::ErrorKind::DisplayVersion {
+                let v =
+                    serde_json::json!({ "name": "chunkvol", "version": env!("CARGO_PKG_VERSION") });
+                println!("{v}");
+                return 0;
+            }
             if json && e.use_stderr() {
                 let _ = JSON_OUTPUT.set(true);
                 let text = e.render().to_string();
