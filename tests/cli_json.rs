@@ -257,6 +257,7 @@ fn tool_commands() {
     json_fails(&["frobnicate"], 2, "frobnicate");
     let v = json_ok(&["--version"], "version");
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(v["name"], "chunkvol");
 }
 
 fn online_commands(dir: &TestDir, pool: &[String]) {

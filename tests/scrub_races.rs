@@ -77,6 +77,7 @@ fn start_dev1(s: &Setup, readonly: bool) -> Arc<scrub::ScrubRun> {
             readonly,
             devid: Some(1),
             limit_bytes_per_s: None,
+            uncached: false,
         },
     )
     .unwrap()
@@ -355,6 +356,7 @@ fn r6_commit_never_waits_for_scrub() {
             readonly: false,
             devid: Some(1),
             limit_bytes_per_s: None,
+            uncached: false,
         };
         scrub::start(&fs, opts)
             .map(|r| r.wait())
@@ -1045,6 +1047,7 @@ fn replace_renames_the_devid_only_after_old_maps_are_let_go() {
             readonly: true,
             devid: Some(2),
             limit_bytes_per_s: None,
+            uncached: false,
         },
     )
     .unwrap();
@@ -1103,6 +1106,7 @@ fn scrub_skips_an_extent_found_under_a_devid_renamed_since_its_view() {
             readonly: true,
             devid: Some(2),
             limit_bytes_per_s: None,
+            uncached: false,
         },
     )
     .unwrap();

@@ -460,6 +460,10 @@ enum ScrubCmd {
         /// Read rate cap per device (e.g. 100M); default yields to client I/O.
         #[arg(long, value_parser = size::parse_size)]
         limit: Option<u64>,
+        /// Read around the host page cache (O_DIRECT): the clients' cached
+        /// data stays cached; slower (about half the speed for now).
+        #[arg(long)]
+        uncached: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -984,8 +988,10 @@ pub fn main() -> i32 {
             // A parse error cannot read the flag from the parse; look for it.
             let json = std::env::args_os().skip(1).any(|a| a == "--json");
             if json && e.kind() == clap::error::ErrorKind::DisplayVersion {
-                let v =
-                    serde_json::json!({ "name": "chunkvol", "version": env!("CARGO_PKG_VERSION") });
+                let v = serde_json::json!({
+                    "name": env!("CARGO_PKG_NAME"),
+                    "version": env!("CARGO_PKG_VERSION"),
+                });
                 println!("{v}");
                 return 0;
             }
@@ -1102,12 +1108,14 @@ fn scrub_cmd(cmd: ScrubCmd) -> i32 {
             readonly,
             devid,
             limit,
+            uncached,
             target,
         } => {
             let opts = crate::jobs::scrub::ScrubOptions {
                 readonly,
                 devid,
                 limit_bytes_per_s: limit,
+                uncached,
             };
             let (wait, watch) = waiting(wait, &target, Watch::Scrub);
             run_op_with(&target, Op::ScrubStart { opts, json, wait }, watch)
@@ -1157,11 +1165,10 @@ fn device_cmd(cmd: DeviceCmd) -> i32 {
         ),
         DeviceCmd::Remove { dev, target } => {
             let dev = device_arg(dev);
-            run_op_with(
-                &target,
-                Op::DeviceRemove { dev },
-                Some(Watch::Task("remove", None)),
-            )
+            // The server names a remove's task by devid.
+            let subject = dev.parse::<u64>().ok().map(|_| dev.clone());
+            let watch = Some(Watch::Task("remove", subject));
+            run_op_with(&target, Op::DeviceRemove { dev }, watch)
         }
         DeviceCmd::Replace { cmd } => replace_cmd(cmd),
     }

@@ -217,6 +217,11 @@ impl BlockDevice for FaultyDevice {
         buf.copy_from_slice(&st.current[offset as usize..end]);
         Ok(())
     }
+    /// Serial while a power-cut budget is armed: the budget is shared
+    /// across devices, and which copy meets the cut must replay from a seed.
+    fn parallel_writes(&self) -> bool {
+        lock(&self.state).power.is_none()
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut st = lock(&self.state);
         let end = check_range(st.current.len(), offset, buf.len())?;

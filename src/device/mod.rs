@@ -27,6 +27,13 @@ pub trait BlockDevice: Send + Sync {
         self.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Whether writes to this device may run on helper threads next to
+    /// writes to another (the copies of one piece). A device that must
+    /// replay the same way from a seed (a power-cut budget shared across
+    /// devices) says no.
+    fn parallel_writes(&self) -> bool {
+        true
+    }
     /// Make every completed write durable.
     fn flush(&self) -> io::Result<()>;
 }
@@ -36,8 +43,10 @@ pub struct FileDevice {
     path: PathBuf,
     file: File,
     /// The same file opened with O_DIRECT, for [`BlockDevice::read_uncached`];
-    /// None where the host filesystem refuses it (tmpfs).
+    /// None where the host filesystem refuses it.
     direct: Option<File>,
+    /// A direct read was refused (EINVAL): plain reads from then on.
+    direct_refused: std::sync::atomic::AtomicBool,
     size_bytes: u64,
 }
 
@@ -72,10 +81,12 @@ impl FileDevice {
             path: path.into(),
             msg: format!("cannot read size: {e}"),
         })?;
+        let direct = open_direct(&file, path);
         Ok(FileDevice {
             path: path.into(),
             file,
-            direct: open_direct(path),
+            direct,
+            direct_refused: Default::default(),
             size_bytes,
         })
     }
@@ -102,14 +113,16 @@ impl FileDevice {
     }
 }
 
-/// `path` opened read-only with O_DIRECT, if the filesystem allows it. The
-/// lock is held by the main descriptor.
-fn open_direct(path: &Path) -> Option<File> {
+/// The file behind `file` opened again, read-only with O_DIRECT, if the
+/// filesystem allows it. Through /proc/self/fd, so it is the same file even
+/// if `path` was renamed or replaced since. The lock stays with `file`.
+fn open_direct(file: &File, path: &Path) -> Option<File> {
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
         .read(true)
         .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-        .open(path)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
         .inspect_err(|e| tracing::debug!("{}: no direct I/O ({e})", path.display()))
         .ok()
 }
@@ -156,10 +169,25 @@ impl BlockDevice for FileDevice {
         let aligned = (buf.as_ptr() as usize).is_multiple_of(A)
             && buf.len().is_multiple_of(A)
             && offset.is_multiple_of(A as u64);
+        use std::sync::atomic::Ordering::Relaxed;
         match &self.direct {
             // The kernel writes back dirty cached pages of the range first,
             // so a direct read sees what buffered writes left.
-            Some(d) if aligned => d.read_exact_at(buf, offset),
+            Some(d) if aligned && !self.direct_refused.load(Relaxed) => {
+                match d.read_exact_at(buf, offset) {
+                    // Opened, yet refused for I/O (a filesystem that wants
+                    // larger alignment): not a device error.
+                    Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                        tracing::info!(
+                            "{}: direct reads refused ({e}); reading through the page cache",
+                            self.path.display()
+                        );
+                        self.direct_refused.store(true, Relaxed);
+                        self.read_at(buf, offset)
+                    }
+                    r => r,
+                }
+            }
             _ => self.read_at(buf, offset),
         }
     }

@@ -462,22 +462,34 @@ impl FsInfo {
     /// one after another otherwise, and always inside a deterministic
     /// simulation, whose actors must be the only threads that move.
     fn write_copies(&self, p: &Mapped, which: &[usize], data: &[u8]) -> Vec<Result<()>> {
-        if which.len() < 2 || data.len() < PARALLEL_COPY_MIN_BYTES || crate::util::sched::in_sim() {
+        let serial = which.len() < 2
+            || data.len() < PARALLEL_COPY_MIN_BYTES
+            || crate::util::sched::in_sim()
+            || which.iter().any(|&i| {
+                self.device(p.mirrors[i].0)
+                    .is_some_and(|d| !d.dev.parallel_writes())
+            });
+        if serial {
             return which.iter().map(|&i| self.write_copy(p, i, data)).collect();
         }
         std::thread::scope(|sc| {
+            // A copy whose thread cannot start is written here, after.
             let others: Vec<_> = which[1..]
                 .iter()
-                .map(|&i| sc.spawn(move || self.write_copy(p, i, data)))
+                .map(|&i| {
+                    let t = std::thread::Builder::new().name("copy-writer".into());
+                    (
+                        i,
+                        t.spawn_scoped(sc, move || self.write_copy(p, i, data)).ok(),
+                    )
+                })
                 .collect();
             let mut out = vec![self.write_copy(p, which[0], data)];
-            for h in others {
-                out.push(h.join().unwrap_or_else(|_| {
-                    Err(Error::Device {
-                        path: "mirror writer".into(),
-                        msg: "a copy's writer thread panicked".into(),
-                    })
-                }));
+            for (i, h) in others {
+                out.push(match h {
+                    Some(h) => h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
+                    None => self.write_copy(p, i, data),
+                });
             }
             out
         })

@@ -76,10 +76,13 @@ pub(super) fn scrub_unit(scan: &mut DevScan, u: &Unit, allocs: &[Alloc]) -> u64 
     let Some(dev) = fs.device(scan.devid) else {
         return 0;
     };
-    let read_ok = dev
-        .dev
-        .read_uncached(&mut scan.buf[..u.len as usize], u.physical)
-        .is_ok();
+    let buf = &mut scan.buf[..u.len as usize];
+    let read_ok = if scan.run.opts.uncached {
+        dev.dev.read_uncached(buf, u.physical)
+    } else {
+        dev.dev.read_at(buf, u.physical)
+    }
+    .is_ok();
     if !read_ok {
         // As btrfs: a read error scrub meets counts against the device
         // (persisted with the next commit, unless -r, which writes nothing).
