@@ -295,6 +295,60 @@ def bench_nbd():
     results["sections"]["nbd"] = rows
 
 
+# ---- 3b. server memory under many connections -----------------------------
+RSS_BOUND_MIB = 512  # the documented bound (docs/BENCHMARKS.md)
+
+
+def peak_rss_during(proc, work):
+    """Run work() while sampling proc's VmRSS; the highest sample, bytes."""
+    peak = [0]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            try:
+                for line in open(f"/proc/{proc.pid}/status"):
+                    if line.startswith("VmRSS:"):
+                        peak[0] = max(peak[0], int(line.split()[1]) * 1024)
+            except OSError:
+                pass
+            time.sleep(0.1)
+
+    th = threading.Thread(target=sample)
+    th.start()
+    try:
+        work()
+    finally:
+        done.set()
+        th.join()
+    return peak[0]
+
+
+def bench_rss():
+    secs = 5 if QUICK else 15
+    d = fresh("rss")
+    rows = {}
+    devs = [os.path.join(d, "single0.img")]
+    sh([CV, "mkfs", "--data", "single", "--size", "6G", *devs])
+    sh([CV, "volume", "create", "disk0", "--size", "4G", *devs])
+    raw = os.path.join(d, "raw.img")
+    sh(f"truncate -s 4G {raw}")
+    for name, argv in [("chunkvol single", lambda port: [CV, "serve", "--listen", f"127.0.0.1:{port}",
+                                                          "--socket", os.path.join(d, "ctl.sock"), *devs]),
+                       ("qemu-nbd raw", lambda port: ["qemu-nbd", "-p", str(port), "-b", "127.0.0.1", "-f", "raw",
+                                                       "-x", "disk0", "--cache=writeback", "-e", "8", "-t", raw])]:
+        port = free_port()
+        s = Serve(argv(port), port)
+        try:
+            r = {}
+            rss = peak_rss_during(s.p, lambda: r.update(
+                fio(f"nbd://127.0.0.1:{port}/disk0", "write", "1M", 32, secs, 8)))
+            rows[name] = {"peak_rss_bytes": rss, **r}
+        finally:
+            s.stop()
+    results["sections"]["rss"] = {"load": "fio write 1M, 8 connections x qd32", "bound_mib": RSS_BOUND_MIB, **rows}
+
+
 # ---- 4. foreground IOPS during a default scrub -----------------------------
 def bench_fg_during_scrub():
     secs = 5 if QUICK else 15
@@ -412,6 +466,10 @@ def targets(S):
                 m = "bw_bytes" if "1M" in load else "iops"
                 v = row_["chunkvol single"][m] / row_[peer][m]
                 row(f"NBD {key}, chunkvol single / {peer}", f"{v:.2f}", f">= {goal}", v >= goal)
+    if "rss" in S and "chunkvol single" in S["rss"]:
+        v = S["rss"]["chunkvol single"]["peak_rss_bytes"] / MIB
+        row("serve peak RSS, 8 connections x qd32 x 1 MiB writes (MiB)", f"{v:.0f}",
+            f"<= {S['rss']['bound_mib']}", v <= S["rss"]["bound_mib"])
     if "fg_during_scrub" in S:
         v = S["fg_during_scrub"]["ratio"]
         row("4 KiB random read IOPS during a default scrub / without", f"{v:.2f}", ">= 0.7", v >= 0.7)
@@ -436,7 +494,7 @@ def report():
            "Ratios compare against a peer measured in the same run; absolute numbers are noisy.", "",
            "How to run: `bench/run` (everything, about 16 minutes on 2 cores; it installs fio, nbdkit, "
            "qemu-utils and btrfs-progs if missing and builds release), `bench/run --quick` (a few minutes; "
-           "writes docs/BENCHMARKS-quick.md), `bench/run SECTION...` (open scrub nbd fg reclaim reloc csum; "
+           "writes docs/BENCHMARKS-quick.md), `bench/run SECTION...` (open scrub nbd fg reclaim reloc csum rss; "
            "the other sections keep their last figures), `bench/run report` (re-render after editing "
            "bench/profile.md). Raw figures: bench/results.json.", ""]
     def ran(sec):
@@ -481,6 +539,16 @@ def report():
                 key = "bw_bytes" if "1M" in load else "iops"
                 out.append(f"- {load}: chunkvol single / qemu-nbd raw = {c[key] / q[key]:.2f}; "
                            f"vs qemu-nbd qcow2 = {c[key] / row['qemu-nbd qcow2'][key]:.2f}")
+        out.append("")
+    if "rss" in S:
+        r = S["rss"]
+        out += ["## Server memory under load", ""] + ran(r) + [
+                f"Peak resident memory (VmRSS sampled every 0.1 s) while fio writes 1 MiB blocks over 8 connections "
+                f"at queue depth 32 each (256 MiB in flight at most). The bound for chunkvol is {r['bound_mib']} MiB.", "",
+                "| server | peak RSS | write rate |", "|---|---|---|"]
+        for n in ("chunkvol single", "qemu-nbd raw"):
+            if n in r:
+                out.append(f"| {n} | {r[n]['peak_rss_bytes'] / MIB:.0f} MiB | {r[n]['bw_bytes'] / MIB:.0f} MiB/s |")
         out.append("")
     if "fg_during_scrub" in S:
         r = S["fg_during_scrub"]
@@ -549,7 +617,7 @@ if only == ["report"]:
     commands[:] = results.get("commands", [])
 for name, fn in [("open", bench_open), ("scrub", bench_scrub), ("nbd", bench_nbd),
                  ("fg", bench_fg_during_scrub), ("reclaim", bench_reclaim), ("reloc", bench_reloc),
-                 ("csum", bench_csum)]:
+                 ("csum", bench_csum), ("rss", bench_rss)]:
     if only and name not in only:
         continue
     print(f"== {name}", flush=True)
