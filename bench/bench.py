@@ -296,7 +296,9 @@ def bench_nbd():
 
 
 # ---- 3b. server memory under many connections -----------------------------
-RSS_BOUND_MIB = 512  # the documented bound (docs/BENCHMARKS.md)
+# The documented bound: 8 connections x the 64 MiB per-connection cap on
+# in-flight payload bytes (nbd::ServerConfig::max_in_flight_bytes_per_conn).
+RSS_BOUND_MIB = 512
 
 
 def peak_rss_during(proc, work):
@@ -544,7 +546,8 @@ def report():
         r = S["rss"]
         out += ["## Server memory under load", ""] + ran(r) + [
                 f"Peak resident memory (VmRSS sampled every 0.1 s) while fio writes 1 MiB blocks over 8 connections "
-                f"at queue depth 32 each (256 MiB in flight at most). The bound for chunkvol is {r['bound_mib']} MiB.", "",
+                f"at queue depth 32 each (256 MiB of requests). The bound for chunkvol is {r['bound_mib']} MiB: 8 connections "
+                f"times the 64 MiB each may hold in flight (`max_in_flight_bytes_per_conn`); qemu-nbd holds far less.", "",
                 "| server | peak RSS | write rate |", "|---|---|---|"]
         for n in ("chunkvol single", "qemu-nbd raw"):
             if n in r:
