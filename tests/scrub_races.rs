@@ -71,16 +71,20 @@ fn scrub_paused_on_empty_group(s: &Setup, fp: &str) -> (u64, Arc<scrub::ScrubRun
 }
 
 fn start_dev1(s: &Setup, readonly: bool) -> Arc<scrub::ScrubRun> {
-    scrub::start(
-        s.fs(),
-        ScrubOptions {
-            readonly,
-            devid: Some(1),
-            limit_bytes_per_s: None,
-            uncached: false,
-        },
-    )
-    .unwrap()
+    start_on(s.fs(), 1, readonly)
+}
+
+/// A scrub of one device.
+fn start_on(fs: &Arc<FsInfo>, devid: u64, readonly: bool) -> Arc<scrub::ScrubRun> {
+    scrub::start(fs, one_device(devid, readonly)).unwrap()
+}
+
+fn one_device(devid: u64, readonly: bool) -> ScrubOptions {
+    ScrubOptions {
+        readonly,
+        devid: Some(devid),
+        ..Default::default()
+    }
 }
 
 fn paused(name: &str) {
@@ -352,12 +356,7 @@ fn r6_commit_never_waits_for_scrub() {
     // Scrub's start commits first, but never behind a running commit.
     let fs = s.fs().clone();
     let sc = std::thread::spawn(move || {
-        let opts = ScrubOptions {
-            readonly: false,
-            devid: Some(1),
-            limit_bytes_per_s: None,
-            uncached: false,
-        };
+        let opts = one_device(1, false);
         scrub::start(&fs, opts)
             .map(|r| r.wait())
             .map_err(|e| e.to_string())
@@ -1041,16 +1040,7 @@ fn replace_renames_the_devid_only_after_old_maps_are_let_go() {
     let (phys, x) = *used_data_chunks_on(&fs, 2).last().unwrap();
     let len = fs.mapping.get(x).unwrap().item.stripe_bytes;
     failpoint::set("scrub::unit", Action::PauseIf(x));
-    let run = scrub::start(
-        &fs,
-        ScrubOptions {
-            readonly: true,
-            devid: Some(2),
-            limit_bytes_per_s: None,
-            uncached: false,
-        },
-    )
-    .unwrap();
+    let run = start_on(&fs, 2, true);
     paused("scrub::unit");
     let newdev = Arc::new(FaultyDevice::new("mem-new", 128 << 20));
     let replace = chunkvol::jobs::dev_replace::start(&fs, 2, newdev.clone(), false).unwrap();
@@ -1100,16 +1090,7 @@ fn scrub_skips_an_extent_found_under_a_devid_renamed_since_its_view() {
     let (phys, x) = used_data_chunks_on(&fs, 2)[0];
     let len = fs.mapping.get(x).unwrap().item.stripe_bytes;
     failpoint::set("scrub::group_found", Action::PauseIf(x));
-    let run = scrub::start(
-        &fs,
-        ScrubOptions {
-            readonly: true,
-            devid: Some(2),
-            limit_bytes_per_s: None,
-            uncached: false,
-        },
-    )
-    .unwrap();
+    let run = start_on(&fs, 2, true);
     paused("scrub::group_found");
     let newdev = Arc::new(FaultyDevice::new("mem-new", 128 << 20));
     let st = chunkvol::jobs::dev_replace::start(&fs, 2, newdev.clone(), false)
