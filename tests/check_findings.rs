@@ -49,7 +49,7 @@ fn items(ctx: &Ctx, tree: u64, ty: u8) -> Vec<(Key, Value)> {
 
 /// The volume mapping item that points at the extent at `logical`.
 fn mapping_of(ctx: &Ctx, logical: u64) -> Key {
-    items(ctx, tree_id::VOLUME, item::VOLUME_EXTENT)
+    items(ctx, ctx.st.volumes["v"].id, item::VOLUME_EXTENT)
         .into_iter()
         .find(|(_, v)| chunkvol::format::VolumeExtent::decode(v).unwrap().logical == logical)
         .map(|(k, _)| k)
@@ -85,7 +85,7 @@ fn a_tree_block_without_its_metadata_item() {
         .tree_blocks()
         .unwrap()
         .into_iter()
-        .find(|&(_, owner, _)| owner == tree_id::VOLUME)
+        .find(|&(_, owner, _)| owner == volume_id(&pool))
         .unwrap();
     damage(&pool, |ctx| {
         delete(
@@ -178,7 +178,8 @@ fn an_extent_without_its_volume_mapping() {
     damage(&pool, |ctx| {
         let k = mapping_of(ctx, logical);
         lba = k.offset;
-        delete(ctx, tree_id::VOLUME, &k);
+        let vid = ctx.st.volumes["v"].id;
+        delete(ctx, vid, &k);
     });
     let vid = volume_id(&pool);
     assert_eq!(
@@ -295,9 +296,7 @@ fn a_key_outside_its_parents_range() {
     }
     pool.flush().unwrap();
     let fs = pool.fs();
-    let root = chunkvol::util::sync::read(&fs.commit_roots).roots
-        [chunkvol::engine::fs_info::tree_index(tree_id::VOLUME)]
-    .clone();
+    let root = chunkvol::util::sync::read(&fs.commit_roots).volumes[&volume_id(&pool)].clone();
     assert!(root.level > 0, "the volume tree has more than one leaf");
     let (c, next) = (root.children()[1].clone(), root.children()[2].key);
     let leaf = fs
@@ -321,7 +320,7 @@ fn a_key_outside_its_parents_range() {
         problems(&pool),
         set(&[
             format!(
-                "volume tree: key {moved} in block {:#x} is outside its parent's range",
+                "volume id {vid} mapping tree: key {moved} in block {:#x} is outside its parent's range",
                 bad.addr
             ),
             format!(

@@ -388,9 +388,43 @@ fn dump_tree_names_item_types() {
     ok(&["volume", "create", "v", "--size", "1G", "a.img"], &dir);
     let out = ok(&["dump-tree", "--tree", "volume", "a.img"], &dir);
     assert!(out.contains("item (1 VOLUME_ITEM 256)"), "{out}");
+    assert!(out.contains("item (256 ROOT_ITEM 0)"), "{out}");
+    assert!(!out.contains("VOLUME_EXTENT"), "{out}");
     let out = ok(&["dump-tree", "--tree", "chunk", "a.img"], &dir);
     assert!(
         out.contains(" DEV_ITEM ") && out.contains(" CHUNK "),
         "{out}"
     );
+    // 2,000 sectors, every other one a hole: 1,000 mappings in v's own tree.
+    let mut img = vec![0u8; 2000 * 4096];
+    for (i, s) in img.chunks_mut(8192).enumerate() {
+        s[..4096].fill(i as u8 | 1);
+    }
+    std::fs::write(dir.join("v.raw"), &img).unwrap();
+    ok(&["volume", "import", "v", "v.raw", "a.img"], &dir);
+    let out = ok(&["dump-tree", "--tree", "volume:v", "a.img"], &dir);
+    assert!(out.starts_with("volume:v tree (id 256,"), "{out}");
+    assert_eq!(
+        out.matches("item (256 VOLUME_EXTENT ").count(),
+        1000,
+        "{out}"
+    );
+    let (c, _, e) = run(&["dump-tree", "--tree", "volume:w", "a.img"], &dir);
+    assert_eq!(c, 2);
+    assert!(
+        e.contains("unknown tree 'volume:w'") && e.contains("volume:v"),
+        "{e}"
+    );
+    // A reader that stops early (far more than a pipe buffer is printed).
+    let o = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; {} dump-tree a.img | head -c 100 >/dev/null",
+            env!("CARGO_BIN_EXE_chunkvol")
+        ))
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && !e.contains("panicked"), "{e}");
 }

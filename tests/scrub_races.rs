@@ -734,7 +734,7 @@ fn lba_of(s: &Setup, logical: u64) -> u64 {
     let ctx = Ctx::join(fs, &mut st);
     let items = ctx
         .range(
-            chunkvol::format::tree_id::VOLUME,
+            ctx.st.volumes["v"].id,
             chunkvol::format::Key::MIN,
             chunkvol::format::Key::MAX,
         )

@@ -18,6 +18,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = ExtentItem::decode(v);
             let _ = VolumeItem::decode(v);
             let _ = VolumeExtent::decode(v);
+            let _ = RootPtr::decode(v);
         }
     }
 });

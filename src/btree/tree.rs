@@ -139,6 +139,22 @@ fn reloc(
     Ok(changed)
 }
 
+/// Free every node of a tree that is being dropped (a deleted volume's).
+/// The caller has already released what the items referenced. Returns how
+/// many nodes were freed.
+pub fn free_tree(s: &mut dyn NodeStore, root: Arc<Node>) -> Result<u64> {
+    let mut stack = vec![root];
+    let mut freed = 0;
+    while let Some(n) = stack.pop() {
+        for i in 0..n.children().len() {
+            stack.push(load_child(s, &n, i)?);
+        }
+        s.free_node(&n);
+        freed += 1;
+    }
+    Ok(freed)
+}
+
 /// Look a key up.
 pub fn get(l: &dyn NodeLoader, root: &Arc<Node>, key: &Key) -> Result<Option<Vec<u8>>> {
     let mut node = root.clone();

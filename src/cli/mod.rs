@@ -67,7 +67,8 @@ enum Cmd {
     },
     /// Print tree contents.
     DumpTree {
-        /// chunk, dev, extent, csum or volume (default: all).
+        /// chunk, dev, extent, csum, volume, or volume:NAME for a volume's
+        /// own mapping tree (default: all).
         #[arg(long)]
         tree: Option<String>,
         #[arg(required = true)]
@@ -875,36 +876,55 @@ fn dump_tree(devs: &[PathBuf], which: Option<&str>) -> i32 {
     let roots = crate::util::sync::read(&fs.commit_roots).clone();
     let mut out = String::new();
     let mut trees = Vec::new();
-    for (i, t) in tree_id::ALL.iter().enumerate() {
-        if which.is_some_and(|w| w != tree_id::name(*t)) {
+    let names: std::collections::BTreeMap<u64, String> = crate::util::sync::lock(&fs.trans)
+        .volumes
+        .iter()
+        .map(|(n, v)| (v.id, format!("volume:{n}")))
+        .collect();
+    let mut known = Vec::new();
+    for (t, root) in roots.all() {
+        let name = match names.get(&t) {
+            Some(n) => n.as_str(),
+            None => tree_id::name(t),
+        };
+        known.push(name.to_string());
+        if which.is_some_and(|w| w != name) {
             continue;
         }
-        let name = tree_id::name(*t);
         if json_out() {
             trees.push(serde_json::json!({
                 "tree": name,
+                "id": t,
                 "generation": roots.gen,
-                "root": dump_node_json(fs, &roots.roots[i]),
+                "root": dump_node_json(fs, root),
             }));
         } else {
-            out.push_str(&format!("{name} tree (generation {}):\n", roots.gen));
-            dump_node(fs, &roots.roots[i], 2, &mut out);
+            out.push_str(&format!(
+                "{name} tree (id {t}, generation {}):\n",
+                roots.gen
+            ));
+            dump_node(fs, root, 2, &mut out);
         }
     }
     if trees.is_empty() && out.is_empty() {
         return fail(
             2,
             format!(
-                "unknown tree '{}' (chunk, dev, extent, csum, volume)",
-                which.unwrap_or("")
+                "unknown tree '{}' (one of: {})",
+                which.unwrap_or(""),
+                known.join(", ")
             ),
         );
     }
     if json_out() {
         return done("", serde_json::json!({ "trees": trees }));
     }
-    print!("{out}");
-    0
+    // `dump-tree | head` closes the pipe early: that is not an error.
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(out.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => fail(1, e),
+        _ => 0,
+    }
 }
 
 #[derive(clap::Args, Debug)]

@@ -9,24 +9,19 @@
 use crate::btree::{self, Node, NodeLoader};
 use crate::engine::transaction::Ctx;
 use crate::format::{
-    item, objectid, tree_id, BackRef, ExtentItem, Key, VolumeExtent, SECTOR_BYTES,
+    item, mapping_key, objectid, tree_id, BackRef, ExtentItem, Key, VolumeExtent, SECTOR_BYTES,
 };
 use crate::util::error::{Error, Result};
 use crate::util::sync::Arc;
 
-/// First key of a forward scan, in a volume tree `root`, for the volume's
+/// First key of a forward scan, in a volume's tree `root`, for the
 /// mappings that overlap `start`: the mapping that starts at or before it
 /// (mappings never overlap, so only that one can reach into `start`), else
 /// `start` itself.
-pub fn mapping_scan_from(
-    l: &dyn NodeLoader,
-    root: &Arc<Node>,
-    volume_id: u64,
-    start: u64,
-) -> Result<Key> {
-    let at = Key::new(volume_id, item::VOLUME_EXTENT, start);
+pub fn mapping_scan_from(l: &dyn NodeLoader, root: &Arc<Node>, start: u64) -> Result<Key> {
+    let at = mapping_key(start);
     Ok(match btree::last_at_or_before(l, root, &at)? {
-        Some(k) if k.objectid == volume_id && k.ty == item::VOLUME_EXTENT => k,
+        Some(k) if k.objectid == objectid::MAPPING && k.ty == item::VOLUME_EXTENT => k,
         _ => at,
     })
 }
@@ -48,8 +43,8 @@ pub fn insert_data_extent(
     punch(ctx, volume_id, lba, len)?;
     let gen = ctx.st.gen;
     ctx.insert(
-        tree_id::VOLUME,
-        Key::new(volume_id, item::VOLUME_EXTENT, lba),
+        volume_id,
+        mapping_key(lba),
         VolumeExtent { logical, len, gen }.encode(),
     )?;
     ctx.insert(
@@ -77,12 +72,8 @@ pub fn mappings(
     start: u64,
     len: u64,
 ) -> Result<Vec<(Key, VolumeExtent)>> {
-    let from = mapping_scan_from(ctx.fs, &ctx.st.root(tree_id::VOLUME), volume_id, start)?;
-    let items = ctx.range(
-        tree_id::VOLUME,
-        from,
-        Key::new(volume_id, item::VOLUME_EXTENT, start + len - 1),
-    )?;
+    let from = mapping_scan_from(ctx.fs, &ctx.st.tree_root(volume_id)?, start)?;
+    let items = ctx.range(volume_id, from, mapping_key(start + len - 1))?;
     let mut out = Vec::new();
     for (k, v) in items {
         let ve = VolumeExtent::decode(&v).map_err(|e| Error::Corrupt(format!("{k}: {e}")))?;
@@ -102,10 +93,10 @@ pub fn punch(ctx: &mut Ctx, volume_id: u64, start: u64, len: u64) -> Result<()> 
     for (k, ve) in mappings(ctx, volume_id, start, len)? {
         let (s, e) = (k.offset, k.offset + ve.len);
         let (os, oe) = (s.max(start), e.min(end));
-        ctx.delete(tree_id::VOLUME, &k)?;
+        ctx.delete(volume_id, &k)?;
         if s < os {
             let head = VolumeExtent { len: os - s, ..ve };
-            ctx.insert(tree_id::VOLUME, k, head.encode())?;
+            ctx.insert(volume_id, k, head.encode())?;
         }
         if oe < e {
             let tail = VolumeExtent {
@@ -113,11 +104,7 @@ pub fn punch(ctx: &mut Ctx, volume_id: u64, start: u64, len: u64) -> Result<()> 
                 len: e - oe,
                 gen: ve.gen,
             };
-            ctx.insert(
-                tree_id::VOLUME,
-                Key::new(volume_id, item::VOLUME_EXTENT, oe),
-                tail.encode(),
-            )?;
+            ctx.insert(volume_id, mapping_key(oe), tail.encode())?;
         }
         free_data_range(ctx, ve.logical + (os - s), oe - os)?;
     }

@@ -6,7 +6,9 @@ use crate::btree::{self, Iter};
 use crate::data::extent;
 use crate::engine::fs_info::{FsInfo, RMW_LOCKS};
 use crate::engine::transaction::Ctx;
-use crate::format::{bg_type, item, objectid, tree_id, Key, VolumeExtent, SECTOR_BYTES};
+use crate::format::{
+    bg_type, item, mapping_key, objectid, tree_id, Key, VolumeExtent, SECTOR_BYTES,
+};
 use crate::util::error::{Error, Result};
 use crate::util::sync::{lock, Arc, Ordering};
 
@@ -62,6 +64,12 @@ impl Volume {
             .filter(|v| v.id == self.id)
             .cloned()
             .ok_or_else(|| Error::NoVolume(self.name.to_string()))
+    }
+
+    /// This volume's live tree root; `NoVolume` once it was deleted.
+    fn root(&self, st: &crate::engine::transaction::TransState) -> Result<Arc<btree::Node>> {
+        st.tree_root(self.id)
+            .map_err(|_| Error::NoVolume(self.name.to_string()))
     }
 
     /// Whether writes are refused.
@@ -126,7 +134,7 @@ impl Volume {
         let (vroot, croot, _guard) = {
             let st = lock(&fs.trans);
             (
-                st.root(tree_id::VOLUME),
+                self.root(&st)?,
                 st.root(tree_id::CSUM),
                 fs.register_reader(st.gen),
             )
@@ -134,8 +142,8 @@ impl Volume {
         let it = Iter::new(
             fs,
             &vroot,
-            extent::mapping_scan_from(fs, &vroot, self.id, start)?,
-            Key::new(self.id, item::VOLUME_EXTENT, end - 1),
+            extent::mapping_scan_from(fs, &vroot, start)?,
+            mapping_key(end - 1),
         );
         let mut pos = start;
         let cs = fs.csum_type.size_bytes();
@@ -384,13 +392,13 @@ impl Volume {
         let fs = &*self.fs;
         let (vroot, _guard) = {
             let st = lock(&fs.trans);
-            (st.root(tree_id::VOLUME), fs.register_reader(st.gen))
+            (self.root(&st)?, fs.register_reader(st.gen))
         };
         let it = Iter::new(
             fs,
             &vroot,
-            extent::mapping_scan_from(fs, &vroot, self.id, offset)?,
-            Key::new(self.id, item::VOLUME_EXTENT, end.saturating_sub(1)),
+            extent::mapping_scan_from(fs, &vroot, offset)?,
+            mapping_key(end.saturating_sub(1)),
         );
         let mut out: Vec<Extent> = Vec::new();
         let mut push = |o: u64, l: u64, allocated: bool| {

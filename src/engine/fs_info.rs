@@ -28,7 +28,10 @@ pub const PARALLEL_COPY_MIN_BYTES: usize = 128 << 10;
 
 /// Index of a tree in root arrays, in [`tree_id::ALL`] order.
 pub fn tree_index(id: u64) -> usize {
-    tree_id::ALL.iter().position(|&t| t == id).unwrap_or(0)
+    tree_id::ALL
+        .iter()
+        .position(|&t| t == id)
+        .unwrap_or_else(|| panic!("tree {id} is not a fixed tree"))
 }
 
 /// Roots of the last committed transaction: an immutable view for scrub,
@@ -36,7 +39,31 @@ pub fn tree_index(id: u64) -> usize {
 #[derive(Clone)]
 pub struct CommitRoots {
     pub gen: u64,
+    /// Fixed trees, in [`tree_id::ALL`] order.
     pub roots: Vec<Arc<Node>>,
+    /// Each volume's mapping tree, by volume id.
+    pub volumes: BTreeMap<u64, Arc<Node>>,
+}
+
+impl CommitRoots {
+    /// Root of a fixed tree or of a volume's tree; None for a volume that
+    /// did not exist at this commit.
+    pub fn tree(&self, id: u64) -> Option<&Arc<Node>> {
+        if tree_id::is_volume(id) {
+            self.volumes.get(&id)
+        } else {
+            Some(&self.roots[tree_index(id)])
+        }
+    }
+
+    /// Every root: the fixed trees, then the volume trees.
+    pub fn all(&self) -> impl Iterator<Item = (u64, &Arc<Node>)> {
+        tree_id::ALL
+            .iter()
+            .copied()
+            .zip(self.roots.iter())
+            .chain(self.volumes.iter().map(|(&id, r)| (id, r)))
+    }
 }
 
 /// Extents freed by each transaction, (logical, length), not yet reusable.
@@ -191,6 +218,7 @@ impl FsInfo {
             commit_roots: RwLock::new(CommitRoots {
                 gen: committed_gen,
                 roots: Vec::new(),
+                volumes: BTreeMap::new(),
             }),
             readers: OrderedMutex::new(Rank::Leaf, BTreeMap::new()),
             pinned: OrderedMutex::new(Rank::Leaf, BTreeMap::new()),

@@ -41,6 +41,11 @@ pub struct TransState {
     pub gen: u64,
     /// Live roots in [`tree_id::ALL`] order (taken out while a tree is changed).
     pub roots: [Option<Arc<Node>>; 5],
+    /// Live root of each volume's mapping tree, by volume id (taken out
+    /// while the tree is changed). Its ROOT_ITEM follows it at commit.
+    pub vol_roots: BTreeMap<u64, Arc<Node>>,
+    /// Superblock `INCOMPAT_*` bits the next commit writes.
+    pub incompat_flags: u64,
     pub delayed_meta: BTreeMap<u64, MetaRef>,
     pub dirty_bgs: BTreeSet<u64>,
     pub pending_chunks: Vec<ChunkItem>,
@@ -56,6 +61,8 @@ impl TransState {
         TransState {
             gen,
             roots: Default::default(),
+            vol_roots: BTreeMap::new(),
+            incompat_flags: crate::format::INCOMPAT_KNOWN,
             delayed_meta: BTreeMap::new(),
             dirty_bgs: BTreeSet::new(),
             pending_chunks: Vec::new(),
@@ -66,11 +73,45 @@ impl TransState {
             volumes: BTreeMap::new(),
         }
     }
-    /// Live root of a tree.
+    /// Live root of a fixed tree.
     pub fn root(&self, tree: u64) -> Arc<Node> {
         self.roots[tree_index(tree)]
             .clone()
             .expect("tree root taken out")
+    }
+
+    /// Live root of any tree. A volume tree that does not exist (its volume
+    /// was deleted under the caller) is `NoVolume`, not a panic.
+    pub fn tree_root(&self, tree: u64) -> Result<Arc<Node>> {
+        if !tree_id::is_volume(tree) {
+            return Ok(self.root(tree));
+        }
+        self.vol_roots
+            .get(&tree)
+            .cloned()
+            .ok_or_else(|| Error::NoVolume(format!("volume id {tree}")))
+    }
+
+    fn take_root(&mut self, tree: u64) -> Result<Arc<Node>> {
+        if !tree_id::is_volume(tree) {
+            return Ok(self.roots[tree_index(tree)]
+                .take()
+                .expect("tree root taken out"));
+        }
+        self.vol_roots
+            .remove(&tree)
+            .ok_or_else(|| Error::NoVolume(format!("volume id {tree}")))
+    }
+
+    fn put_root(&mut self, tree: u64, root: Arc<Node>) {
+        if tree_id::is_volume(tree) {
+            let before = self.vol_roots.insert(tree, root);
+            assert!(before.is_none(), "volume tree {tree} root put back twice");
+        } else {
+            let slot = &mut self.roots[tree_index(tree)];
+            assert!(slot.is_none(), "tree {tree} root put back twice");
+            *slot = Some(root);
+        }
     }
 }
 
@@ -344,16 +385,44 @@ impl<'a> Ctx<'a> {
         tree: u64,
         f: impl FnOnce(&mut Ctx<'a>, &mut Arc<Node>) -> Result<R>,
     ) -> Result<R> {
-        let i = tree_index(tree);
-        let mut root = self.st.roots[i].take().expect("tree root taken out");
+        // A missing volume tree changes nothing: no abort.
+        let mut root = self.st.take_root(tree)?;
         let r = f(self, &mut root);
-        self.st.roots[i] = Some(root);
+        self.st.put_root(tree, root);
         self.st.dirty = true;
         r.map_err(|e| match e {
             Error::Aborted(_) => e,
             e => self
                 .fs
                 .abort(&format!("changing the {} tree: {e}", tree_id::name(tree))),
+        })
+    }
+
+    /// Give volume `id` an empty mapping tree (its ROOT_ITEM is written at
+    /// commit).
+    pub fn create_volume_tree(&mut self, id: u64) -> Result<()> {
+        assert!(tree_id::is_volume(id), "tree {id} is not a volume tree");
+        assert!(
+            !self.st.vol_roots.contains_key(&id),
+            "volume {id} already has a tree"
+        );
+        let addr = btree::NodeStore::alloc_node(self, id, 0)?;
+        let leaf = Node::new_leaf(addr, self.st.gen, id);
+        self.st.vol_roots.insert(id, Arc::new(leaf));
+        self.st.dirty = true;
+        Ok(())
+    }
+
+    /// Free every node of volume `id`'s tree and its ROOT_ITEM; the caller
+    /// has released the data its mappings referenced.
+    pub fn drop_volume_tree(&mut self, id: u64) -> Result<()> {
+        let root = self.st.take_root(id)?;
+        let r = btree::free_tree(self, root)
+            .and_then(|_| self.delete(tree_id::VOLUME, &crate::format::root_item_key(id)));
+        self.st.dirty = true;
+        r.map(|_| ()).map_err(|e| match e {
+            Error::Aborted(_) => e,
+            e => self.fs.abort(&format!("dropping volume tree {id}: {e}")),
         })
     }
 
@@ -365,11 +434,40 @@ impl<'a> Ctx<'a> {
         self.with_tree(tree, |c, root| btree::delete(c, root, key))
     }
     pub fn get(&self, tree: u64, key: &Key) -> Result<Option<Vec<u8>>> {
-        btree::get(self.fs, &self.st.root(tree), key)
+        btree::get(self.fs, &self.st.tree_root(tree)?, key)
     }
     /// Items with keys in [start, end].
     pub fn range(&self, tree: u64, start: Key, end: Key) -> Result<Vec<(Key, btree::Value)>> {
-        btree::Iter::new(self.fs, &self.st.root(tree), start, end).collect()
+        btree::Iter::new(self.fs, &self.st.tree_root(tree)?, start, end).collect()
+    }
+
+    /// Point each changed volume tree's ROOT_ITEM at its live root (the
+    /// root's address is fixed when it is copied, before writeout).
+    fn update_root_items(&mut self) -> Result<bool> {
+        let gen = self.st.gen;
+        let changed: Vec<(u64, Vec<u8>)> = self
+            .st
+            .vol_roots
+            .iter()
+            .filter(|(_, r)| r.gen == gen)
+            .map(|(&id, r)| {
+                let p = RootPtr {
+                    addr: r.addr,
+                    gen: r.gen,
+                    level: r.level,
+                };
+                (id, p.encode())
+            })
+            .collect();
+        let mut did = false;
+        for (id, v) in changed {
+            let k = crate::format::root_item_key(id);
+            if self.get(tree_id::VOLUME, &k)?.as_deref() != Some(&v[..]) {
+                self.insert(tree_id::VOLUME, k, v)?;
+                did = true;
+            }
+        }
+        Ok(did)
     }
 
     /// Apply delayed work until nothing more is pending.
@@ -405,6 +503,7 @@ impl<'a> Ctx<'a> {
                     )?;
                 }
             }
+            did |= self.update_root_items()?;
             let refs = std::mem::take(&mut self.st.delayed_meta);
             for (addr, r) in refs {
                 did = true;
@@ -590,7 +689,7 @@ fn commit_held(
     }
     let mut bufs = Vec::new();
     let mut written = Vec::new();
-    let (gen, sb, clean_roots) = {
+    let (gen, sb, clean_roots, clean_volumes) = {
         let mut st = lock(&fs.trans);
         if !st.dirty && !fs.dev_stats_dirty.load(Ordering::Acquire) {
             drop(st);
@@ -613,6 +712,11 @@ fn commit_held(
             };
             clean_roots.push(c.clone());
             st.roots[i] = Some(c);
+        }
+        let mut clean_volumes = BTreeMap::new();
+        for (&id, root) in st.vol_roots.iter_mut() {
+            *root = writeout(fs, root, gen, &mut bufs, &mut written);
+            clean_volumes.insert(id, root.clone());
         }
         let sys: Vec<ChunkItem> = fs
             .mapping
@@ -640,6 +744,7 @@ fn commit_held(
             roots: ptrs,
             label: fs.label.clone(),
             sys_chunk_array: Superblock::encode_sys_chunks(&sys),
+            incompat_flags: st.incompat_flags,
         };
         st.gen += 1;
         st.dirty = false;
@@ -649,7 +754,7 @@ fn commit_held(
                 wb.insert(n.addr, n.clone());
             }
         }
-        (gen, sb, clean_roots)
+        (gen, sb, clean_roots, clean_volumes)
     };
     crate::failpoint!("transaction::before_io", gen);
     // The next transaction runs while this one is written: it copies every
@@ -675,6 +780,7 @@ fn commit_held(
     *write(&fs.commit_roots) = CommitRoots {
         gen,
         roots: clean_roots,
+        volumes: clean_volumes,
     };
     let before = fs.committed_gen.swap(gen, Ordering::AcqRel);
     debug_assert_eq!(before, done, "another commit ran under the commit lock");

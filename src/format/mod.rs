@@ -36,8 +36,14 @@ pub mod tree_id {
     pub const DEV: u64 = 4;
     pub const VOLUME: u64 = 5;
     pub const CSUM: u64 = 7;
-    /// All trees in superblock order.
+    /// The fixed trees, in superblock order. Each volume also has a tree of
+    /// its own, whose id is the volume id (see [`is_volume`]).
     pub const ALL: [u64; 5] = [CHUNK, DEV, EXTENT, CSUM, VOLUME];
+    /// Whether `id` names a volume's own mapping tree (ids of volumes start
+    /// at [`super::objectid::FIRST_VOLUME`], above every fixed tree).
+    pub fn is_volume(id: u64) -> bool {
+        id >= super::objectid::FIRST_VOLUME
+    }
     /// Human name of a tree.
     pub fn name(id: u64) -> &'static str {
         match id {
@@ -46,6 +52,7 @@ pub mod tree_id {
             DEV => "dev",
             VOLUME => "volume",
             CSUM => "csum",
+            id if is_volume(id) => "mapping",
             _ => "unknown",
         }
     }
@@ -56,6 +63,8 @@ pub mod item {
     pub const VOLUME_ITEM: u8 = 1;
     pub const VOLUME_EXTENT: u8 = 108;
     pub const CSUM: u8 = 128;
+    /// In the volume tree: where a volume's mapping tree's root is.
+    pub const ROOT_ITEM: u8 = 132;
     pub const EXTENT: u8 = 168;
     pub const METADATA: u8 = 169;
     pub const BLOCK_GROUP: u8 = 192;
@@ -75,6 +84,7 @@ pub mod item {
             VOLUME_ITEM => "VOLUME_ITEM",
             VOLUME_EXTENT => "VOLUME_EXTENT",
             CSUM => "CSUM",
+            ROOT_ITEM => "ROOT_ITEM",
             EXTENT => "EXTENT",
             METADATA => "METADATA",
             BLOCK_GROUP => "BLOCK_GROUP",
@@ -98,6 +108,10 @@ pub mod objectid {
     pub const VOLUMES: u64 = 1;
     pub const FIRST_CHUNK: u64 = 256;
     pub const FIRST_VOLUME: u64 = 256;
+    /// The objectid of every mapping item in a volume's tree: the same in
+    /// every tree, so that a key means the same LBA in a volume and in a
+    /// tree that shares its blocks.
+    pub const MAPPING: u64 = 256;
     pub const DEV_STATS: u64 = 0;
     pub const SCRUB: u64 = 2;
     pub const BALANCE: u64 = 3;
@@ -242,12 +256,60 @@ impl std::fmt::Display for Key {
     }
 }
 
+/// Key of the mapping item for LBA `lba_bytes` in a volume's tree.
+pub const fn mapping_key(lba_bytes: u64) -> Key {
+    Key::new(objectid::MAPPING, item::VOLUME_EXTENT, lba_bytes)
+}
+
+/// Key of a volume's ROOT_ITEM in the volume tree.
+pub const fn root_item_key(volume_id: u64) -> Key {
+    Key::new(volume_id, item::ROOT_ITEM, 0)
+}
+
+/// Superblock `incompat_flags` bit: each volume's mappings live in a tree
+/// of its own, found through a ROOT_ITEM (format 2). Without it (format 1)
+/// the mappings are `(volume id, VOLUME_EXTENT, lba)` items in the volume
+/// tree, and the first open moves them.
+pub const INCOMPAT_VOLUME_TREES: u64 = 1;
+/// Every incompat bit this build understands.
+pub const INCOMPAT_KNOWN: u64 = INCOMPAT_VOLUME_TREES;
+
+/// Tree heights no writer reaches (a 4 KiB node holds over 100 children):
+/// a root claiming one is corrupt.
+pub const MAX_TREE_LEVELS: u8 = 16;
+
 /// Where a tree's root lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RootPtr {
     pub addr: u64,
     pub gen: u64,
     pub level: u8,
+}
+
+impl RootPtr {
+    /// Encoded as a ROOT_ITEM's value: addr, gen, level.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(17);
+        v.put_u64(self.addr);
+        v.put_u64(self.gen);
+        v.put_u8(self.level);
+        v
+    }
+    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(buf);
+        let p = RootPtr {
+            addr: r.u64()?,
+            gen: r.u64()?,
+            level: r.u8()?,
+        };
+        if p.addr == 0 || p.level >= MAX_TREE_LEVELS {
+            return Err(DecodeError(format!(
+                "root at {:#x} level {} is out of range",
+                p.addr, p.level
+            )));
+        }
+        Ok(p)
+    }
 }
 
 /// Redundancy profile of a chunk.
@@ -713,6 +775,9 @@ pub struct Superblock {
     pub label: String,
     /// Encoded CHUNK items of the SYSTEM chunks: (logical u64, len u32, item).
     pub sys_chunk_array: Vec<u8>,
+    /// `INCOMPAT_*` bits: format features a build must know to open the
+    /// pool. Zero (the padding) in superblocks written before the field.
+    pub incompat_flags: u64,
 }
 
 impl Superblock {
@@ -742,6 +807,7 @@ impl Superblock {
         v.extend_from_slice(label);
         v.put_u32(self.sys_chunk_array.len() as u32);
         v.extend_from_slice(&self.sys_chunk_array);
+        v.put_u64(self.incompat_flags);
         assert!(v.len() <= SUPER_BYTES, "superblock overflow");
         v.resize(SUPER_BYTES, 0);
         let sum = self.csum_type.compute(&v[CSUM_MAX_BYTES..]);
@@ -806,6 +872,13 @@ impl Superblock {
             return Err(DecodeError("system chunk array too long".into()));
         }
         let sys_chunk_array = r.bytes(sn)?.to_vec();
+        let incompat_flags = r.u64()?;
+        let unknown = incompat_flags & !INCOMPAT_KNOWN;
+        if unknown != 0 {
+            return Err(DecodeError(format!(
+                "unknown incompat flags {unknown:#x}: the pool was written by a newer chunkvol"
+            )));
+        }
         Ok(Superblock {
             pool_uuid,
             dev_uuid,
@@ -821,6 +894,7 @@ impl Superblock {
             roots,
             label,
             sys_chunk_array,
+            incompat_flags,
         })
     }
 
@@ -900,6 +974,7 @@ mod tests {
                 level: 0,
             }; 5],
             label: "x".into(),
+            incompat_flags: INCOMPAT_VOLUME_TREES,
             sys_chunk_array: Superblock::encode_sys_chunks(&[ChunkItem {
                 logical: 1 << 20,
                 length: 8 << 20,
@@ -935,6 +1010,28 @@ mod tests {
             assert!(Superblock::decode(&bad).is_err(), "flip at {i}");
         }
         assert!(Superblock::decode(&enc[..100]).is_err());
+    }
+
+    #[test]
+    fn unknown_incompat_flags_are_refused() {
+        let mut sb = sample_super();
+        sb.incompat_flags |= 1 << 40;
+        let e = Superblock::decode(&sb.encode()).unwrap_err();
+        assert!(e.0.contains("newer chunkvol"), "{e:?}");
+    }
+
+    #[test]
+    fn root_item_roundtrip_and_bounds() {
+        let p = RootPtr {
+            addr: 1 << 30,
+            gen: 9,
+            level: 3,
+        };
+        assert_eq!(RootPtr::decode(&p.encode()).unwrap(), p);
+        let bad = RootPtr { level: 40, ..p };
+        assert!(RootPtr::decode(&bad.encode()).is_err());
+        assert!(RootPtr::decode(&RootPtr { addr: 0, ..p }.encode()).is_err());
+        assert!(RootPtr::decode(&p.encode()[..10]).is_err());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::btree::{self, Iter};
 use crate::engine::block_group::{remove_block_group, BlockGroup};
 use crate::engine::fs_info::FsInfo;
 use crate::engine::transaction::{self, commit, Ctx};
-use crate::format::{item, objectid, tree_id, ExtentItem, Key, VolumeExtent};
+use crate::format::{item, mapping_key, objectid, tree_id, ExtentItem, Key, VolumeExtent};
 use crate::util::error::{Error, Result};
 use crate::util::sync::{lock, Ordering};
 
@@ -314,10 +314,11 @@ fn switch_extent(ctx: &mut Ctx, x: &Listed, new: u64) -> Result<u64> {
         let nps = new + (ps - x.start);
         let ei = ExtentItem::decode(&v).map_err(|e| Error::Corrupt(format!("extent {k}: {e}")))?;
         for b in &ei.backrefs {
-            let vk = Key::new(b.volume_id, item::VOLUME_EXTENT, b.lba_bytes);
-            let Some(raw) = ctx.get(tree_id::VOLUME, &vk)? else {
+            let vk = mapping_key(b.lba_bytes);
+            let Some(raw) = ctx.get(b.volume_id, &vk)? else {
                 return Err(ctx.fs.abort(&format!(
-                    "relocation: extent {k} back reference {vk} has no mapping"
+                    "relocation: extent {k} back reference (volume {}, lba {}) has no mapping",
+                    b.volume_id, b.lba_bytes
                 )));
             };
             let ve =
@@ -329,7 +330,7 @@ fn switch_extent(ctx: &mut Ctx, x: &Listed, new: u64) -> Result<u64> {
                 )));
             }
             ctx.insert(
-                tree_id::VOLUME,
+                b.volume_id,
                 vk,
                 VolumeExtent { logical: nps, ..ve }.encode(),
             )?;
@@ -369,7 +370,8 @@ fn move_tree_blocks(fs: &FsInfo, bg: &BlockGroup, stats: &mut RelocStats) -> Res
     for _round in 0..3 {
         let moved = transaction::change(fs, |ctx| {
             let mut n = 0;
-            for t in tree_id::ALL {
+            let volumes: Vec<u64> = ctx.st.vol_roots.keys().copied().collect();
+            for t in tree_id::ALL.into_iter().chain(volumes) {
                 n += ctx.with_tree(t, |c, root| btree::relocate(c, root, start, end))?;
             }
             Ok(n)

@@ -11,7 +11,7 @@ use crate::device::read_supers;
 use crate::engine::fs_info::FsInfo;
 use crate::format::{
     bg_type, item, objectid, tree_id, BlockGroupItem, ChunkItem, DevExtent, ExtentItem, Key,
-    MetadataItem, VolumeExtent, VolumeItem, SECTOR_BYTES,
+    MetadataItem, RootPtr, VolumeExtent, VolumeItem, SECTOR_BYTES,
 };
 use crate::pool::Pool;
 use crate::util::error::Result;
@@ -63,7 +63,7 @@ impl Walk<'_> {
             Some(bg) if bg.bg_type == want => {}
             _ => self.report.problems.push(format!(
                 "{} tree block {:#x} is not in a {} block group",
-                tree_id::name(tree),
+                tree_label(tree),
                 n.addr,
                 bg_type::name(want)
             )),
@@ -75,7 +75,7 @@ impl Walk<'_> {
                     if !in_range(k) {
                         self.report.problems.push(format!(
                             "{} tree: key {k} in block {:#x} is outside its parent's range",
-                            tree_id::name(tree),
+                            tree_label(tree),
                             n.addr
                         ));
                     }
@@ -87,7 +87,7 @@ impl Walk<'_> {
                     if !in_range(&c.key) {
                         self.report.problems.push(format!(
                             "{} tree: child key {} in block {:#x} is outside its parent's range",
-                            tree_id::name(tree),
+                            tree_label(tree),
                             c.key,
                             n.addr
                         ));
@@ -98,7 +98,7 @@ impl Walk<'_> {
                             if child.first_key() != Some(c.key) {
                                 self.report.problems.push(format!(
                                     "{} tree: block {:#x} starts at {:?}, parent says {}",
-                                    tree_id::name(tree),
+                                    tree_label(tree),
                                     c.addr,
                                     child.first_key(),
                                     c.key
@@ -108,13 +108,22 @@ impl Walk<'_> {
                         }
                         Err(e) => self.report.problems.push(format!(
                             "{} tree: cannot read block {:#x}: {e}",
-                            tree_id::name(tree),
+                            tree_label(tree),
                             c.addr
                         )),
                     }
                 }
             }
         }
+    }
+}
+
+/// How problems name a tree: a volume's tree by the volume's id.
+fn tree_label(tree: u64) -> String {
+    if tree_id::is_volume(tree) {
+        format!("volume id {tree} mapping")
+    } else {
+        tree_id::name(tree).to_string()
     }
 }
 
@@ -132,18 +141,19 @@ pub fn check(pool: &Pool, check_data_csum: bool) -> Result<CheckReport> {
             Err(e) => report.problems.push(e.to_string()),
         }
     }
-    let roots = read(&fs.commit_roots).roots.clone();
+    let roots = read(&fs.commit_roots).clone();
     let mut w = Walk {
         fs,
         report: &mut report,
         blocks: BTreeMap::new(),
         items: Vec::new(),
     };
-    for (i, r) in roots.iter().enumerate() {
-        w.node(r, tree_id::ALL[i], Key::MIN, None);
+    for (tree, r) in roots.all() {
+        w.node(r, tree, Key::MIN, None);
     }
     let Walk { blocks, items, .. } = w;
     let items = Items::decode(&items, &mut report.problems);
+    check_volume_roots(&roots.volumes, &items, &mut report.problems);
     check_tree_blocks(&blocks, &items, &mut report.problems);
     check_chunks(fs, &items, &mut report.problems);
     let mut used = check_data_extents(fs, &items, &mut report);
@@ -179,6 +189,10 @@ struct Items {
     vols: BTreeMap<u64, VolumeItem>,
     /// (volume id, LBA) -> mapping
     ves: BTreeMap<(u64, u64), VolumeExtent>,
+    /// volume id -> where its tree's root is
+    root_items: BTreeMap<u64, RootPtr>,
+    /// Items that belong to no tree of the current format
+    misplaced: Vec<Key>,
 }
 
 impl Items {
@@ -226,14 +240,47 @@ impl Items {
                 (tree_id::VOLUME, item::VOLUME_ITEM) if k.objectid == objectid::VOLUMES => {
                     it.vols.insert(k.offset, dec!(VolumeItem, k, v));
                 }
-                (tree_id::VOLUME, item::VOLUME_EXTENT) => {
-                    it.ves
-                        .insert((k.objectid, k.offset), dec!(VolumeExtent, k, v));
+                (tree_id::VOLUME, item::ROOT_ITEM) => {
+                    it.root_items.insert(k.objectid, dec!(RootPtr, k, v));
                 }
+                (t, item::VOLUME_EXTENT)
+                    if tree_id::is_volume(t) && k.objectid == objectid::MAPPING =>
+                {
+                    it.ves.insert((t, k.offset), dec!(VolumeExtent, k, v));
+                }
+                (t, _) if tree_id::is_volume(t) => it.misplaced.push(*k),
+                (tree_id::VOLUME, item::VOLUME_EXTENT) => it.misplaced.push(*k),
                 _ => {}
             }
         }
         it
+    }
+}
+
+/// Every volume has a tree, found through a ROOT_ITEM that points at the
+/// root the pool opened, and every tree belongs to a volume.
+fn check_volume_roots(trees: &BTreeMap<u64, Arc<Node>>, items: &Items, p: &mut Vec<String>) {
+    for id in items.vols.keys() {
+        if !items.root_items.contains_key(id) {
+            p.push(format!("volume id {id} has no ROOT_ITEM"));
+        }
+    }
+    for (id, r) in &items.root_items {
+        if !items.vols.contains_key(id) {
+            p.push(format!(
+                "ROOT_ITEM of volume id {id} that has no VOLUME_ITEM"
+            ));
+        }
+        match trees.get(id) {
+            Some(n) if n.addr == r.addr && n.gen == r.gen && n.level == r.level => {}
+            _ => p.push(format!(
+                "ROOT_ITEM of volume id {id} points at {:#x} (gen {}), not at the tree's root",
+                r.addr, r.gen
+            )),
+        }
+    }
+    for k in &items.misplaced {
+        p.push(format!("item {k} does not belong where it is"));
     }
 }
 

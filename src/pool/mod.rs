@@ -2,6 +2,7 @@
 //! statistics, flush.
 
 pub mod check;
+mod migrate;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -389,6 +390,7 @@ impl Pool {
         load.block_groups(&roots)?;
         load.volumes(&roots)?;
         report_stale_supers(&fs, &best, &stale);
+        migrate::volume_trees(&fs)?;
         Ok(Pool { fs: Arc::new(fs) })
     }
 
@@ -411,6 +413,7 @@ impl Pool {
         }
         let id = st.next_volume_id;
         let mut ctx = Ctx::begin(&self.fs, &mut st)?;
+        ctx.create_volume_tree(id)?;
         ctx.insert(
             tree_id::VOLUME,
             Key::new(objectid::VOLUMES, item::VOLUME_ITEM, id),
@@ -467,6 +470,7 @@ impl Pool {
         let v = volume_record(&st, name)?;
         let mut ctx = Ctx::begin(&self.fs, &mut st)?;
         crate::data::extent::punch(&mut ctx, v.id, 0, v.size_bytes)?;
+        ctx.drop_volume_tree(v.id)?;
         ctx.delete(
             tree_id::VOLUME,
             &Key::new(objectid::VOLUMES, item::VOLUME_ITEM, v.id),
@@ -642,7 +646,7 @@ impl Pool {
     pub fn tree_blocks(&self) -> Result<Vec<(u64, u64, u8)>> {
         let (roots, _guard) = self.fs.commit_snapshot();
         let mut out = Vec::new();
-        let mut stack: Vec<Arc<crate::btree::Node>> = roots.roots.clone();
+        let mut stack: Vec<Arc<crate::btree::Node>> = roots.all().map(|(_, r)| r.clone()).collect();
         while let Some(n) = stack.pop() {
             out.push((n.addr, n.owner, n.level));
             for c in n.children() {
@@ -859,10 +863,12 @@ impl Loader<'_> {
                 st.roots[i] = Some(r.clone());
             }
             st.next_volume_id = self.best.next_volume_id;
+            st.incompat_flags = self.best.incompat_flags;
         }
         *write(&self.fs.commit_roots) = CommitRoots {
             gen: self.best.generation,
             roots: roots.clone(),
+            volumes: BTreeMap::new(),
         };
         Ok(roots)
     }
@@ -1049,7 +1055,51 @@ impl Loader<'_> {
                 },
             );
         }
+        let trees = self.volume_trees(roots, &st)?;
+        let format1 = st.incompat_flags & crate::format::INCOMPAT_VOLUME_TREES == 0;
+        if let Some(v) = st.volumes.values().find(|v| !trees.contains_key(&v.id)) {
+            // A format-1 pool gets its trees when it is converted after open.
+            if !format1 {
+                return Err(self.bad(format!("volume id {} has no ROOT_ITEM", v.id)));
+            }
+        }
+        st.vol_roots = trees.clone();
+        write(&self.fs.commit_roots).volumes = trees;
         Ok(())
+    }
+
+    /// Each volume's tree root, from its ROOT_ITEM in the volume tree.
+    fn volume_trees(
+        &self,
+        roots: &[Arc<crate::btree::Node>],
+        st: &TransState,
+    ) -> Result<BTreeMap<u64, Arc<crate::btree::Node>>> {
+        let mut out = BTreeMap::new();
+        let it = Iter::new(
+            self.fs as &dyn NodeLoader,
+            &roots[tree_index(tree_id::VOLUME)],
+            Key::new(objectid::FIRST_VOLUME, 0, 0),
+            Key::MAX,
+        );
+        for r in it {
+            let (k, v) = r?;
+            if k.ty != item::ROOT_ITEM {
+                continue;
+            }
+            let p =
+                crate::format::RootPtr::decode(&v).map_err(|e| self.bad(format!("{k}: {e}")))?;
+            if !st.volumes.values().any(|x| x.id == k.objectid) {
+                return Err(self.bad(format!(
+                    "{k}: ROOT_ITEM of volume id {} that has no VOLUME_ITEM",
+                    k.objectid
+                )));
+            }
+            let n = self
+                .fs
+                .read_node(p.addr, Some((p.gen, k.objectid, p.level)))?;
+            out.insert(k.objectid, n);
+        }
+        Ok(out)
     }
 }
 
