@@ -181,11 +181,10 @@ fn an_extent_without_its_volume_mapping() {
         let vid = ctx.st.volumes["v"].id;
         delete(ctx, vid, &k);
     });
-    let vid = volume_id(&pool);
     assert_eq!(
         problems(&pool),
         set(&[format!(
-            "data extent {logical:#x}+{len}: volume {vid} byte offset {lba} does not map it"
+            "data extent {logical:#x}+{len}: refcount 1 but 0 mapping items point into it (1 back references)"
         )])
     );
 }
@@ -323,13 +322,11 @@ fn a_key_outside_its_parents_range() {
                 "volume id {vid} mapping tree: key {moved} in block {:#x} is outside its parent's range",
                 bad.addr
             ),
+            // The mapping still points into its extent, but at another LBA
+            // than every mapping into that extent must (its back reference).
             format!(
-                "data extent {:#x}+{}: volume {vid} byte offset {} does not map it",
-                ve.logical, ve.len, old.offset
-            ),
-            format!(
-                "volume {vid} byte offset {}: maps logical {:#x}+{} with no matching extent",
-                moved.offset, ve.logical, ve.len
+                "volume {vid} byte offset {}: maps logical {:#x}+{} of extent {:#x}+{}, whose back reference puts it at byte offset {}",
+                moved.offset, ve.logical, ve.len, ve.logical, ve.len, old.offset
             ),
         ])
     );

@@ -24,7 +24,7 @@ fn all_decoders(b: &[u8]) {
     let _ = MetadataItem::decode(b);
     let _ = VolumeItem::decode(b);
     let _ = VolumeExtent::decode(b);
-    let _ = RootPtr::decode(b);
+    let _ = RootItem::decode(b);
     let _ = DevStats::decode(b);
     let _ = progress::ScrubProgress::decode(b);
     let _ = progress::BalanceProgress::decode(b);

@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = ExtentItem::decode(v);
             let _ = VolumeItem::decode(v);
             let _ = VolumeExtent::decode(v);
-            let _ = RootPtr::decode(v);
+            let _ = RootItem::decode(v);
         }
     }
 });

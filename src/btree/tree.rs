@@ -19,8 +19,37 @@ pub trait NodeStore: NodeLoader {
     fn node_bytes(&self) -> usize;
     /// A fresh address for a tree block.
     fn alloc_node(&mut self, owner: u64, level: u8) -> Result<u64>;
-    /// `node`'s address is no longer referenced by the live tree.
+    /// Nothing references `node` any more: its space goes back.
     fn free_node(&mut self, node: &Node);
+    /// How many tree blocks (or roots) point at `node`: 1 unless a
+    /// snapshot shares it. A block of the running transaction is never
+    /// shared.
+    fn node_refs(&mut self, node: &Node) -> Result<u64>;
+    /// Add `delta` to the reference count of the block at `addr`; the
+    /// count stays at least 1 (the last reference goes with `free_node`).
+    fn add_node_ref(&mut self, addr: u64, level: u8, delta: i64) -> Result<()>;
+    /// Each item of `leaf` gained (`delta` 1) or lost (-1) a leaf that
+    /// refers to what it refers to (data, for a volume's tree).
+    fn add_item_refs(&mut self, leaf: &Node, delta: i64) -> Result<()>;
+}
+
+/// `node`'s content now lives in another block (a copy, a merge, a move):
+/// let go of it. A block only this tree reaches is freed and what it
+/// referenced passes to the copy. A shared block stays for its other
+/// referrers, so the copy takes a reference of its own to everything the
+/// block points at (Rodeh's lazy reference counting, as btrfs does).
+fn release_copied(s: &mut dyn NodeStore, node: &Node) -> Result<()> {
+    if node.gen == s.gen() || s.node_refs(node)? <= 1 {
+        s.free_node(node);
+        return Ok(());
+    }
+    for c in node.children() {
+        s.add_node_ref(c.addr, node.level - 1, 1)?;
+    }
+    if node.level == 0 {
+        s.add_item_refs(node, 1)?;
+    }
+    s.add_node_ref(node.addr, node.level, -1)
 }
 
 fn capacity(node_bytes: usize) -> usize {
@@ -66,7 +95,7 @@ fn child_index(children: &[Child], key: &Key) -> usize {
 fn cow<'a>(s: &mut dyn NodeStore, node: &'a mut Arc<Node>) -> Result<&'a mut Node> {
     if node.gen != s.gen() {
         let addr = s.alloc_node(node.owner, node.level)?;
-        s.free_node(node);
+        release_copied(s, node)?;
         let mut n = (**node).clone();
         n.addr = addr;
         n.gen = s.gen();
@@ -111,7 +140,7 @@ fn reloc(
             !inside(addr),
             "relocated node {addr:#x} back into the group"
         );
-        s.free_node(node);
+        release_copied(s, node)?;
         let gen = s.gen();
         let n = Arc::make_mut(node);
         n.addr = addr;
@@ -139,20 +168,53 @@ fn reloc(
     Ok(changed)
 }
 
-/// Free every node of a tree that is being dropped (a deleted volume's).
-/// The caller has already released what the items referenced. Returns how
-/// many nodes were freed.
-pub fn free_tree(s: &mut dyn NodeStore, root: Arc<Node>) -> Result<u64> {
+/// Drop a tree (a deleted volume's): every block only it references is
+/// freed, with what its items reference; a block shared with another tree
+/// loses one reference and its subtree is not visited. Returns how many
+/// blocks were freed.
+pub fn drop_tree(s: &mut dyn NodeStore, root: Arc<Node>) -> Result<u64> {
     let mut stack = vec![root];
     let mut freed = 0;
     while let Some(n) = stack.pop() {
+        if n.gen != s.gen() && s.node_refs(&n)? > 1 {
+            s.add_node_ref(n.addr, n.level, -1)?;
+            continue;
+        }
         for i in 0..n.children().len() {
             stack.push(load_child(s, &n, i)?);
+        }
+        if n.level == 0 {
+            s.add_item_refs(&n, -1)?;
         }
         s.free_node(&n);
         freed += 1;
     }
     Ok(freed)
+}
+
+/// A new root for a snapshot of the tree at `root`: a copy of the root
+/// block at `addr`, owned by `owner`, sharing everything below it. The cost
+/// is one block whatever the tree's size. `root` must be committed (not of
+/// the running transaction), so that nothing it shares is changed in place.
+pub fn snapshot_root(s: &mut dyn NodeStore, root: &Arc<Node>, owner: u64) -> Result<Arc<Node>> {
+    assert_ne!(root.gen, s.gen(), "a snapshot shares only committed blocks");
+    let addr = s.alloc_node(owner, root.level)?;
+    for c in root.children() {
+        s.add_node_ref(c.addr, root.level - 1, 1)?;
+    }
+    if root.level == 0 {
+        s.add_item_refs(root, 1)?;
+    }
+    let mut n = (**root).clone();
+    n.addr = addr;
+    n.gen = s.gen();
+    n.owner = owner;
+    if let Body::Internal(ch) = &mut n.body {
+        for c in ch.iter_mut() {
+            c.node = None;
+        }
+    }
+    Ok(Arc::new(n))
 }
 
 /// Look a key up.
@@ -389,7 +451,7 @@ fn try_merge(s: &mut dyn NodeStore, n: &mut Node, l: usize, r: usize, cap: usize
             })
         }
     }
-    s.free_node(&right);
+    release_copied(s, &right)?;
     let Body::Internal(ch) = &mut n.body else {
         unreachable!()
     };

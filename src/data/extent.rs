@@ -1,10 +1,11 @@
 //! Data extents and their checksums.
 //!
-//! Invariant: every volume mapping item (VOLUME_EXTENT) covers exactly one
-//! extent item of the same logical range, which has exactly one checksum item
-//! keyed by its start. Overwrites and discards split all three together, so
-//! space comes back sector by sector and never hides in partly referenced
-//! extents.
+//! Invariant: every volume mapping item (VOLUME_EXTENT) points into exactly
+//! one extent item, which has exactly one checksum item keyed by its start
+//! and counts the leaf items that point into it. An extent no snapshot
+//! shares is covered exactly by its one mapping: overwrites and discards
+//! split mapping, extent and checksums together, so space comes back sector
+//! by sector. A shared extent stays whole until its last reference goes.
 
 use crate::btree::{self, Node, NodeLoader};
 use crate::engine::transaction::Ctx;
@@ -26,9 +27,7 @@ pub fn mapping_scan_from(l: &dyn NodeLoader, root: &Arc<Node>, start: u64) -> Re
     })
 }
 
-fn csum_key(logical: u64) -> Key {
-    Key::new(objectid::CSUM, item::CSUM, logical)
-}
+use crate::engine::data_refs::csum_key;
 
 /// Map [lba, +len) of a volume to freshly written data at `logical`,
 /// releasing whatever the range held before.
@@ -84,7 +83,10 @@ pub fn mappings(
     Ok(out)
 }
 
-/// Unmap [start, start+len) of a volume (sector aligned) and free its data.
+/// Unmap [start, start+len) of a volume (sector aligned) and release its
+/// data. An extent only this mapping references is cut exactly, so space
+/// comes back sector by sector; a shared one (a snapshot's) stays whole and
+/// the pieces of the mapping that remain point into it (bookends).
 pub fn punch(ctx: &mut Ctx, volume_id: u64, start: u64, len: u64) -> Result<()> {
     if len == 0 {
         return Ok(());
@@ -93,10 +95,12 @@ pub fn punch(ctx: &mut Ctx, volume_id: u64, start: u64, len: u64) -> Result<()> 
     for (k, ve) in mappings(ctx, volume_id, start, len)? {
         let (s, e) = (k.offset, k.offset + ve.len);
         let (os, oe) = (s.max(start), e.min(end));
+        // Deleting copies a shared leaf first: its items then hold
+        // references of their own, so the count below is this tree's view.
         ctx.delete(volume_id, &k)?;
+        let mut pieces = Vec::new();
         if s < os {
-            let head = VolumeExtent { len: os - s, ..ve };
-            ctx.insert(volume_id, k, head.encode())?;
+            pieces.push((k, VolumeExtent { len: os - s, ..ve }));
         }
         if oe < e {
             let tail = VolumeExtent {
@@ -104,58 +108,47 @@ pub fn punch(ctx: &mut Ctx, volume_id: u64, start: u64, len: u64) -> Result<()> 
                 len: e - oe,
                 gen: ve.gen,
             };
-            ctx.insert(volume_id, mapping_key(oe), tail.encode())?;
+            pieces.push((mapping_key(oe), tail));
         }
-        free_data_range(ctx, ve.logical + (os - s), oe - os)?;
+        for (pk, pv) in &pieces {
+            ctx.insert(volume_id, *pk, pv.encode())?;
+        }
+        let (ek, ei) = ctx.data_extent_at(ve.logical)?;
+        if ei.refs == 1 {
+            let keep: Vec<(u64, u64)> = pieces.iter().map(|(_, p)| (p.logical, p.len)).collect();
+            trim_extent(ctx, ek, &ei, &keep)?;
+        } else {
+            ctx.add_data_ref(ve.logical, pieces.len() as i64 - 1)?;
+        }
     }
     Ok(())
 }
 
-/// Remove [logical, +len) from the extent that holds it, keeping the rest.
-fn free_data_range(ctx: &mut Ctx, logical: u64, len: u64) -> Result<()> {
-    let end = Key::new(logical, item::EXTENT, u64::MAX);
-    // Extents never overlap: the one holding `logical` is the last extent
-    // item at or before it. Another item type there (a block group item at
-    // the group's start) falls back to a scan over the longest extent.
-    let from = match btree::last_at_or_before(ctx.fs, &ctx.st.root(tree_id::EXTENT), &end)? {
-        Some(k) if k.ty == item::EXTENT => k,
-        _ => Key::new(
-            logical.saturating_sub(ctx.fs.max_extent_bytes - SECTOR_BYTES),
-            item::EXTENT,
-            0,
-        ),
-    };
-    let found: Vec<(Key, btree::Value)> = ctx
-        .range(tree_id::EXTENT, from, end)?
-        .into_iter()
-        .filter(|(k, _)| k.ty == item::EXTENT && k.objectid + k.offset > logical)
-        .collect();
-    let [(k, v)] = &found[..] else {
-        return Err(ctx.fs.abort(&format!(
-            "logical {logical:#x}+{len}: expected one extent item, found {}",
-            found.len()
-        )));
-    };
+/// Replace an extent only one mapping referenced by the ranges of it that
+/// mapping's pieces `keep` (logical, length), each an extent with its own
+/// checksums; free the rest.
+fn trim_extent(ctx: &mut Ctx, k: Key, ei: &ExtentItem, keep: &[(u64, u64)]) -> Result<()> {
     let (es, el) = (k.objectid, k.offset);
-    if logical + len > es + el {
-        return Err(ctx.fs.abort(&format!(
-            "logical {logical:#x}+{len} runs past extent {es:#x}+{el}"
-        )));
-    }
-    let ei = ExtentItem::decode(v).map_err(|e| Error::Corrupt(format!("extent {k}: {e}")))?;
     let sums = ctx.get(tree_id::CSUM, &csum_key(es))?;
-    ctx.delete(tree_id::EXTENT, k)?;
+    ctx.delete(tree_id::EXTENT, &k)?;
     if sums.is_some() {
         ctx.delete(tree_id::CSUM, &csum_key(es))?;
     }
     let cs = ctx.fs.csum_type.size_bytes();
-    for (ps, pl) in [(es, logical - es), (logical + len, es + el - logical - len)] {
-        if pl == 0 {
-            continue;
+    let mut pos = es;
+    for &(ps, pl) in keep {
+        if ps < pos || ps + pl > es + el {
+            return Err(ctx.fs.abort(&format!(
+                "extent {es:#x}+{el}: piece {ps:#x}+{pl} is outside it or out of order"
+            )));
         }
+        if ps > pos {
+            ctx.free_extent(pos, ps - pos);
+        }
+        pos = ps + pl;
         let delta = ps - es;
         let piece = ExtentItem {
-            refs: ei.refs,
+            refs: 1,
             gen: ei.gen,
             backrefs: ei
                 .backrefs
@@ -179,6 +172,31 @@ fn free_data_range(ctx: &mut Ctx, logical: u64, len: u64) -> Result<()> {
             }
         }
     }
-    ctx.free_extent(logical, len);
+    if es + el > pos {
+        ctx.free_extent(pos, es + el - pos);
+    }
     Ok(())
+}
+
+/// Checksums of [logical, +len) of a data extent, from the checksum item
+/// of the extent that holds it (a mapping may point into the middle of a
+/// shared extent). None when the item is missing or too short.
+pub fn sums_for(
+    l: &dyn NodeLoader,
+    csum_root: &Arc<Node>,
+    cs: usize,
+    logical: u64,
+    len: u64,
+) -> Result<Option<Vec<u8>>> {
+    let Some(k) = btree::last_at_or_before(l, csum_root, &csum_key(logical))?
+        .filter(|k| k.objectid == objectid::CSUM && k.ty == item::CSUM)
+    else {
+        return Ok(None);
+    };
+    let Some(sums) = btree::get(l, csum_root, &k)? else {
+        return Ok(None);
+    };
+    let a = ((logical - k.offset) / SECTOR_BYTES) as usize * cs;
+    let b = a + (len / SECTOR_BYTES) as usize * cs;
+    Ok((b <= sums.len()).then(|| sums[a..b].to_vec()))
 }

@@ -6,9 +6,7 @@ use crate::btree::{self, Iter};
 use crate::data::extent;
 use crate::engine::fs_info::{FsInfo, RMW_LOCKS};
 use crate::engine::transaction::Ctx;
-use crate::format::{
-    bg_type, item, mapping_key, objectid, tree_id, Key, VolumeExtent, SECTOR_BYTES,
-};
+use crate::format::{bg_type, mapping_key, tree_id, VolumeExtent, SECTOR_BYTES};
 use crate::util::error::{Error, Result};
 use crate::util::sync::{lock, Arc, Ordering};
 
@@ -158,23 +156,16 @@ impl Volume {
             if os > pos {
                 out[(pos - start) as usize..(os - start) as usize].fill(0);
             }
-            let sums = btree::get(
-                fs,
-                &croot,
-                &Key::new(objectid::CSUM, item::CSUM, ve.logical),
-            )?;
-            let a = ((os - s) / SECTOR_BYTES) as usize * cs;
-            let b = ((oe - s) / SECTOR_BYTES) as usize * cs;
+            let sub = ve.logical + (os - s);
             // Every mapping has its checksums (extent.rs invariant): a
             // missing or short item is corruption, not unverified data.
-            let Some(sums) = sums.as_ref().filter(|x| x.len() >= b).map(|x| &x[a..b]) else {
+            let Some(sums) = extent::sums_for(fs, &croot, cs, sub, oe - os)? else {
                 return Err(Error::Corrupt(format!(
                     "volume {}: bytes {os}..{oe} (logical {:#x}): checksum item missing or short",
                     self.name, ve.logical
                 )));
             };
-            let sums = Some(sums);
-            let sub = ve.logical + (os - s);
+            let sums = Some(&sums[..]);
             let name = &self.name;
             fs.read_data(
                 sub,

@@ -5,6 +5,7 @@
 //! an import cycle (tests/layers.rs).
 
 pub mod block_group;
+pub mod data_refs;
 pub mod free_space;
 pub mod fs_info;
 pub mod transaction;

@@ -22,8 +22,18 @@ use crate::util::sync::{lock, write, Arc, Ordering};
 /// A tree block's pending extent-tree change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetaRef {
-    Insert { level: u8, owner: u64 },
-    Delete { level: u8 },
+    Insert {
+        level: u8,
+        owner: u64,
+    },
+    Delete {
+        level: u8,
+    },
+    /// A shared block gained or lost references (snapshots).
+    Refs {
+        level: u8,
+        delta: i64,
+    },
 }
 
 /// A volume as the running transaction sees it.
@@ -46,6 +56,15 @@ pub struct TransState {
     pub vol_roots: BTreeMap<u64, Arc<Node>>,
     /// Superblock `INCOMPAT_*` bits the next commit writes.
     pub incompat_flags: u64,
+    /// Per volume tree: generation of the last snapshot that shares its
+    /// blocks (see [`crate::format::RootItem`]).
+    pub last_snapshot: BTreeMap<u64, u64>,
+    /// Volume trees whose ROOT_ITEM must be rewritten although their root
+    /// did not change (a snapshot moved `last_snapshot`).
+    pub root_items_dirty: BTreeSet<u64>,
+    /// Data references gained or lost by copied or dropped leaves, by
+    /// logical address, applied when the tree change returns.
+    pub pending_data_refs: Vec<(u64, i64)>,
     pub delayed_meta: BTreeMap<u64, MetaRef>,
     pub dirty_bgs: BTreeSet<u64>,
     pub pending_chunks: Vec<ChunkItem>,
@@ -63,6 +82,9 @@ impl TransState {
             roots: Default::default(),
             vol_roots: BTreeMap::new(),
             incompat_flags: crate::format::INCOMPAT_KNOWN,
+            last_snapshot: BTreeMap::new(),
+            root_items_dirty: BTreeSet::new(),
+            pending_data_refs: Vec::new(),
             delayed_meta: BTreeMap::new(),
             dirty_bgs: BTreeSet::new(),
             pending_chunks: Vec::new(),
@@ -119,6 +141,9 @@ impl TransState {
 pub struct Ctx<'a> {
     pub fs: &'a FsInfo,
     pub st: &'a mut TransState,
+    /// The tree being changed: whose `last_snapshot` says whether a block
+    /// may be shared.
+    cur_tree: u64,
 }
 
 /// Metadata space kept free before a change starts, in nodes.
@@ -166,6 +191,74 @@ impl NodeStore for Ctx<'_> {
         self.fs.cache.remove(node.addr);
         self.free_extent(node.addr, self.fs.node_bytes as u64);
     }
+
+    fn node_refs(&mut self, node: &Node) -> Result<u64> {
+        let may_share = tree_id::is_volume(self.cur_tree)
+            && node.gen != self.st.gen
+            && node.gen
+                <= self
+                    .st
+                    .last_snapshot
+                    .get(&self.cur_tree)
+                    .copied()
+                    .unwrap_or(0);
+        if !may_share {
+            return Ok(1);
+        }
+        let pending = match self.st.delayed_meta.get(&node.addr) {
+            Some(MetaRef::Refs { delta, .. }) => *delta,
+            Some(m) => {
+                return Err(self.fs.abort(&format!(
+                    "tree block {:#x} of generation {} is pending {m:?}",
+                    node.addr, node.gen
+                )))
+            }
+            None => 0,
+        };
+        let k = Key::new(node.addr, item::METADATA, node.level as u64);
+        let Some(v) = self.get(tree_id::EXTENT, &k)? else {
+            return Err(self
+                .fs
+                .abort(&format!("tree block {:#x} has no extent item", node.addr)));
+        };
+        let m = MetadataItem::decode(&v).map_err(|e| Error::Corrupt(format!("{k}: {e}")))?;
+        let refs = m.refs as i64 + pending;
+        assert!(
+            refs >= 1,
+            "tree block {:#x} has {refs} references",
+            node.addr
+        );
+        Ok(refs as u64)
+    }
+
+    fn add_node_ref(&mut self, addr: u64, level: u8, delta: i64) -> Result<()> {
+        let e = self
+            .st
+            .delayed_meta
+            .entry(addr)
+            .or_insert(MetaRef::Refs { level, delta: 0 });
+        match e {
+            MetaRef::Refs { delta: d, .. } => *d += delta,
+            m => panic!("reference change on tree block {addr:#x} pending {m:?}"),
+        }
+        self.st.dirty = true;
+        Ok(())
+    }
+
+    fn add_item_refs(&mut self, leaf: &Node, delta: i64) -> Result<()> {
+        if !tree_id::is_volume(leaf.owner) {
+            return Ok(());
+        }
+        for (k, v) in leaf.leaf_items() {
+            if k.ty != item::VOLUME_EXTENT {
+                continue;
+            }
+            let ve = crate::format::VolumeExtent::decode(v)
+                .map_err(|e| Error::Corrupt(format!("tree block {:#x}: {k}: {e}", leaf.addr)))?;
+            self.st.pending_data_refs.push((ve.logical, delta));
+        }
+        Ok(())
+    }
 }
 
 impl<'a> Ctx<'a> {
@@ -179,14 +272,22 @@ impl<'a> Ctx<'a> {
     /// metadata are free (or a new chunk can be had).
     fn begin_needing(fs: &'a FsInfo, st: &'a mut TransState, min_nodes: u64) -> Result<Ctx<'a>> {
         fs.check_abort()?;
-        let mut c = Ctx { fs, st };
+        let mut c = Ctx {
+            fs,
+            st,
+            cur_tree: 0,
+        };
         c.ensure_meta_space(min_nodes)?;
         Ok(c)
     }
 
     /// Join without the space check (mkfs and commit-time work).
     pub fn join(fs: &'a FsInfo, st: &'a mut TransState) -> Ctx<'a> {
-        Ctx { fs, st }
+        Ctx {
+            fs,
+            st,
+            cur_tree: 0,
+        }
     }
 
     /// The profile new allocations of type `t` use (balance may convert it).
@@ -387,9 +488,12 @@ impl<'a> Ctx<'a> {
     ) -> Result<R> {
         // A missing volume tree changes nothing: no abort.
         let mut root = self.st.take_root(tree)?;
+        let outer = std::mem::replace(&mut self.cur_tree, tree);
         let r = f(self, &mut root);
+        self.cur_tree = outer;
         self.st.put_root(tree, root);
         self.st.dirty = true;
+        let r = r.and_then(|x| self.apply_data_refs().map(|_| x));
         r.map_err(|e| match e {
             Error::Aborted(_) => e,
             e => self
@@ -413,11 +517,16 @@ impl<'a> Ctx<'a> {
         Ok(())
     }
 
-    /// Free every node of volume `id`'s tree and its ROOT_ITEM; the caller
-    /// has released the data its mappings referenced.
+    /// Drop volume `id`'s tree: free every block only it references, and
+    /// the data only those reference; delete its ROOT_ITEM.
     pub fn drop_volume_tree(&mut self, id: u64) -> Result<()> {
         let root = self.st.take_root(id)?;
-        let r = btree::free_tree(self, root)
+        let outer = std::mem::replace(&mut self.cur_tree, id);
+        let r = btree::drop_tree(self, root);
+        self.cur_tree = outer;
+        self.st.last_snapshot.remove(&id);
+        let r = r
+            .and_then(|_| self.apply_data_refs())
             .and_then(|_| self.delete(tree_id::VOLUME, &crate::format::root_item_key(id)));
         self.st.dirty = true;
         r.map(|_| ()).map_err(|e| match e {
@@ -441,22 +550,49 @@ impl<'a> Ctx<'a> {
         btree::Iter::new(self.fs, &self.st.tree_root(tree)?, start, end).collect()
     }
 
+    /// A shared tree block's count changes by `delta`; it keeps at least
+    /// one reference (the last one goes with the block's free).
+    fn apply_node_refs(&mut self, addr: u64, level: u8, delta: i64) -> Result<()> {
+        if delta == 0 {
+            return Ok(());
+        }
+        let k = Key::new(addr, item::METADATA, level as u64);
+        let Some(v) = self.get(tree_id::EXTENT, &k)? else {
+            return Err(self
+                .fs
+                .abort(&format!("shared tree block {addr:#x} has no extent item")));
+        };
+        let mut m = MetadataItem::decode(&v).map_err(|e| Error::Corrupt(format!("{k}: {e}")))?;
+        let refs = m.refs as i64 + delta;
+        if refs < 1 {
+            return Err(self.fs.abort(&format!(
+                "tree block {addr:#x}: reference count would fall to {refs}"
+            )));
+        }
+        m.refs = refs as u64;
+        self.insert(tree_id::EXTENT, k, m.encode())
+    }
+
     /// Point each changed volume tree's ROOT_ITEM at its live root (the
     /// root's address is fixed when it is copied, before writeout).
     fn update_root_items(&mut self) -> Result<bool> {
         let gen = self.st.gen;
+        let forced = std::mem::take(&mut self.st.root_items_dirty);
         let changed: Vec<(u64, Vec<u8>)> = self
             .st
             .vol_roots
             .iter()
-            .filter(|(_, r)| r.gen == gen)
+            .filter(|(id, r)| r.gen == gen || forced.contains(id))
             .map(|(&id, r)| {
-                let p = RootPtr {
-                    addr: r.addr,
-                    gen: r.gen,
-                    level: r.level,
+                let item = crate::format::RootItem {
+                    root: RootPtr {
+                        addr: r.addr,
+                        gen: r.gen,
+                        level: r.level,
+                    },
+                    last_snapshot_gen: self.st.last_snapshot.get(&id).copied().unwrap_or(0),
                 };
-                (id, p.encode())
+                (id, item.encode())
             })
             .collect();
         let mut did = false;
@@ -512,6 +648,7 @@ impl<'a> Ctx<'a> {
                         let v = MetadataItem {
                             gen: self.st.gen,
                             owner,
+                            refs: 1,
                         };
                         self.insert(
                             tree_id::EXTENT,
@@ -519,6 +656,7 @@ impl<'a> Ctx<'a> {
                             v.encode(),
                         )?;
                     }
+                    MetaRef::Refs { level, delta } => self.apply_node_refs(addr, level, delta)?,
                     MetaRef::Delete { level } => {
                         let k = Key::new(addr, item::METADATA, level as u64);
                         if !self.delete(tree_id::EXTENT, &k)? {

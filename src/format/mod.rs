@@ -286,29 +286,46 @@ pub struct RootPtr {
     pub level: u8,
 }
 
-impl RootPtr {
-    /// Encoded as a ROOT_ITEM's value: addr, gen, level.
+/// ROOT_ITEM value: where a volume's tree is, and since when its blocks
+/// may be shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RootItem {
+    pub root: RootPtr,
+    /// Generation of the last snapshot taken of this tree, or that made it
+    /// (0: never). A block written after it is this tree's alone, so a
+    /// change copies it without looking up its reference count.
+    pub last_snapshot_gen: u64,
+}
+
+impl RootItem {
+    /// addr u64, gen u64, level u8, last_snapshot_gen u64.
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(17);
-        v.put_u64(self.addr);
-        v.put_u64(self.gen);
-        v.put_u8(self.level);
+        let mut v = Vec::with_capacity(25);
+        v.put_u64(self.root.addr);
+        v.put_u64(self.root.gen);
+        v.put_u8(self.root.level);
+        v.put_u64(self.last_snapshot_gen);
         v
     }
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(buf);
-        let p = RootPtr {
+        let root = RootPtr {
             addr: r.u64()?,
             gen: r.u64()?,
             level: r.u8()?,
         };
-        if p.addr == 0 || p.level >= MAX_TREE_LEVELS {
+        if root.addr == 0 || root.level >= MAX_TREE_LEVELS {
             return Err(DecodeError(format!(
                 "root at {:#x} level {} is out of range",
-                p.addr, p.level
+                root.addr, root.level
             )));
         }
-        Ok(p)
+        // The first per-volume-tree builds wrote no snapshot generation.
+        let last_snapshot_gen = if r.remaining() == 0 { 0 } else { r.u64()? };
+        Ok(RootItem {
+            root,
+            last_snapshot_gen,
+        })
     }
 }
 
@@ -619,6 +636,9 @@ impl ExtentItem {
 pub struct MetadataItem {
     pub gen: u64,
     pub owner: u64,
+    /// Tree blocks (parents, or ROOT_ITEMs for a root) that point at this
+    /// block: more than 1 once a snapshot shares it.
+    pub refs: u64,
 }
 
 impl MetadataItem {
@@ -626,14 +646,18 @@ impl MetadataItem {
         let mut v = Vec::new();
         v.put_u64(self.gen);
         v.put_u64(self.owner);
+        v.put_u64(self.refs);
         v
     }
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(buf);
-        Ok(MetadataItem {
-            gen: r.u64()?,
-            owner: r.u64()?,
-        })
+        let (gen, owner) = (r.u64()?, r.u64()?);
+        // Items written before snapshots have no count: one reference.
+        let refs = if r.remaining() == 0 { 1 } else { r.u64()? };
+        if refs == 0 {
+            return Err(DecodeError("tree block with 0 references".into()));
+        }
+        Ok(MetadataItem { gen, owner, refs })
     }
 }
 
@@ -1022,16 +1046,36 @@ mod tests {
 
     #[test]
     fn root_item_roundtrip_and_bounds() {
-        let p = RootPtr {
-            addr: 1 << 30,
-            gen: 9,
-            level: 3,
+        let p = RootItem {
+            root: RootPtr {
+                addr: 1 << 30,
+                gen: 9,
+                level: 3,
+            },
+            last_snapshot_gen: 7,
         };
-        assert_eq!(RootPtr::decode(&p.encode()).unwrap(), p);
-        let bad = RootPtr { level: 40, ..p };
-        assert!(RootPtr::decode(&bad.encode()).is_err());
-        assert!(RootPtr::decode(&RootPtr { addr: 0, ..p }.encode()).is_err());
-        assert!(RootPtr::decode(&p.encode()[..10]).is_err());
+        assert_eq!(RootItem::decode(&p.encode()).unwrap(), p);
+        let short = RootItem::decode(&p.encode()[..17]).unwrap();
+        assert_eq!(short.last_snapshot_gen, 0);
+        let mut bad = p;
+        bad.root.level = 40;
+        assert!(RootItem::decode(&bad.encode()).is_err());
+        bad.root = RootPtr { addr: 0, ..p.root };
+        assert!(RootItem::decode(&bad.encode()).is_err());
+        assert!(RootItem::decode(&p.encode()[..10]).is_err());
+    }
+
+    #[test]
+    fn metadata_item_refs_default_to_one() {
+        let m = MetadataItem {
+            gen: 3,
+            owner: 256,
+            refs: 4,
+        };
+        assert_eq!(MetadataItem::decode(&m.encode()).unwrap(), m);
+        assert_eq!(MetadataItem::decode(&m.encode()[..16]).unwrap().refs, 1);
+        let zero = MetadataItem { refs: 0, ..m };
+        assert!(MetadataItem::decode(&zero.encode()).is_err());
     }
 
     #[test]

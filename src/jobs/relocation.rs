@@ -24,7 +24,7 @@ use crate::btree::{self, Iter};
 use crate::engine::block_group::{remove_block_group, BlockGroup};
 use crate::engine::fs_info::FsInfo;
 use crate::engine::transaction::{self, commit, Ctx};
-use crate::format::{item, mapping_key, objectid, tree_id, ExtentItem, Key, VolumeExtent};
+use crate::format::{item, tree_id, ExtentItem, Key, VolumeExtent};
 use crate::util::error::{Error, Result};
 use crate::util::sync::{lock, Ordering};
 
@@ -188,9 +188,7 @@ struct Listed {
     sums: Option<Vec<u8>>,
 }
 
-fn csum_key(logical: u64) -> Key {
-    Key::new(objectid::CSUM, item::CSUM, logical)
-}
+use crate::engine::data_refs::csum_key;
 
 fn list_data(fs: &FsInfo, bg: &BlockGroup) -> Result<Vec<Listed>> {
     let st = lock(&fs.trans);
@@ -313,36 +311,29 @@ fn switch_extent(ctx: &mut Ctx, x: &Listed, new: u64) -> Result<u64> {
         }
         let nps = new + (ps - x.start);
         let ei = ExtentItem::decode(&v).map_err(|e| Error::Corrupt(format!("extent {k}: {e}")))?;
-        for b in &ei.backrefs {
-            let vk = mapping_key(b.lba_bytes);
-            let Some(raw) = ctx.get(b.volume_id, &vk)? else {
-                return Err(ctx.fs.abort(&format!(
-                    "relocation: extent {k} back reference (volume {}, lba {}) has no mapping",
-                    b.volume_id, b.lba_bytes
-                )));
-            };
-            let ve =
-                VolumeExtent::decode(&raw).map_err(|e| Error::Corrupt(format!("{vk}: {e}")))?;
-            if ve.logical != ps || ve.len != pl {
-                return Err(ctx.fs.abort(&format!(
-                    "relocation: mapping {vk} points at {:#x}+{}, extent is {ps:#x}+{pl}",
-                    ve.logical, ve.len
-                )));
-            }
-            ctx.insert(
-                b.volume_id,
-                vk,
-                VolumeExtent { logical: nps, ..ve }.encode(),
-            )?;
-        }
-        ctx.delete(tree_id::EXTENT, &k)?;
-        ctx.insert(tree_id::EXTENT, Key::new(nps, item::EXTENT, pl), v)?;
+        // The copy starts with no references; each mapping moved over
+        // takes one from the old extent, which is freed at zero.
+        let copy = ExtentItem {
+            refs: 0,
+            ..ei.clone()
+        };
+        ctx.insert(
+            tree_id::EXTENT,
+            Key::new(nps, item::EXTENT, pl),
+            copy.encode(),
+        )?;
         if let Some(s) = ctx.get(tree_id::CSUM, &csum_key(ps))? {
-            ctx.delete(tree_id::CSUM, &csum_key(ps))?;
             ctx.insert(tree_id::CSUM, csum_key(nps), s)?;
         }
-        ctx.free_extent(ps, pl);
         ctx.commit_reservation(nps, pl);
+        for b in &ei.backrefs {
+            repoint_mappings(ctx, (ps, pl), nps, b.lba_bytes)?;
+        }
+        if ctx.get(tree_id::EXTENT, &k)?.is_some() {
+            return Err(ctx.fs.abort(&format!(
+                "relocation: extent {k} is still referenced after every volume was searched"
+            )));
+        }
         used.push((nps, pl));
     }
     // Whatever of the copy is not referenced goes back to free space.
@@ -360,6 +351,31 @@ fn switch_extent(ctx: &mut Ctx, x: &Listed, new: u64) -> Result<u64> {
     }
     crate::failpoint!("relocation::switched", x.start);
     Ok(moved)
+}
+
+/// Point every mapping, in every volume's tree, that maps into the extent
+/// `(ps, pl)` at the same place in its copy at `nps`. A mapping into an
+/// extent always sits at the same distance from it (`logical - lba` never
+/// changes: snapshots share keys, splits keep it), so each tree is looked
+/// up only at the LBAs `lba` (the extent's start) to `lba + pl`.
+fn repoint_mappings(ctx: &mut Ctx, (ps, pl): (u64, u64), nps: u64, lba: u64) -> Result<()> {
+    let volumes: Vec<u64> = ctx.st.vol_roots.keys().copied().collect();
+    for vid in volumes {
+        let found = crate::data::extent::mappings(ctx, vid, lba, pl)?;
+        for (mk, ve) in found {
+            if ve.logical < ps || ve.logical + ve.len > ps + pl {
+                continue;
+            }
+            let moved = VolumeExtent {
+                logical: nps + (ve.logical - ps),
+                ..ve
+            };
+            ctx.insert(vid, mk, moved.encode())?;
+            ctx.add_data_ref(moved.logical, 1)?;
+            ctx.add_data_ref(ve.logical, -1)?;
+        }
+    }
+    Ok(())
 }
 
 fn move_tree_blocks(fs: &FsInfo, bg: &BlockGroup, stats: &mut RelocStats) -> Result<()> {

@@ -11,7 +11,7 @@ use crate::device::read_supers;
 use crate::engine::fs_info::FsInfo;
 use crate::format::{
     bg_type, item, objectid, tree_id, BlockGroupItem, ChunkItem, DevExtent, ExtentItem, Key,
-    MetadataItem, RootPtr, VolumeExtent, VolumeItem, SECTOR_BYTES,
+    MetadataItem, RootItem, RootPtr, VolumeExtent, VolumeItem, SECTOR_BYTES,
 };
 use crate::pool::Pool;
 use crate::util::error::Result;
@@ -37,23 +37,26 @@ impl CheckReport {
 struct Walk<'a> {
     fs: &'a FsInfo,
     report: &'a mut CheckReport,
-    /// addr -> (level, owner, gen)
-    blocks: BTreeMap<u64, (u8, u64, u64)>,
+    /// addr -> (level, owner, gen, blocks and roots that point at it)
+    blocks: BTreeMap<u64, (u8, u64, u64, u64)>,
     items: Vec<(u64, Key, crate::btree::Value)>,
 }
 
 impl Walk<'_> {
     fn node(&mut self, n: &Arc<Node>, tree: u64, lo: Key, hi: Option<Key>) {
-        self.report.tree_blocks += 1;
-        if self
-            .blocks
-            .insert(n.addr, (n.level, n.owner, n.gen))
-            .is_some()
-        {
-            self.report
-                .problems
-                .push(format!("tree block {:#x} is referenced twice", n.addr));
+        if let Some(b) = self.blocks.get_mut(&n.addr) {
+            // Volume trees share blocks with their snapshots: count the
+            // reference, walk the block once.
+            b.3 += 1;
+            if !tree_id::is_volume(tree) {
+                self.report
+                    .problems
+                    .push(format!("tree block {:#x} is referenced twice", n.addr));
+            }
+            return;
         }
+        self.report.tree_blocks += 1;
+        self.blocks.insert(n.addr, (n.level, n.owner, n.gen, 1));
         let want = if tree == tree_id::CHUNK {
             bg_type::SYSTEM
         } else {
@@ -241,7 +244,7 @@ impl Items {
                     it.vols.insert(k.offset, dec!(VolumeItem, k, v));
                 }
                 (tree_id::VOLUME, item::ROOT_ITEM) => {
-                    it.root_items.insert(k.objectid, dec!(RootPtr, k, v));
+                    it.root_items.insert(k.objectid, dec!(RootItem, k, v).root);
                 }
                 (t, item::VOLUME_EXTENT)
                     if tree_id::is_volume(t) && k.objectid == objectid::MAPPING =>
@@ -285,14 +288,18 @@ fn check_volume_roots(trees: &BTreeMap<u64, Arc<Node>>, items: &Items, p: &mut V
 }
 
 /// Tree blocks found by the walk against their extent items, both ways.
-fn check_tree_blocks(blocks: &BTreeMap<u64, (u8, u64, u64)>, items: &Items, p: &mut Vec<String>) {
+fn check_tree_blocks(
+    blocks: &BTreeMap<u64, (u8, u64, u64, u64)>,
+    items: &Items,
+    p: &mut Vec<String>,
+) {
     let meta = &items.meta;
-    for (addr, &(level, owner, gen)) in blocks {
+    for (addr, &(level, owner, gen, refs)) in blocks {
         match meta.get(addr) {
-            Some((l, m)) if *l == level && m.owner == owner && m.gen == gen => {}
+            Some((l, m)) if *l == level && m.owner == owner && m.gen == gen && m.refs == refs => {}
             Some((l, m)) => p.push(format!(
-                "tree block {addr:#x} (level {level} owner {owner} gen {gen}) has extent item level {l} owner {} gen {}",
-                m.owner, m.gen
+                "tree block {addr:#x} (level {level} owner {owner} gen {gen}, {refs} referrers) has extent item level {l} owner {} gen {} refs {}",
+                m.owner, m.gen, m.refs
             )),
             None => p.push(format!("tree block {addr:#x} has no extent item")),
         }
@@ -375,6 +382,13 @@ fn check_data_extents(fs: &FsInfo, items: &Items, report: &mut CheckReport) -> B
     let p = &mut report.problems;
     let cs = fs.csum_type.size_bytes() as u64;
     let mut prev_end = 0;
+    // Mapping items per extent, each leaf once (a shared leaf counts once).
+    let mut refs: BTreeMap<u64, u64> = BTreeMap::new();
+    for ve in ves.values() {
+        if let Some((&s, _)) = extent_holding(extents, ve) {
+            *refs.entry(s).or_default() += 1;
+        }
+    }
     let mut used: BTreeMap<u64, u64> = BTreeMap::new();
     for (&start, (len, ei)) in extents {
         report.data_extents += 1;
@@ -391,21 +405,13 @@ fn check_data_extents(fs: &FsInfo, items: &Items, report: &mut CheckReport) -> B
                 "data extent {start:#x}+{len} is not inside a data block group"
             )),
         }
-        if ei.refs != ei.backrefs.len() as u64 || ei.refs == 0 {
+        let referrers = refs.get(&start).copied().unwrap_or(0);
+        if ei.refs != referrers || ei.backrefs.len() != 1 {
             p.push(format!(
-                "data extent {start:#x}: refcount {} but {} back references",
+                "data extent {start:#x}+{len}: refcount {} but {referrers} mapping items point into it ({} back references)",
                 ei.refs,
                 ei.backrefs.len()
             ));
-        }
-        for b in &ei.backrefs {
-            match ves.get(&(b.volume_id, b.lba_bytes)) {
-                Some(ve) if ve.logical == start && ve.len == *len => {}
-                _ => p.push(format!(
-                    "data extent {start:#x}+{len}: volume {} byte offset {} does not map it",
-                    b.volume_id, b.lba_bytes
-                )),
-            }
         }
         match csums.get(&start) {
             Some(s) if s.len() as u64 == len / SECTOR_BYTES * cs => {}
@@ -423,20 +429,39 @@ fn check_data_extents(fs: &FsInfo, items: &Items, report: &mut CheckReport) -> B
     used
 }
 
-/// Volume mappings must point at a matching extent and stay inside their volume.
+/// The extent a mapping points into, if one holds all of it.
+fn extent_holding<'a>(
+    extents: &'a BTreeMap<u64, (u64, ExtentItem)>,
+    ve: &VolumeExtent,
+) -> Option<(&'a u64, &'a (u64, ExtentItem))> {
+    extents
+        .range(..=ve.logical)
+        .next_back()
+        .filter(|(&s, (len, _))| ve.logical + ve.len <= s + len)
+}
+
+/// Volume mappings must point into an extent, at the distance its back
+/// reference gives (`logical - lba` is the same for every mapping into
+/// an extent: `relocation` relies on it to find them), and stay inside
+/// their volume.
 fn check_volume_extents(items: &Items, p: &mut Vec<String>) {
     let Items {
         extents, vols, ves, ..
     } = items;
     for ((vid, lba), ve) in ves {
-        match extents.get(&ve.logical) {
-            Some((len, ei))
-                if *len == ve.len
-                    && ei
-                        .backrefs
-                        .iter()
-                        .any(|b| b.volume_id == *vid && b.lba_bytes == *lba) => {}
-            _ => p.push(format!(
+        match extent_holding(extents, ve) {
+            Some((&s, (_, ei)))
+                if ei
+                    .backrefs
+                    .iter()
+                    .any(|b| b.lba_bytes + (ve.logical - s) == *lba) => {}
+            Some((&s, (len, ei))) => p.push(format!(
+                "volume {vid} byte offset {lba}: maps logical {:#x}+{} of extent {s:#x}+{len}, whose back reference puts it at byte offset {}",
+                ve.logical,
+                ve.len,
+                ei.backrefs.first().map_or(0, |b| b.lba_bytes + (ve.logical - s))
+            )),
+            None => p.push(format!(
                 "volume {vid} byte offset {lba}: maps logical {:#x}+{} with no matching extent",
                 ve.logical, ve.len
             )),
@@ -456,7 +481,7 @@ fn check_volume_extents(items: &Items, p: &mut Vec<String>) {
 /// tree blocks inside it.
 fn check_bg_used(
     fs: &FsInfo,
-    blocks: &BTreeMap<u64, (u8, u64, u64)>,
+    blocks: &BTreeMap<u64, (u8, u64, u64, u64)>,
     items: &Items,
     used: &mut BTreeMap<u64, u64>,
     p: &mut Vec<String>,

@@ -1063,17 +1063,19 @@ impl Loader<'_> {
                 return Err(self.bad(format!("volume id {} has no ROOT_ITEM", v.id)));
             }
         }
-        st.vol_roots = trees.clone();
-        write(&self.fs.commit_roots).volumes = trees;
+        st.last_snapshot = trees.iter().map(|(&id, (_, g))| (id, *g)).collect();
+        st.vol_roots = trees.into_iter().map(|(id, (n, _))| (id, n)).collect();
+        write(&self.fs.commit_roots).volumes = st.vol_roots.clone();
         Ok(())
     }
 
-    /// Each volume's tree root, from its ROOT_ITEM in the volume tree.
+    /// Each volume's tree root and last snapshot generation, from its
+    /// ROOT_ITEM in the volume tree.
     fn volume_trees(
         &self,
         roots: &[Arc<crate::btree::Node>],
         st: &TransState,
-    ) -> Result<BTreeMap<u64, Arc<crate::btree::Node>>> {
+    ) -> Result<BTreeMap<u64, (Arc<crate::btree::Node>, u64)>> {
         let mut out = BTreeMap::new();
         let it = Iter::new(
             self.fs as &dyn NodeLoader,
@@ -1086,8 +1088,9 @@ impl Loader<'_> {
             if k.ty != item::ROOT_ITEM {
                 continue;
             }
-            let p =
-                crate::format::RootPtr::decode(&v).map_err(|e| self.bad(format!("{k}: {e}")))?;
+            let ri =
+                crate::format::RootItem::decode(&v).map_err(|e| self.bad(format!("{k}: {e}")))?;
+            let p = ri.root;
             if !st.volumes.values().any(|x| x.id == k.objectid) {
                 return Err(self.bad(format!(
                     "{k}: ROOT_ITEM of volume id {} that has no VOLUME_ITEM",
@@ -1097,7 +1100,7 @@ impl Loader<'_> {
             let n = self
                 .fs
                 .read_node(p.addr, Some((p.gen, k.objectid, p.level)))?;
-            out.insert(k.objectid, n);
+            out.insert(k.objectid, (n, ri.last_snapshot_gen));
         }
         Ok(out)
     }
