@@ -412,6 +412,22 @@ enum VolumeCmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Make a read-only snapshot of SRC: its content as of now (every write
+    /// acknowledged before the command), sharing SRC's space.
+    Snapshot {
+        src: String,
+        name: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Make a writable clone of SRC (a snapshot or any volume), sharing its
+    /// space until either is written.
+    Clone {
+        src: String,
+        name: String,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Grow or shrink a volume.
     Resize {
         name: String,
@@ -1087,6 +1103,10 @@ fn volume_cmd(cmd: VolumeCmd) -> i32 {
         ),
         VolumeCmd::List { target } => run_op(&target, Op::VolumeList { json: json_out() }),
         VolumeCmd::Delete { name, target } => run_op(&target, Op::VolumeDelete { name }),
+        VolumeCmd::Snapshot { src, name, target } => {
+            run_op(&target, Op::VolumeSnapshot { src, name })
+        }
+        VolumeCmd::Clone { src, name, target } => run_op(&target, Op::VolumeClone { src, name }),
         VolumeCmd::Resize { name, size, target } => run_op(
             &target,
             Op::VolumeResize {

@@ -45,6 +45,17 @@ pub struct VolumeInfo {
     pub read_only: bool,
 }
 
+/// A snapshot or clone asked for: made by the next commit, right after its
+/// writeout, when every tree is committed (a snapshot shares only
+/// committed blocks).
+#[derive(Debug, Clone)]
+pub struct PendingSnapshot {
+    pub src_id: u64,
+    pub new_id: u64,
+    pub name: String,
+    pub read_only: bool,
+}
+
 /// The running transaction. Lock order: commit lock, then this, then block
 /// group locks, then chunk maps, then devices.
 pub struct TransState {
@@ -65,6 +76,11 @@ pub struct TransState {
     /// Data references gained or lost by copied or dropped leaves, by
     /// logical address, applied when the tree change returns.
     pub pending_data_refs: Vec<(u64, i64)>,
+    /// Snapshots the next commit makes.
+    pub pending_snapshots: Vec<PendingSnapshot>,
+    /// What making each pending snapshot came to, by new volume id, until
+    /// its requester collects it.
+    pub snapshot_results: BTreeMap<u64, Result<()>>,
     pub delayed_meta: BTreeMap<u64, MetaRef>,
     pub dirty_bgs: BTreeSet<u64>,
     pub pending_chunks: Vec<ChunkItem>,
@@ -85,6 +101,8 @@ impl TransState {
             last_snapshot: BTreeMap::new(),
             root_items_dirty: BTreeSet::new(),
             pending_data_refs: Vec::new(),
+            pending_snapshots: Vec::new(),
+            snapshot_results: BTreeMap::new(),
             delayed_meta: BTreeMap::new(),
             dirty_bgs: BTreeSet::new(),
             pending_chunks: Vec::new(),
@@ -695,6 +713,107 @@ impl<'a> Ctx<'a> {
     }
 }
 
+/// Make the snapshots asked for, in the transaction that has just opened:
+/// every root is committed now. A failure is the requester's error, not the
+/// commit's; a half-made snapshot aborts the pool (its tree changes may be
+/// partial).
+fn make_pending_snapshots(fs: &FsInfo, st: &mut TransState) {
+    for p in std::mem::take(&mut st.pending_snapshots) {
+        let r = Ctx::join(fs, st).make_snapshot(&p);
+        st.snapshot_results.insert(p.new_id, r);
+    }
+}
+
+impl Ctx<'_> {
+    fn make_snapshot(&mut self, p: &PendingSnapshot) -> Result<()> {
+        let Some(src) = self.st.volumes.values().find(|v| v.id == p.src_id).cloned() else {
+            return Err(Error::NoVolume(format!("volume id {} (deleted)", p.src_id)));
+        };
+        if self.st.volumes.contains_key(&p.name) {
+            return Err(Error::VolumeExists(p.name.clone()));
+        }
+        self.ensure_meta_space(META_MIN_NODES)?;
+        let root = self.st.tree_root(p.src_id)?;
+        let committed = self.st.gen - 1;
+        let outer = std::mem::replace(&mut self.cur_tree, p.new_id);
+        let r = btree::snapshot_root(self, &root, p.new_id);
+        self.cur_tree = outer;
+        let snap = r.and_then(|n| self.apply_data_refs().map(|_| n));
+        let snap = snap.map_err(|e| {
+            self.fs
+                .abort(&format!("snapshot of volume id {}: {e}", p.src_id))
+        })?;
+        self.st.vol_roots.insert(p.new_id, snap);
+        // Blocks up to the committed generation may now be shared by both.
+        self.st.last_snapshot.insert(p.src_id, committed);
+        self.st.last_snapshot.insert(p.new_id, committed);
+        self.st.root_items_dirty.insert(p.src_id);
+        let v = VolumeInfo {
+            id: p.new_id,
+            size_bytes: src.size_bytes,
+            read_only: p.read_only,
+        };
+        self.put_volume_item(&p.name, &v)?;
+        self.st.volumes.insert(p.name.clone(), v);
+        self.st.dirty = true;
+        Ok(())
+    }
+
+    /// Write a volume's VOLUME_ITEM from its in-memory record.
+    pub fn put_volume_item(&mut self, name: &str, v: &VolumeInfo) -> Result<()> {
+        let flags = if v.read_only {
+            crate::format::VOLUME_FLAG_READ_ONLY
+        } else {
+            0
+        };
+        self.insert(
+            tree_id::VOLUME,
+            Key::new(objectid::VOLUMES, item::VOLUME_ITEM, v.id),
+            crate::format::VolumeItem {
+                size_bytes: v.size_bytes,
+                name: name.into(),
+                flags,
+            }
+            .encode(),
+        )
+    }
+}
+
+/// Serialise every tree's changed nodes; the live roots become the clean
+/// copies. Returns the superblock's root pointers and the new commit roots.
+fn writeout_roots(
+    fs: &FsInfo,
+    st: &mut TransState,
+    bufs: &mut Vec<(u64, Vec<u8>)>,
+    written: &mut Vec<Arc<Node>>,
+) -> ([RootPtr; 5], CommitRoots) {
+    let gen = st.gen;
+    let mut ptrs = [RootPtr::default(); 5];
+    let mut clean_roots = Vec::new();
+    for (i, ptr) in ptrs.iter_mut().enumerate() {
+        let root = st.roots[i].take().expect("tree root taken out");
+        let c = writeout(fs, &root, gen, bufs, written);
+        *ptr = RootPtr {
+            addr: c.addr,
+            gen: c.gen,
+            level: c.level,
+        };
+        clean_roots.push(c.clone());
+        st.roots[i] = Some(c);
+    }
+    let mut clean_volumes = BTreeMap::new();
+    for (&id, root) in st.vol_roots.iter_mut() {
+        *root = writeout(fs, root, gen, bufs, written);
+        clean_volumes.insert(id, root.clone());
+    }
+    let clean = CommitRoots {
+        gen,
+        roots: clean_roots,
+        volumes: clean_volumes,
+    };
+    (ptrs, clean)
+}
+
 /// Serialise every node of the running transaction under `node`, returning
 /// the clean (children unlinked) version.
 fn writeout(
@@ -827,7 +946,7 @@ fn commit_held(
     }
     let mut bufs = Vec::new();
     let mut written = Vec::new();
-    let (gen, sb, clean_roots, clean_volumes) = {
+    let (gen, sb, clean) = {
         let mut st = lock(&fs.trans);
         if !st.dirty && !fs.dev_stats_dirty.load(Ordering::Acquire) {
             drop(st);
@@ -838,24 +957,7 @@ fn commit_held(
         let gen = st.gen;
         // One transaction at a time becomes durable, in order.
         assert_eq!(gen, done + 1, "committing generation {gen} after {done}");
-        let mut ptrs = [RootPtr::default(); 5];
-        let mut clean_roots = Vec::new();
-        for (i, ptr) in ptrs.iter_mut().enumerate() {
-            let root = st.roots[i].take().expect("tree root taken out");
-            let c = writeout(fs, &root, gen, &mut bufs, &mut written);
-            *ptr = RootPtr {
-                addr: c.addr,
-                gen: c.gen,
-                level: c.level,
-            };
-            clean_roots.push(c.clone());
-            st.roots[i] = Some(c);
-        }
-        let mut clean_volumes = BTreeMap::new();
-        for (&id, root) in st.vol_roots.iter_mut() {
-            *root = writeout(fs, root, gen, &mut bufs, &mut written);
-            clean_volumes.insert(id, root.clone());
-        }
+        let (ptrs, clean) = writeout_roots(fs, &mut st, &mut bufs, &mut written);
         let sys: Vec<ChunkItem> = fs
             .mapping
             .all()
@@ -892,7 +994,9 @@ fn commit_held(
                 wb.insert(n.addr, n.clone());
             }
         }
-        (gen, sb, clean_roots, clean_volumes)
+        // After writeback holds this commit's nodes: the snapshot loads them.
+        make_pending_snapshots(fs, &mut st);
+        (gen, sb, clean)
     };
     crate::failpoint!("transaction::before_io", gen);
     // The next transaction runs while this one is written: it copies every
@@ -915,11 +1019,7 @@ fn commit_held(
     // Swap the commit roots before publishing the generation: a reader that
     // registered on the old roots must be visible to any release_pinned that
     // sees this generation as durable.
-    *write(&fs.commit_roots) = CommitRoots {
-        gen,
-        roots: clean_roots,
-        volumes: clean_volumes,
-    };
+    *write(&fs.commit_roots) = clean;
     let before = fs.committed_gen.swap(gen, Ordering::AcqRel);
     debug_assert_eq!(before, done, "another commit ran under the commit lock");
     fs.release_pinned();

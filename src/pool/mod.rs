@@ -464,12 +464,65 @@ impl Pool {
         Ok(out)
     }
 
-    /// Delete a volume and free its data.
+    /// A read-only volume with `src`'s content as of this call: every
+    /// write acknowledged before it, flushed or not (the snapshot is made by
+    /// a commit). Returns once the snapshot is durable. Its cost does not
+    /// grow with the volume: it shares `src`'s tree.
+    pub fn snapshot_volume(&self, src: &str, name: &str) -> Result<Volume> {
+        self.share_volume(src, name, true)
+    }
+
+    /// A writable volume sharing everything with `src` (a snapshot, or any
+    /// volume), as [`snapshot_volume`](Self::snapshot_volume) makes it.
+    pub fn clone_volume(&self, src: &str, name: &str) -> Result<Volume> {
+        self.share_volume(src, name, false)
+    }
+
+    fn share_volume(&self, src: &str, name: &str, read_only: bool) -> Result<Volume> {
+        validate_volume_name(name)?;
+        let new_id = {
+            let mut st = lock(&self.fs.trans);
+            let v = volume_record(&st, src)?;
+            if st.volumes.contains_key(name) {
+                return Err(Error::VolumeExists(name.into()));
+            }
+            let new_id = st.next_volume_id;
+            st.next_volume_id += 1;
+            st.pending_snapshots
+                .push(crate::engine::transaction::PendingSnapshot {
+                    src_id: v.id,
+                    new_id,
+                    name: name.into(),
+                    read_only,
+                });
+            st.dirty = true;
+            new_id
+        };
+        // The commit that makes it, then one that makes it durable.
+        let made = commit(&self.fs).and_then(|_| {
+            match lock(&self.fs.trans).snapshot_results.remove(&new_id) {
+                Some(r) => r,
+                None => Err(Error::Invalid(format!(
+                    "snapshot of {src} as {name} was not made"
+                ))),
+            }
+        });
+        if made.is_err() {
+            lock(&self.fs.trans)
+                .pending_snapshots
+                .retain(|p| p.new_id != new_id);
+        }
+        made?;
+        commit(&self.fs)?;
+        Ok(Volume::new(self.fs.clone(), new_id, name))
+    }
+
+    /// Delete a volume and free what only it references; what it shares
+    /// with snapshots and clones stays for them.
     pub fn delete_volume(&self, name: &str) -> Result<()> {
         let mut st = lock(&self.fs.trans);
         let v = volume_record(&st, name)?;
         let mut ctx = Ctx::begin(&self.fs, &mut st)?;
-        crate::data::extent::punch(&mut ctx, v.id, 0, v.size_bytes)?;
         ctx.drop_volume_tree(v.id)?;
         ctx.delete(
             tree_id::VOLUME,
@@ -1108,21 +1161,7 @@ impl Loader<'_> {
 
 /// Writes a volume's VOLUME_ITEM from its in-memory record.
 fn put_volume_item(ctx: &mut Ctx<'_>, name: &str, v: &VolumeInfo) -> Result<()> {
-    let flags = if v.read_only {
-        crate::format::VOLUME_FLAG_READ_ONLY
-    } else {
-        0
-    };
-    ctx.insert(
-        tree_id::VOLUME,
-        Key::new(objectid::VOLUMES, item::VOLUME_ITEM, v.id),
-        VolumeItem {
-            size_bytes: v.size_bytes,
-            name: name.into(),
-            flags,
-        }
-        .encode(),
-    )
+    ctx.put_volume_item(name, v)
 }
 
 /// A volume's in-memory record, or `NoVolume`.

@@ -26,6 +26,16 @@ pub enum Op {
     VolumeDelete {
         name: String,
     },
+    /// A read-only snapshot of `src` named `name`.
+    VolumeSnapshot {
+        src: String,
+        name: String,
+    },
+    /// A writable clone of `src` named `name`.
+    VolumeClone {
+        src: String,
+        name: String,
+    },
     VolumeResize {
         name: String,
         size_bytes: u64,
@@ -198,6 +208,8 @@ fn run_inner(pool: &Pool, op: &Op) -> Result<OpOutput> {
         Op::VolumeCreate { .. }
         | Op::VolumeList { .. }
         | Op::VolumeDelete { .. }
+        | Op::VolumeSnapshot { .. }
+        | Op::VolumeClone { .. }
         | Op::VolumeResize { .. }
         | Op::VolumeSet { .. }
         | Op::VolumeImport { .. }
@@ -395,6 +407,20 @@ fn volume_op(pool: &Pool, op: &Op) -> Result<OpOutput> {
             OpOutput::done(
                 format!("deleted volume {name}\n"),
                 serde_json::json!({ "deleted": name }),
+            )
+        }
+        Op::VolumeSnapshot { src, name } => {
+            pool.snapshot_volume(src, name)?;
+            OpOutput::done(
+                format!("created snapshot {name} of {src}\n"),
+                serde_json::json!({ "snapshot": name, "source": src }),
+            )
+        }
+        Op::VolumeClone { src, name } => {
+            pool.clone_volume(src, name)?;
+            OpOutput::done(
+                format!("created clone {name} of {src}\n"),
+                serde_json::json!({ "clone": name, "source": src }),
             )
         }
         Op::VolumeResize { name, size_bytes } => {

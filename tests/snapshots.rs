@@ -1,0 +1,215 @@
+//! Snapshots and clones through the library: content as of the snapshot,
+//! clones that diverge, deletes that keep what others share and free the
+//! rest, relocation of shared extents and tree blocks, and `check` with
+//! exact reference counts after every step.
+
+mod common;
+
+use chunkvol::format::{Profile, SECTOR_BYTES};
+use chunkvol::pool::check::check;
+use chunkvol::Pool;
+use common::*;
+
+const VOL_BYTES: u64 = 16 << 20;
+
+fn read_all(v: &chunkvol::Volume) -> Vec<u8> {
+    let mut b = vec![0u8; v.size_bytes().unwrap() as usize];
+    v.read_at(&mut b, 0).unwrap();
+    b
+}
+
+fn assert_check(pool: &Pool, when: &str) {
+    let r = check(pool, true).unwrap();
+    assert!(r.ok(), "check {when}: {:#?}", r.problems);
+}
+
+/// Bytes used by data and metadata, as `usage` reports them.
+fn used(pool: &Pool, ty: &str) -> u64 {
+    pool.usage()
+        .block_groups
+        .iter()
+        .filter(|b| b.bg_type == ty)
+        .map(|b| b.used_bytes)
+        .sum()
+}
+
+#[test]
+fn snapshot_keeps_old_content_clone_diverges_source_delete_keeps_clone() {
+    let devs = mkfs_mem(Profile::Raid1, 128 << 20);
+    let pool = open_mem(&devs);
+    let v = pool.create_volume("v", VOL_BYTES).unwrap();
+    // Many extents, so the tree has several levels to share.
+    let mut want = vec![0u8; VOL_BYTES as usize];
+    for i in 0..600u64 {
+        let d = pattern(i + 1, 8192);
+        let at = i * 3 * 8192 % (VOL_BYTES - 8192);
+        v.write_at(&d, at).unwrap();
+        want[at as usize..at as usize + 8192].copy_from_slice(&d);
+    }
+    let snap = pool.snapshot_volume("v", "snap").unwrap();
+    assert!(snap.read_only().unwrap());
+    assert_check(&pool, "after the snapshot");
+    let data_before = used(&pool, "data");
+    // Overwrite, discard and write-zeroes the live volume.
+    let mut live = want.clone();
+    let d = pattern(1000, 1 << 20);
+    v.write_at(&d, 1 << 20).unwrap();
+    live[1 << 20..2 << 20].copy_from_slice(&d);
+    v.discard(4 << 20, 2 << 20).unwrap();
+    live[4 << 20..6 << 20].fill(0);
+    v.write_zeroes(9 << 20, (1 << 20) + 4096).unwrap();
+    live[9 << 20..(10 << 20) + 4096].fill(0);
+    // A partial-sector write into a shared extent.
+    v.write_at(b"tail", 3 * 8192 + 100).unwrap();
+    live[3 * 8192 + 100..3 * 8192 + 104].copy_from_slice(b"tail");
+    assert!(read_all(&snap) == want, "the snapshot changed");
+    assert!(read_all(&v) == live, "the live volume");
+    // The discarded range is still held by the snapshot: nothing came back.
+    assert!(used(&pool, "data") >= data_before);
+    assert!(snap.write_at(b"x", 0).is_err(), "a snapshot is read-only");
+    assert_check(&pool, "after changing the source");
+
+    let clone = pool.clone_volume("snap", "clone").unwrap();
+    assert!(!clone.read_only().unwrap());
+    let mut cl = want.clone();
+    let d = pattern(2000, 3 * 4096);
+    clone.write_at(&d, 5 * 4096).unwrap();
+    cl[5 * 4096..8 * 4096].copy_from_slice(&d);
+    clone.discard(12 << 20, 1 << 20).unwrap();
+    cl[12 << 20..13 << 20].fill(0);
+    assert!(read_all(&clone) == cl, "the clone");
+    assert!(
+        read_all(&snap) == want,
+        "the snapshot after the clone's writes"
+    );
+    assert!(read_all(&v) == live, "the source after the clone's writes");
+
+    pool.delete_volume("v").unwrap();
+    assert!(
+        read_all(&clone) == cl,
+        "the clone after the source's delete"
+    );
+    assert!(
+        read_all(&snap) == want,
+        "the snapshot after the source's delete"
+    );
+    assert_check(&pool, "after deleting the source");
+    pool.close().unwrap();
+    let pool = open_mem(&devs);
+    assert!(
+        read_all(&pool.volume("clone").unwrap()) == cl,
+        "clone, reopened"
+    );
+    assert!(
+        read_all(&pool.volume("snap").unwrap()) == want,
+        "snapshot, reopened"
+    );
+    assert_check(&pool, "after reopen");
+}
+
+#[test]
+fn deleting_every_volume_and_snapshot_gives_the_space_back() {
+    let devs = mkfs_mem(Profile::Single, 128 << 20);
+    let pool = open_mem(&devs);
+    pool.flush().unwrap();
+    let (data0, meta0) = (used(&pool, "data"), used(&pool, "metadata"));
+    let v = pool.create_volume("v", VOL_BYTES).unwrap();
+    for i in 0..300u64 {
+        v.write_at(&pattern(i, 4096 * 3), i * 5 * 4096).unwrap();
+    }
+    pool.snapshot_volume("v", "s1").unwrap();
+    v.write_at(&pattern(77, 1 << 20), 0).unwrap();
+    pool.clone_volume("s1", "c1").unwrap();
+    let c1 = pool.volume("c1").unwrap();
+    c1.write_at(&pattern(78, 1 << 20), 2 << 20).unwrap();
+    pool.snapshot_volume("c1", "s2").unwrap();
+    c1.discard(0, VOL_BYTES).unwrap();
+    assert_check(&pool, "before the deletes");
+    for name in ["s1", "v", "c1", "s2"] {
+        pool.delete_volume(name).unwrap();
+        assert_check(&pool, &format!("after deleting {name}"));
+    }
+    pool.flush().unwrap();
+    pool.flush().unwrap();
+    assert_eq!(used(&pool, "data"), data0, "data bytes");
+    assert_eq!(used(&pool, "metadata"), meta0, "metadata bytes");
+    assert_check(&pool, "at the end");
+}
+
+#[test]
+fn snapshots_of_snapshots_to_depth_24() {
+    let devs = mkfs_mem(Profile::Dup, 128 << 20);
+    let pool = open_mem(&devs);
+    let v = pool.create_volume("d0", 4 << 20).unwrap();
+    let mut models = vec![vec![0u8; 4 << 20]];
+    let mut rng = chunkvol::device::fault::Rng::new(24);
+    let mut name = "d0".to_string();
+    for depth in 1..=24 {
+        let cur = pool.volume(&name).unwrap();
+        let mut m = models.last().unwrap().clone();
+        for _ in 0..8 {
+            let at = rng.below(1000) * SECTOR_BYTES;
+            let d = pattern(rng.next_u64(), 4096 * (1 + rng.below(6) as usize));
+            cur.write_at(&d, at).unwrap();
+            m[at as usize..at as usize + d.len()].copy_from_slice(&d);
+        }
+        *models.last_mut().unwrap() = m.clone();
+        let snap = format!("s{depth}");
+        pool.snapshot_volume(&name, &snap).unwrap();
+        name = format!("d{depth}");
+        pool.clone_volume(&snap, &name).unwrap();
+        models.push(m);
+    }
+    drop(v);
+    for (depth, m) in models.iter().enumerate() {
+        let got = read_all(&pool.volume(&format!("d{depth}")).unwrap());
+        assert!(got == *m, "d{depth}");
+    }
+    // s{depth} was taken of d{depth-1} after its last write.
+    for depth in 1..=24 {
+        let got = read_all(&pool.volume(&format!("s{depth}")).unwrap());
+        assert!(got == models[depth - 1], "s{depth}");
+    }
+    assert_check(&pool, "with 49 volumes sharing");
+}
+
+#[test]
+fn relocation_moves_shared_extents_and_tree_blocks_once() {
+    let devs = mkfs_mem(Profile::Raid1, 192 << 20);
+    let pool = open_mem(&devs);
+    let v = pool.create_volume("v", VOL_BYTES).unwrap();
+    let mut want = vec![0u8; VOL_BYTES as usize];
+    for i in 0..400u64 {
+        let d = pattern(i + 9, 3 * 4096);
+        let at = i * 7 * 4096 % (VOL_BYTES - 3 * 4096);
+        v.write_at(&d, at).unwrap();
+        want[at as usize..at as usize + d.len()].copy_from_slice(&d);
+    }
+    pool.snapshot_volume("v", "s").unwrap();
+    let c = pool.clone_volume("s", "c").unwrap();
+    let mut live = want.clone();
+    let d = pattern(5, 1 << 20);
+    v.write_at(&d, 2 << 20).unwrap();
+    live[2 << 20..3 << 20].copy_from_slice(&d);
+    c.discard(0, 1 << 20).unwrap();
+    let mut cl = want.clone();
+    cl[..1 << 20].fill(0);
+    pool.flush().unwrap();
+    let groups: Vec<(u64, String)> = pool
+        .usage()
+        .block_groups
+        .iter()
+        .filter(|b| b.used_bytes > 0 && b.bg_type != "system")
+        .map(|b| (b.start, b.bg_type.clone()))
+        .collect();
+    assert!(groups.iter().any(|g| g.1 == "data") && groups.iter().any(|g| g.1 == "metadata"));
+    for (start, ty) in &groups {
+        let st = chunkvol::jobs::relocation::relocate_block_group(pool.fs(), *start, &|| false)
+            .unwrap_or_else(|e| panic!("relocating {ty} group {start:#x}: {e}"));
+        assert!(!st.vanished, "{ty} group {start:#x}");
+        assert_check(&pool, &format!("after relocating {ty} group {start:#x}"));
+    }
+    assert!(read_all(&pool.volume("s").unwrap()) == want, "snapshot");
+    assert!(read_all(&v) == live, "source");
+    assert!(read_all(&c) == cl, "clone");
+}
