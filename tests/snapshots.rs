@@ -213,3 +213,62 @@ fn relocation_moves_shared_extents_and_tree_blocks_once() {
     assert!(read_all(&v) == live, "source");
     assert!(read_all(&c) == cl, "clone");
 }
+
+#[test]
+fn scrub_names_every_volume_that_maps_a_bad_shared_sector() {
+    use chunkvol::jobs::scrub::{self, ScrubOptions};
+    let devs = mkfs_mem(Profile::Raid1, 128 << 20);
+    let pool = open_mem(&devs);
+    let v = pool.create_volume("v", VOL_BYTES).unwrap();
+    v.write_at(&pattern(3, 64 << 10), 1 << 20).unwrap();
+    pool.snapshot_volume("v", "s").unwrap();
+    pool.clone_volume("s", "c").unwrap();
+    // v overwrites its copy of the first sector: only s and c map the old.
+    v.write_at(&pattern(4, 4096), 1 << 20).unwrap();
+    pool.flush().unwrap();
+    let extent = pool.data_extents().unwrap();
+    let (logical, _) = extent
+        .iter()
+        .copied()
+        .find(|&(_, l)| l == 64 << 10)
+        .expect("the shared 64 KiB extent");
+    // Both copies of its first two sectors rot.
+    for (path, phys) in pool.sector_copies(logical).unwrap() {
+        let d = devs
+            .iter()
+            .find(|d| chunkvol::device::BlockDevice::path(&***d) == path)
+            .unwrap();
+        d.corrupt(phys, &[0x5a; 8192]);
+    }
+    let run = scrub::start(pool.fs(), ScrubOptions::default()).unwrap();
+    let st = run.wait();
+    // Two sectors, each bad on both copies (each device counts its own).
+    assert_eq!(st.counters.uncorrectable_errors, 4, "{st:?}");
+    let errs = scrub::status(pool.fs(), true).unwrap().errors.unwrap();
+    let mut named: Vec<(u64, Vec<String>, u64)> = errs
+        .iter()
+        .filter(|e| e.devid == 1)
+        .map(|e| {
+            let mut n: Vec<String> = e.referrers.iter().map(|r| r.volume.clone()).collect();
+            n.sort();
+            (e.logical, n, e.offset_bytes.unwrap())
+        })
+        .collect();
+    named.sort();
+    assert_eq!(
+        named,
+        vec![
+            (logical, vec!["c".into(), "s".into()], 1 << 20),
+            (
+                logical + 4096,
+                vec!["c".into(), "s".into(), "v".into()],
+                (1 << 20) + 4096
+            ),
+        ]
+    );
+    assert!(
+        errs[0].owners_text().contains(" byte offset "),
+        "{:?}",
+        errs[0]
+    );
+}

@@ -18,7 +18,7 @@ use crate::engine::fs_info::FsInfo;
 use crate::format::{item, objectid, tree_id, ExtentItem, Key, Stripe, SECTOR_BYTES};
 use crate::jobs::control::{Completion, JobSlot};
 use crate::jobs::relocation::wait_for_writers;
-use crate::jobs::scrub::{sector_owner, ErrorKind, ErrorRecord, MAX_ERROR_RECORDS};
+use crate::jobs::scrub::{sector_owners, ErrorKind, ErrorRecord, MAX_ERROR_RECORDS};
 use crate::util::error::{Error, Result};
 use std::collections::BTreeMap;
 
@@ -145,9 +145,9 @@ impl ReplaceRun {
             r.logical,
             r.devid,
             r.physical,
-            match (&r.volume, r.offset_bytes) {
-                (Some(v), Some(o)) => format!(", volume {v} byte offset {o}"),
-                _ => String::new(),
+            match r.owners_text() {
+                t if t.is_empty() => t,
+                t => format!(",{t}"),
             }
         );
         self.uncorrectable.fetch_add(1, Ordering::AcqRel);
@@ -934,10 +934,9 @@ impl GroupMove<'_> {
             .as_ref()
             .and_then(|p| p.mirrors.iter().find(|&&(d, _)| d == self.src))
             .map_or(0, |&(_, ph)| ph);
-        let (volume, lba) = x
-            .item
-            .as_ref()
-            .map_or((None, None), |ei| sector_owner(fs, ei, logical - x.logical));
+        let (volume, lba, referrers) = x.item.as_ref().map_or((None, None, Vec::new()), |ei| {
+            sector_owners(fs, ei, logical - x.logical, logical)
+        });
         self.run.record(ErrorRecord {
             devid: self.src,
             physical,
@@ -951,6 +950,7 @@ impl GroupMove<'_> {
                 ErrorKind::DataRead
             },
             repaired: false,
+            referrers,
         });
     }
 

@@ -677,9 +677,9 @@ pub fn replace_output(
                 e.kind,
                 e.devid,
                 e.physical,
-                match (&e.volume, e.offset_bytes) {
-                    (Some(v), Some(o)) => format!(", volume {v} byte offset {o}"),
-                    _ => String::new(),
+                match e.owners_text() {
+                    t if t.is_empty() => t,
+                    t => format!(",{t}"),
                 }
             );
         }
@@ -768,10 +768,7 @@ pub fn scrub_output(
                     e.devid,
                     e.physical,
                     e.logical,
-                    match (&e.volume, e.offset_bytes) {
-                        (Some(v), Some(o)) => format!(" volume {v} byte offset {o}"),
-                        _ => String::new(),
-                    },
+                    e.owners_text(),
                     e.length_bytes,
                     if e.repaired { " repaired" } else { "" }
                 );

@@ -202,6 +202,33 @@ pub struct ErrorRecord {
     pub length_bytes: u64,
     pub kind: ErrorKind,
     pub repaired: bool,
+    /// Every volume (snapshots and clones too) whose data this is, with
+    /// the byte offset in each; `volume` and `offset_bytes` name the first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub referrers: Vec<Referrer>,
+}
+
+impl ErrorRecord {
+    /// ` volume NAME[, NAME...] byte offset N` for a data sector (every
+    /// referrer maps it at the same offset), empty otherwise.
+    pub fn owners_text(&self) -> String {
+        let names: Vec<&str> = if self.referrers.is_empty() {
+            self.volume.iter().map(|v| v.as_str()).collect()
+        } else {
+            self.referrers.iter().map(|r| r.volume.as_str()).collect()
+        };
+        match (names.is_empty(), self.offset_bytes) {
+            (false, Some(o)) => format!(" volume {} byte offset {o}", names.join(", ")),
+            _ => String::new(),
+        }
+    }
+}
+
+/// A volume and byte offset that map a bad sector.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Referrer {
+    pub volume: String,
+    pub offset_bytes: u64,
 }
 
 /// How to scrub.
@@ -360,10 +387,7 @@ impl ScrubRun {
             r.devid,
             r.physical,
             r.logical,
-            match (&r.volume, r.offset_bytes) {
-                (Some(v), Some(o)) => format!(" (volume {v} byte offset {o})"),
-                _ => String::new(),
-            },
+            r.owners_text(),
             if r.repaired { ", repaired" } else { "" }
         );
         let mut e = lock(&self.errors);
@@ -373,22 +397,63 @@ impl ScrubRun {
     }
 }
 
-/// Which volume and byte offset a data sector `delta` bytes into
-/// extent `ei` belongs to; scrub and device replace name them in their logs.
-pub(crate) fn sector_owner(
+/// Which volumes map the data sector at `logical`, `delta` bytes into
+/// extent `ei`, and at which byte offset: every live volume whose tree maps
+/// that offset to this sector (a mapping into an extent sits at the offset
+/// its back reference gives). Scrub and device replace name them in their
+/// logs. Falls back to the back reference's volume when no live tree maps
+/// it (the sector was freed meanwhile).
+pub(crate) fn sector_owners(
     fs: &FsInfo,
     ei: &ExtentItem,
     delta: u64,
-) -> (Option<String>, Option<u64>) {
+    logical: u64,
+) -> (Option<String>, Option<u64>, Vec<Referrer>) {
     let Some(b) = ei.backrefs.first() else {
-        return (None, None);
+        return (None, None, Vec::new());
     };
-    let name = lock(&fs.trans)
-        .volumes
-        .iter()
-        .find(|(_, v)| v.id == b.volume_id)
-        .map(|(n, _)| n.clone());
-    (name, Some(b.lba_bytes + delta))
+    let lba = b.lba_bytes + delta;
+    let (trees, names, _guard) = {
+        let st = lock(&fs.trans);
+        let names: std::collections::BTreeMap<u64, String> =
+            st.volumes.iter().map(|(n, v)| (v.id, n.clone())).collect();
+        (st.vol_roots.clone(), names, fs.register_reader(st.gen))
+    };
+    let mut referrers = Vec::new();
+    for (id, root) in &trees {
+        if maps_sector(fs, root, lba, logical).unwrap_or(false) {
+            if let Some(n) = names.get(id) {
+                referrers.push(Referrer {
+                    volume: n.clone(),
+                    offset_bytes: lba,
+                });
+            }
+        }
+    }
+    let first = referrers
+        .first()
+        .map(|r| r.volume.clone())
+        .or_else(|| names.get(&b.volume_id).cloned());
+    (first, Some(lba), referrers)
+}
+
+/// Whether the volume tree at `root` maps byte offset `lba` to `logical`.
+fn maps_sector(
+    fs: &FsInfo,
+    root: &Arc<crate::btree::Node>,
+    lba: u64,
+    logical: u64,
+) -> Result<bool> {
+    let k = crate::data::extent::mapping_scan_from(fs, root, lba)?;
+    if k.offset > lba {
+        return Ok(false);
+    }
+    let Some(v) = crate::btree::get(fs, root, &k)? else {
+        return Ok(false);
+    };
+    let ve =
+        crate::format::VolumeExtent::decode(&v).map_err(|e| Error::Corrupt(format!("{k}: {e}")))?;
+    Ok(k.offset + ve.len > lba && ve.logical + (lba - k.offset) == logical)
 }
 
 /// Why a device scan stopped early.

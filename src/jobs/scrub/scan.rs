@@ -68,6 +68,7 @@ fn scrub_supers(fs: &FsInfo, run: &ScrubRun, devid: u64) {
                 length_bytes: SUPER_BYTES as u64,
                 kind: ErrorKind::Super,
                 repaired,
+                referrers: Vec::new(),
             });
         }
     }

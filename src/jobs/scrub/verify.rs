@@ -155,7 +155,7 @@ fn verify_data(
             };
             scan.update(|p| kind.count(&mut p.counters));
             let fixed = repair(scan, u, sec, s, &|b| fs.csum_type.matches(b, want));
-            let (vol, lba) = super::sector_owner(fs, ei, sec - start);
+            let (vol, lba, referrers) = super::sector_owners(fs, ei, sec - start, sec);
             scan.run.record(ErrorRecord {
                 devid: scan.devid,
                 physical: u.physical_of(sec),
@@ -165,6 +165,7 @@ fn verify_data(
                 length_bytes: s,
                 kind,
                 repaired: fixed,
+                referrers,
             });
         }
         sec += s;
@@ -217,6 +218,7 @@ fn verify_tree(
             length_bytes: nb,
             kind,
             repaired: fixed,
+            referrers: Vec::new(),
         });
     }
     nb
