@@ -85,6 +85,7 @@ fn snapshot_keeps_old_content_clone_diverges_source_delete_keeps_clone() {
     assert!(read_all(&v) == live, "the source after the clone's writes");
 
     pool.delete_volume("v").unwrap();
+    pool.drop_deleted_volumes().unwrap();
     assert!(
         read_all(&clone) == cl,
         "the clone after the source's delete"
@@ -127,8 +128,12 @@ fn deleting_every_volume_and_snapshot_gives_the_space_back() {
     assert_check(&pool, "before the deletes");
     for name in ["s1", "v", "c1", "s2"] {
         pool.delete_volume(name).unwrap();
-        assert_check(&pool, &format!("after deleting {name}"));
+        assert!(pool.volume(name).is_err(), "{name} is gone at once");
+        assert_check(&pool, &format!("after deleting {name}, before the drop"));
     }
+    assert_eq!(pool.usage().volumes_being_deleted, 4);
+    assert_eq!(pool.drop_deleted_volumes().unwrap(), 4);
+    assert_eq!(pool.usage().volumes_being_deleted, 0);
     pool.flush().unwrap();
     pool.flush().unwrap();
     assert_eq!(used(&pool, "data"), data0, "data bytes");
@@ -271,4 +276,73 @@ fn scrub_names_every_volume_that_maps_a_bad_shared_sector() {
         "{:?}",
         errs[0]
     );
+}
+
+/// Power is cut at points through the background drop of a deleted volume
+/// that shares blocks with a snapshot; after each cut the pool opens with
+/// the deletion pending, finishes it, and every byte of the snapshot and
+/// every count is right.
+#[test]
+fn a_power_cut_during_a_background_delete_resumes_it() {
+    use chunkvol::device::fault::{CrashMode, Rng};
+    use chunkvol::util::sync::{Arc, AtomicI64};
+    let devs = mkfs_mem(Profile::Dup, 160 << 20);
+    let pool = open_mem(&devs);
+    pool.flush().unwrap();
+    let (data0, meta0) = (used(&pool, "data"), used(&pool, "metadata"));
+    let v = pool.create_volume("v", 64 << 20).unwrap();
+    for i in 0..3000u64 {
+        v.write_at(&pattern(i, 4096), i * 2 * 4096).unwrap();
+    }
+    let s = pool.snapshot_volume("v", "s").unwrap();
+    let want = read_all(&s);
+    for i in 0..1000u64 {
+        v.write_at(&pattern(i + 5000, 4096), i * 6 * 4096 + 4096)
+            .unwrap();
+    }
+    drop((v, s));
+    pool.delete_volume("v").unwrap();
+    pool.close().unwrap();
+    let base = crash(&devs, CrashMode::DropAll, &mut Rng::new(1));
+    // How many writes the whole drop takes.
+    let probe = crash(&base, CrashMode::DropAll, &mut Rng::new(1));
+    let pool = open_mem(&probe);
+    let before: u64 = probe.iter().map(|d| d.writes_total()).sum();
+    assert_eq!(pool.drop_deleted_volumes().unwrap(), 1);
+    let total: u64 = probe.iter().map(|d| d.writes_total()).sum::<u64>() - before;
+    drop(pool);
+    assert!(
+        total > 20,
+        "the drop took {total} writes: too few to cut inside"
+    );
+    let mut rng = Rng::new(7);
+    for step in 1..6u64 {
+        let devs = crash(&base, CrashMode::DropAll, &mut Rng::new(1));
+        let pool = open_mem(&devs);
+        let power = Arc::new(AtomicI64::new((total * step / 6) as i64));
+        for d in &devs {
+            d.set_power_budget(power.clone());
+        }
+        assert!(
+            pool.drop_deleted_volumes().is_err(),
+            "cut {step}: the drop finished"
+        );
+        drop(pool);
+        let after = crash(&devs, CrashMode::Torn, &mut rng);
+        let pool = open_mem(&after);
+        assert_eq!(pool.usage().volumes_being_deleted, 1, "cut {step}");
+        assert_check(&pool, &format!("after cut {step}, drop pending"));
+        assert_eq!(pool.drop_deleted_volumes().unwrap(), 1);
+        assert!(
+            read_all(&pool.volume("s").unwrap()) == want,
+            "cut {step}: snapshot"
+        );
+        pool.delete_volume("s").unwrap();
+        pool.drop_deleted_volumes().unwrap();
+        pool.flush().unwrap();
+        pool.flush().unwrap();
+        assert_eq!(used(&pool, "data"), data0, "cut {step}: data bytes");
+        assert_eq!(used(&pool, "metadata"), meta0, "cut {step}: metadata bytes");
+        assert_check(&pool, &format!("after cut {step}, all dropped"));
+    }
 }

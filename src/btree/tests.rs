@@ -357,7 +357,22 @@ fn run_snapshots(node_bytes: usize, ops: &[SnapOp]) {
             }
             // Keep one tree to work on; the end drops every tree.
             SnapOp::Drop(t) if n > 1 => {
-                let (root, _) = trees.remove(t as usize % n);
+                let (mut root, _) = trees.remove(t as usize % n);
+                // Odd trees in steps, committed between them (a deletion
+                // in the background), even ones at once.
+                if t % 2 == 1 {
+                    let budget = 1 + t as u64 % 7;
+                    while !drop_some(&mut s, &mut root, budget).unwrap() {
+                        root = s.write(&root);
+                        commit(&mut s, &mut trees);
+                        // Every other tree is still whole and readable.
+                        for (r, m) in &trees {
+                            if let Some((k, v)) = m.iter().next() {
+                                assert_eq!(get(&s, r, k).unwrap().as_ref(), Some(v));
+                            }
+                        }
+                    }
+                }
                 drop_tree(&mut s, root).unwrap();
             }
             SnapOp::Commit => commit(&mut s, &mut trees),

@@ -192,6 +192,61 @@ pub fn drop_tree(s: &mut dyn NodeStore, root: Arc<Node>) -> Result<u64> {
     Ok(freed)
 }
 
+/// Drop part of a tree that is being deleted, from its left end: up to
+/// `budget` blocks are freed or let go (a shared block costs one), the
+/// rest stays a valid tree (path-copied like any change), so the work can
+/// be committed step by step and resumed after a crash. Returns whether the
+/// tree is now empty (its root an empty leaf or childless node, for
+/// [`drop_tree`] to free).
+pub fn drop_some(s: &mut dyn NodeStore, root: &mut Arc<Node>, budget: u64) -> Result<bool> {
+    let mut left = budget.max(1);
+    drop_left(s, root, &mut left)?;
+    Ok(root.is_empty())
+}
+
+fn drop_left(s: &mut dyn NodeStore, node: &mut Arc<Node>, left: &mut u64) -> Result<()> {
+    if node.level == 0 {
+        if !node.is_empty() {
+            // Its items lose this leaf's reference; the leaf stays, empty.
+            let n = cow(s, node)?;
+            s.add_item_refs(n, -1)?;
+            n.body = Body::Leaf(Vec::new());
+            *left = left.saturating_sub(1);
+        }
+        return Ok(());
+    }
+    let n = cow(s, node)?;
+    while *left > 0 && !n.children().is_empty() {
+        let mut child = take_child(s, n, 0)?;
+        if child.gen != s.gen() && s.node_refs(&child)? > 1 {
+            // Shared: one reference less, nothing below it is visited.
+            s.add_node_ref(child.addr, child.level, -1)?;
+            *left -= 1;
+        } else if child.level == 0 {
+            // Only this tree reaches it: its items let go, then the block.
+            s.add_item_refs(&child, -1)?;
+            s.free_node(&child);
+            *left = left.saturating_sub(1 + child.len() as u64 / 8);
+        } else {
+            drop_left(s, &mut child, left)?;
+            if !child.is_empty() {
+                let Body::Internal(ch) = &mut n.body else {
+                    unreachable!()
+                };
+                ch[0] = child_of(child);
+                break;
+            }
+            s.free_node(&child);
+            *left = left.saturating_sub(1);
+        }
+        let Body::Internal(ch) = &mut n.body else {
+            unreachable!()
+        };
+        ch.remove(0);
+    }
+    Ok(())
+}
+
 /// A new root for a snapshot of the tree at `root`: a copy of the root
 /// block at `addr`, owned by `owner`, sharing everything below it. The cost
 /// is one block whatever the tree's size. `root` must be committed (not of

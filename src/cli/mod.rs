@@ -642,6 +642,11 @@ impl OfflineSignals {
     }
 
     /// Stop listening; whether a signal came.
+    /// Whether SIGINT or SIGTERM came.
+    fn seen(&self) -> bool {
+        self.seen.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     fn finish(self) -> bool {
         self.handle.close();
         let _ = self.thread.join();
@@ -701,6 +706,12 @@ fn run_op_with(target: &Target, op: Op, watch: Option<Watch>) -> i32 {
             let out = ops::run(&pool, &op);
             if let Some(b) = bar {
                 b.finish(out.exit == 0);
+            }
+            // Offline there is no cleaner: a deleted volume's space comes
+            // back before the command ends (an interrupt leaves the rest to
+            // the next open).
+            if let Err(e) = crate::jobs::cleaner::drop_dead_volumes(pool.fs(), &|| signals.seen()) {
+                return fail(1, e);
             }
             let interrupted = signals.finish();
             if let Err(e) = pool.close() {

@@ -76,6 +76,9 @@ pub struct TransState {
     /// Data references gained or lost by copied or dropped leaves, by
     /// logical address, applied when the tree change returns.
     pub pending_data_refs: Vec<(u64, i64)>,
+    /// Deleted volumes whose trees the cleaner is still dropping (their
+    /// roots stay in `vol_roots` until they are empty).
+    pub dead_volumes: BTreeSet<u64>,
     /// Snapshots the next commit makes.
     pub pending_snapshots: Vec<PendingSnapshot>,
     /// What making each pending snapshot came to, by new volume id, until
@@ -102,6 +105,7 @@ impl TransState {
             root_items_dirty: BTreeSet::new(),
             pending_data_refs: Vec::new(),
             pending_snapshots: Vec::new(),
+            dead_volumes: BTreeSet::new(),
             snapshot_results: BTreeMap::new(),
             delayed_meta: BTreeMap::new(),
             dirty_bgs: BTreeSet::new(),
@@ -551,6 +555,43 @@ impl<'a> Ctx<'a> {
             Error::Aborted(_) => e,
             e => self.fs.abort(&format!("dropping volume tree {id}: {e}")),
         })
+    }
+
+    /// Delete volume `id` at once: its item goes, its tree stays to be
+    /// dropped by the cleaner ([`drop_dead_step`](Self::drop_dead_step)).
+    pub fn kill_volume(&mut self, name: &str, id: u64) -> Result<()> {
+        self.delete(
+            tree_id::VOLUME,
+            &Key::new(objectid::VOLUMES, item::VOLUME_ITEM, id),
+        )?;
+        self.insert(
+            tree_id::VOLUME,
+            Key::new(objectid::VOLUMES, item::DEAD_ROOT, id),
+            Vec::new(),
+        )?;
+        self.st.volumes.remove(name);
+        self.st.dead_volumes.insert(id);
+        Ok(())
+    }
+
+    /// Drop up to `budget` blocks of deleted volume `id`'s tree; when it is
+    /// empty, free its root and forget it. Returns whether it is gone.
+    pub fn drop_dead_step(&mut self, id: u64, budget: u64) -> Result<bool> {
+        assert!(
+            self.st.dead_volumes.contains(&id),
+            "volume id {id} is not dead"
+        );
+        let empty = self.with_tree(id, |c, root| btree::drop_some(c, root, budget))?;
+        if !empty {
+            return Ok(false);
+        }
+        self.drop_volume_tree(id)?;
+        self.delete(
+            tree_id::VOLUME,
+            &Key::new(objectid::VOLUMES, item::DEAD_ROOT, id),
+        )?;
+        self.st.dead_volumes.remove(&id);
+        Ok(true)
     }
 
     pub fn insert(&mut self, tree: u64, key: Key, val: impl Into<btree::Value>) -> Result<()> {

@@ -65,6 +65,9 @@ pub mod item {
     pub const CSUM: u8 = 128;
     /// In the volume tree: where a volume's mapping tree's root is.
     pub const ROOT_ITEM: u8 = 132;
+    /// In the volume tree, `(1, DEAD_ROOT, id)`: volume `id` was deleted
+    /// and its tree is being dropped in the background.
+    pub const DEAD_ROOT: u8 = 133;
     pub const EXTENT: u8 = 168;
     pub const METADATA: u8 = 169;
     pub const BLOCK_GROUP: u8 = 192;
@@ -85,6 +88,7 @@ pub mod item {
             VOLUME_EXTENT => "VOLUME_EXTENT",
             CSUM => "CSUM",
             ROOT_ITEM => "ROOT_ITEM",
+            DEAD_ROOT => "DEAD_ROOT",
             EXTENT => "EXTENT",
             METADATA => "METADATA",
             BLOCK_GROUP => "BLOCK_GROUP",

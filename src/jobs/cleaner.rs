@@ -55,3 +55,42 @@ pub fn reclaim_pass(fs: &FsInfo, threshold_percent: u64) -> Result<Option<u64>> 
     crate::jobs::relocation::relocate_block_group(fs, start, &|| fs.is_aborted())?;
     Ok(Some(start))
 }
+
+/// Blocks one drop step frees or lets go: small enough for the global
+/// metadata reserve, so deleting works on a full pool.
+const DROP_STEP_BLOCKS: u64 = 64;
+/// Drop steps between commits: each commit makes the progress durable.
+const DROP_STEPS_PER_COMMIT: u32 = 64;
+
+/// Drop the trees of deleted volumes, each step a transaction of its own
+/// (the tree that is left stays valid, so a crash resumes from the last
+/// commit), until none is left or `stop` says so. Returns how many were
+/// finished.
+pub fn drop_dead_volumes(fs: &FsInfo, stop: &dyn Fn() -> bool) -> Result<u64> {
+    let mut finished = 0;
+    loop {
+        let Some(id) = lock(&fs.trans).dead_volumes.first().copied() else {
+            return Ok(finished);
+        };
+        let mut steps = 0;
+        loop {
+            if stop() {
+                crate::engine::transaction::commit(fs)?;
+                return Ok(finished);
+            }
+            let done = crate::engine::transaction::change_freeing(fs, |ctx| {
+                ctx.drop_dead_step(id, DROP_STEP_BLOCKS)
+            })?;
+            crate::failpoint!("cleaner::drop_step", id);
+            steps += 1;
+            if done || steps % DROP_STEPS_PER_COMMIT == 0 {
+                crate::engine::transaction::commit(fs)?;
+            }
+            if done {
+                tracing::info!("cleaner: deleted volume id {id} dropped");
+                finished += 1;
+                break;
+            }
+        }
+    }
+}

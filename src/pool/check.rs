@@ -194,6 +194,8 @@ struct Items {
     ves: BTreeMap<(u64, u64), VolumeExtent>,
     /// volume id -> where its tree's root is
     root_items: BTreeMap<u64, RootPtr>,
+    /// Deleted volumes whose trees are being dropped
+    dead: BTreeSet<u64>,
     /// Items that belong to no tree of the current format
     misplaced: Vec<Key>,
 }
@@ -243,6 +245,9 @@ impl Items {
                 (tree_id::VOLUME, item::VOLUME_ITEM) if k.objectid == objectid::VOLUMES => {
                     it.vols.insert(k.offset, dec!(VolumeItem, k, v));
                 }
+                (tree_id::VOLUME, item::DEAD_ROOT) if k.objectid == objectid::VOLUMES => {
+                    it.dead.insert(k.offset);
+                }
                 (tree_id::VOLUME, item::ROOT_ITEM) => {
                     it.root_items.insert(k.objectid, dec!(RootItem, k, v).root);
                 }
@@ -268,8 +273,15 @@ fn check_volume_roots(trees: &BTreeMap<u64, Arc<Node>>, items: &Items, p: &mut V
             p.push(format!("volume id {id} has no ROOT_ITEM"));
         }
     }
+    for id in &items.dead {
+        if items.vols.contains_key(id) || !items.root_items.contains_key(id) {
+            p.push(format!(
+                "DEAD_ROOT of volume id {id}, which has a VOLUME_ITEM or no ROOT_ITEM"
+            ));
+        }
+    }
     for (id, r) in &items.root_items {
-        if !items.vols.contains_key(id) {
+        if !items.vols.contains_key(id) && !items.dead.contains(id) {
             p.push(format!(
                 "ROOT_ITEM of volume id {id} that has no VOLUME_ITEM"
             ));
@@ -467,6 +479,7 @@ fn check_volume_extents(items: &Items, p: &mut Vec<String>) {
             )),
         }
         match vols.get(vid) {
+            None if items.dead.contains(vid) => {}
             Some(v) if lba + ve.len <= v.size_bytes => {}
             Some(v) => p.push(format!(
                 "volume {} bytes {lba}+{} are past its end",

@@ -90,6 +90,8 @@ pub struct Usage {
     pub devices: Vec<DeviceUsage>,
     pub block_groups: Vec<BlockGroupUsage>,
     pub unused_block_groups: Vec<u64>,
+    /// Deleted volumes whose space the cleaner is still freeing.
+    pub volumes_being_deleted: u64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -517,19 +519,20 @@ impl Pool {
         Ok(Volume::new(self.fs.clone(), new_id, name))
     }
 
-    /// Delete a volume and free what only it references; what it shares
-    /// with snapshots and clones stays for them.
+    /// Delete a volume. It is gone at once; the cleaner frees what only it
+    /// referenced in the background ([`drop_deleted_volumes`](Self::drop_deleted_volumes)),
+    /// what it shares with snapshots and clones stays for them.
     pub fn delete_volume(&self, name: &str) -> Result<()> {
         let mut st = lock(&self.fs.trans);
         let v = volume_record(&st, name)?;
         let mut ctx = Ctx::begin(&self.fs, &mut st)?;
-        ctx.drop_volume_tree(v.id)?;
-        ctx.delete(
-            tree_id::VOLUME,
-            &Key::new(objectid::VOLUMES, item::VOLUME_ITEM, v.id),
-        )?;
-        st.volumes.remove(name);
-        Ok(())
+        ctx.kill_volume(name, v.id)
+    }
+
+    /// Finish dropping deleted volumes now (what the cleaner does in the
+    /// background). Returns how many were finished.
+    pub fn drop_deleted_volumes(&self) -> Result<u64> {
+        crate::jobs::cleaner::drop_dead_volumes(&self.fs, &|| false)
     }
 
     /// Grow or shrink a volume; shrinking frees the data past the new end.
@@ -646,6 +649,7 @@ impl Pool {
             devices,
             block_groups: bgs,
             unused_block_groups: fs.unused_bgs.list(),
+            volumes_being_deleted: lock(&fs.trans).dead_volumes.len() as u64,
         }
     }
 
@@ -1108,7 +1112,19 @@ impl Loader<'_> {
                 },
             );
         }
+        let dead = Iter::new(
+            self.fs as &dyn NodeLoader,
+            &roots[tree_index(tree_id::VOLUME)],
+            Key::new(objectid::VOLUMES, item::DEAD_ROOT, 0),
+            Key::new(objectid::VOLUMES, item::DEAD_ROOT, u64::MAX),
+        );
+        for r in dead {
+            st.dead_volumes.insert(r?.0.offset);
+        }
         let trees = self.volume_trees(roots, &st)?;
+        if let Some(id) = st.dead_volumes.iter().find(|id| !trees.contains_key(id)) {
+            return Err(self.bad(format!("deleted volume id {id} has no ROOT_ITEM")));
+        }
         let format1 = st.incompat_flags & crate::format::INCOMPAT_VOLUME_TREES == 0;
         if let Some(v) = st.volumes.values().find(|v| !trees.contains_key(&v.id)) {
             // A format-1 pool gets its trees when it is converted after open.
@@ -1144,7 +1160,8 @@ impl Loader<'_> {
             let ri =
                 crate::format::RootItem::decode(&v).map_err(|e| self.bad(format!("{k}: {e}")))?;
             let p = ri.root;
-            if !st.volumes.values().any(|x| x.id == k.objectid) {
+            let live = st.volumes.values().any(|x| x.id == k.objectid);
+            if !live && !st.dead_volumes.contains(&k.objectid) {
                 return Err(self.bad(format!(
                     "{k}: ROOT_ITEM of volume id {} that has no VOLUME_ITEM",
                     k.objectid

@@ -221,6 +221,12 @@ fn background(pool: Pool, interval: Duration, stop: Arc<AtomicBool>) {
                 continue;
             }
         }
+        if !crate::util::sync::lock(&fs.trans).dead_volumes.is_empty() {
+            let stop = || stop.load(Ordering::Acquire) || fs.is_aborted();
+            if let Err(e) = crate::jobs::cleaner::drop_dead_volumes(&fs, &stop) {
+                tracing::error!("cleaner: dropping deleted volumes: {e}");
+            }
+        }
         let pending = !fs.unused_bgs.is_empty();
         if pending {
             match crate::engine::block_group::delete_unused_bgs(&fs) {
