@@ -156,3 +156,66 @@ fn snapshot_and_clone_through_nbd_clients() {
     qemu_io_ro(&srv.uri("snap"), &old);
     srv.stop();
 }
+
+/// Bytes used per block-group type in `usage --json`.
+fn used_by_type(u: &Value) -> std::collections::BTreeMap<String, u64> {
+    let mut m = std::collections::BTreeMap::new();
+    for g in u["block_groups"].as_array().expect("block_groups") {
+        *m.entry(g["type"].as_str().unwrap().to_string())
+            .or_default() += g["used_bytes"].as_u64().unwrap();
+    }
+    m
+}
+
+/// Delete returns at once and the cleaner frees the space in the
+/// background; a kill -9 right after the deletes leaves them to finish
+/// after the restart, down to the empty pool's usage (issue 14,
+/// acceptance 3).
+#[test]
+fn delete_frees_space_in_the_background_across_kill_9() {
+    require_tools(&["nbdcopy", "qemu-io"]);
+    let dir = TestDir::new("snapshot-delete");
+    let devs = make_pool(&dir, "1G", "256M");
+    let mut srv = Server::start(&dir, &devs, 1);
+    let empty = used_by_type(&srv.usage());
+    let input = dir.join("in.bin");
+    serve_harness::write_random_file(&input, 96 * MIB, 0x5eed_0014);
+    run_ok(
+        Command::new(tool("nbdcopy"))
+            .arg(&input)
+            .arg(srv.uri("disk0")),
+        CMD_TIMEOUT,
+    );
+    cv_ok(&["volume", "snapshot", "disk0", "s1", "--socket", srv.sock()]);
+    qemu_io(&srv.uri("disk0"), &[w(0x42, 8 * MIB, 16 * MIB)]);
+    cv_ok(&["volume", "clone", "s1", "c1", "--socket", srv.sock()]);
+    qemu_io(&srv.uri("c1"), &[w(0x43, 40 * MIB, 8 * MIB)]);
+    for v in ["disk0", "s1", "c1"] {
+        cv_ok(&["volume", "delete", v, "--socket", srv.sock()]);
+    }
+    srv.kill9();
+    srv.launch();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let u = srv.usage();
+        if u["volumes_being_deleted"] == 0 && used_by_type(&u)["data"] == empty["data"] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "space not back after the restart: {u}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let vols = srv.volumes();
+    assert_eq!(vols["volumes"].as_array().unwrap().len(), 0, "{vols}");
+    // Metadata: the fixed trees keep their own size, within a MiB.
+    let meta = used_by_type(&srv.usage())["metadata"];
+    assert!(
+        meta <= empty["metadata"] + MIB,
+        "metadata used {meta} vs {} empty",
+        empty["metadata"]
+    );
+    srv.stop();
+    offline_check(&devs, true);
+}
