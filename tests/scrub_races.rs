@@ -1198,3 +1198,60 @@ fn scrub_skips_superblocks_of_a_devid_renamed_under_it() {
     assert_eq!(sc.counters.errors(), 0, "false errors: {:?}", sc.errors);
     assert_setup_data_intact(&s);
 }
+
+/// The seed's race with a snapshot (issue 14): scrub has found a data group
+/// whose every extent only a deleted snapshot still references, and waits
+/// there (`scrub::group_found`, the seed's window) while the cleaner drops
+/// the snapshot, freeing all of them, and runs its group pass. Scrub's view
+/// keeps the freed extents pinned, so the group cannot go while scrub may
+/// still read it: scrub finishes with no error, and the group is deleted
+/// once scrub lets go. Both devices are scrubbed, each copy on its own.
+#[test]
+fn seed_window_with_a_dead_snapshot_dropped_by_the_cleaner() {
+    let _g = serial();
+    let s = setup();
+    let fs = s.fs();
+    let (first, _) = s.pool.data_extents().unwrap()[0];
+    let g = fs.block_group(first).unwrap().start;
+    s.pool.snapshot_volume("v", "snap").unwrap();
+    // The volume moves on: its old extents stay only for the snapshot.
+    let v = s.pool.volume("v").unwrap();
+    let want = pattern(2, 40 << 20);
+    v.write_at(&want, 0).unwrap();
+    s.pool.flush().unwrap();
+    assert!(fs.block_group(g).unwrap().used_bytes() > 0);
+    failpoint::set("scrub::group_found", Action::PauseIf(g));
+    let run = scrub::start(fs, ScrubOptions::default()).unwrap();
+    paused("scrub::group_found");
+    s.pool.delete_volume("snap").unwrap();
+    assert_eq!(s.pool.drop_deleted_volumes().unwrap(), 1);
+    commit(fs).unwrap();
+    assert_eq!(
+        fs.block_group(g).unwrap().used_bytes(),
+        0,
+        "every extent freed"
+    );
+    delete_unused_bgs(fs).unwrap();
+    commit(fs).unwrap();
+    assert!(
+        fs.mapping.get(g).is_some(),
+        "deleted while scrub may read it"
+    );
+    failpoint::release("scrub::group_found");
+    let st = run.wait();
+    assert_eq!(st.state, State::Finished, "scrub failed: {:?}", st.failure);
+    assert_eq!(st.counters.errors(), 0, "{st:?}");
+    // Once scrub let go, the cleaner takes the empty group.
+    commit(fs).unwrap();
+    delete_unused_bgs(fs).unwrap();
+    commit(fs).unwrap();
+    assert!(
+        fs.mapping.get(g).is_none(),
+        "the empty group was not deleted"
+    );
+    let mut back = vec![0u8; 40 << 20];
+    v.read_at(&mut back, 0).unwrap();
+    assert!(back == want, "the volume");
+    let r = chunkvol::pool::check::check(&s.pool, true).unwrap();
+    assert!(r.ok(), "{:?}", r.problems);
+}
