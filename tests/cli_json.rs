@@ -138,6 +138,61 @@ fn volume_commands(dir: &TestDir, pool: &[String]) {
     );
     json_ok(&with(&["volume", "delete", "gone"], pool), "deleted");
     json_fails(&with(&["volume", "delete", "gone"], pool), 1, "gone");
+    let v = json_ok(
+        &with(&["volume", "snapshot", "v", "v.snap"], pool),
+        "snapshot",
+    );
+    assert_eq!(v["source"], "v");
+    json_fails(
+        &with(&["volume", "snapshot", "v", "v.snap"], pool),
+        1,
+        "v.snap",
+    );
+    json_fails(&with(&["volume", "snapshot", "nope", "x"], pool), 1, "nope");
+    let v = json_ok(
+        &with(&["volume", "clone", "v.snap", "v.clone"], pool),
+        "clone",
+    );
+    assert_eq!(v["source"], "v.snap");
+    json_fails(&with(&["volume", "clone", "nope", "y"], pool), 1, "nope");
+    // The clone's first 4 KiB rewritten: that is the whole difference.
+    let four_k = dir.join("4k.bin");
+    write_random_file(&four_k, 4096, 8);
+    json_ok(
+        &with(&["volume", "import", "v.clone", s(&four_k)], pool),
+        "imported",
+    );
+    let v = json_ok(
+        &with(&["volume", "diff", "v.snap", "v.clone"], pool),
+        "changed",
+    );
+    assert_eq!(v["changed_bytes"], 4096, "{v}");
+    assert_eq!(v["changed"][0]["offset_bytes"], 0, "{v}");
+    json_fails(
+        &with(&["volume", "diff", "v.snap", "nope"], pool),
+        1,
+        "nope",
+    );
+    let v = json_ok(&with(&["volume", "list"], pool), "volumes");
+    let ro: Vec<(String, bool)> = v["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["name"].as_str().unwrap().to_string(),
+                x["read_only"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ro,
+        [
+            ("v".into(), false),
+            ("v.clone".into(), false),
+            ("v.snap".into(), true)
+        ]
+    );
 }
 
 fn pool_commands(dir: &TestDir, pool: &[String]) {

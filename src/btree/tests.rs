@@ -26,6 +26,8 @@ struct MemStore {
     /// Leaf items referring to each (key, value), as a volume tree's
     /// mapping items refer to data extents.
     item_refs: ItemRefs,
+    /// Blocks read from "disk".
+    loads: std::cell::Cell<usize>,
 }
 
 impl MemStore {
@@ -38,12 +40,14 @@ impl MemStore {
             live_allocs: HashSet::new(),
             refs: HashMap::new(),
             item_refs: BTreeMap::new(),
+            loads: std::cell::Cell::new(0),
         }
     }
 }
 
 impl NodeLoader for MemStore {
     fn load(&self, c: &Child, owner: u64, level: u8) -> Result<Arc<Node>> {
+        self.loads.set(self.loads.get() + 1);
         let disk = self.disk.borrow();
         let buf = disk
             .get(&c.addr)
@@ -314,6 +318,28 @@ fn census(s: &MemStore, roots: &[Arc<Node>]) -> (HashMap<u64, u64>, ItemRefs) {
     (seen, items)
 }
 
+/// The diff of every pair of trees is exactly what their models say differs.
+fn assert_pairwise_diffs(s: &MemStore, trees: &[Tree]) {
+    for (i, (ra, ma)) in trees.iter().enumerate() {
+        for (rb, mb) in trees.iter().skip(i) {
+            let (da, db) = diff(s, ra, rb).unwrap();
+            let only = |x: &BTreeMap<Key, Vec<u8>>, y: &BTreeMap<Key, Vec<u8>>| {
+                x.iter()
+                    .filter(|(k, v)| y.get(*k) != Some(*v))
+                    .map(|(k, v)| (*k, v.clone()))
+                    .collect::<Vec<_>>()
+            };
+            let got = |d: Vec<(Key, Value)>| {
+                d.into_iter()
+                    .map(|(k, v)| (k, v.to_vec()))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(got(da), only(ma, mb));
+            assert_eq!(got(db), only(mb, ma));
+        }
+    }
+}
+
 fn run_snapshots(node_bytes: usize, ops: &[SnapOp]) {
     let mut s = MemStore::new(node_bytes);
     let addr = s.alloc_node(256, 0).unwrap();
@@ -386,6 +412,7 @@ fn run_snapshots(node_bytes: usize, ops: &[SnapOp]) {
             .unwrap();
         assert_eq!(all, model.clone().into_iter().collect::<Vec<_>>());
     }
+    assert_pairwise_diffs(&s, &trees);
     // Reference counts equal the referrers, exactly; nothing leaks.
     let roots: Vec<Arc<Node>> = trees.iter().map(|(r, _)| r.clone()).collect();
     let (seen, items) = census(&s, &roots);
@@ -457,4 +484,13 @@ fn snapshot_of_a_deep_tree_costs_one_block() {
         root.level
     );
     assert_eq!(get(&s, &snap, &key(7)).unwrap(), Some(vec![7u8; 400]));
+    // The diff reads the changed path only, not the tree.
+    let loads = s.loads.get();
+    let (a, b) = diff(&s, &snap, &root).unwrap();
+    assert_eq!((a.len(), b.len()), (1, 1));
+    let read = s.loads.get() - loads;
+    assert!(
+        read <= 2 * (root.level as usize + 1),
+        "diff loaded {read} blocks"
+    );
 }

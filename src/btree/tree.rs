@@ -623,3 +623,147 @@ impl Iterator for Iter<'_> {
         }
     }
 }
+
+/// A cursor over a tree that descends only when asked, so that a
+/// comparison can step over a block both trees share without reading it.
+struct Cursor<'a> {
+    l: &'a dyn NodeLoader,
+    /// (node, index of the next child or item), root first.
+    path: Vec<(Arc<Node>, usize)>,
+}
+
+/// Items of a tree, in key order.
+pub type Items = Vec<(Key, Value)>;
+
+/// What a cursor stands on.
+enum Head {
+    Item(Key, Value),
+    /// A child not read yet: address, level, lowest key.
+    Child(u64, u8, Key),
+    End,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(l: &'a dyn NodeLoader, root: &Arc<Node>) -> Cursor<'a> {
+        let mut c = Cursor {
+            l,
+            path: vec![(root.clone(), 0)],
+        };
+        c.pop_done();
+        c
+    }
+
+    /// Leave every node whose entries are all behind.
+    fn pop_done(&mut self) {
+        while let Some((n, i)) = self.path.last() {
+            if *i < n.len() {
+                return;
+            }
+            self.path.pop();
+            if let Some(top) = self.path.last_mut() {
+                top.1 += 1;
+            }
+        }
+    }
+
+    fn head(&self) -> Head {
+        let Some((n, i)) = self.path.last() else {
+            return Head::End;
+        };
+        match &n.body {
+            Body::Leaf(items) => Head::Item(items[*i].0, items[*i].1.clone()),
+            Body::Internal(ch) => Head::Child(ch[*i].addr, n.level - 1, ch[*i].key),
+        }
+    }
+
+    /// Step over the current item or child.
+    fn advance(&mut self) {
+        if let Some(top) = self.path.last_mut() {
+            top.1 += 1;
+        }
+        self.pop_done();
+    }
+
+    /// Read the current child and stand on its first entry.
+    fn descend(&mut self) -> Result<()> {
+        let (n, i) = self.path.last().expect("descend at the end").clone();
+        let child = load_child(self.l, &n, i)?;
+        self.path.push((child, 0));
+        self.pop_done();
+        Ok(())
+    }
+}
+
+/// The items in which two trees differ, each side's own: a block both
+/// trees reach is stepped over without being read, so the cost grows with
+/// what differs, not with the trees (snapshots share all they did not
+/// change). Items equal in both (same key and value) are left out too.
+pub fn diff(l: &dyn NodeLoader, a: &Arc<Node>, b: &Arc<Node>) -> Result<(Items, Items)> {
+    use std::cmp::Ordering::{Equal, Greater, Less};
+    let (mut ca, mut cb) = (Cursor::new(l, a), Cursor::new(l, b));
+    let (mut only_a, mut only_b) = (Vec::new(), Vec::new());
+    if a.addr == b.addr {
+        return Ok((only_a, only_b));
+    }
+    loop {
+        match (ca.head(), cb.head()) {
+            (Head::End, Head::End) => return Ok((only_a, only_b)),
+            (Head::Item(k, v), Head::End) => {
+                only_a.push((k, v));
+                ca.advance();
+            }
+            (Head::End, Head::Item(k, v)) => {
+                only_b.push((k, v));
+                cb.advance();
+            }
+            (Head::Child(..), Head::End) => ca.descend()?,
+            (Head::End, Head::Child(..)) => cb.descend()?,
+            (Head::Child(x, _, _), Head::Child(y, _, _)) if x == y => {
+                ca.advance();
+                cb.advance();
+            }
+            (Head::Child(_, lx, kx), Head::Child(_, ly, ky)) => match (lx.cmp(&ly), kx.cmp(&ky)) {
+                (Greater, _) | (Equal, Less) => ca.descend()?,
+                (Less, _) | (Equal, Greater) => cb.descend()?,
+                (Equal, Equal) => {
+                    ca.descend()?;
+                    cb.descend()?;
+                }
+            },
+            (Head::Item(k, v), Head::Child(_, _, ky)) => {
+                if k < ky {
+                    only_a.push((k, v));
+                    ca.advance();
+                } else {
+                    cb.descend()?;
+                }
+            }
+            (Head::Child(_, _, kx), Head::Item(k, v)) => {
+                if k < kx {
+                    only_b.push((k, v));
+                    cb.advance();
+                } else {
+                    ca.descend()?;
+                }
+            }
+            (Head::Item(kx, vx), Head::Item(ky, vy)) => match kx.cmp(&ky) {
+                Less => {
+                    only_a.push((kx, vx));
+                    ca.advance();
+                }
+                Greater => {
+                    only_b.push((ky, vy));
+                    cb.advance();
+                }
+                Equal => {
+                    if vx != vy {
+                        only_a.push((kx, vx));
+                        only_b.push((ky, vy));
+                    }
+                    ca.advance();
+                    cb.advance();
+                }
+            },
+        }
+    }
+}

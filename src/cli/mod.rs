@@ -428,6 +428,15 @@ enum VolumeCmd {
         #[command(flatten)]
         target: Target,
     },
+    /// List the byte ranges in which NEW differs from OLD (a snapshot of
+    /// it, or the snapshot it was cloned from), for incremental backup. The
+    /// time grows with the changes, not with the volume.
+    Diff {
+        old: String,
+        new: String,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Grow or shrink a volume.
     Resize {
         name: String,
@@ -1118,6 +1127,14 @@ fn volume_cmd(cmd: VolumeCmd) -> i32 {
             run_op(&target, Op::VolumeSnapshot { src, name })
         }
         VolumeCmd::Clone { src, name, target } => run_op(&target, Op::VolumeClone { src, name }),
+        VolumeCmd::Diff { old, new, target } => run_op(
+            &target,
+            Op::VolumeDiff {
+                old,
+                new,
+                json: json_out(),
+            },
+        ),
         VolumeCmd::Resize { name, size, target } => run_op(
             &target,
             Op::VolumeResize {

@@ -200,3 +200,50 @@ pub fn sums_for(
     let b = a + (len / SECTOR_BYTES) as usize * cs;
     Ok((b <= sums.len()).then(|| sums[a..b].to_vec()))
 }
+
+/// LBA ranges `(offset, length)` where two volume trees map differently
+/// (one maps a range the other does not, or to other data). Blocks both
+/// trees share are not read (`btree::diff`), so the cost grows with the
+/// changes since they diverged.
+pub fn diff_mappings(l: &dyn NodeLoader, a: &Arc<Node>, b: &Arc<Node>) -> Result<Vec<(u64, u64)>> {
+    let (da, db) = btree::diff(l, a, b)?;
+    let runs = |items: Vec<(Key, btree::Value)>| -> Result<Vec<(u64, VolumeExtent)>> {
+        items
+            .into_iter()
+            .filter(|(k, _)| k.objectid == objectid::MAPPING && k.ty == item::VOLUME_EXTENT)
+            .map(|(k, v)| {
+                VolumeExtent::decode(&v)
+                    .map(|ve| (k.offset, ve))
+                    .map_err(|e| Error::Corrupt(format!("{k}: {e}")))
+            })
+            .collect()
+    };
+    let (ra, rb) = (runs(da)?, runs(db)?);
+    let mut cuts: Vec<u64> = ra
+        .iter()
+        .chain(rb.iter())
+        .flat_map(|(lba, ve)| [*lba, lba + ve.len])
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    // Where each side maps byte `p` (None: a hole, or a shared mapping).
+    let at = |runs: &[(u64, VolumeExtent)], p: u64| {
+        let i = runs.partition_point(|(lba, _)| *lba <= p);
+        i.checked_sub(1)
+            .map(|i| &runs[i])
+            .filter(|(lba, ve)| p < lba + ve.len)
+            .map(|(lba, ve)| ve.logical + (p - lba))
+    };
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for w in cuts.windows(2) {
+        let (p, q) = (w[0], w[1]);
+        if at(&ra, p) == at(&rb, p) {
+            continue;
+        }
+        match out.last_mut() {
+            Some((o, len)) if *o + *len == p => *len += q - p,
+            _ => out.push((p, q - p)),
+        }
+    }
+    Ok(out)
+}

@@ -519,6 +519,24 @@ impl Pool {
         Ok(Volume::new(self.fs.clone(), new_id, name))
     }
 
+    /// Byte ranges `(offset, length)` in which volume `new` may differ
+    /// from `old` (a snapshot of it, or the snapshot it was cloned from):
+    /// where their mappings differ. The cost grows with the changes, not
+    /// with the volumes. Whatever `new` has past `old`'s end counts too.
+    pub fn volume_diff(&self, old: &str, new: &str) -> Result<Vec<(u64, u64)>> {
+        let fs = &*self.fs;
+        let (a, b, _guard) = {
+            let st = lock(&fs.trans);
+            let (va, vb) = (volume_record(&st, old)?, volume_record(&st, new)?);
+            (
+                st.tree_root(va.id)?,
+                st.tree_root(vb.id)?,
+                fs.register_reader(st.gen),
+            )
+        };
+        crate::data::extent::diff_mappings(fs, &a, &b)
+    }
+
     /// Delete a volume. It is gone at once; the cleaner frees what only it
     /// referenced in the background ([`drop_deleted_volumes`](Self::drop_deleted_volumes)),
     /// what it shares with snapshots and clones stays for them.

@@ -36,6 +36,12 @@ pub enum Op {
         src: String,
         name: String,
     },
+    /// The byte ranges in which `new` differs from `old`.
+    VolumeDiff {
+        old: String,
+        new: String,
+        json: bool,
+    },
     VolumeResize {
         name: String,
         size_bytes: u64,
@@ -208,13 +214,56 @@ fn run_inner(pool: &Pool, op: &Op) -> Result<OpOutput> {
         Op::VolumeCreate { .. }
         | Op::VolumeList { .. }
         | Op::VolumeDelete { .. }
-        | Op::VolumeSnapshot { .. }
-        | Op::VolumeClone { .. }
         | Op::VolumeResize { .. }
         | Op::VolumeSet { .. }
         | Op::VolumeImport { .. }
         | Op::VolumeExport { .. } => volume_op(pool, op),
+        Op::VolumeSnapshot { .. } | Op::VolumeClone { .. } | Op::VolumeDiff { .. } => {
+            snapshot_op(pool, op)
+        }
     }
+}
+
+/// Snapshots, clones and the difference between volumes.
+fn snapshot_op(pool: &Pool, op: &Op) -> Result<OpOutput> {
+    use crate::util::size::human;
+    Ok(match op {
+        Op::VolumeSnapshot { src, name } => {
+            pool.snapshot_volume(src, name)?;
+            OpOutput::done(
+                format!("created snapshot {name} of {src}\n"),
+                serde_json::json!({ "snapshot": name, "source": src }),
+            )
+        }
+        Op::VolumeClone { src, name } => {
+            pool.clone_volume(src, name)?;
+            OpOutput::done(
+                format!("created clone {name} of {src}\n"),
+                serde_json::json!({ "clone": name, "source": src }),
+            )
+        }
+        Op::VolumeDiff { old, new, json: j } => {
+            let d = pool.volume_diff(old, new)?;
+            let total: u64 = d.iter().map(|r| r.1).sum();
+            if *j {
+                let changed: Vec<serde_json::Value> = d
+                    .iter()
+                    .map(|(o, l)| serde_json::json!({ "offset_bytes": o, "length_bytes": l }))
+                    .collect();
+                OpOutput::ok(json(&serde_json::json!({
+                    "old": old, "new": new, "changed": changed, "changed_bytes": total
+                })))
+            } else {
+                let mut t = String::from("offset         length\n");
+                for (o, l) in &d {
+                    t += &format!("{o:<14} {l}\n");
+                }
+                t += &format!("{} changed in {} ranges\n", human(total), d.len());
+                OpOutput::ok(t)
+            }
+        }
+        _ => unreachable!("not a snapshot op: {op:?}"),
+    })
 }
 
 /// Scrub commands; online, start and resume return while the scrub runs.
@@ -407,20 +456,6 @@ fn volume_op(pool: &Pool, op: &Op) -> Result<OpOutput> {
             OpOutput::done(
                 format!("deleted volume {name}\n"),
                 serde_json::json!({ "deleted": name }),
-            )
-        }
-        Op::VolumeSnapshot { src, name } => {
-            pool.snapshot_volume(src, name)?;
-            OpOutput::done(
-                format!("created snapshot {name} of {src}\n"),
-                serde_json::json!({ "snapshot": name, "source": src }),
-            )
-        }
-        Op::VolumeClone { src, name } => {
-            pool.clone_volume(src, name)?;
-            OpOutput::done(
-                format!("created clone {name} of {src}\n"),
-                serde_json::json!({ "clone": name, "source": src }),
             )
         }
         Op::VolumeResize { name, size_bytes } => {
