@@ -92,6 +92,14 @@ pub struct Usage {
     pub unused_block_groups: Vec<u64>,
     /// Deleted volumes whose space the cleaner is still freeing.
     pub volumes_being_deleted: u64,
+    /// Data bytes (one copy) the writable volumes could still claim if
+    /// each were overwritten entirely while everything referenced now
+    /// stays (snapshots hold the old data): their sizes plus the data in
+    /// use.
+    pub data_worst_case_bytes: u64,
+    /// Data bytes (one copy) the pool can hold: data groups plus the
+    /// unallocated space at the data profile's ratio.
+    pub data_capacity_bytes: u64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -131,7 +139,11 @@ pub struct DeviceStats {
 pub struct VolumeSummary {
     pub name: String,
     pub size_bytes: u64,
+    /// Bytes mapped (one copy): what the volume references, shared or not.
     pub allocated_bytes: u64,
+    /// Bytes only this volume references, as of the last commit: what
+    /// deleting it would give back (one copy).
+    pub exclusive_bytes: u64,
     pub read_only: bool,
 }
 
@@ -459,6 +471,7 @@ impl Pool {
             out.push(VolumeSummary {
                 size_bytes: v.size_bytes()?,
                 allocated_bytes: v.allocated_bytes()?,
+                exclusive_bytes: self.exclusive_bytes(v.id())?,
                 read_only: v.read_only()?,
                 name,
             });
@@ -535,6 +548,17 @@ impl Pool {
             )
         };
         crate::data::extent::diff_mappings(fs, &a, &b)
+    }
+
+    /// Bytes only volume `id` references, as of the last commit (0 for a
+    /// volume made since).
+    fn exclusive_bytes(&self, id: u64) -> Result<u64> {
+        let (roots, _guard) = self.fs.commit_snapshot();
+        let Some(root) = roots.tree(id) else {
+            return Ok(0);
+        };
+        let ext = roots.tree(tree_id::EXTENT).expect("fixed tree");
+        crate::data::extent::exclusive_bytes(&*self.fs, root, ext)
     }
 
     /// Delete a volume. It is gone at once; the cleaner frees what only it
@@ -656,6 +680,16 @@ impl Pool {
         }
         let size: u64 = devices.iter().map(|d| d.size_bytes).sum();
         let alloc: u64 = devices.iter().map(|d| d.allocated_bytes).sum();
+        let data = |f: fn(&BlockGroupUsage) -> u64| -> u64 {
+            bgs.iter().filter(|b| b.bg_type == "data").map(f).sum()
+        };
+        let (data_used, data_len) = (data(|b| b.used_bytes), data(|b| b.length));
+        let writable: u64 = lock(&fs.trans)
+            .volumes
+            .values()
+            .filter(|v| !v.read_only)
+            .map(|v| v.size_bytes)
+            .sum();
         Usage {
             device_size_bytes: size,
             allocated_bytes: alloc,
@@ -668,6 +702,8 @@ impl Pool {
             block_groups: bgs,
             unused_block_groups: fs.unused_bgs.list(),
             volumes_being_deleted: lock(&fs.trans).dead_volumes.len() as u64,
+            data_worst_case_bytes: data_used + writable,
+            data_capacity_bytes: data_len + ((size - alloc.min(size)) as f64 / dr) as u64,
         }
     }
 

@@ -437,13 +437,16 @@ fn volume_op(pool: &Pool, op: &Op) -> Result<OpOutput> {
             if *j {
                 OpOutput::ok(json(&serde_json::json!({ "volumes": vols })))
             } else {
-                let mut s = String::from("name                 size        allocated   flags\n");
+                let mut s = String::from(
+                    "name                 size        allocated   exclusive   flags\n",
+                );
                 for v in vols {
                     s += &format!(
-                        "{:<20} {:<11} {:<11} {}\n",
+                        "{:<20} {:<11} {:<11} {:<11} {}\n",
                         v.name,
                         human(v.size_bytes),
                         human(v.allocated_bytes),
+                        human(v.exclusive_bytes),
                         if v.read_only { "ro" } else { "-" }
                     );
                 }
@@ -515,6 +518,13 @@ fn usage_output(pool: &Pool, j: bool) -> OpOutput {
             u.data_ratio,
             u.metadata_ratio
         );
+        if u.data_worst_case_bytes > u.data_capacity_bytes {
+            s += &format!(
+                "Warning: thin volumes and snapshots can outgrow the pool: overwriting every writable volume while its snapshots keep the old data needs {} of data space, the pool has {}\n\n",
+                human(u.data_worst_case_bytes),
+                human(u.data_capacity_bytes)
+            );
+        }
         s += "devid  size        allocated   path\n";
         for d in &u.devices {
             s += &format!(
