@@ -7,23 +7,10 @@ mod serve_harness;
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::Value;
 use serve_harness::{
-    cv, cv_json, cv_ok, make_pool, offline_check, python_with_libnbd, qemu_io, require_tools, run,
-    s, tool, Server, TestDir, CMD_TIMEOUT,
+    cv, cv_json, cv_ok, make_pool, nbdinfo_read_only, offline_check, python_with_libnbd, qemu_io,
+    require_tools, run, s, tool, Server, TestDir, CMD_TIMEOUT,
 };
-
-fn nbdinfo_read_only(uri: &str) -> bool {
-    let o = run(
-        Command::new(tool("nbdinfo")).args(["--json", uri]),
-        CMD_TIMEOUT,
-    );
-    assert_eq!(o.code, 0, "{}", o.text());
-    let v: Value = serde_json::from_str(&o.stdout).expect("nbdinfo --json");
-    v["exports"][0]["is_read_only"]
-        .as_bool()
-        .unwrap_or_else(|| panic!("no is_read_only in {v}"))
-}
 
 /// A qemu-io write that must fail because the export is read-only: qemu
 /// refuses to open a read-only export for writing (EACCES), exactly as

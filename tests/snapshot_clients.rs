@@ -8,8 +8,8 @@ use std::process::Command;
 
 use serde_json::Value;
 use serve_harness::{
-    cmp_files, cv_ok, make_pool, offline_check, python_with_libnbd, qemu_io, require_tools, run,
-    run_ok, tool, Out, Server, TestDir, CMD_TIMEOUT, MIB,
+    cmp_files, cv_ok, make_pool, nbdinfo_read_only, offline_check, python_with_libnbd, qemu_io,
+    require_tools, run, run_ok, tool, Out, Server, TestDir, CMD_TIMEOUT, MIB,
 };
 
 /// A write that skips libnbd's own read-only check, so the server decides.
@@ -26,17 +26,6 @@ try:
 except nbd.Error as e:
     print("write refused errno", e.errno)
 "#;
-
-fn nbdinfo_read_only(uri: &str) -> bool {
-    let o = run_ok(
-        Command::new(tool("nbdinfo")).args(["--json", uri]),
-        CMD_TIMEOUT,
-    );
-    let v: Value = serde_json::from_str(&o.stdout).expect("nbdinfo --json");
-    v["exports"][0]["is_read_only"]
-        .as_bool()
-        .expect("is_read_only")
-}
 
 /// qemu-io on a read-only export (`-r`: qemu refuses to open one for
 /// writing), every pattern verified.

@@ -847,3 +847,16 @@ impl Drop for KernelDisk {
         self.detach(false);
     }
 }
+
+/// Whether nbdinfo sees the export at `uri` as read-only.
+pub fn nbdinfo_read_only(uri: &str) -> bool {
+    let o = run(
+        Command::new(tool("nbdinfo")).args(["--json", uri]),
+        CMD_TIMEOUT,
+    );
+    assert_eq!(o.code, 0, "{}", o.text());
+    let v: Value = serde_json::from_str(&o.stdout).expect("nbdinfo --json");
+    v["exports"][0]["is_read_only"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("no is_read_only in {v}"))
+}
