@@ -29,7 +29,7 @@ for size in "${sizes[@]}"; do
   b=$(bytes "$size")
   dev="$work/dev-$size.img"
   "$bin" mkfs --data single --metadata dup --size $((b + b / 4 + (2 << 30))) "$dev" >/dev/null
-  "$bin" serve --listen "unix:$work/nbd.sock" --socket "$work/ctl.sock" "$dev" 2>"$work/serve.log" &
+  "$bin" serve --listen "unix:$work/nbd.sock" --socket "$work/ctl.sock" "$dev" >"$work/serve.log" 2>&1 &
   srv=$!
   for _ in $(seq 100); do [ -S "$work/ctl.sock" ] && break; sleep 0.1; done
   ctl=(--socket "$work/ctl.sock")
