@@ -179,23 +179,35 @@ fn trim_extent(ctx: &mut Ctx, k: Key, ei: &ExtentItem, keep: &[(u64, u64)]) -> R
 }
 
 /// Checksums of [logical, +len) of a data extent, from the checksum item
-/// of the extent that holds it (a mapping may point into the middle of a
-/// shared extent). None when the item is missing or too short.
+/// of the extent that holds `mapped` (where the mapping that covers the
+/// range points: the extent's start unless a snapshot shares the extent,
+/// so one exact lookup usually finds it). None when the item is missing or
+/// too short.
 pub fn sums_for(
     l: &dyn NodeLoader,
     csum_root: &Arc<Node>,
     cs: usize,
-    logical: u64,
-    len: u64,
+    mapped: u64,
+    (logical, len): (u64, u64),
 ) -> Result<Option<Vec<u8>>> {
-    let Some(k) = btree::last_at_or_before(l, csum_root, &csum_key(logical))?
-        .filter(|k| k.objectid == objectid::CSUM && k.ty == item::CSUM)
-    else {
-        return Ok(None);
+    let (k, sums) = match btree::get(l, csum_root, &csum_key(mapped))? {
+        Some(s) => (csum_key(mapped), s),
+        None => {
+            // A mapping into the middle of a shared extent.
+            let Some(k) = btree::last_at_or_before(l, csum_root, &csum_key(mapped))?
+                .filter(|k| k.objectid == objectid::CSUM && k.ty == item::CSUM)
+            else {
+                return Ok(None);
+            };
+            match btree::get(l, csum_root, &k)? {
+                Some(s) => (k, s),
+                None => return Ok(None),
+            }
+        }
     };
-    let Some(sums) = btree::get(l, csum_root, &k)? else {
+    if logical < k.offset {
         return Ok(None);
-    };
+    }
     let a = ((logical - k.offset) / SECTOR_BYTES) as usize * cs;
     let b = a + (len / SECTOR_BYTES) as usize * cs;
     Ok((b <= sums.len()).then(|| sums[a..b].to_vec()))

@@ -159,7 +159,7 @@ impl Volume {
             let sub = ve.logical + (os - s);
             // Every mapping has its checksums (extent.rs invariant): a
             // missing or short item is corruption, not unverified data.
-            let Some(sums) = extent::sums_for(fs, &croot, cs, sub, oe - os)? else {
+            let Some(sums) = extent::sums_for(fs, &croot, cs, ve.logical, (sub, oe - os))? else {
                 return Err(Error::Corrupt(format!(
                     "volume {}: bytes {os}..{oe} (logical {:#x}): checksum item missing or short",
                     self.name, ve.logical

@@ -590,7 +590,7 @@ impl Pool {
             crate::data::extent::punch(&mut ctx, v.id, size_bytes, v.size_bytes - size_bytes)?;
         }
         let v = VolumeInfo { size_bytes, ..v };
-        put_volume_item(&mut ctx, name, &v)?;
+        ctx.put_volume_item(name, &v)?;
         st.volumes.insert(name.into(), v);
         Ok(())
     }
@@ -605,7 +605,7 @@ impl Pool {
         }
         let mut ctx = Ctx::begin(&self.fs, &mut st)?;
         let v = VolumeInfo { read_only, ..v };
-        put_volume_item(&mut ctx, name, &v)?;
+        ctx.put_volume_item(name, &v)?;
         st.volumes.insert(name.into(), v);
         Ok(())
     }
@@ -1228,11 +1228,6 @@ impl Loader<'_> {
         }
         Ok(out)
     }
-}
-
-/// Writes a volume's VOLUME_ITEM from its in-memory record.
-fn put_volume_item(ctx: &mut Ctx<'_>, name: &str, v: &VolumeInfo) -> Result<()> {
-    ctx.put_volume_item(name, v)
 }
 
 /// A volume's in-memory record, or `NoVolume`.
