@@ -10,7 +10,8 @@ use super::proto::*;
 pub struct Limits {
     pub export_size_bytes: u64,
     pub structured_replies: bool,
-    pub base_allocation_id: Option<u32>,
+    /// At least one metadata context was selected: BLOCK_STATUS is allowed.
+    pub meta_contexts: bool,
     /// NBD_FLAG_READ_ONLY was announced: every command that writes is EPERM.
     pub read_only: bool,
 }
@@ -45,7 +46,6 @@ pub enum Op {
         offset: u64,
         len: u32,
         req_one: bool,
-        context_id: u32,
     },
 }
 
@@ -134,14 +134,13 @@ pub fn validate(req: &Request, limits: &Limits) -> Result<Op, Rejection> {
         }
         Command::BlockStatus => {
             check_range(req, limits)?;
-            let Some(context_id) = limits.base_allocation_id else {
+            if !limits.meta_contexts {
                 return Err(reject(NBD_EINVAL, "no metadata context was negotiated"));
-            };
+            }
             Op::BlockStatus {
                 offset,
                 len,
                 req_one: req.flags & NBD_CMD_FLAG_REQ_ONE != 0,
-                context_id,
             }
         }
     })
@@ -181,14 +180,16 @@ pub const MAX_BLOCK_STATUS_EXTENTS: usize = 1 << 16;
 
 /// Turns the export's extents into wire descriptors for a request of `len`
 /// bytes: drops empty extents, clips to the request, merges neighbours with
-/// equal flags, masks unknown flag bits and caps the count. Always returns at
-/// least one descriptor (status 0 over the whole range is always truthful).
+/// equal flags, masks flag bits outside the context's and caps the count.
+/// Always returns at least one descriptor: with no extents, the context's
+/// always-truthful status over the whole range.
 pub fn block_status_descriptors(
     extents: &[(u64, u32)],
     len: u32,
     req_one: bool,
+    context: ContextFlags,
 ) -> Vec<(u32, u32)> {
-    let known = NBD_STATE_HOLE | NBD_STATE_ZERO;
+    let known = context.known;
     let max_extents = if req_one { 1 } else { MAX_BLOCK_STATUS_EXTENTS };
     let mut out: Vec<(u32, u32)> = Vec::new();
     let mut remaining = len;
@@ -210,10 +211,31 @@ pub fn block_status_descriptors(
         }
     }
     if out.is_empty() {
-        out.push((len, 0));
+        out.push((len, context.fallback));
     }
     out
 }
+
+/// The status flags of one metadata context.
+#[derive(Debug, Clone, Copy)]
+pub struct ContextFlags {
+    /// Bits the context defines; others are masked off.
+    pub known: u32,
+    /// A status that is true of any range.
+    pub fallback: u32,
+}
+
+/// `base:allocation`: allocated data is always a truthful answer.
+pub const BASE_ALLOCATION_FLAGS: ContextFlags = ContextFlags {
+    known: NBD_STATE_HOLE | NBD_STATE_ZERO,
+    fallback: 0,
+};
+
+/// `qemu:dirty-bitmap:`: "dirty" is always safe, a backup then copies more.
+pub const DIRTY_BITMAP_FLAGS: ContextFlags = ContextFlags {
+    known: NBD_STATE_DIRTY,
+    fallback: NBD_STATE_DIRTY,
+};
 
 #[cfg(test)]
 mod tests {
@@ -225,7 +247,7 @@ mod tests {
         Limits {
             export_size_bytes: SIZE,
             structured_replies: true,
-            base_allocation_id: Some(7),
+            meta_contexts: true,
             read_only: false,
         }
     }
@@ -299,7 +321,6 @@ mod tests {
                 offset: 0,
                 len: 4096,
                 req_one: true,
-                context_id: 7
             })
         );
         assert_eq!(validate(&req(5, 0, 0, 1), &l), Ok(Op::Cache));
@@ -342,7 +363,7 @@ mod tests {
         assert!(validate(&req(0, NBD_CMD_FLAG_DF, 0, 1), &l).is_ok());
         let simple = Limits {
             structured_replies: false,
-            base_allocation_id: None,
+            meta_contexts: false,
             ..l
         };
         assert_eq!(
@@ -372,24 +393,29 @@ mod tests {
 
     #[test]
     fn descriptors_are_clipped_merged_and_capped() {
+        let d = |e: &[(u64, u32)], len, one| {
+            block_status_descriptors(e, len, one, BASE_ALLOCATION_FLAGS)
+        };
         assert_eq!(
-            block_status_descriptors(&[(100, 3), (0, 0), (50, 3), (1000, 0)], 300, false),
+            d(&[(100, 3), (0, 0), (50, 3), (1000, 0)], 300, false),
             vec![(150, 3), (150, 0)]
         );
-        assert_eq!(
-            block_status_descriptors(&[(100, 3), (100, 0)], 300, true),
-            vec![(100, 3)]
-        );
-        assert_eq!(
-            block_status_descriptors(&[(1 << 40, 0xff)], 10, false),
-            vec![(10, 3)]
-        );
-        assert_eq!(block_status_descriptors(&[], 10, false), vec![(10, 0)]);
-        assert_eq!(block_status_descriptors(&[(0, 1)], 10, true), vec![(10, 0)]);
+        assert_eq!(d(&[(100, 3), (100, 0)], 300, true), vec![(100, 3)]);
+        assert_eq!(d(&[(1 << 40, 0xff)], 10, false), vec![(10, 3)]);
+        assert_eq!(d(&[], 10, false), vec![(10, 0)]);
+        assert_eq!(d(&[(0, 1)], 10, true), vec![(10, 0)]);
         let many: Vec<(u64, u32)> = (0..200_000).map(|i| (1, i % 2)).collect();
+        assert_eq!(d(&many, u32::MAX, false).len(), MAX_BLOCK_STATUS_EXTENTS);
+    }
+
+    #[test]
+    fn dirty_bitmap_descriptors_mask_other_bits_and_default_to_dirty() {
+        let d = |e: &[(u64, u32)], len| block_status_descriptors(e, len, false, DIRTY_BITMAP_FLAGS);
         assert_eq!(
-            block_status_descriptors(&many, u32::MAX, false).len(),
-            MAX_BLOCK_STATUS_EXTENTS
+            d(&[(100, 3), (50, 1), (50, 2)], 300),
+            vec![(150, 1), (50, 0)]
         );
+        // Nothing known: the whole range is reported dirty, never clean.
+        assert_eq!(d(&[], 300), vec![(300, NBD_STATE_DIRTY)]);
     }
 }

@@ -18,10 +18,13 @@ use std::thread;
 use thiserror::Error;
 
 use super::budget::{ByteBudget, Permit};
-use super::command::{block_status_descriptors, validate, Limits, Op, Rejection};
+use super::command::{
+    block_status_descriptors, validate, Limits, Op, Rejection, BASE_ALLOCATION_FLAGS,
+    DIRTY_BITMAP_FLAGS,
+};
 use super::errno::nbd_error_from_io;
 use super::export::Export;
-use super::handshake::Negotiated;
+use super::handshake::{MetaContext, Negotiated};
 use super::io_util::read_exact_or_eof;
 use super::ordering::{WriteOrder, WriteTicket};
 use super::proto::*;
@@ -98,6 +101,8 @@ impl ReplySink {
 struct Conn<'a> {
     export: &'a dyn Export,
     limits: Limits,
+    /// Selected metadata contexts, answered in this order by BLOCK_STATUS.
+    meta_contexts: &'a [(u32, MetaContext)],
     replies: ReplySink,
     budget: ByteBudget,
     order: WriteOrder,
@@ -131,9 +136,10 @@ pub fn serve<R: Read>(
         limits: Limits {
             export_size_bytes: session.size_bytes,
             structured_replies: session.structured_replies,
-            base_allocation_id: session.base_allocation_id,
+            meta_contexts: !session.meta_contexts.is_empty(),
             read_only: session.transmission_flags & NBD_FLAG_READ_ONLY != 0,
         },
+        meta_contexts: &session.meta_contexts,
         replies: ReplySink {
             stream: Mutex::new(writer),
             broken: AtomicBool::new(false),
@@ -334,12 +340,8 @@ fn run_op(conn: &Conn<'_>, cookie: u64, op: Op, payload: &[u8], flush_barrier: u
             offset,
             len,
             req_one,
-            context_id,
-        } => match export.block_status(offset, u64::from(len)) {
-            Ok(extents) => {
-                let descriptors = block_status_descriptors(&extents, len, req_one);
-                return encode_block_status_chunk(cookie, context_id, &descriptors);
-            }
+        } => match block_status_reply(conn, cookie, offset, len, req_one) {
+            Ok(reply) => return reply,
             Err(e) => Err(e),
         },
     };
@@ -349,6 +351,34 @@ fn run_op(conn: &Conn<'_>, cookie: u64, op: Op, payload: &[u8], flush_barrier: u
         Ok(()) => encode_simple_reply(0, cookie).to_vec(),
         Err(e) => error_reply(limits, cookie, nbd_error_from_io(&e), &e.to_string()),
     }
+}
+
+/// BLOCK_STATUS reply: one chunk per selected context, the last one DONE.
+/// Any context failing fails the whole request (nothing is sent before).
+fn block_status_reply(
+    conn: &Conn<'_>,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+    req_one: bool,
+) -> io::Result<Vec<u8>> {
+    let mut reply = Vec::new();
+    let last = conn.meta_contexts.len().saturating_sub(1);
+    for (i, (id, context)) in conn.meta_contexts.iter().enumerate() {
+        let (extents, flags) = match context {
+            MetaContext::BaseAllocation => (
+                conn.export.block_status(offset, u64::from(len))?,
+                BASE_ALLOCATION_FLAGS,
+            ),
+            MetaContext::DirtyBitmap(bitmap) => (
+                conn.export.dirty_status(bitmap, offset, u64::from(len))?,
+                DIRTY_BITMAP_FLAGS,
+            ),
+        };
+        let descriptors = block_status_descriptors(&extents, len, req_one, flags);
+        encode_block_status_chunk(&mut reply, cookie, *id, &descriptors, i == last);
+    }
+    Ok(reply)
 }
 
 /// READ reply: the data is read straight into the reply buffer behind room

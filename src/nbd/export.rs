@@ -30,6 +30,22 @@ pub trait Export: Send + Sync {
     /// Allocation status for base:allocation: contiguous extents covering at least a prefix of
     /// [offset, offset+len), each (length, flags) with flags bit0 = NBD_STATE_HOLE, bit1 = NBD_STATE_ZERO.
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u32)>>;
+    /// Names of the dirty bitmaps a client may select as the metadata
+    /// context `qemu:dirty-bitmap:NAME` (qemu's convention, read by backup
+    /// tools); sampled when a client lists or selects contexts.
+    fn dirty_bitmaps(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Changed status for `qemu:dirty-bitmap:NAME`: contiguous extents covering
+    /// at least a prefix of [offset, offset+len), each (length, flags) with
+    /// flags bit0 = NBD_STATE_DIRTY.
+    fn dirty_status(&self, bitmap: &str, offset: u64, len: u64) -> io::Result<Vec<(u64, u32)>> {
+        let _ = (offset, len);
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no dirty bitmap {bitmap:?} on this export"),
+        ))
+    }
     /// Whether the export can answer NBD_CMD_WRITE_ZEROES with FAST_ZERO (return true if zeroing never writes data).
     fn fast_zero(&self) -> bool {
         true

@@ -18,6 +18,31 @@ pub const MAX_OPTION_PAYLOAD_BYTES: u32 = 64 << 10;
 pub const MAX_SKIPPED_OPTION_BYTES: u32 = 16 << 20;
 /// Context id we assign to `base:allocation` in NBD_OPT_SET_META_CONTEXT.
 pub const BASE_ALLOCATION_CONTEXT_ID: u32 = 1;
+/// Dirty bitmaps selected by one SET_META_CONTEXT get ids from here on, in
+/// the export's order.
+pub const FIRST_DIRTY_BITMAP_CONTEXT_ID: u32 = 2;
+/// Most metadata contexts one session selects: each costs one reply chunk
+/// per BLOCK_STATUS, and a bitmap a diff of two trees.
+pub const MAX_META_CONTEXTS: usize = 16;
+
+/// A metadata context a session selected for NBD_CMD_BLOCK_STATUS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaContext {
+    /// `base:allocation`: holes and zeroes.
+    BaseAllocation,
+    /// `qemu:dirty-bitmap:NAME`: what changed since the bitmap's point.
+    DirtyBitmap(String),
+}
+
+impl MetaContext {
+    /// The context's name on the wire.
+    pub fn name(&self) -> String {
+        match self {
+            MetaContext::BaseAllocation => BASE_ALLOCATION.to_owned(),
+            MetaContext::DirtyBitmap(b) => format!("{QEMU_DIRTY_BITMAP_PREFIX}{b}"),
+        }
+    }
+}
 
 /// Result of a successful negotiation: what the transmission phase serves.
 pub struct Negotiated {
@@ -28,8 +53,9 @@ pub struct Negotiated {
     pub size_bytes: u64,
     pub transmission_flags: u16,
     pub structured_replies: bool,
-    /// Set if `base:allocation` was selected for this export.
-    pub base_allocation_id: Option<u32>,
+    /// Contexts selected for this export, with their ids (empty: BLOCK_STATUS
+    /// is refused).
+    pub meta_contexts: Vec<(u32, MetaContext)>,
 }
 
 /// How a handshake ended without entering transmission.
@@ -104,21 +130,21 @@ struct State {
     /// The options are being haggled over TLS.
     tls_active: bool,
     structured_replies: bool,
-    /// Canonical export name for which `base:allocation` was selected.
-    meta_export: Option<String>,
+    /// Canonical export name and the contexts selected for it.
+    meta: Option<(String, Vec<(u32, MetaContext)>)>,
 }
 
 impl State {
     fn negotiated(&self, export_name: String, export: Arc<dyn Export>) -> Negotiated {
-        let base_allocation_id = match &self.meta_export {
-            Some(name) if *name == export_name => Some(BASE_ALLOCATION_CONTEXT_ID),
-            _ => None,
+        let meta_contexts = match &self.meta {
+            Some((name, contexts)) if *name == export_name => contexts.clone(),
+            _ => Vec::new(),
         };
         Negotiated {
             size_bytes: export.size_bytes(),
             transmission_flags: transmission_flags(self.structured_replies, export.read_only()),
             structured_replies: self.structured_replies,
-            base_allocation_id,
+            meta_contexts,
             export_name,
             export,
         }
@@ -382,7 +408,8 @@ fn handle_info(
     (option == NBD_OPT_GO).then_some(Ok(n))
 }
 
-/// NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT for the `base:` namespace.
+/// NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT: `base:allocation`
+/// and qemu's `qemu:dirty-bitmap:NAME`.
 fn handle_meta_context(
     option: u32,
     data: &[u8],
@@ -393,7 +420,7 @@ fn handle_meta_context(
     let set = option == NBD_OPT_SET_META_CONTEXT;
     if set {
         // SET replaces the selection even when it fails.
-        st.meta_export = None;
+        st.meta = None;
         if !st.structured_replies {
             let msg = b"structured replies must be negotiated first";
             encode_option_reply(out, option, NBD_REP_ERR_INVALID, msg);
@@ -407,31 +434,60 @@ fn handle_meta_context(
             return;
         }
     };
-    let Some((name, _export)) = resolve(provider, &req.export_name) else {
+    let Some((name, export)) = resolve(provider, &req.export_name) else {
         encode_option_reply(out, option, NBD_REP_ERR_UNKNOWN, b"export not found");
         return;
     };
-    // "base:" is a wildcard for LIST only; unknown namespaces and leaves are
-    // ignored, as the spec requires.
-    let matched = if set {
-        req.queries.iter().any(|q| q == BASE_ALLOCATION)
-    } else {
-        req.queries.is_empty()
-            || req
-                .queries
-                .iter()
-                .any(|q| q == BASE_ALLOCATION || q == BASE_NAMESPACE)
-    };
-    if matched {
+    let contexts = matching_contexts(&req.queries, export.as_ref(), !set);
+    if set && contexts.len() > MAX_META_CONTEXTS {
+        let msg = format!("at most {MAX_META_CONTEXTS} metadata contexts per session");
+        encode_option_reply(out, option, NBD_REP_ERR_TOO_BIG, msg.as_bytes());
+        return;
+    }
+    let mut selected = Vec::new();
+    let mut next_bitmap_id = FIRST_DIRTY_BITMAP_CONTEXT_ID;
+    for ctx in contexts {
         // LIST replies carry a reserved id of zero.
-        let id = if set { BASE_ALLOCATION_CONTEXT_ID } else { 0 };
-        let ctx = encode_rep_meta_context(id, BASE_ALLOCATION);
-        encode_option_reply(out, option, NBD_REP_META_CONTEXT, &ctx);
-        if set {
-            st.meta_export = Some(name);
-        }
+        let id = match (&ctx, set) {
+            (_, false) => 0,
+            (MetaContext::BaseAllocation, true) => BASE_ALLOCATION_CONTEXT_ID,
+            (MetaContext::DirtyBitmap(_), true) => {
+                next_bitmap_id += 1;
+                next_bitmap_id - 1
+            }
+        };
+        let reply = encode_rep_meta_context(id, &ctx.name());
+        encode_option_reply(out, option, NBD_REP_META_CONTEXT, &reply);
+        selected.push((id, ctx));
+    }
+    if set && !selected.is_empty() {
+        st.meta = Some((name, selected));
     }
     encode_option_reply(out, option, NBD_REP_ACK, &[]);
+}
+
+/// The contexts of `export` that `queries` name. SET takes full names only;
+/// LIST also takes the namespace wildcards `base:`, `qemu:` and
+/// `qemu:dirty-bitmap:`, and no query at all means every context. Unknown
+/// namespaces and names are ignored, as the spec requires.
+fn matching_contexts(queries: &[String], export: &dyn Export, list: bool) -> Vec<MetaContext> {
+    let all = list && queries.is_empty();
+    let asked = |full: &str, wildcards: &[&str]| {
+        all || queries
+            .iter()
+            .any(|q| q == full || (list && wildcards.contains(&q.as_str())))
+    };
+    let mut out = Vec::new();
+    if asked(BASE_ALLOCATION, &[BASE_NAMESPACE]) {
+        out.push(MetaContext::BaseAllocation);
+    }
+    for bitmap in export.dirty_bitmaps() {
+        let ctx = MetaContext::DirtyBitmap(bitmap);
+        if asked(&ctx.name(), &[QEMU_NAMESPACE, QEMU_DIRTY_BITMAP_PREFIX]) {
+            out.push(ctx);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -461,6 +517,14 @@ mod tests {
         }
         fn block_status(&self, _: u64, len: u64) -> io::Result<Vec<(u64, u32)>> {
             Ok(vec![(len, 0)])
+        }
+        fn dirty_bitmaps(&self) -> Vec<String> {
+            // Export "a" (1 MiB) has two bitmaps, "b" none.
+            if self.0 == 1 << 20 {
+                vec!["s1".into(), "s2".into()]
+            } else {
+                Vec::new()
+            }
         }
     }
 
@@ -717,7 +781,10 @@ mod tests {
             .opt(NBD_OPT_GO, &info_data("a", &[])));
         let n = res.unwrap().unwrap();
         assert!(n.structured_replies);
-        assert_eq!(n.base_allocation_id, Some(BASE_ALLOCATION_CONTEXT_ID));
+        assert_eq!(
+            n.meta_contexts,
+            [(BASE_ALLOCATION_CONTEXT_ID, MetaContext::BaseAllocation)]
+        );
         assert_ne!(n.transmission_flags & NBD_FLAG_SEND_DF, 0);
         let r = replies(&out);
         let kinds: Vec<u32> = r.iter().map(|r| r.1).collect();
@@ -753,7 +820,57 @@ mod tests {
                 &meta_data("a", &[BASE_ALLOCATION]),
             )
             .opt(NBD_OPT_GO, &info_data("b", &[])));
-        assert_eq!(res.unwrap().unwrap().base_allocation_id, None);
+        assert_eq!(res.unwrap().unwrap().meta_contexts, []);
+    }
+
+    /// qemu's `qemu:dirty-bitmap:NAME`: listed by the wildcards, selected by
+    /// full name next to `base:allocation`, each with its own id.
+    #[test]
+    fn dirty_bitmap_contexts() {
+        let list = |queries: &[&str]| {
+            let (_, out) = run(Script::new(FIXED)
+                .opt(NBD_OPT_LIST_META_CONTEXT, &meta_data("a", queries))
+                .opt(NBD_OPT_ABORT, &[]));
+            let names: Vec<Vec<u8>> = replies(&out)
+                .into_iter()
+                .filter(|r| r.1 == NBD_REP_META_CONTEXT)
+                .map(|r| r.2)
+                .collect();
+            names
+        };
+        let ctx = |name: &str| encode_rep_meta_context(0, name);
+        let (s1, s2) = ("qemu:dirty-bitmap:s1", "qemu:dirty-bitmap:s2");
+        assert_eq!(list(&["qemu:"]), [ctx(s1), ctx(s2)]);
+        assert_eq!(list(&["qemu:dirty-bitmap:"]), [ctx(s1), ctx(s2)]);
+        assert_eq!(list(&[s2, "qemu:dirty-bitmap:nope"]), [ctx(s2)]);
+        assert_eq!(list(&[]), [ctx(BASE_ALLOCATION), ctx(s1), ctx(s2)]);
+        assert_eq!(list(&["base:"]), [ctx(BASE_ALLOCATION)]);
+        let (res, out) = run(Script::new(FIXED)
+            .opt(NBD_OPT_STRUCTURED_REPLY, &[])
+            // Wildcards select nothing.
+            .opt(NBD_OPT_SET_META_CONTEXT, &meta_data("a", &["qemu:"]))
+            .opt(
+                NBD_OPT_SET_META_CONTEXT,
+                &meta_data("a", &[s2, BASE_ALLOCATION, "qemu:dirty-bitmap:nope"]),
+            )
+            .opt(NBD_OPT_GO, &info_data("a", &[])));
+        let n = res.unwrap().unwrap();
+        assert_eq!(
+            n.meta_contexts,
+            [
+                (BASE_ALLOCATION_CONTEXT_ID, MetaContext::BaseAllocation),
+                (
+                    FIRST_DIRTY_BITMAP_CONTEXT_ID,
+                    MetaContext::DirtyBitmap("s2".into())
+                ),
+            ]
+        );
+        let r = replies(&out);
+        assert_eq!(r[1].1, NBD_REP_ACK, "SET qemu: selects nothing");
+        assert_eq!(
+            r[3].2,
+            encode_rep_meta_context(FIRST_DIRTY_BITMAP_CONTEXT_ID, s2)
+        );
     }
 
     #[test]

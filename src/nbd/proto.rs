@@ -79,10 +79,15 @@ pub const NBD_INFO_DESCRIPTION: u16 = 2;
 /// Info item: minimum, preferred and maximum block sizes.
 pub const NBD_INFO_BLOCK_SIZE: u16 = 3;
 
-/// The only metadata context this server implements.
+/// The allocation metadata context every export has.
 pub const BASE_ALLOCATION: &str = "base:allocation";
 /// Wildcard that lists every `base:` context during LIST_META_CONTEXT.
 pub const BASE_NAMESPACE: &str = "base:";
+/// Wildcard that lists every `qemu:` context during LIST_META_CONTEXT.
+pub const QEMU_NAMESPACE: &str = "qemu:";
+/// Prefix of qemu's dirty-bitmap contexts, `qemu:dirty-bitmap:NAME`; alone,
+/// a LIST wildcard for every bitmap of the export.
+pub const QEMU_DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
 // ---- Transmission flags ---------------------------------------------------
 
@@ -142,6 +147,8 @@ pub const NBD_REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
 pub const NBD_STATE_HOLE: u32 = 1 << 0;
 /// `base:allocation` flag: the extent reads as zeroes.
 pub const NBD_STATE_ZERO: u32 = 1 << 1;
+/// `qemu:dirty-bitmap:` flag: the extent changed since the bitmap's point.
+pub const NBD_STATE_DIRTY: u32 = 1 << 0;
 
 /// Error: operation not permitted.
 pub const NBD_EPERM: u32 = 1;
@@ -606,14 +613,22 @@ pub fn encode_error_chunk(cookie: u64, error: u32, message: &str) -> Vec<u8> {
     out
 }
 
-/// A final NBD_REPLY_TYPE_BLOCK_STATUS chunk; `extents` must be non-empty.
-pub fn encode_block_status_chunk(cookie: u64, context_id: u32, extents: &[(u32, u32)]) -> Vec<u8> {
+/// An NBD_REPLY_TYPE_BLOCK_STATUS chunk appended to `out`, the reply's last
+/// chunk when `done`; `extents` must be non-empty.
+pub fn encode_block_status_chunk(
+    out: &mut Vec<u8>,
+    cookie: u64,
+    context_id: u32,
+    extents: &[(u32, u32)],
+    done: bool,
+) {
     let payload_len = 4 + 8 * extents.len();
-    let mut out = Vec::with_capacity(CHUNK_HEADER_BYTES + payload_len);
-    out.resize(CHUNK_HEADER_BYTES, 0);
+    out.reserve(CHUNK_HEADER_BYTES + payload_len);
+    let start = out.len();
+    out.resize(start + CHUNK_HEADER_BYTES, 0);
     put_chunk_header(
-        &mut out,
-        NBD_REPLY_FLAG_DONE,
+        &mut out[start..],
+        if done { NBD_REPLY_FLAG_DONE } else { 0 },
         NBD_REPLY_TYPE_BLOCK_STATUS,
         cookie,
         payload_len as u32,
@@ -623,7 +638,6 @@ pub fn encode_block_status_chunk(cookie: u64, context_id: u32, extents: &[(u32, 
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(&flags.to_be_bytes());
     }
-    out
 }
 
 #[cfg(test)]
@@ -858,12 +872,21 @@ mod tests {
 
     #[test]
     fn block_status_chunk_layout() {
-        let c = encode_block_status_chunk(9, 1, &[(4096, 3), (512, 0)]);
+        let mut c = Vec::new();
+        encode_block_status_chunk(&mut c, 9, 1, &[(4096, 3), (512, 0)], false);
         assert_eq!(c.len(), CHUNK_HEADER_BYTES + 4 + 16);
+        assert_eq!(&c[4..6], &0u16.to_be_bytes(), "not the last chunk");
         assert_eq!(&c[16..20], &20u32.to_be_bytes());
         assert_eq!(&c[20..24], &1u32.to_be_bytes());
         assert_eq!(&c[24..28], &4096u32.to_be_bytes());
         assert_eq!(&c[28..32], &3u32.to_be_bytes());
+        // A second chunk follows the first, and ends the reply.
+        encode_block_status_chunk(&mut c, 9, 2, &[(8192, 1)], true);
+        let second = &c[CHUNK_HEADER_BYTES + 20..];
+        assert_eq!(second.len(), CHUNK_HEADER_BYTES + 12);
+        assert_eq!(&second[4..6], &NBD_REPLY_FLAG_DONE.to_be_bytes());
+        assert_eq!(&second[20..24], &2u32.to_be_bytes());
+        assert_eq!(&second[24..28], &8192u32.to_be_bytes());
     }
 
     #[test]

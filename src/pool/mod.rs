@@ -464,6 +464,15 @@ impl Pool {
         lock(&self.fs.trans).volumes.keys().cloned().collect()
     }
 
+    /// Names of the read-only volumes (snapshots): the points from which a
+    /// volume's changes can be asked for, `volume diff` or NBD's
+    /// `qemu:dirty-bitmap:NAME`.
+    pub fn snapshot_names(&self) -> Vec<String> {
+        let st = lock(&self.fs.trans);
+        let snapshots = st.volumes.iter().filter(|(_, v)| v.read_only);
+        snapshots.map(|(name, _)| name.clone()).collect()
+    }
+
     pub fn list_volumes(&self) -> Result<Vec<VolumeSummary>> {
         let mut out = Vec::new();
         for name in self.volume_names() {

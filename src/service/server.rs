@@ -64,8 +64,9 @@ impl TlsFiles {
 }
 
 /// A volume served over NBD; `read_only` is the server's `--read-only`
-/// (a volume's own read-only flag is checked by the volume itself).
-struct VolumeExport(Volume, bool);
+/// (a volume's own read-only flag is checked by the volume itself). The pool
+/// answers its dirty bitmaps: one per snapshot, what changed since it.
+struct VolumeExport(Volume, bool, Pool);
 
 impl VolumeExport {
     fn writable(&self) -> std::io::Result<()> {
@@ -133,6 +134,41 @@ impl Export for VolumeExport {
     fn read_only(&self) -> bool {
         self.1 || self.0.read_only().unwrap_or(false)
     }
+    fn dirty_bitmaps(&self) -> Vec<String> {
+        let mut names = self.2.snapshot_names();
+        names.retain(|n| n != self.0.name());
+        names
+    }
+    fn dirty_status(
+        &self,
+        bitmap: &str,
+        offset: u64,
+        len: u64,
+    ) -> std::io::Result<Vec<(u64, u32)>> {
+        let changed = self.2.volume_diff(bitmap, self.0.name())?;
+        Ok(dirty_extents(&changed, offset, len))
+    }
+}
+
+/// `changed` (sorted, disjoint byte ranges) as NBD dirty-bitmap extents
+/// covering exactly [offset, offset+len): flag 1 where changed, 0 elsewhere.
+fn dirty_extents(changed: &[(u64, u64)], offset: u64, len: u64) -> Vec<(u64, u32)> {
+    let end = offset + len;
+    let mut out = Vec::new();
+    let mut pos = offset;
+    let first = changed.partition_point(|&(o, l)| o + l <= offset);
+    for &(o, l) in changed[first..].iter().take_while(|&&(o, _)| o < end) {
+        let (s, e) = (o.max(pos), (o + l).min(end));
+        if s > pos {
+            out.push((s - pos, 0));
+        }
+        out.push((e - s, 1));
+        pos = e;
+    }
+    if pos < end {
+        out.push((end - pos, 0));
+    }
+    out
 }
 
 struct PoolExports(Pool, bool);
@@ -145,7 +181,7 @@ impl ExportProvider for PoolExports {
         self.0
             .volume(name)
             .ok()
-            .map(|v| Arc::new(VolumeExport(v, self.1)) as Arc<dyn Export>)
+            .map(|v| Arc::new(VolumeExport(v, self.1, self.0.clone())) as Arc<dyn Export>)
     }
     fn default_name(&self) -> Option<String> {
         let names = self.0.volume_names();
@@ -498,5 +534,22 @@ fn print_banner_text(listener: &Listener, uri: &str, exports: &[String], sock_pa
         Listener::Unix(_, p) => {
             println!("try: nbdinfo 'nbd+unix:///{first}?socket={}'", p.display())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dirty_extents;
+
+    #[test]
+    fn dirty_extents_cover_the_range_exactly() {
+        let changed = [(0, 10), (20, 5), (40, 100)];
+        assert_eq!(
+            dirty_extents(&changed, 5, 40),
+            [(5, 1), (10, 0), (5, 1), (15, 0), (5, 1)]
+        );
+        assert_eq!(dirty_extents(&changed, 10, 10), [(10, 0)]);
+        assert_eq!(dirty_extents(&changed, 50, 10), [(10, 1)]);
+        assert_eq!(dirty_extents(&[], 0, 7), [(7, 0)]);
     }
 }

@@ -563,8 +563,14 @@ pub fn qemu_img_compare(file: &Path, uri: &str) {
 
 /// (offset, length, type) from `nbdinfo --map --json`.
 pub fn nbdinfo_map(uri: &str) -> Vec<(u64, u64, u64)> {
+    nbdinfo_map_context(uri, "base:allocation")
+}
+
+/// (offset, length, type) from `nbdinfo --map=CONTEXT --json`.
+pub fn nbdinfo_map_context(uri: &str, context: &str) -> Vec<(u64, u64, u64)> {
+    let map_arg = format!("--map={context}");
     let o = run_ok(
-        Command::new(tool("nbdinfo")).args(["--map", "--json", uri]),
+        Command::new(tool("nbdinfo")).args([&map_arg, "--json", uri]),
         CMD_TIMEOUT,
     );
     let v: Value = serde_json::from_str(&o.stdout)
