@@ -10,6 +10,7 @@
 
 pub mod crash;
 pub mod model;
+mod snapshots;
 pub mod storm;
 
 use std::time::{Duration, Instant};

@@ -1,13 +1,15 @@
 //! Everything at once on one pool (chunkvol's own fstests btrfs/071):
 //! writers, trimmers and zeroers, verifying readers, flushes, a scrub loop, a
-//! balance loop with random filters, the cleaner and committer, and a device
-//! replace loop; in fault mode also a fault injector on one device. At the
-//! end: a scrub with no errors, a clean `check --check-data-csum`, and every
-//! byte of every volume equal to the model, before and after a reopen.
+//! balance loop with random filters, the cleaner and committer, a device
+//! replace loop, and snapshots, clones, deletes and diffs; in fault mode
+//! also a fault injector on one device. At the end: a scrub with no errors,
+//! a clean `check --check-data-csum`, and every byte of every volume,
+//! snapshot and clone equal to the model, before and after a reopen.
 
 use std::time::{Duration, Instant};
 
 use super::model::{first_diff, VolModel};
+use super::snapshots::{self, SnapModel};
 use super::{Mode, StressOptions, StressReport};
 use crate::data::volume::Volume;
 use crate::device::fault::{FaultyDevice, Rng};
@@ -23,7 +25,7 @@ const MAX_IO_BYTES: u64 = 256 << 10;
 const S: u64 = 4096;
 
 #[derive(Default)]
-struct Counts {
+pub(super) struct Counts {
     writes: AtomicU64,
     reads: AtomicU64,
     trims: AtomicU64,
@@ -33,16 +35,23 @@ struct Counts {
     groups_relocated: AtomicU64,
     replaces: AtomicU64,
     faults: AtomicU64,
+    pub(super) snapshots: AtomicU64,
+    pub(super) clones: AtomicU64,
+    pub(super) snapshot_reads: AtomicU64,
+    pub(super) snapshot_deletes: AtomicU64,
+    pub(super) diffs: AtomicU64,
 }
 
-struct Shared {
+pub(super) struct Shared {
     opts: StressOptions,
-    pool: Pool,
-    vols: Vec<(Volume, VolModel)>,
+    pub(super) pool: Pool,
+    pub(super) vols: Vec<(Volume, VolModel)>,
+    /// Live snapshots and clones with their expected content.
+    pub(super) snaps: Mutex<Vec<SnapModel>>,
     stop: AtomicBool,
     deadline: Instant,
     failures: Mutex<Vec<String>>,
-    counts: Counts,
+    pub(super) counts: Counts,
     /// Every device ever created; the members are the ones the pool lists.
     devices: Mutex<Vec<Arc<FaultyDevice>>>,
     /// Fault mode: the one device faults are injected into, by path.
@@ -54,27 +63,27 @@ struct Shared {
 }
 
 impl Shared {
-    fn running(&self) -> bool {
+    pub(super) fn running(&self) -> bool {
         !self.stop.load(Ordering::Acquire) && Instant::now() < self.deadline
     }
-    fn fail(&self, msg: String) {
+    pub(super) fn fail(&self, msg: String) {
         tracing::error!("stress: {msg}");
         lock(&self.failures).push(msg);
         self.stop.store(true, Ordering::Release);
     }
-    fn rng(&self, actor: u64) -> Rng {
+    pub(super) fn rng(&self, actor: u64) -> Rng {
         Rng::new(self.opts.seed ^ (actor + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
     }
 }
 
-fn pattern(rng: &mut Rng, len: usize) -> Vec<u8> {
+pub(super) fn pattern(rng: &mut Rng, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     rng.fill(&mut v);
     v
 }
 
 /// A random range: sector aligned half of the time.
-fn range(rng: &mut Rng, size: u64) -> (u64, u64) {
+pub(super) fn range(rng: &mut Rng, size: u64) -> (u64, u64) {
     let max = MAX_IO_BYTES.min(size);
     if rng.below(2) == 0 {
         let off = rng.below(size / S) * S;
@@ -432,6 +441,10 @@ fn housekeeper(sh: &Shared) {
             if let Err(e) = crate::engine::block_group::delete_unused_bgs(fs) {
                 sh.fail(format!("cleaner: {e}"));
             }
+            // Deleted snapshots and clones: dropped as serve's cleaner does.
+            if let Err(e) = crate::jobs::cleaner::drop_dead_volumes(fs, &|| !sh.running()) {
+                sh.fail(format!("cleaner dropping deleted volumes: {e}"));
+            }
             next_clean = Instant::now() + Duration::from_millis(50 + rng.below(450));
         }
     }
@@ -632,6 +645,7 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
         opts: opts.clone(),
         pool: pool.clone(),
         vols,
+        snaps: Mutex::new(Vec::new()),
         stop: AtomicBool::new(false),
         deadline: started + opts.duration,
         failures: Mutex::new(Vec::new()),
@@ -715,12 +729,13 @@ fn spawn_actors(sh: &Arc<Shared>) -> Threads {
         let s = sh.clone();
         spawn(format!("reader{i}"), Box::new(move || reader(&s, i as u64)));
     }
-    let actors: [(&str, Actor); 5] = [
+    let actors: [(&str, Actor); 6] = [
         ("scrubber", scrubber),
         ("balancer", balancer),
         ("housekeeper", housekeeper),
         ("churner", churner),
         ("prober", prober),
+        ("snapshotter", snapshots::snapshotter),
     ];
     for (name, f) in actors {
         let s = sh.clone();
@@ -792,6 +807,9 @@ fn compare_all(sh: &Shared, pool: &Pool, when: &str) -> Result<(), String> {
             off += n;
         }
     }
+    for s in lock(&sh.snaps).iter() {
+        snapshots::compare(pool, s, when)?;
+    }
     Ok(())
 }
 
@@ -800,6 +818,11 @@ fn finish(sh: &Shared, started: Instant) -> Result<StressReport, String> {
     for d in lock(&sh.devices).iter() {
         d.heal();
     }
+    // Whatever deleted snapshots the cleaner had not dropped yet: the check
+    // then counts references with every drop finished.
+    sh.pool
+        .drop_deleted_volumes()
+        .map_err(|e| format!("dropping deleted volumes: {e}"))?;
     crate::engine::transaction::commit(fs).map_err(|e| format!("final commit: {e}"))?;
     let last = final_scrubs(sh)?;
     let r = crate::pool::check::check(&sh.pool, true).map_err(|e| format!("check: {e}"))?;
@@ -908,6 +931,14 @@ fn report_lines(
             g(&c.groups_relocated),
             g(&c.replaces),
             g(&c.faults)
+        ),
+        format!(
+            "snapshots {} clones {} deletes {} snapshot reads-verified {} diffs {}",
+            g(&c.snapshots),
+            g(&c.clones),
+            g(&c.snapshot_deletes),
+            g(&c.snapshot_reads),
+            g(&c.diffs)
         ),
         match &*lock(&sh.victim_stats) {
             Some(v) => format!(
