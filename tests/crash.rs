@@ -1,9 +1,11 @@
 //! Crash mode of the stress harness (src/stress/crash.rs): 2,000 power cuts
 //! over five profiles. Each drops the unflushed writes (all, a random
 //! subset, or with a torn write), a third of them inside a commit, after
-//! random writes, discards, write-zeroes, flushes, relocations and cleaner
-//! passes; the reopened pool must check clean and every sector must hold
-//! what was flushed or a later version.
+//! random writes, discards, write-zeroes, flushes, relocations, cleaner
+//! passes, snapshots, clones and deletes (some cut inside their commit); the
+//! reopened pool must check clean, every sector must hold what was flushed
+//! or a later version, and every snapshot and clone must be whole, or gone
+//! only if the cut caught its making (or its delete before a commit).
 //!
 //! CHUNKVOL_CRASH_POINTS sets the points per profile (default 400).
 
@@ -22,6 +24,7 @@ fn run(p: Profile, seed: u64) {
     eprintln!("{p:?}: {s:?}");
     assert_eq!(s.points, points());
     assert!(s.relocations > 0 && s.cut_in_commit > 0, "{s:?}");
+    assert!(s.snapshots > 0 && s.clones > 0 && s.deletes > 0, "{s:?}");
 }
 
 #[test]

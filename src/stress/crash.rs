@@ -1,12 +1,15 @@
 //! Crash mode: random operations (writes, discards, write-zeroes, flushes,
-//! balance of a random block group, cleaner passes), then power fails at a
-//! random moment: unflushed writes are dropped (all, a random subset, or with
-//! a torn write), sometimes in the middle of a commit. The pool is reopened
-//! and must check clean, and every sector must hold what was flushed or a
-//! version written after the last acknowledged flush.
+//! balance of a random block group, cleaner passes, snapshots, clones and
+//! deletes), then power fails at a random moment: unflushed writes are
+//! dropped (all, a random subset, or with a torn write), sometimes in the
+//! middle of a commit, of a snapshot, a clone or a delete. The pool is
+//! reopened and must check clean, every sector must hold what was flushed or
+//! a version written after the last acknowledged flush, and every snapshot
+//! and clone must be there whole or (if the cut caught it) not at all.
 
 use std::collections::HashMap;
 
+use super::crash_snaps::SnapTracker;
 use crate::data::volume::Volume;
 use crate::device::fault::{CrashMode, FaultyDevice, Rng};
 use crate::device::BlockDevice;
@@ -23,6 +26,9 @@ pub struct CrashStats {
     pub ops: u64,
     pub relocations: u64,
     pub cut_in_commit: u64,
+    pub snapshots: u64,
+    pub clones: u64,
+    pub deletes: u64,
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -64,10 +70,14 @@ pub fn campaign(profile: Profile, seed: u64, points: u64) -> Result<CrashStats, 
         stats: CrashStats::default(),
         durable: vec![0u8; VOL as usize],
         versions: HashMap::new(),
+        snaps: SnapTracker::default(),
     };
     for point in 0..points {
         c.point().map_err(|m| fail(point, m))?;
     }
+    c.stats.snapshots = c.snaps.snapshots;
+    c.stats.clones = c.snaps.clones;
+    c.stats.deletes = c.snaps.deletes;
     Ok(c.stats)
 }
 
@@ -104,6 +114,7 @@ struct Campaign {
     durable: Vec<u8>,
     /// Per sector, the versions written since then: any may survive a cut.
     versions: HashMap<usize, Vec<Vec<u8>>>,
+    snaps: SnapTracker,
 }
 
 impl Campaign {
@@ -111,6 +122,7 @@ impl Campaign {
     fn point(&mut self) -> Result<(), String> {
         let pool = Pool::open(blocks(&self.devs)).map_err(|e| format!("reopen: {e}"))?;
         let (vol, now) = self.verify(&pool)?;
+        self.snaps.verify(&pool)?;
         // What survived came from a committed superblock: durable now.
         self.durable = now.clone();
         self.versions.clear();
@@ -120,13 +132,7 @@ impl Campaign {
         for op in 0..n_ops {
             self.stats.ops += 1;
             if op == n_ops - 1 && cut {
-                // Power fails somewhere inside this flush's commit.
-                let budget = Arc::new(AtomicI64::new(self.rng.below(40) as i64));
-                for d in &self.devs {
-                    d.set_power_budget(budget.clone());
-                }
-                self.stats.cut_in_commit += 1;
-                let _ = vol.flush();
+                self.cut_in_commit(&pool, &vol, &model)?;
                 break;
             }
             self.random_op(&pool, &vol, &mut model, op)?;
@@ -150,6 +156,40 @@ impl Campaign {
             .collect();
         self.stats.points += 1;
         Ok(())
+    }
+
+    /// Power fails somewhere inside a commit: a flush's, a snapshot's or a
+    /// clone's, or one after a delete (a flush's or the cleaner's dropping
+    /// the deleted tree).
+    fn cut_in_commit(&mut self, pool: &Pool, vol: &Volume, model: &[u8]) -> Result<(), String> {
+        let kind = self.rng.below(5);
+        if kind >= 3 {
+            self.snaps.delete(pool, &mut self.rng)?;
+        }
+        let budget = Arc::new(AtomicI64::new(self.rng.below(40) as i64));
+        for d in &self.devs {
+            d.set_power_budget(budget.clone());
+        }
+        self.stats.cut_in_commit += 1;
+        match kind {
+            2 => {
+                self.snaps.make(pool, &mut self.rng, model, true)?;
+            }
+            4 => {
+                let _ = crate::jobs::cleaner::drop_dead_volumes(pool.fs(), &|| false);
+            }
+            _ => {
+                let _ = vol.flush();
+            }
+        }
+        Ok(())
+    }
+
+    /// A commit returned: all before it is durable.
+    fn committed(&mut self, model: &[u8]) {
+        self.durable = model.to_vec();
+        self.versions.clear();
+        self.snaps.committed();
     }
 
     /// The reopened pool must check clean, and every sector hold what was
@@ -195,7 +235,7 @@ impl Campaign {
     ) -> Result<(), String> {
         let rng = &mut self.rng;
         let io = |e: crate::Error| format!("op {op}: {e}");
-        match rng.below(9) {
+        match rng.below(12) {
             0..=2 => {
                 let off = rng.below(VOL - 1);
                 let len = 1 + rng.below((VOL - off).min(600_000));
@@ -236,10 +276,23 @@ impl Campaign {
                 crate::engine::block_group::delete_unused_bgs(pool.fs())
                     .map_err(|e| format!("cleaner: {e}"))?;
             }
+            9 => {
+                // A snapshot or clone commits: everything before is durable.
+                if self.snaps.make(pool, &mut self.rng, model, false)? {
+                    self.committed(model);
+                }
+            }
+            10 => self.snaps.delete(pool, &mut self.rng)?,
+            11 => {
+                let dropped = crate::jobs::cleaner::drop_dead_volumes(pool.fs(), &|| false)
+                    .map_err(|e| format!("dropping deleted volumes: {e}"))?;
+                if dropped > 0 {
+                    self.committed(model);
+                }
+            }
             _ => {
                 vol.flush().map_err(io)?;
-                self.durable = model.to_vec();
-                self.versions.clear();
+                self.committed(model);
             }
         }
         Ok(())

@@ -9,6 +9,7 @@
 //! the storm vary from run to run, which is the point of running it long.
 
 pub mod crash;
+mod crash_snaps;
 pub mod model;
 mod snapshots;
 pub mod storm;
@@ -138,10 +139,16 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, String> {
             let s = crash::campaign(opts.profile, opts.seed, opts.crash_points)?;
             Ok(StressReport {
                 seconds: t.elapsed().as_secs_f64(),
-                lines: vec![format!(
-                    "{} crash points, {} operations, {} relocations, {} power cuts inside a commit",
-                    s.points, s.ops, s.relocations, s.cut_in_commit
-                )],
+                lines: vec![
+                    format!(
+                        "{} crash points, {} operations, {} relocations, {} power cuts inside a commit",
+                        s.points, s.ops, s.relocations, s.cut_in_commit
+                    ),
+                    format!(
+                        "snapshots {} clones {} deletes {} (some cut in their commit)",
+                        s.snapshots, s.clones, s.deletes
+                    ),
+                ],
             })
         }
     }
