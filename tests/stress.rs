@@ -88,6 +88,10 @@ fn assert_busy(text: &str, replaces: bool) {
         "flushes",
         "scrubs",
         "balances",
+        "snapshots",
+        "clones",
+        "deletes",
+        "diffs",
     ] {
         assert!(counter(text, c) > 0, "{c} never ran:\n{text}");
     }
