@@ -6,7 +6,11 @@
 #     root block + commit), the second of two taken back to back;
 #   - 4 KiB random writes for 10 s (fio, nbd engine) before and right after
 #     a snapshot (the first write to each shared leaf copies it);
-#   - `volume diff` after 1 % of the volume was rewritten in 4 KiB blocks.
+#   - first-write cost isolated: the time of 16384 random 4 KiB writes (fio,
+#     fixed count, fresh offsets) on the volume right after a flush, then
+#     right after a snapshot (nearly every write the first to its leaf);
+#   - `volume diff` after 1 % of the volume was rewritten in 4 KiB blocks,
+#     and after a fixed 16384 blocks (64 MiB) were.
 # Usage: bench/snapshot.sh [SIZE...]   (default: 1G 8G; sizes for nbdkit)
 # Needs: a release build (cargo build --release), nbdkit, nbdcopy, fio.
 set -euo pipefail
@@ -24,7 +28,19 @@ fio_iops() { # URI SECONDS
       --size=256M --time_based --runtime="$2" --output-format=json 2>"$work/fio.err" |
     python3 -c 'import json,sys; s=sys.stdin.read(); print(round(json.loads(s[s.find("{"):])["jobs"][0]["write"]["iops"]))'
 }
-printf '| volume | snapshot s | randwrite 4k IOPS before | right after snapshot | diff of 1 %% s | changed ranges |\n|---|---|---|---|---|---|\n'
+fio_secs() { # URI SEED: seconds for 16384 random 4 KiB writes, then a flush
+  fio --name=n --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=32 \
+      --number_ios=16384 --io_size=64M --randseed="$2" --end_fsync=1 \
+      --output-format=json 2>"$work/fio.err" |
+    python3 -c 'import json,sys; s=sys.stdin.read(); j=json.loads(s[s.find("{"):])["jobs"][0]; print("%.2f" % (j["job_runtime"] / 1000))'
+}
+diff_secs() { # SNAP: seconds and ranges of `volume diff SNAP v`
+  local t0 t1 n
+  t0=$(now); n=$("$bin" volume diff "$1" v --json "${ctl[@]}" |
+    python3 -c 'import json,sys; print(len(json.load(sys.stdin)["changed"]))'); t1=$(now)
+  echo "$(sub "$t1" "$t0") $n"
+}
+printf '| volume | snapshot s | randwrite 4k IOPS before | right after snapshot | 16k writes after flush s | right after snapshot s | diff of 1 %% s (ranges) | diff of 64 MiB s (ranges) |\n|---|---|---|---|---|---|---|---|\n'
 for size in "${sizes[@]}"; do
   b=$(bytes "$size")
   dev="$work/dev-$size.img"
@@ -35,7 +51,9 @@ for size in "${sizes[@]}"; do
   ctl=(--socket "$work/ctl.sock")
   "$bin" volume create v --size "$size" "${ctl[@]}" >/dev/null
   uri="nbd+unix:///v?socket=$work/nbd.sock"
-  nbdcopy -- [ nbdkit random size="$size" ] "$uri"
+  nbdcopy --flush -- [ nbdkit random size="$size" ] "$uri"
+  w_flushed=$(fio_secs "$uri" 11)
+  w_snapped=$("$bin" volume snapshot v first "${ctl[@]}" >/dev/null; fio_secs "$uri" 12)
   before=$(fio_iops "$uri" 10)
   # A first snapshot commits what fio left dirty: the timed one then
   # measures the snapshot itself.
@@ -45,10 +63,12 @@ for size in "${sizes[@]}"; do
   "$bin" volume snapshot v s1 "${ctl[@]}" >/dev/null
   fio --name=p --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth=32 \
       --io_size=$((b / 100)) --randrepeat=0 >/dev/null 2>&1
-  t2=$(now); ranges=$("$bin" volume diff s1 v --json "${ctl[@]}" |
-    python3 -c 'import json,sys; print(len(json.load(sys.stdin)["changed"]))'); t3=$(now)
-  printf '| %s | %s | %s | %s | %s | %s |\n' "$size" "$(sub "$t1" "$t0")" \
-    "$before" "$after" "$(sub "$t3" "$t2")" "$ranges"
+  read -r d1 r1 < <(diff_secs s1)
+  "$bin" volume snapshot v s2 "${ctl[@]}" >/dev/null
+  fio_secs "$uri" 13 >/dev/null
+  read -r d2 r2 < <(diff_secs s2)
+  printf '| %s | %s | %s | %s | %s | %s | %s (%s) | %s (%s) |\n' "$size" "$(sub "$t1" "$t0")" \
+    "$before" "$after" "$w_flushed" "$w_snapped" "$d1" "$r1" "$d2" "$r2"
   kill "$srv"; wait "$srv" 2>/dev/null || true
   rm -f "$dev" "$work"/*.sock
 done
