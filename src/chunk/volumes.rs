@@ -251,9 +251,6 @@ pub struct Device {
     /// from another (a replace's rename); 0 otherwise. A commit root older
     /// than this describes the previous holder of the devid (R10).
     pub devid_since_gen: std::sync::atomic::AtomicU64,
-    /// Data reads being served by this device now: reads go to the mirror
-    /// with the fewest (`FsInfo::read_data`).
-    pub reads_in_flight: std::sync::atomic::AtomicU64,
 }
 
 impl Device {
@@ -269,7 +266,6 @@ impl Device {
             allocatable: std::sync::atomic::AtomicBool::new(true),
             supers_valid: std::sync::atomic::AtomicBool::new(true),
             devid_since_gen: std::sync::atomic::AtomicU64::new(0),
-            reads_in_flight: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }

@@ -407,20 +407,6 @@ impl FsInfo {
         }
     }
 
-    /// The copy of `m` a data read tries first: the one whose device has
-    /// the fewest reads in flight, the lowest copy on a tie. Concurrent
-    /// readers spread over the mirrors (btrfs's `read_policy`, by queue
-    /// depth); a lone reader always reads copy 0 and repairs what it finds
-    /// there, which keeps single-threaded reads predictable. A missing
-    /// device is never preferred.
-    pub fn preferred_copy(&self, m: &Mapped) -> usize {
-        let depth = |&(devid, _): &(u64, u64)| {
-            self.device(devid)
-                .map_or(u64::MAX, |d| d.reads_in_flight.load(Ordering::Relaxed))
-        };
-        least_loaded(m.mirrors.iter().map(depth))
-    }
-
     /// Read `buf.len()` bytes of one mapped piece from copy `mirror`.
     pub fn read_copy(&self, m: &Mapped, mirror: usize, buf: &mut [u8]) -> Result<()> {
         let (devid, phys) = m.mirrors[mirror];
@@ -428,7 +414,6 @@ impl FsInfo {
             path: format!("devid {devid}").into(),
             msg: "device is missing".into(),
         })?;
-        let _in_flight = InFlight::enter(&dev.reads_in_flight);
         dev.dev.read_at(buf, phys).map_err(|e| Error::DeviceIo {
             path: dev.dev.path().into(),
             op: "read",
@@ -717,9 +702,9 @@ impl FsInfo {
             let off = (p.logical - logical) as usize;
             let buf = &mut out[off..off + p.len as usize];
             let copies = p.mirrors.len();
-            // One copy first, the others only on failure: a read repairs
-            // what it finds on the copy it uses.
-            let first = self.preferred_copy(p);
+            // Copy 0 first, the others only on failure: predictable, and a
+            // read then repairs what it finds on the copy it uses.
+            let first = 0;
             let sums = csums.map(|c| &c[off / sector * cs..(off + buf.len()) / sector * cs]);
             let whole_ok = self.read_copy(p, first, buf).is_ok();
             if !whole_ok {
@@ -786,34 +771,6 @@ impl FsInfo {
     }
 }
 
-/// Index of the smallest of `depths`, the first on a tie (0 if empty).
-fn least_loaded(depths: impl Iterator<Item = u64>) -> usize {
-    let mut best = (0, u64::MAX);
-    for (i, d) in depths.enumerate() {
-        if d < best.1 {
-            best = (i, d);
-        }
-    }
-    best.0
-}
-
-/// Counts one read in flight on a device while it lives.
-struct InFlight<'a>(&'a AtomicU64);
-
-impl<'a> InFlight<'a> {
-    fn enter(counter: &'a AtomicU64) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        InFlight(counter)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        let before = self.0.fetch_sub(1, Ordering::Relaxed);
-        debug_assert!(before > 0, "reads in flight went below zero");
-    }
-}
-
 /// Loads nodes without rewriting bad copies (read-only scrub).
 pub struct NoRepair<'a>(pub &'a FsInfo);
 
@@ -827,23 +784,5 @@ impl NodeLoader for NoRepair<'_> {
 impl NodeLoader for FsInfo {
     fn load(&self, child: &Child, owner: u64, level: u8) -> Result<Arc<Node>> {
         self.load_node(child.addr, child.gen, owner, level)
-    }
-}
-
-#[cfg(test)]
-mod read_policy_tests {
-    use super::least_loaded;
-
-    #[test]
-    fn the_least_loaded_copy_wins_and_ties_go_to_the_lowest() {
-        assert_eq!(least_loaded([0, 0].into_iter()), 0);
-        assert_eq!(least_loaded([1, 0].into_iter()), 1);
-        assert_eq!(least_loaded([2, 1, 1].into_iter()), 1);
-        assert_eq!(
-            least_loaded([u64::MAX, 3].into_iter()),
-            1,
-            "a missing device"
-        );
-        assert_eq!(least_loaded(std::iter::empty()), 0);
     }
 }
