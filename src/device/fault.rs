@@ -41,6 +41,9 @@ struct State {
 pub struct FaultyDevice {
     path: PathBuf,
     state: Mutex<State>,
+    /// Scrub may read ahead on a helper thread (off unless asked: failpoint
+    /// tests want each read at its place in the interleaving).
+    reads_ahead: std::sync::atomic::AtomicBool,
 }
 
 /// Small deterministic PRNG (xorshift64*), so failures replay from a seed.
@@ -89,6 +92,12 @@ impl FaultyDevice {
         dev
     }
 
+    /// Let scrub read this device ahead of verification, as it does a
+    /// file (the stress storm, where interleavings are random anyway).
+    pub fn set_reads_ahead(&self, on: bool) {
+        self.reads_ahead.store(on, Ordering::Relaxed);
+    }
+
     /// A device whose durable and current content is `image`.
     pub fn from_image(path: impl Into<PathBuf>, image: Vec<u8>) -> FaultyDevice {
         FaultyDevice {
@@ -103,6 +112,7 @@ impl FaultyDevice {
                 power: None,
                 writes_total: 0,
             }),
+            reads_ahead: Default::default(),
         }
     }
 
@@ -216,6 +226,9 @@ impl BlockDevice for FaultyDevice {
         }
         buf.copy_from_slice(&st.current[offset as usize..end]);
         Ok(())
+    }
+    fn reads_ahead(&self) -> bool {
+        self.reads_ahead.load(Ordering::Relaxed)
     }
     /// Serial while a power-cut budget is armed: the budget is shared
     /// across devices, and which copy meets the cut must replay from a seed.

@@ -34,6 +34,13 @@ pub trait BlockDevice: Send + Sync {
     fn parallel_writes(&self) -> bool {
         true
     }
+    /// Whether a long sequential reader (scrub) gains from keeping several
+    /// reads in flight on helper threads: a real device does (its queue,
+    /// and direct reads get no kernel read-ahead); an in-memory one, whose
+    /// reads must interleave the same way from a seed, says no.
+    fn reads_ahead(&self) -> bool {
+        false
+    }
     /// Make every completed write durable.
     fn flush(&self) -> io::Result<()>;
 }
@@ -163,6 +170,9 @@ impl BlockDevice for FileDevice {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
+    }
+    fn reads_ahead(&self) -> bool {
+        true
     }
     fn read_uncached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         use crate::util::aligned::DIRECT_IO_ALIGN as A;

@@ -463,6 +463,7 @@ fn replacer(sh: &Shared) {
             format!("mem-replacement-{n}"),
             sh.opts.device_bytes,
         ));
+        new.set_reads_ahead(true);
         lock(&sh.devices).push(new.clone());
         match crate::jobs::dev_replace::start(fs, src, new, false) {
             Ok(run) => {
@@ -610,6 +611,7 @@ fn vanish_and_replace(sh: &Shared) {
     // What the pool counted against it, before it leaves.
     *lock(&sh.victim_stats) = Some(member.stats.snapshot());
     let new = Arc::new(FaultyDevice::new("mem-after-vanish", sh.opts.device_bytes));
+    new.set_reads_ahead(true);
     lock(&sh.devices).push(new.clone());
     match crate::jobs::dev_replace::start(fs, member.devid, new, true) {
         Ok(run) => {
@@ -678,6 +680,10 @@ fn build_pool(opts: &StressOptions) -> Result<(Pool, Vec<Arc<FaultyDevice>>, Vol
     let devs: Vec<Arc<FaultyDevice>> = (0..opts.devices)
         .map(|i| Arc::new(FaultyDevice::new(format!("mem-dev{i}"), opts.device_bytes)))
         .collect();
+    // Scrub reads ahead, as on files: its reads race with everything.
+    for d in &devs {
+        d.set_reads_ahead(true);
+    }
     let block: Vec<Arc<dyn BlockDevice>> = devs.iter().map(|d| d.clone() as _).collect();
     let meta = if opts.devices > 1 {
         Profile::Raid1

@@ -19,6 +19,7 @@
 //! copy, `persist` keeps progress and the error log in the pool.
 
 mod persist;
+mod readahead;
 mod repair;
 mod scan;
 mod verify;

@@ -17,7 +17,8 @@ use crate::util::error::Result;
 use crate::util::sync::{thread, Arc, Ordering};
 
 use super::persist::checkpoint;
-use super::verify::{scrub_unit, CsumLookup, Unit};
+use super::readahead::ReadAhead;
+use super::verify::{allocs_in, scrub_unit, CsumLookup, Unit};
 use super::{update, DevProgress, ErrorKind, ErrorRecord, ScrubRun, Stop, SCRUB_UNIT_BYTES};
 
 /// Progress is written to the pool every this many bytes of a device.
@@ -181,8 +182,8 @@ pub(super) struct DevScan<'f> {
     pacer: Pacer,
     /// Checksum items found in `snap`, by data extent start.
     pub(super) csums: HashMap<u64, CsumLookup>,
-    /// One unit's read buffer.
-    /// Aligned, so that reads into it bypass the page cache.
+    /// The unit being verified, as read (aligned, so that reads into it can
+    /// bypass the page cache).
     pub(super) buf: crate::util::aligned::AlignedBuf,
 }
 
@@ -360,7 +361,7 @@ fn scrub_group(scan: &mut DevScan, bg: &Arc<BlockGroup>) -> Result<(), Stop> {
         scan.skipped();
         return Ok(());
     }
-    let (fs, run, devid, phys, de) = (scan.fs, scan.run, scan.devid, scan.phys, scan.de);
+    let fs = scan.fs;
     let allocs = allocations(fs, &scan.snap.0, bg).map_err(|e| Stop::Failed(e.to_string()))?;
     let mut view = GroupView {
         map,
@@ -373,56 +374,130 @@ fn scrub_group(scan: &mut DevScan, bg: &Arc<BlockGroup>) -> Result<(), Stop> {
         .stripes
         .iter()
         .enumerate()
-        .filter(|(_, s)| s.devid == devid && s.physical == phys)
+        .filter(|(_, s)| s.devid == scan.devid && s.physical == scan.phys)
         .map(|(i, _)| i)
         .collect();
-    let unit = if map.item.stripe_unit_bytes > 0 {
+    let Some(dev) = fs.device(scan.devid) else {
+        return Ok(());
+    };
+    scan.csums.clear();
+    std::thread::scope(|scope| {
+        for idx in idxs {
+            let copy = Copy {
+                bg,
+                idx,
+                dev: &dev,
+                scope,
+            };
+            if !scrub_copy(scan, &copy, &mut view)? {
+                scan.skipped();
+                return Ok(());
+            }
+        }
+        Ok(())
+    })
+}
+
+/// One copy of a frozen group on this device, and where its reads run.
+struct Copy<'a, 's, 'e> {
+    bg: &'a Arc<BlockGroup>,
+    /// Its stripe in the map scrub holds.
+    idx: usize,
+    dev: &'a Arc<crate::chunk::volumes::Device>,
+    scope: &'s std::thread::Scope<'s, 'e>,
+}
+
+/// Size of the units a group's copy is verified in.
+fn unit_bytes(map: &ChunkMap) -> u64 {
+    if map.item.stripe_unit_bytes > 0 {
         map.item.stripe_unit_bytes
     } else {
         SCRUB_UNIT_BYTES
+    }
+}
+
+/// The units `(physical, len)` of copy `idx` from offset `from` on that
+/// hold something in the view (the others are not read).
+fn units_to_read(
+    scan: &DevScan,
+    map: &ChunkMap,
+    idx: usize,
+    from: u64,
+    allocs: &[Alloc],
+) -> Vec<(u64, u64)> {
+    let (unit, nb) = (unit_bytes(map), scan.fs.node_bytes as u64);
+    let mut out = Vec::new();
+    let mut off = from;
+    while off < scan.de.length {
+        let len = unit.min(scan.de.length - off);
+        let Some(logical) = map.physical_to_logical(idx, off) else {
+            break;
+        };
+        if !allocs_in(allocs, nb, logical, logical + len).is_empty() {
+            out.push((scan.phys + off, len));
+        }
+        off += len;
+    }
+    out
+}
+
+/// Verify one copy unit by unit, its reads running ahead (restarted with
+/// each new view). False when the group went away or the view no longer
+/// fits the map (the group is skipped).
+fn scrub_copy(scan: &mut DevScan, c: &Copy, view: &mut GroupView) -> Result<bool, Stop> {
+    let (fs, run, phys, de) = (scan.fs, scan.run, scan.phys, scan.de);
+    let map = view.map.clone();
+    let unit = unit_bytes(&map);
+    let nb = fs.node_bytes as u64;
+    let uncached = run.opts.uncached;
+    let mut off = scan.from / unit * unit;
+    let reads = |scan: &DevScan, off: u64, allocs: &[Alloc]| {
+        let units = units_to_read(scan, &map, c.idx, off, allocs);
+        ReadAhead::start(c.scope, c.dev.clone(), uncached, units)
     };
-    scan.csums.clear();
-    scan.buf.resize(unit as usize);
-    for idx in idxs {
-        let mut off = scan.from / unit * unit;
-        while off < de.length {
-            checkpoint_wait(fs, run)?;
-            failpoint!("scrub::unit", bg.start);
-            if bg.is_removed() {
-                // The group went away mid-way: stop quietly.
-                scan.skipped();
-                return Ok(());
+    let mut ahead = reads(scan, off, &view.allocs);
+    while off < de.length {
+        checkpoint_wait(fs, run)?;
+        failpoint!("scrub::unit", c.bg.start);
+        if c.bg.is_removed() {
+            // The group went away mid-way: stop quietly.
+            return Ok(false);
+        }
+        if crate::util::sched::since(view.taken) >= SNAPSHOT_REFRESH {
+            if !refresh_view(scan, c.bg, view)? {
+                return Ok(false);
             }
-            if crate::util::sched::since(view.taken) >= SNAPSHOT_REFRESH
-                && !refresh_view(scan, bg, &mut view)?
-            {
-                scan.skipped();
-                return Ok(());
-            }
-            let len = unit.min(de.length - off);
-            let Some(logical) = map.physical_to_logical(idx, off) else {
-                break;
-            };
-            let u = Unit {
-                map: &map,
-                idx,
-                physical: phys + off,
-                logical,
-                len,
-            };
-            let n = scrub_unit(scan, &u, &view.allocs);
-            scan.pacer.pace(fs, n);
-            off += len;
-            if off.is_multiple_of(CHECKPOINT_BYTES) {
-                scan.update(|p| {
-                    p.last_physical = phys + off;
-                    p.saved = p.counters;
-                });
-                checkpoint(fs, run);
-            }
+            // Reads made before the new view do not count for it.
+            ahead = reads(scan, off, &view.allocs);
+        }
+        let len = unit.min(de.length - off);
+        let Some(logical) = map.physical_to_logical(c.idx, off) else {
+            break;
+        };
+        let u = Unit {
+            map: &map,
+            idx: c.idx,
+            physical: phys + off,
+            logical,
+            len,
+        };
+        let n = if allocs_in(&view.allocs, nb, logical, logical + len).is_empty() {
+            0
+        } else {
+            let read = ahead.next(u.physical);
+            scrub_unit(scan, &u, &view.allocs, read)
+        };
+        scan.pacer.pace(fs, n);
+        off += len;
+        if off.is_multiple_of(CHECKPOINT_BYTES) {
+            scan.update(|p| {
+                p.last_physical = phys + off;
+                p.saved = p.counters;
+            });
+            checkpoint(fs, run);
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The chunk map of a frozen group, held for the whole group (R2); None

@@ -7,6 +7,7 @@ use crate::engine::fs_info::{tree_index, CommitRoots, FsInfo, NoRepair};
 use crate::format::{item, objectid, tree_id, ExtentItem, Key, MetadataItem, SECTOR_BYTES};
 use crate::util::sync::{Arc, Ordering};
 
+use super::readahead::UnitRead;
 use super::repair::repair;
 use super::scan::{Alloc, DevScan};
 use super::{ErrorKind, ErrorRecord};
@@ -57,32 +58,31 @@ impl Unit<'_> {
     }
 }
 
-/// Verify one unit; returns the bytes of data and metadata it covered.
-pub(super) fn scrub_unit(scan: &mut DevScan, u: &Unit, allocs: &[Alloc]) -> u64 {
-    let fs = scan.fs;
-    let nb = fs.node_bytes as u64;
-    let end = u.end();
+/// The allocations (sorted) overlapping `[logical, end)`.
+pub(super) fn allocs_in(allocs: &[Alloc], node_bytes: u64, logical: u64, end: u64) -> &[Alloc] {
     let first = allocs.partition_point(|a| {
-        let (s, l) = a.range(nb);
-        s + l <= u.logical
+        let (s, l) = a.range(node_bytes);
+        s + l <= logical
     });
-    let here: Vec<&Alloc> = allocs[first..]
+    let n = allocs[first..]
         .iter()
-        .take_while(|a| a.range(nb).0 < end)
-        .collect();
-    if here.is_empty() {
-        return 0;
-    }
+        .take_while(|a| a.range(node_bytes).0 < end)
+        .count();
+    &allocs[first..first + n]
+}
+
+/// Verify one unit, `read` from the device; returns the bytes of data and
+/// metadata it covered.
+pub(super) fn scrub_unit(scan: &mut DevScan, u: &Unit, allocs: &[Alloc], read: UnitRead) -> u64 {
+    let fs = scan.fs;
+    let here = allocs_in(allocs, fs.node_bytes as u64, u.logical, u.end());
+    debug_assert!(!here.is_empty(), "a unit with nothing in it is not read");
     let Some(dev) = fs.device(scan.devid) else {
         return 0;
     };
-    let buf = &mut scan.buf[..u.len as usize];
-    let read_ok = if scan.run.opts.uncached {
-        dev.dev.read_uncached(buf, u.physical)
-    } else {
-        dev.dev.read_at(buf, u.physical)
-    }
-    .is_ok();
+    debug_assert_eq!(read.buf.len() as u64, u.len);
+    scan.buf = read.buf;
+    let read_ok = read.ok;
     if !read_ok {
         // As btrfs: a read error scrub meets counts against the device
         // (persisted with the next commit, unless -r, which writes nothing).
