@@ -1255,3 +1255,52 @@ fn seed_window_with_a_dead_snapshot_dropped_by_the_cleaner() {
     let r = chunkvol::pool::check::check(&s.pool, true).unwrap();
     assert!(r.ok(), "{:?}", r.problems);
 }
+
+/// Scrub's read-ahead never crosses a view: units read ahead under one view
+/// are read again after scrub moves to a newer one. Here scrub is paused at
+/// the first unit of the last data group, 2 MiB are written into the free
+/// room after the volume's data (in that group) and committed, and the view
+/// is old enough to be replaced when scrub goes on: the new units must be
+/// read and verified under the new view, with no error. Without the restart
+/// (`scrub_copy` keeping its first `ReadAhead`), the reader has no read for
+/// the new units and the scan stops out of step.
+#[test]
+fn read_ahead_restarts_with_each_new_view() {
+    let _g = serial();
+    let s = setup();
+    for d in &s.devs {
+        d.set_reads_ahead(true);
+    }
+    let fs = s.fs();
+    let extents = s.pool.data_extents().unwrap();
+    let &(last, last_len) = extents.iter().max().unwrap();
+    let bg = fs.block_group(last).unwrap();
+    let room = bg.start + bg.length - (last + last_len);
+    assert!(
+        room >= 4 << 20,
+        "no room after the data in its group: {room}"
+    );
+    failpoint::set("scrub::unit", Action::PauseIf(bg.start));
+    let run = start_dev1(&s, false);
+    paused("scrub::unit");
+    let v = s.pool.volume("v").unwrap();
+    let more = pattern(9, 2 << 20);
+    v.write_at(&more, 40 << 20).unwrap();
+    s.pool.flush().unwrap();
+    let new = s.pool.data_extents().unwrap();
+    let &(added, _) = new.iter().max().unwrap();
+    assert!(
+        added > last && added < bg.start + bg.length,
+        "the new extent {added:#x} is not in group {:#x}",
+        bg.start
+    );
+    // Older than the refresh period: scrub takes a new view at its next unit.
+    std::thread::sleep(Duration::from_millis(1100));
+    failpoint::release("scrub::unit");
+    let st = run.wait();
+    assert_eq!(st.state, State::Finished, "scrub failed: {:?}", st.failure);
+    assert_eq!(st.counters.errors(), 0, "{st:?}");
+    let mut back = vec![0u8; 2 << 20];
+    v.read_at(&mut back, 40 << 20).unwrap();
+    assert!(back == more, "the new data");
+}
