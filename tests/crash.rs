@@ -6,6 +6,7 @@
 //! reopened pool must check clean, every sector must hold what was flushed
 //! or a later version, and every snapshot and clone must be whole, or gone
 //! only if the cut caught its making (or its delete before a commit).
+//! Flushes write the intent log, so many reopens replay it.
 //!
 //! CHUNKVOL_CRASH_POINTS sets the points per profile (default 400).
 
@@ -25,6 +26,8 @@ fn run(p: Profile, seed: u64) {
     assert_eq!(s.points, points());
     assert!(s.relocations > 0 && s.cut_in_commit > 0, "{s:?}");
     assert!(s.snapshots > 0 && s.clones > 0 && s.deletes > 0, "{s:?}");
+    // Flushes went through the intent log, and cuts left logs to replay.
+    assert!(s.log_blocks > 0 && s.log_replays > 0, "{s:?}");
 }
 
 #[test]

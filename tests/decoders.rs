@@ -28,6 +28,8 @@ fn all_decoders(b: &[u8]) {
     let _ = DevStats::decode(b);
     let _ = progress::ScrubProgress::decode(b);
     let _ = progress::BalanceProgress::decode(b);
+    let _ = chunkvol::format::log::LogBlock::decode(b, &[0; 16], CsumType::Crc32c);
+    let _ = chunkvol::format::log::LogBlock::peek_len(b, &[0; 16], 0, 0);
     let _ = chunkvol::nbd::parse_request(b);
     let _ = proto::parse_option_header(b);
     let _ = proto::parse_client_flags(b);

@@ -6,6 +6,7 @@ use crate::btree::{self, Iter};
 use crate::data::extent;
 use crate::engine::fs_info::{FsInfo, RMW_LOCKS};
 use crate::engine::transaction::Ctx;
+use crate::format::log::{LogRecord, RECORD_HEADER_BYTES};
 use crate::format::{bg_type, mapping_key, tree_id, VolumeExtent, SECTOR_BYTES};
 use crate::util::error::{Error, Result};
 use crate::util::sync::{lock, Arc, Ordering};
@@ -293,7 +294,15 @@ impl Volume {
                         }
                         Some(_) => {}
                     }
-                    extent::insert_data_extent(ctx, self.id, at, logical, got, sums.clone())
+                    extent::insert_data_extent(ctx, self.id, at, logical, got, sums.clone())?;
+                    if ctx.st.log.wants(RECORD_HEADER_BYTES + piece.len()) {
+                        ctx.st.log.record(LogRecord::Write {
+                            volume: self.id,
+                            offset_bytes: at,
+                            data: piece.to_vec(),
+                        });
+                    }
+                    Ok(())
                 })
             });
             if let Err(e) = r {
@@ -329,7 +338,15 @@ impl Volume {
                 if ro {
                     return Err(Error::ReadOnlyVolume(self.name.to_string()));
                 }
-                extent::punch(ctx, self.id, at, n)
+                extent::punch(ctx, self.id, at, n)?;
+                if ctx.st.log.wants(RECORD_HEADER_BYTES) {
+                    ctx.st.log.record(LogRecord::Punch {
+                        volume: self.id,
+                        offset_bytes: at,
+                        len_bytes: n,
+                    });
+                }
+                Ok(())
             };
             if freeing {
                 change_freeing(&self.fs, punch)?;
@@ -371,9 +388,10 @@ impl Volume {
         Ok(())
     }
 
-    /// Make every acknowledged write durable (group commit).
+    /// Make every acknowledged write durable: through the intent log, or
+    /// a commit shared with concurrent callers.
     pub fn flush(&self) -> Result<()> {
-        crate::engine::transaction::flush(&self.fs).map(|_| ())
+        crate::engine::tree_log::sync(&self.fs).map(|_| ())
     }
 
     /// Allocation map of [offset, +len): runs of allocated data and holes.

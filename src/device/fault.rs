@@ -211,6 +211,22 @@ fn check_range(len: usize, off: u64, n: usize) -> io::Result<usize> {
     Ok(end as usize)
 }
 
+fn write_locked(st: &mut State, buf: &[u8], offset: u64) -> io::Result<()> {
+    let end = check_range(st.current.len(), offset, buf.len())?;
+    if st.gone || overlaps(&st.write_errors, offset, buf.len() as u64) {
+        return Err(io::Error::from_raw_os_error(5));
+    }
+    if let Some(p) = &st.power {
+        if p.fetch_sub(1, Ordering::AcqRel) <= 0 {
+            return Err(io::Error::from_raw_os_error(5));
+        }
+    }
+    st.current[offset as usize..end].copy_from_slice(buf);
+    st.pending.push((offset, buf.to_vec()));
+    st.writes_total += 1;
+    Ok(())
+}
+
 impl BlockDevice for FaultyDevice {
     fn path(&self) -> &Path {
         &self.path
@@ -236,19 +252,25 @@ impl BlockDevice for FaultyDevice {
         lock(&self.state).power.is_none()
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        write_locked(&mut lock(&self.state), buf, offset)
+    }
+    /// Durable at once, and only these bytes: what O_DSYNC promises. An
+    /// older unflushed write of the same bytes takes them too, so a later
+    /// flush cannot bring the old bytes back.
+    fn write_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut st = lock(&self.state);
-        let end = check_range(st.current.len(), offset, buf.len())?;
-        if st.gone || overlaps(&st.write_errors, offset, buf.len() as u64) {
-            return Err(io::Error::from_raw_os_error(5));
-        }
-        if let Some(p) = &st.power {
-            if p.fetch_sub(1, Ordering::AcqRel) <= 0 {
-                return Err(io::Error::from_raw_os_error(5));
+        let st = &mut *st;
+        write_locked(st, buf, offset)?;
+        st.pending.pop();
+        let (a, b) = (offset, offset + buf.len() as u64);
+        for (off, data) in st.pending.iter_mut() {
+            let (s, e) = ((*off).max(a), (*off + data.len() as u64).min(b));
+            if s < e {
+                data[(s - *off) as usize..(e - *off) as usize]
+                    .copy_from_slice(&buf[(s - a) as usize..(e - a) as usize]);
             }
         }
-        st.current[offset as usize..end].copy_from_slice(buf);
-        st.pending.push((offset, buf.to_vec()));
-        st.writes_total += 1;
+        st.durable[a as usize..b as usize].copy_from_slice(buf);
         Ok(())
     }
     fn flush(&self) -> io::Result<()> {

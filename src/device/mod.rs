@@ -43,6 +43,13 @@ pub trait BlockDevice: Send + Sync {
     }
     /// Make every completed write durable.
     fn flush(&self) -> io::Result<()>;
+    /// Write `buf` and make just these bytes durable before returning (the
+    /// intent log): other writes not yet flushed need not be. The default
+    /// flushes everything.
+    fn write_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)?;
+        self.flush()
+    }
 }
 
 /// A regular file or block device, locked exclusively while open.
@@ -54,6 +61,11 @@ pub struct FileDevice {
     direct: Option<File>,
     /// A direct read was refused (EINVAL): plain reads from then on.
     direct_refused: std::sync::atomic::AtomicBool,
+    /// The same file opened with O_DSYNC, for
+    /// [`BlockDevice::write_durable`]: the kernel syncs only the range
+    /// written, where `fdatasync` would also write back (and allocate) every
+    /// dirty page of the file.
+    dsync: Option<File>,
     size_bytes: u64,
 }
 
@@ -88,12 +100,14 @@ impl FileDevice {
             path: path.into(),
             msg: format!("cannot read size: {e}"),
         })?;
-        let direct = open_direct(&file, path);
+        let direct = open_again(&file, path, rustix::fs::OFlags::DIRECT, false);
+        let dsync = open_again(&file, path, rustix::fs::OFlags::DSYNC, true);
         Ok(FileDevice {
             path: path.into(),
             file,
             direct,
             direct_refused: Default::default(),
+            dsync,
             size_bytes,
         })
     }
@@ -120,17 +134,19 @@ impl FileDevice {
     }
 }
 
-/// The file behind `file` opened again, read-only with O_DIRECT, if the
-/// filesystem allows it. Through /proc/self/fd, so it is the same file even
-/// if `path` was renamed or replaced since. The lock stays with `file`.
-fn open_direct(file: &File, path: &Path) -> Option<File> {
+/// The file behind `file` opened again with `flags` (O_DIRECT for reads,
+/// O_DSYNC for writes), if the filesystem allows it. Through /proc/self/fd,
+/// so it is the same file even if `path` was renamed or replaced since. The
+/// lock stays with `file`.
+fn open_again(file: &File, path: &Path, flags: rustix::fs::OFlags, write: bool) -> Option<File> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
         .read(true)
-        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+        .write(write)
+        .custom_flags(flags.bits() as i32)
         .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-        .inspect_err(|e| tracing::debug!("{}: no direct I/O ({e})", path.display()))
+        .inspect_err(|e| tracing::debug!("{}: cannot open with {flags:?} ({e})", path.display()))
         .ok()
 }
 
@@ -206,6 +222,15 @@ impl BlockDevice for FileDevice {
     }
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+    fn write_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        match &self.dsync {
+            Some(f) => f.write_all_at(buf, offset),
+            None => {
+                self.write_at(buf, offset)?;
+                self.flush()
+            }
+        }
     }
 }
 

@@ -106,8 +106,13 @@ pub struct FsInfo {
     /// Nodes of a commit whose write-out is still in flight.
     pub writeback: Mutex<HashMap<u64, Arc<Node>>>,
     pub trans: OrderedMutex<TransState>,
-    /// Serialises commits (outermost lock of the commit path).
-    pub commit_lock: OrderedMutex<()>,
+    /// Serialises commits and intent log writes (outermost lock of the
+    /// commit path); holds where the next log block goes.
+    pub commit_lock: OrderedMutex<crate::engine::tree_log::LogRing>,
+    /// Flushes write the intent log instead of committing (on unless
+    /// `CHUNKVOL_INTENT_LOG=off`, a switch for benchmarks).
+    pub intent_log: AtomicBool,
+    pub log_stats: crate::engine::tree_log::LogStats,
     /// Time of each commit that wrote a new generation (for metrics).
     pub commit_latency: crate::util::histogram::Histogram,
     pub committed_gen: AtomicU64,
@@ -212,7 +217,14 @@ impl FsInfo {
             cache: NodeCache::new(cache_bytes, node_bytes),
             writeback: Mutex::new(HashMap::new()),
             trans: OrderedMutex::new(Rank::Trans, trans),
-            commit_lock: OrderedMutex::new(Rank::Commit, ()),
+            commit_lock: OrderedMutex::new(
+                Rank::Commit,
+                crate::engine::tree_log::LogRing::new(committed_gen),
+            ),
+            intent_log: AtomicBool::new(
+                std::env::var("CHUNKVOL_INTENT_LOG").map_or(true, |v| v != "off"),
+            ),
+            log_stats: Default::default(),
             commit_latency: Default::default(),
             committed_gen: AtomicU64::new(committed_gen),
             commit_roots: RwLock::new(CommitRoots {

@@ -9,3 +9,4 @@ pub mod data_refs;
 pub mod free_space;
 pub mod fs_info;
 pub mod transaction;
+pub mod tree_log;

@@ -88,6 +88,8 @@ pub struct TransState {
     pub dirty_bgs: BTreeSet<u64>,
     pub pending_chunks: Vec<ChunkItem>,
     pub dirty: bool,
+    /// Client changes of this transaction for the intent log.
+    pub log: crate::engine::tree_log::LogPending,
     pub data_profile: Profile,
     pub metadata_profile: Profile,
     pub next_volume_id: u64,
@@ -111,6 +113,7 @@ impl TransState {
             dirty_bgs: BTreeSet::new(),
             pending_chunks: Vec::new(),
             dirty: false,
+            log: Default::default(),
             data_profile,
             metadata_profile,
             next_volume_id: objectid::FIRST_VOLUME,
@@ -532,6 +535,9 @@ impl<'a> Ctx<'a> {
             !self.st.vol_roots.contains_key(&id),
             "volume {id} already has a tree"
         );
+        // The log names volumes by id: one made after the last commit is
+        // not there at replay.
+        self.st.log.force_commit();
         let addr = btree::NodeStore::alloc_node(self, id, 0)?;
         let leaf = Node::new_leaf(addr, self.st.gen, id);
         self.st.vol_roots.insert(id, Arc::new(leaf));
@@ -560,6 +566,7 @@ impl<'a> Ctx<'a> {
     /// Delete volume `id` at once: its item goes, its tree stays to be
     /// dropped by the cleaner ([`drop_dead_step`](Self::drop_dead_step)).
     pub fn kill_volume(&mut self, name: &str, id: u64) -> Result<()> {
+        self.st.log.force_commit();
         self.delete(
             tree_id::VOLUME,
             &Key::new(objectid::VOLUMES, item::VOLUME_ITEM, id),
@@ -802,6 +809,8 @@ impl Ctx<'_> {
 
     /// Write a volume's VOLUME_ITEM from its in-memory record.
     pub fn put_volume_item(&mut self, name: &str, v: &VolumeInfo) -> Result<()> {
+        // Replay checks writes against the committed size and flags.
+        self.st.log.force_commit();
         let flags = if v.read_only {
             crate::format::VOLUME_FLAG_READ_ONLY
         } else {
@@ -973,12 +982,16 @@ fn commit_upto(fs: &FsInfo, target: u64) -> Result<u64> {
     commit_held(fs, target, lock(&fs.commit_lock))
 }
 
+/// Commit, with the commit lock already held (the intent log's fallback).
+pub fn commit_locked(fs: &FsInfo, held: CommitGuard<'_>) -> Result<u64> {
+    commit_held(fs, u64::MAX, held)
+}
+
+/// The commit lock, held.
+pub type CommitGuard<'a> = crate::util::sync::OrderedGuard<'a, crate::engine::tree_log::LogRing>;
+
 /// The commit, with the commit lock held by the caller.
-fn commit_held(
-    fs: &FsInfo,
-    target: u64,
-    _commit: crate::util::sync::OrderedGuard<'_, ()>,
-) -> Result<u64> {
+fn commit_held(fs: &FsInfo, target: u64, mut ring: CommitGuard<'_>) -> Result<u64> {
     let started = std::time::Instant::now();
     fs.check_abort()?;
     let done = fs.committed_gen.load(Ordering::Acquire);
@@ -1029,6 +1042,8 @@ fn commit_held(
         };
         st.gen += 1;
         st.dirty = false;
+        // This commit carries every record kept so far.
+        st.log.reset();
         {
             let mut wb = lock(&fs.writeback);
             for n in &written {
@@ -1063,6 +1078,8 @@ fn commit_held(
     *write(&fs.commit_roots) = clean;
     let before = fs.committed_gen.swap(gen, Ordering::AcqRel);
     debug_assert_eq!(before, done, "another commit ran under the commit lock");
+    // The log written after `done` is stale now; the next starts afresh.
+    ring.reset(gen);
     fs.release_pinned();
     fs.commit_latency.observe(started.elapsed());
     Ok(gen)

@@ -4,6 +4,7 @@
 //! bytes come from disks that may be corrupt or hostile.
 
 pub mod csum;
+pub mod log;
 pub mod progress;
 
 use crate::format::csum::{CsumType, CSUM_MAX_BYTES};

@@ -2,6 +2,7 @@
 //! statistics, flush.
 
 pub mod check;
+mod log_replay;
 mod migrate;
 
 use std::collections::BTreeMap;
@@ -405,7 +406,13 @@ impl Pool {
         load.volumes(&roots)?;
         report_stale_supers(&fs, &best, &stale);
         migrate::volume_trees(&fs)?;
-        Ok(Pool { fs: Arc::new(fs) })
+        let fs = Arc::new(fs);
+        // check and dump-tree change nothing: they leave the log for the
+        // next read-write open.
+        if opts.repair {
+            log_replay::replay(&fs)?;
+        }
+        Ok(Pool { fs })
     }
 
     /// A pool handle on already-open engine state.

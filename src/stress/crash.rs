@@ -15,7 +15,7 @@ use crate::device::fault::{CrashMode, FaultyDevice, Rng};
 use crate::device::BlockDevice;
 use crate::format::Profile;
 use crate::pool::{MkfsOptions, Pool};
-use crate::util::sync::{Arc, AtomicI64};
+use crate::util::sync::{Arc, AtomicI64, Ordering};
 
 const S: usize = 4096;
 
@@ -29,6 +29,10 @@ pub struct CrashStats {
     pub snapshots: u64,
     pub clones: u64,
     pub deletes: u64,
+    /// Flushes that wrote an intent log block instead of committing.
+    pub log_blocks: u64,
+    /// Reopens that replayed intent log records.
+    pub log_replays: u64,
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -121,6 +125,8 @@ impl Campaign {
     /// Reopen and verify, run random operations, then cut the power.
     fn point(&mut self) -> Result<(), String> {
         let pool = Pool::open(blocks(&self.devs)).map_err(|e| format!("reopen: {e}"))?;
+        let log = &pool.fs().log_stats;
+        self.stats.log_replays += u64::from(log.replayed.load(Ordering::Relaxed) > 0);
         let (vol, now) = self.verify(&pool)?;
         self.snaps.verify(&pool)?;
         // What survived came from a committed superblock: durable now.
@@ -142,6 +148,7 @@ impl Campaign {
             1 => CrashMode::DropRandom,
             _ => CrashMode::Torn,
         };
+        self.stats.log_blocks += pool.fs().log_stats.blocks.load(Ordering::Relaxed);
         drop(vol);
         drop(pool);
         self.devs = self

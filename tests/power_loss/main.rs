@@ -377,6 +377,9 @@ fn campaign(name: &str, mkfs: &[&str], ndev: usize, cuts: u64, seed: u64) {
         st.cuts_with_pending * 2 >= cuts && st.blocks_dropped > 0,
         "too few cuts found unsynced data: {st:?}"
     );
+    // Flushes went through the intent log (O_DSYNC writes), so the cuts
+    // tested its replay.
+    assert!(st.sync_writes > 0, "no intent log writes: {st:?}");
     assert!(
         t.load.flushes_acked > cuts && t.load.fua_acked > cuts,
         "{:?}",
