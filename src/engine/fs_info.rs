@@ -509,38 +509,29 @@ impl FsInfo {
                 self.device(p.mirrors[i].0)
                     .is_some_and(|d| !d.dev.parallel_writes())
             });
-        if serial {
-            return which.iter().map(|&i| self.write_copy(p, i, data)).collect();
-        }
-        std::thread::scope(|sc| {
-            // A copy whose thread cannot start is written here, after.
-            let others: Vec<_> = which[1..]
-                .iter()
-                .map(|&i| {
-                    let t = std::thread::Builder::new().name("copy-writer".into());
-                    (
-                        i,
-                        t.spawn_scoped(sc, move || self.write_copy(p, i, data)).ok(),
-                    )
-                })
-                .collect();
-            let mut out = vec![self.write_copy(p, which[0], data)];
-            for (i, h) in others {
-                out.push(match h {
-                    Some(h) => h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
-                    None => self.write_copy(p, i, data),
-                });
-            }
-            out
+        crate::util::fan_out::each(which, !serial, "copy-writer", |&i| {
+            self.write_copy(p, i, data)
         })
     }
 
-    /// Flush every device. A device whose flush fails is tolerated only if
+    /// Whether I/O to each of `devs` may run on its own thread at once:
+    /// not inside a deterministic simulation (its actors must be the only
+    /// threads that move), nor on devices that must replay in order.
+    pub fn fan_out(&self, devs: &[Arc<Device>]) -> bool {
+        devs.len() > 1
+            && !crate::util::sched::in_sim()
+            && devs.iter().all(|d| d.dev.parallel_writes())
+    }
+
+    /// Flush every device, all at once. A device whose flush fails is tolerated only if
     /// every chunk it holds has a copy on a device that flushed.
     pub fn flush_devices(&self) -> Result<()> {
         let mut failed = Vec::new();
-        for d in self.devices() {
-            if let Err(e) = d.dev.flush() {
+        let devs = self.devices();
+        let done =
+            crate::util::fan_out::each(&devs, self.fan_out(&devs), "dev-flush", |d| d.dev.flush());
+        for (d, r) in devs.iter().zip(done) {
+            if let Err(e) = r {
                 d.stats.flush_errs.fetch_add(1, Ordering::Relaxed);
                 self.dev_stats_dirty.store(true, Ordering::Release);
                 failed.push(Error::DeviceIo {

@@ -165,12 +165,16 @@ pub fn sync(fs: &FsInfo) -> Result<u64> {
     }
 }
 
-/// Write a block to every present device, durable before it returns. All
-/// must take it: a flush acknowledged from one device of a mirrored pool
+/// Write a block to every present device at once, durable before it
+/// returns. All must take it: a flush acknowledged from one device of a mirrored pool
 /// would not survive that device's loss.
 fn write_block(fs: &FsInfo, physical: u64, buf: &[u8]) -> Result<()> {
-    for d in fs.devices() {
-        d.dev.write_durable(buf, physical).map_err(|e| {
+    let devs = fs.devices();
+    let done = crate::util::fan_out::each(&devs, fs.fan_out(&devs), "log-writer", |d| {
+        d.dev.write_durable(buf, physical)
+    });
+    for (d, r) in devs.iter().zip(done) {
+        r.map_err(|e| {
             d.stats.write_errs.fetch_add(1, Ordering::Relaxed);
             fs.dev_stats_dirty.store(true, Ordering::Release);
             Error::DeviceIo {

@@ -406,6 +406,39 @@ impl PoolCollector {
         )
     }
 
+    /// The intent log (`engine/tree_log.rs`): how many flushes it carried
+    /// and what the last open replayed.
+    fn intent_log(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        let st = &self.pool.fs().log_stats;
+        let ld = |a: &std::sync::atomic::AtomicU64| one(a.load(Ordering::Relaxed) as f64);
+        let counters = [
+            (
+                "chunkvol_intent_log_blocks",
+                "Flushes carried by an intent log block instead of a commit",
+                &st.blocks,
+            ),
+            (
+                "chunkvol_intent_log_bytes",
+                "Bytes of intent log blocks written (each device)",
+                &st.bytes,
+            ),
+            (
+                "chunkvol_intent_log_full",
+                "Flushes that committed because the log area was full",
+                &st.full,
+            ),
+        ];
+        for (name, help, v) in counters {
+            family(enc, (name, help, MetricType::Counter), &ld(v))?;
+        }
+        gauge(
+            enc,
+            "chunkvol_intent_log_replayed_records",
+            "Intent log records replayed when the pool was opened",
+            &ld(&st.replayed),
+        )
+    }
+
     fn nbd(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
         let per = |f: &dyn Fn(&crate::nbd::CommandMetrics) -> f64| -> Vec<(Labels, f64)> {
             COMMANDS
@@ -481,6 +514,7 @@ impl Collector for PoolCollector {
         self.volumes(&mut enc)?;
         self.scrub(&mut enc)?;
         self.jobs(&mut enc)?;
+        self.intent_log(&mut enc)?;
         self.nbd(&mut enc)
     }
 }

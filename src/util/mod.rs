@@ -6,6 +6,7 @@
 pub mod aligned;
 pub mod error;
 pub mod failpoint;
+pub mod fan_out;
 pub mod histogram;
 pub mod sched;
 pub mod size;
