@@ -4,8 +4,9 @@
 # 4 KiB random writes with an fsync after each (5 s), on a 1 GiB volume of a
 # fresh 3G pool. Prints IOPS, then the commit and intent log counters.
 # LOG=off runs the server with CHUNKVOL_INTENT_LOG=off; SKIP=1 leaves the
-# first two loads out (a clean page cache).
-# Usage: [LOG=on|off] [SKIP=1] bench/fsync_dirty.sh [single|raid1] [BINARY]
+# first two loads out (a clean page cache); PREALLOC=1 fallocates the whole
+# device files before mkfs (an experiment: preallocation of fresh chunks).
+# Usage: [LOG=on|off] [SKIP=1] [PREALLOC=1] bench/fsync_dirty.sh [single|raid1] [BINARY]
 set -euo pipefail
 prof=${1:-raid1}
 bin=${2:-target/release/chunkvol}
@@ -13,6 +14,7 @@ work=$(mktemp -d /var/tmp/chunkvol-fsyncdirty.XXXXXX)
 srv=""
 trap '[ -n "$srv" ] && kill $srv 2>/dev/null; rm -rf "$work"' EXIT
 devs=("$work/a.img"); [ "$prof" = raid1 ] && devs+=("$work/b.img")
+if [ -n "${PREALLOC:-}" ]; then for d in "${devs[@]}"; do fallocate -l 3G "$d"; done; fi
 "$bin" mkfs --data "$prof" --size 3G "${devs[@]}" >/dev/null
 "$bin" volume create disk0 --size 1G "${devs[@]}" >/dev/null
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
