@@ -113,6 +113,13 @@ fn volume_changes_and_a_full_log_commit_instead() {
         committed(&pool) > gen,
         "a flush after a volume change commits"
     );
+    // Grown since the last commit: a write past the old end must not be
+    // left to a replay that checks it against the committed size.
+    pool.resize_volume("w", 2 << 20).unwrap();
+    let gen = committed(&pool);
+    w.write_at(&pattern(7, S), (1 << 20) + S as u64).unwrap();
+    w.flush().unwrap();
+    assert!(committed(&pool) > gen, "a flush after a resize commits");
     // More than the log area holds: the flush commits.
     let vol = pool.volume("v").unwrap();
     let big = pattern(6, (LOG_BYTES as usize) + S);
@@ -143,6 +150,11 @@ fn volume_changes_and_a_full_log_commit_instead() {
     let mut got = vec![0u8; S];
     pool.volume("w").unwrap().read_at(&mut got, 0).unwrap();
     assert_eq!(got, pattern(5, S));
+    pool.volume("w")
+        .unwrap()
+        .read_at(&mut got, (1 << 20) + S as u64)
+        .unwrap();
+    assert_eq!(got, pattern(7, S));
 }
 
 #[test]
