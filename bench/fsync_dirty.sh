@@ -31,4 +31,4 @@ load() { # RW BS DEPTH [FIO ARGS...]
 }
 if [ -z "${SKIP:-}" ]; then load write 1M 8; load randwrite 4k 32; fi
 load randwrite 4k 1 --fsync=1
-curl -s "127.0.0.1:$port/metrics" | grep -E "^chunkvol_(intent_log_(blocks|full)_total|commit_duration_seconds_count)"
+curl -s "127.0.0.1:$port/metrics" | grep -E "^chunkvol_(intent_log_(blocks|full)_total|commit_duration_seconds_(count|sum))"
