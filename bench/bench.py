@@ -462,7 +462,8 @@ def targets(S):
         row("scrub vs raw read of the device files", f"{r['ratio_vs_raw_time']:.2f}", ">= 0.9", r["ratio_vs_raw_time"] >= 0.9)
     nbd = S.get("nbd", {})
     for load, peer, goal in [("write 1M qd8", "qemu-nbd raw", 0.8), ("read 1M qd8", "qemu-nbd raw", 0.8),
-                             ("randread 4k qd32", "qemu-nbd qcow2", 1.0), ("randwrite 4k qd32", "qemu-nbd qcow2", 1.0)]:
+                             ("randread 4k qd32", "qemu-nbd qcow2", 1.0), ("randwrite 4k qd32", "qemu-nbd qcow2", 1.0),
+                             ("randwrite 4k qd1 fsync", "qemu-nbd qcow2", 1.0)]:
         for key, row_ in nbd.items():
             if key.startswith(load) and "chunkvol single" in row_ and peer in row_:
                 m = "bw_bytes" if "1M" in load else "iops"
