@@ -68,14 +68,6 @@ impl LogPending {
     pub(crate) fn reset(&mut self) {
         *self = LogPending::default();
     }
-
-    pub fn len(&self) -> usize {
-        self.records.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
-    }
 }
 
 /// Where the next log block goes. Held inside the commit lock: only its
