@@ -486,8 +486,9 @@ enum ScrubCmd {
         /// Read rate cap per device (e.g. 100M); default yields to client I/O.
         #[arg(long, value_parser = size::parse_size)]
         limit: Option<u64>,
-        /// Read around the host page cache (O_DIRECT): the clients' cached
-        /// data stays cached; slower (about half the speed for now).
+        /// Read around the host page cache (O_DIRECT). By default scrub
+        /// reads through it and drops what it brought in: either way the
+        /// clients' cached data stays. O_DIRECT was slower where measured.
         #[arg(long)]
         uncached: bool,
         #[command(flatten)]

@@ -2,6 +2,7 @@
 //! with faults ([`crate::device::fault`]) without touching the engine.
 
 pub mod fault;
+mod page_cache;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -24,6 +25,35 @@ pub trait BlockDevice: Send + Sync {
     ///
     /// [`DIRECT_IO_ALIGN`]: crate::util::aligned::DIRECT_IO_ALIGN
     fn read_uncached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_at(buf, offset)
+    }
+    /// Whether the host page cache holds any page of the range; None on
+    /// devices without one, or where the kernel does not say.
+    fn page_cache_holds(&self, _offset: u64, _len: usize) -> Option<bool> {
+        None
+    }
+    /// Start reading a range no page of which is cached into the cache,
+    /// without waiting ([`read_drop_behind`](Self::read_drop_behind) reads
+    /// it later). No-op by default.
+    fn prefetch(&self, _offset: u64, _len: usize) {}
+    /// Drop the range's clean pages from the host page cache (a prefetch
+    /// never read). No-op by default.
+    fn drop_cached(&self, _offset: u64, _len: usize) {}
+    /// Read bytes that are needed once (scrub), leaving the host page
+    /// cache as it was. `cached` is [`page_cache_holds`] for the range,
+    /// asked before any prefetch of it: a range no page of which was cached
+    /// is read through the cache and dropped after; one with cached pages
+    /// is read like [`read_uncached`](Self::read_uncached); None is
+    /// [`read_at`](Self::read_at).
+    ///
+    /// [`page_cache_holds`]: Self::page_cache_holds
+    fn read_drop_behind(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        cached: Option<bool>,
+    ) -> io::Result<()> {
+        let _ = cached;
         self.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
@@ -66,6 +96,11 @@ pub struct FileDevice {
     /// written, where `fdatasync` would also write back (and allocate) every
     /// dirty page of the file.
     dsync: Option<File>,
+    /// The same file again, with kernel read-ahead off (`fadvise` RANDOM),
+    /// for [`BlockDevice::read_drop_behind`]: read-ahead would cache the
+    /// next unit before it is checked, so it would never be dropped. A
+    /// descriptor of its own keeps the clients' read-ahead.
+    once: Option<File>,
     size_bytes: u64,
 }
 
@@ -102,12 +137,15 @@ impl FileDevice {
         })?;
         let direct = open_again(&file, path, rustix::fs::OFlags::DIRECT, false);
         let dsync = open_again(&file, path, rustix::fs::OFlags::DSYNC, true);
+        let once = open_again(&file, path, rustix::fs::OFlags::empty(), false)
+            .filter(|f| rustix::fs::fadvise(f, 0, None, rustix::fs::Advice::Random).is_ok());
         Ok(FileDevice {
             path: path.into(),
             file,
             direct,
             direct_refused: Default::default(),
             dsync,
+            once,
             size_bytes,
         })
     }
@@ -214,6 +252,42 @@ impl BlockDevice for FileDevice {
                     r => r,
                 }
             }
+            _ => self.read_at(buf, offset),
+        }
+    }
+    fn page_cache_holds(&self, offset: u64, len: usize) -> Option<bool> {
+        page_cache::any_resident(self.once.as_ref()?, offset, len)
+    }
+    fn prefetch(&self, offset: u64, len: usize) {
+        if let Some(f) = &self.once {
+            page_cache::prefetch(f, offset, len);
+        }
+    }
+    fn drop_cached(&self, offset: u64, len: usize) {
+        if let Some(f) = &self.once {
+            page_cache::drop_range(f, offset, len);
+        }
+    }
+    fn read_drop_behind(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        cached: Option<bool>,
+    ) -> io::Result<()> {
+        match (cached, &self.once) {
+            // No one had it cached: read through the cache (no read-ahead
+            // on this descriptor) and drop it. A client reading it in
+            // between reads it again from the device: rare, only a cost.
+            (Some(false), Some(f)) => {
+                let r = f.read_exact_at(buf, offset);
+                page_cache::drop_range(f, offset, buf.len());
+                r
+            }
+            // Some pages are cached: read around the cache. A buffered
+            // read would touch them, and one carrying the kernel's
+            // read-ahead mark starts read-ahead even on this descriptor,
+            // caching the next units before they are asked about.
+            (Some(true), _) => self.read_uncached(buf, offset),
             _ => self.read_at(buf, offset),
         }
     }

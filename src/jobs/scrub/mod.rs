@@ -241,10 +241,10 @@ pub struct ScrubOptions {
     pub devid: Option<u64>,
     /// Read rate cap per device; None = the default that yields to clients.
     pub limit_bytes_per_s: Option<u64>,
-    /// Read around the host page cache (O_DIRECT, `read_uncached`), so a
-    /// scrub of a large pool leaves the clients' cached data in place.
-    /// Off by default: with one read in flight per device it is about
-    /// half as fast (bench/profile.md).
+    /// Read around the host page cache (O_DIRECT, `read_uncached`).
+    /// Off by default: the default reads through the cache and drops what
+    /// it brought in (`read_drop_behind`), which spares the clients'
+    /// cached data as well and was about twice as fast (bench/profile.md).
     #[serde(default)]
     pub uncached: bool,
 }

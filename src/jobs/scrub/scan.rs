@@ -485,6 +485,9 @@ fn scrub_copy(scan: &mut DevScan, c: &Copy, view: &mut GroupView) -> Result<bool
             0
         } else {
             let read = ahead.next(u.physical);
+            // The last unit's buffer goes back to the reader: a fresh one
+            // per unit would be zeroed, 10 % of a scrub's CPU.
+            ahead.give_back(std::mem::take(&mut scan.buf));
             scrub_unit(scan, &u, &view.allocs, read)
         };
         scan.pacer.pace(fs, n);
