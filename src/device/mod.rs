@@ -51,9 +51,8 @@ pub trait BlockDevice: Send + Sync {
         &self,
         buf: &mut [u8],
         offset: u64,
-        cached: Option<bool>,
+        _cached: Option<bool>,
     ) -> io::Result<()> {
-        let _ = cached;
         self.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;

@@ -51,25 +51,19 @@ pub(super) fn any_resident(file: &File, offset: u64, len: usize) -> Option<bool>
 /// Drop `offset .. offset + len` of `file` from the page cache: clean pages
 /// go at once, the kernel keeps dirty ones (a client wrote them since).
 pub(super) fn drop_range(file: &File, offset: u64, len: usize) {
-    // Advice only: a failure leaves pages cached, nothing else.
-    let _ = rustix::fs::fadvise(
-        file,
-        offset,
-        std::num::NonZeroU64::new(len as u64),
-        rustix::fs::Advice::DontNeed,
-    );
+    advise(file, offset, len, rustix::fs::Advice::DontNeed);
 }
 
 /// Start reading `offset .. offset + len` of `file` into the cache without
 /// waiting (`fadvise(WILLNEED)`): the pages carry no read-ahead mark.
 pub(super) fn prefetch(file: &File, offset: u64, len: usize) {
-    // Advice only: a failure means the later read waits for the device.
-    let _ = rustix::fs::fadvise(
-        file,
-        offset,
-        std::num::NonZeroU64::new(len as u64),
-        rustix::fs::Advice::WillNeed,
-    );
+    advise(file, offset, len, rustix::fs::Advice::WillNeed);
+}
+
+/// Advice only: a failure leaves pages cached, or a later read waiting for
+/// the device, nothing else.
+fn advise(file: &File, offset: u64, len: usize, advice: rustix::fs::Advice) {
+    let _ = rustix::fs::fadvise(file, offset, std::num::NonZeroU64::new(len as u64), advice);
 }
 
 #[cfg(test)]
