@@ -27,6 +27,7 @@ use super::export::Export;
 use super::handshake::{MetaContext, Negotiated};
 use super::io_util::read_exact_or_eof;
 use super::ordering::{WriteOrder, WriteTicket};
+use super::payload::{Payload, PayloadPool};
 use super::proto::*;
 use super::stream::Stream;
 
@@ -106,6 +107,7 @@ struct Conn<'a> {
     replies: ReplySink,
     budget: ByteBudget,
     order: WriteOrder,
+    payloads: PayloadPool,
     stats: &'a Stats,
 }
 
@@ -114,7 +116,7 @@ struct Job<'a> {
     cookie: u64,
     op: Op,
     /// WRITE data.
-    payload: Vec<u8>,
+    payload: Payload<'a>,
     /// For FLUSH: writes registered before this point must finish first.
     flush_barrier: u64,
     ticket: Option<WriteTicket<'a>>,
@@ -146,6 +148,7 @@ pub fn serve<R: Read>(
         },
         budget: ByteBudget::new(limits.max_in_flight_bytes),
         order: WriteOrder::default(),
+        payloads: PayloadPool::default(),
         stats,
     };
     let (tx, rx) = sync_channel::<Job>(MAX_QUEUED_REQUESTS_PER_CONN);
@@ -222,7 +225,7 @@ fn read_loop<'a, R: Read>(
 
         // Consume the payload before judging the request so that the stream
         // stays in sync even when the request is refused.
-        let mut payload = Vec::new();
+        let mut payload = Payload::empty();
         let mut permit = conn.budget.acquire(0);
         let payload_bytes = req.payload_bytes();
         if payload_bytes > 0 {
@@ -235,16 +238,9 @@ fn read_loop<'a, R: Read>(
                 return EndReason::OversizedWrite(payload_bytes);
             }
             permit = conn.budget.acquire(payload_bytes as usize);
-            // Read into spare capacity: zero-filling a buffer the socket
-            // overwrites at once was a visible cost for large writes.
-            payload = Vec::with_capacity(payload_bytes as usize);
-            match reader
-                .take(u64::from(payload_bytes))
-                .read_to_end(&mut payload)
-            {
-                Ok(n) if n == payload_bytes as usize => {}
-                Ok(_) => return io_end(io::ErrorKind::UnexpectedEof.into()),
-                Err(e) => return io_end(e),
+            payload = conn.payloads.take(payload_bytes as usize);
+            if let Err(e) = reader.read_exact(payload.as_mut()) {
+                return io_end(e);
             }
         }
 

@@ -26,6 +26,7 @@ mod handshake;
 mod io_util;
 mod metrics;
 mod ordering;
+mod payload;
 pub mod proto;
 mod server;
 mod stream;

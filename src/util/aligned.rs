@@ -27,6 +27,11 @@ impl AlignedBuf {
         self.len = len;
         debug_assert_eq!(self.as_ptr() as usize % DIRECT_IO_ALIGN, 0);
     }
+
+    /// The longest `len` the buffer takes without allocating again.
+    pub fn capacity(&self) -> usize {
+        self.raw.len().saturating_sub(DIRECT_IO_ALIGN)
+    }
 }
 
 impl Deref for AlignedBuf {
