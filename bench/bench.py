@@ -489,6 +489,41 @@ def targets(S):
             "| target | this table | goal | |", "|---|---|---|---|"] + rows + [""]
 
 
+def targets_writes(S):
+    """Issue 15's goals (writes at the speed of the fastest peer) that the
+    NBD table measures: ratios within one run, met or not."""
+    rows = []
+    for key, r in S.get("nbd", {}).items():
+        m = "bw_bytes" if " 1M " in f" {key} " else "iops"
+
+        def ratio(a, b):
+            return r[a][m] / r[b][m] if a in r and b in r and r[b][m] else None
+
+        goals = []
+        if key.startswith("write 1M"):
+            goals = [("chunkvol single", "nbdkit file", 0.6), ("chunkvol single", "qemu-nbd qcow2", 1.0),
+                     ("chunkvol raid1", "chunkvol single", 0.7)]
+        elif key.startswith("randwrite 4k qd32"):
+            goals = [("chunkvol single", "nbdkit file", 0.9), ("chunkvol raid1", "chunkvol single", 0.8)]
+        elif key.startswith("randwrite 4k qd1 fsync"):
+            goals = [("chunkvol single", "qemu-nbd qcow2", 1.0)]
+        elif key.startswith(("read 1M", "randread 4k")):
+            goals = [("chunkvol single", "nbdkit file", 1.0)]
+            if key.endswith("x4"):
+                goals.append(("chunkvol raid1", "chunkvol single", 1.3))
+        for a, b, goal in goals:
+            v = ratio(a, b)
+            if v is not None:
+                ok = "met" if v >= goal else "**not met**"
+                rows.append(f"| {key}: {a} / {b} | {v:.2f} | >= {goal} | {ok} |")
+    if not rows:
+        return []
+    return ["## Targets (issue 15: writes at the speed of the fastest peer)", "",
+            "From the NBD table below (one run; reads follow the writes without dropping the cache, "
+            "so a peer whose writes went through the host page cache reads from it).", "",
+            "| target | this table | goal | |", "|---|---|---|---|"] + rows + [""]
+
+
 def report():
     S = results["sections"]
     out = ["# Benchmarks", "",
@@ -505,6 +540,7 @@ def report():
         return [f"Measured {r['date']} by `{r['command']}`.", ""] if r else []
 
     out += targets(S)
+    out += targets_writes(S)
     if "open" in S:
         rows = S["open"]["rows"] if isinstance(S["open"], dict) else S["open"]
         out += ["## Open time and memory (issue: pool foundation, acceptance 8)", ""] + ran(S["open"]) + [

@@ -86,11 +86,12 @@ pub trait BlockDevice: Send + Sync {
 /// Writes of this many bytes and more (aligned to
 /// [`DIRECT_IO_ALIGN`](crate::util::aligned::DIRECT_IO_ALIGN)) go to a
 /// [`FileDevice`] with direct I/O: bulk data (client writes of 256 KiB and
-/// up, relocation, replace) is read again rarely soon, and copying it into
+/// up, relocation, replace) is seldom read again soon, and copying it into
 /// fresh page-cache pages of the host file, serialized on the file's inode
-/// lock, made 1 MiB writes 4x slower (bench/profile.md, "Direct writes").
-/// Smaller writes stay buffered: a direct 4 KiB write waits for the device
-/// and measured 2.5x fewer IOPS.
+/// lock, held 1 MiB writes to about half the speed (bench/profile.md,
+/// "Direct writes"). The cost: a read right after such a write comes from
+/// the device, not the host cache. Smaller writes stay buffered: a direct
+/// 4 KiB write waits for the device and measured 2.5x fewer IOPS.
 pub const DIRECT_WRITE_MIN_BYTES: usize = 256 << 10;
 
 /// Bounce buffers a device keeps for direct writes of unaligned buffers
