@@ -30,10 +30,6 @@ use crate::util::sync::{lock, Ordering};
 
 /// Extents listed per pass over a data group.
 const DATA_BATCH_EXTENTS: usize = 256;
-/// Extents a helper thread reads ahead of the copy being written, so the
-/// read of one extent overlaps the write of the one before (at most this
-/// many extent buffers wait, plus one being read).
-const READ_AHEAD_EXTENTS: usize = 2;
 /// How long removal waits for pinned bytes before handing off to the cleaner.
 const REMOVE_WAIT: Duration = Duration::from_secs(2);
 
@@ -237,78 +233,25 @@ fn move_data(
     stop: &dyn Fn() -> bool,
     stats: &mut RelocStats,
 ) -> Result<()> {
-    // Real devices only: reads of in-memory ones must interleave the same
-    // way from a seed, and a simulation's actors are its only threads.
-    let ahead = !crate::util::sched::in_sim() && fs.devices().iter().all(|d| d.dev.reads_ahead());
     loop {
         let batch = list_data(fs, bg)?;
         if batch.is_empty() {
             return Ok(());
         }
-        let each = |x: &Listed, buf: Result<Vec<u8>>| -> Result<()> {
+        for x in batch {
             if stop() {
                 return Err(stopped());
             }
             fs.check_abort()?;
-            stats.bytes_relocated += place_extent(fs, x, buf?)?;
+            stats.bytes_relocated += move_extent(fs, bg, &x)?;
             stats.extents += 1;
-            Ok(())
-        };
-        if ahead && batch.len() > 1 {
-            copy_reading_ahead(fs, bg, &batch, each)?;
-        } else {
-            let mut each = each;
-            for x in &batch {
-                each(x, read_extent(fs, bg, x))?;
-            }
         }
     }
 }
 
-/// Run `each` on every extent of `batch` in order, with its bytes read by a
-/// helper thread up to [`READ_AHEAD_EXTENTS`] ahead. The group is read-only,
-/// so bytes read early are the bytes a later read would see; pieces freed
-/// meanwhile are not switched. Stops at the first error; the helper then
-/// finds the channel closed and ends.
-fn copy_reading_ahead(
-    fs: &FsInfo,
-    bg: &BlockGroup,
-    batch: &[Listed],
-    mut each: impl FnMut(&Listed, Result<Vec<u8>>) -> Result<()>,
-) -> Result<()> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD_EXTENTS);
-    std::thread::scope(|sc| {
-        // Owned here, so it is dropped when this closure returns, before
-        // the scope joins the helper: a helper blocked on a full channel
-        // after an error then wakes and ends.
-        let rx = rx;
-        let reader = std::thread::Builder::new()
-            .name("reloc-read".into())
-            .spawn_scoped(sc, move || {
-                for x in batch {
-                    if tx.send(read_extent(fs, bg, x)).is_err() {
-                        return;
-                    }
-                }
-            });
-        if reader.is_err() {
-            // No thread: read here, one extent at a time.
-            return batch
-                .iter()
-                .try_for_each(|x| each(x, read_extent(fs, bg, x)));
-        }
-        for x in batch {
-            let buf = rx.recv().map_err(|_| {
-                Error::Corrupt("relocation: the read-ahead thread ended early".into())
-            })?;
-            each(x, buf)?;
-        }
-        Ok(())
-    })
-}
-
-/// Read one extent of the group, verified (and repaired) against its sums.
-fn read_extent(fs: &FsInfo, bg: &BlockGroup, x: &Listed) -> Result<Vec<u8>> {
+/// Copy one extent out of the group and switch its live pieces over.
+/// Returns the bytes switched.
+fn move_extent(fs: &FsInfo, bg: &BlockGroup, x: &Listed) -> Result<u64> {
     let cs = fs.csum_type.size_bytes();
     let sums = x
         .sums
@@ -319,12 +262,6 @@ fn read_extent(fs: &FsInfo, bg: &BlockGroup, x: &Listed) -> Result<Vec<u8>> {
     fs.read_data(x.start, &mut buf, sums, &|lg, l| Error::Corrupt(format!(
         "relocation of block group {bg_start:#x}: logical {lg:#x}+{l} has no good copy on any mirror"
     )))?;
-    Ok(buf)
-}
-
-/// Write an extent's bytes to a fresh extent outside the group and switch
-/// its live pieces over. Returns the bytes switched.
-fn place_extent(fs: &FsInfo, x: &Listed, buf: Vec<u8>) -> Result<u64> {
     let alloc = || {
         transaction::change(fs, |ctx| {
             ctx.alloc_extent(crate::format::bg_type::DATA, x.len, x.len)
