@@ -3,10 +3,9 @@
 //! one was copied again before a direct write to the device
 //! (bench/profile.md, "Direct writes").
 
-use std::ops::Deref;
-use std::sync::Mutex;
-
 use crate::util::aligned::AlignedBuf;
+use crate::util::sync::{lock, Mutex};
+use std::ops::Deref;
 
 /// Bytes of spare buffers one connection keeps: enough for queue depth 8 of
 /// 1 MiB writes, bounded so idle connections hold little.
@@ -27,7 +26,7 @@ pub struct Payload<'a> {
 impl PayloadPool {
     /// A buffer of `len` bytes (contents unspecified), reused if one fits.
     pub fn take(&self, len: usize) -> Payload<'_> {
-        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        let mut spare = lock(&self.spare);
         let at = spare.iter().position(|b| b.capacity() >= len);
         let mut buf = match at {
             Some(i) => spare.swap_remove(i),
@@ -72,7 +71,7 @@ impl Drop for Payload<'_> {
     fn drop(&mut self) {
         let Some(pool) = self.pool else { return };
         let buf = std::mem::take(&mut self.buf);
-        let mut spare = pool.spare.lock().unwrap_or_else(|e| e.into_inner());
+        let mut spare = lock(&pool.spare);
         if PayloadPool::spare_bytes(&spare) + buf.capacity() <= SPARE_MAX_BYTES {
             spare.push(buf);
         }
@@ -100,7 +99,7 @@ mod tests {
         // More in flight than the pool keeps: the spare bytes stay bounded.
         let many: Vec<_> = (0..12).map(|_| pool.take(1 << 20)).collect();
         drop(many);
-        let spare = pool.spare.lock().unwrap();
+        let spare = lock(&pool.spare);
         assert!(PayloadPool::spare_bytes(&spare) <= SPARE_MAX_BYTES);
         assert!(!spare.is_empty());
     }
