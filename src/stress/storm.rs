@@ -608,6 +608,7 @@ fn vanish_and_replace(sh: &Shared) {
     dev.vanish();
     sh.counts.faults.fetch_add(1, Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(500));
+    wait_for_read_error(sh, &member);
     // What the pool counted against it, before it leaves.
     *lock(&sh.victim_stats) = Some(member.stats.snapshot());
     let new = Arc::new(FaultyDevice::new("mem-after-vanish", sh.opts.device_bytes));
@@ -625,6 +626,21 @@ fn vanish_and_replace(sh: &Shared) {
         Err(e) => sh.fail(format!("replace of the vanished device: {e}")),
     }
     *lock(&sh.vanished) = Some(path);
+}
+
+/// Wait (bounded) until a read error is counted against the vanished
+/// victim. The continuous scrub reads every copy and soon reaches it;
+/// client reads use copy 0, which the victim may not hold, and the short
+/// read-error windows before may have gone unread, so without this the
+/// check at the end would hang on chance.
+fn wait_for_read_error(sh: &Shared, victim: &crate::chunk::volumes::Device) {
+    let limit = Instant::now() + Duration::from_secs(30);
+    while sh.running()
+        && Instant::now() < limit
+        && victim.stats.read_errs.load(Ordering::Relaxed) == 0
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// An actor's body.
