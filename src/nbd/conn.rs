@@ -35,9 +35,6 @@ use super::stream::Stream;
 /// is bounded by the byte budget; this bounds the count of data-less ones.
 pub const MAX_QUEUED_REQUESTS_PER_CONN: usize = 64;
 
-/// Bytes of requests read ahead from the socket per connection.
-pub const REQUEST_BUFFER_BYTES: usize = 256 * 1024;
-
 /// Tuning for one connection's transmission phase.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnLimits {
@@ -173,12 +170,7 @@ pub fn serve<R: Read>(
         }
         // Dropping the sender when reading stops lets the workers drain the
         // queue and exit; the scope then joins them.
-        // Requests are read through a buffer: one receive call can take in
-        // several small requests the client has queued, rather than two
-        // calls (header, payload) per request. Payloads larger than the
-        // buffer bypass it.
-        let mut buffered = std::io::BufReader::with_capacity(REQUEST_BUFFER_BYTES, reader);
-        read_loop(&mut buffered, &conn, tx)
+        read_loop(reader, &conn, tx)
     });
     match end {
         // Our own shutdown after a failed reply shows up as an EOF.
