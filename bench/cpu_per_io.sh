@@ -6,9 +6,10 @@
 # (default 8) over the first 512 MiB, and perf stat counting the server's
 # system calls. Prints one line per run: IOPS, the server's CPU time per
 # request, and its send, receive and futex calls and context switches per
-# request.
-# Usage: [LOAD=rw:bs:qd] [SECS=8] bench/cpu_per_io.sh ROUNDS BINARY...
-# Needs: fio, perf.
+# request. The name `nbdkit` in place of a binary runs the peer: nbdkit's
+# file plugin on a fresh sparse 1 GiB file.
+# Usage: [LOAD=rw:bs:qd] [SECS=8] bench/cpu_per_io.sh ROUNDS BINARY|nbdkit...
+# Needs: fio, perf, nbdkit.
 set -euo pipefail
 rounds=$1; shift
 IFS=: read -r rw bs qd <<<"${LOAD:-randwrite:4k:32}"
@@ -20,11 +21,18 @@ echo "| round | binary | IOPS | server CPU µs per request | sendto | recvfrom |
 echo "|---|---|---|---|---|---|---|---|"
 for r in $(seq "$rounds"); do
   for bin in "$@"; do
-    "$bin" mkfs --data single --size 3G "$work/a.img" >/dev/null
-    "$bin" volume create disk0 --size 1G "$work/a.img" >/dev/null
-    "$bin" serve --listen "unix:$work/nbd.sock" --socket "$work/ctl.sock" "$work/a.img" >"$work/serve.log" 2>&1 &
-    srv=$!
-    for _ in $(seq 100); do [ -S "$work/ctl.sock" ] && break; sleep 0.1; done
+    if [ "$bin" = nbdkit ]; then
+      truncate -s 1G "$work/a.img"
+      nbdkit -f -U "$work/nbd.sock" -e disk0 file "$work/a.img" &
+      srv=$!
+      for _ in $(seq 100); do [ -S "$work/nbd.sock" ] && break; sleep 0.1; done
+    else
+      "$bin" mkfs --data single --size 3G "$work/a.img" >/dev/null
+      "$bin" volume create disk0 --size 1G "$work/a.img" >/dev/null
+      "$bin" serve --listen "unix:$work/nbd.sock" --socket "$work/ctl.sock" "$work/a.img" >"$work/serve.log" 2>&1 &
+      srv=$!
+      for _ in $(seq 100); do [ -S "$work/ctl.sock" ] && break; sleep 0.1; done
+    fi
     perf stat -x, -e syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_futex,context-switches \
       -p "$srv" -o "$work/stat.csv" &
     st=$!
