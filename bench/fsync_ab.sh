@@ -2,7 +2,7 @@
 # Flush-heavy clients (issue 15, goal 3): fio 4 KiB random writes at queue
 # depth 1 with an fsync (NBD FLUSH) after every write, 10 s, one connection.
 # chunkvol single and raid1 with the intent log on and off
-# (CHUNKVOL_INTENT_LOG=off makes every flush a commit) against qemu-nbd
+# (`serve --intent-log off` makes every flush a commit) against qemu-nbd
 # qcow2 and nbdkit file, in the same run, for ROUNDS rounds. Fresh sparse
 # files under /var/tmp each time; qemu-nbd runs as bench/run starts it.
 # Usage: bench/fsync_ab.sh [BINARY [ROUNDS]]   Needs: fio, nbdkit, qemu-nbd.
@@ -21,7 +21,7 @@ wait_sock() { for _ in $(seq 100); do [ -S "$1" ] && return; sleep 0.1; done; }
 chunkvol_run() { # PROFILE LOG(on|off) -> IOPS
   local devs=("$work/a.img"); [ "$1" = raid1 ] && devs+=("$work/b.img")
   "$bin" mkfs --data "$1" --metadata "$1" --size 3G "${devs[@]}" >/dev/null
-  CHUNKVOL_INTENT_LOG=$2 "$bin" serve --listen "unix:$work/nbd.sock" --socket "$work/ctl.sock" \
+  "$bin" serve --intent-log "$2" --listen "unix:$work/nbd.sock" --socket "$work/ctl.sock" \
     "${devs[@]}" >"$work/serve.log" 2>&1 &
   srv=$!
   wait_sock "$work/ctl.sock"

@@ -3,7 +3,7 @@
 # its loads in (fio write 1M qd8, then randwrite 4k qd32, 5 s each), then
 # 4 KiB random writes with an fsync after each (5 s), on a 1 GiB volume of a
 # fresh 3G pool. Prints IOPS, then the commit and intent log counters.
-# LOG=off runs the server with CHUNKVOL_INTENT_LOG=off; SKIP=1 leaves the
+# LOG=off runs the server with --intent-log off; SKIP=1 leaves the
 # first two loads out (a clean page cache); PREALLOC=1 fallocates the whole
 # device files before mkfs (an experiment: preallocation of fresh chunks).
 # Usage: [LOG=on|off] [SKIP=1] [PREALLOC=1] bench/fsync_dirty.sh [single|raid1] [BINARY]
@@ -18,7 +18,7 @@ if [ -n "${PREALLOC:-}" ]; then for d in "${devs[@]}"; do fallocate -l 3G "$d"; 
 "$bin" mkfs --data "$prof" --size 3G "${devs[@]}" >/dev/null
 "$bin" volume create disk0 --size 1G "${devs[@]}" >/dev/null
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-CHUNKVOL_INTENT_LOG=${LOG:-on} "$bin" serve --listen "unix:$work/nbd.sock" --socket "$work/ctl.sock" \
+"$bin" serve --intent-log "${LOG:-on}" --listen "unix:$work/nbd.sock" --socket "$work/ctl.sock" \
   --metrics "$port" "${devs[@]}" >"$work/serve.log" 2>&1 &
 srv=$!
 for _ in $(seq 100); do [ -S "$work/ctl.sock" ] && break; sleep 0.1; done

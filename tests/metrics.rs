@@ -190,3 +190,31 @@ fn metrics_follow_nbd_load_and_a_repairing_scrub() {
     );
     srv.stop();
 }
+
+/// `serve --intent-log off`: every flush commits the tree, and the log
+/// carries nothing (with it on, the test above sees log blocks).
+#[test]
+fn intent_log_off_makes_every_flush_a_commit() {
+    require_tools(&["qemu-io"]);
+    let dir = TestDir::new("metrics-nolog");
+    let devs = make_pool(&dir, "512M", "256M");
+    let port = free_port();
+    let srv = Server::start_with(
+        &dir,
+        &devs,
+        1,
+        &["--metrics", &port.to_string(), "--intent-log", "off"],
+    );
+    let before = scrape(port);
+    let small: Vec<String> = (0..20)
+        .flat_map(|i| [format!("write -P 0x64 {} 4k", i * 8192), "flush".into()])
+        .collect();
+    qemu_io(&srv.uri("disk0"), &small);
+    let after = scrape(port);
+    let moved = |k: &str| get(&after, k) - before.get(k).copied().unwrap_or(0.0);
+    assert_eq!(get(&after, "chunkvol_intent_log_blocks_total{}"), 0.0);
+    assert!(
+        moved("chunkvol_commit_duration_seconds_count{}") >= 20.0,
+        "one commit per flush"
+    );
+}

@@ -1005,7 +1005,18 @@ struct ServeArgs {
     /// listens on 127.0.0.1).
     #[arg(long, value_name = "[ADDR:]PORT", value_parser = crate::service::metrics::parse_addr)]
     metrics: Option<std::net::SocketAddr>,
+    /// `on`: a flush writes the changes since the last commit to the
+    /// intent log; `off`: every flush commits the whole tree (to compare).
+    #[arg(long, value_enum, default_value = "on")]
+    intent_log: Switch,
     devs: Vec<PathBuf>,
+}
+
+/// An on/off setting.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Switch {
+    On,
+    Off,
 }
 
 /// `serve --tls`.
@@ -1032,6 +1043,7 @@ impl ServeArgs {
                 required: !matches!(self.tls, Some(TlsMode::On)),
             }),
             metrics: self.metrics,
+            intent_log: self.intent_log == Switch::On,
             json_banner: json_out(),
         }
     }

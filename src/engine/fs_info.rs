@@ -110,7 +110,7 @@ pub struct FsInfo {
     /// commit path); holds where the next log block goes.
     pub commit_lock: OrderedMutex<crate::engine::tree_log::LogRing>,
     /// Flushes write the intent log instead of committing (on unless
-    /// `CHUNKVOL_INTENT_LOG=off`, a switch for benchmarks).
+    /// `serve --intent-log off`, a switch for comparisons).
     pub intent_log: AtomicBool,
     pub log_stats: crate::engine::tree_log::LogStats,
     /// Time of each commit that wrote a new generation (for metrics).
@@ -221,9 +221,7 @@ impl FsInfo {
                 Rank::Commit,
                 crate::engine::tree_log::LogRing::new(committed_gen),
             ),
-            intent_log: AtomicBool::new(
-                std::env::var("CHUNKVOL_INTENT_LOG").map_or(true, |v| v != "off"),
-            ),
+            intent_log: AtomicBool::new(true),
             log_stats: Default::default(),
             commit_latency: Default::default(),
             committed_gen: AtomicU64::new(committed_gen),

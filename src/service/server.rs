@@ -38,6 +38,8 @@ pub struct ServeConfig {
     pub tls: Option<TlsFiles>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Flushes write the intent log (false: every flush commits).
+    pub intent_log: bool,
     /// Print the ready banner as one JSON object (`--json`).
     pub json_banner: bool,
 }
@@ -321,6 +323,9 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
             ..Default::default()
         },
     )?;
+    pool.fs()
+        .intent_log
+        .store(cfg.intent_log, Ordering::Relaxed);
     resume_replace(&pool);
     let (sock_path, control) = bind_control(cfg.socket.clone(), &devs)?;
     let listener = bind_listener(&cfg.listen)?;
