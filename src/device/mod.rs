@@ -32,18 +32,18 @@ pub trait BlockDevice: Send + Sync {
     fn page_cache_holds(&self, _offset: u64, _len: usize) -> Option<bool> {
         None
     }
-    /// Start reading a range no page of which is cached into the cache,
-    /// without waiting ([`read_drop_behind`](Self::read_drop_behind) reads
-    /// it later). No-op by default.
-    fn prefetch(&self, _offset: u64, _len: usize) {}
-    /// Drop the range's clean pages from the host page cache (a prefetch
-    /// never read). No-op by default.
+    /// Drop the range's clean pages from the host page cache: what a
+    /// drop-behind reader read, and what the kernel read ahead of it. The
+    /// kernel keeps dirty and locked pages, and every folio reaching outside
+    /// the range. No-op by default.
     fn drop_cached(&self, _offset: u64, _len: usize) {}
     /// Read bytes that are needed once (scrub), leaving the host page
     /// cache as it was. `cached` is [`page_cache_holds`] for the range,
-    /// asked before any prefetch of it: a range no page of which was cached
-    /// is read through the cache and dropped after; one with cached pages
-    /// is read like [`read_uncached`](Self::read_uncached); None is
+    /// asked before this reader's read-ahead could reach it: a range no
+    /// page of which was cached is read through the cache (the kernel
+    /// reads ahead of a sequential reader), for the caller to drop with
+    /// [`drop_cached`](Self::drop_cached); one with cached pages is read
+    /// like [`read_uncached`](Self::read_uncached); None is
     /// [`read_at`](Self::read_at).
     ///
     /// [`page_cache_holds`]: Self::page_cache_holds
@@ -118,10 +118,9 @@ pub struct FileDevice {
     /// written, where `fdatasync` would also write back (and allocate) every
     /// dirty page of the file.
     dsync: Option<File>,
-    /// The same file again, with kernel read-ahead off (`fadvise` RANDOM),
-    /// for [`BlockDevice::read_drop_behind`]: read-ahead would cache the
-    /// next unit before it is checked, so it would never be dropped. A
-    /// descriptor of its own keeps the clients' read-ahead.
+    /// The same file again, for [`BlockDevice::read_drop_behind`]: a
+    /// descriptor of its own, so scrub's sequential stream and the
+    /// clients' reads keep separate kernel read-ahead state.
     once: Option<File>,
     size_bytes: u64,
 }
@@ -159,8 +158,7 @@ impl FileDevice {
         })?;
         let direct = open_again(&file, path, rustix::fs::OFlags::DIRECT, true);
         let dsync = open_again(&file, path, rustix::fs::OFlags::DSYNC, true);
-        let once = open_again(&file, path, rustix::fs::OFlags::empty(), false)
-            .filter(|f| rustix::fs::fadvise(f, 0, None, rustix::fs::Advice::Random).is_ok());
+        let once = open_again(&file, path, rustix::fs::OFlags::empty(), false);
         Ok(FileDevice {
             path: path.into(),
             file,
@@ -269,11 +267,6 @@ impl BlockDevice for FileDevice {
     fn page_cache_holds(&self, offset: u64, len: usize) -> Option<bool> {
         page_cache::any_resident(self.once.as_ref()?, offset, len)
     }
-    fn prefetch(&self, offset: u64, len: usize) {
-        if let Some(f) = &self.once {
-            page_cache::prefetch(f, offset, len);
-        }
-    }
     fn drop_cached(&self, offset: u64, len: usize) {
         if let Some(f) = &self.once {
             page_cache::drop_range(f, offset, len);
@@ -286,18 +279,13 @@ impl BlockDevice for FileDevice {
         cached: Option<bool>,
     ) -> io::Result<()> {
         match (cached, &self.once) {
-            // No one had it cached: read through the cache (no read-ahead
-            // on this descriptor) and drop it. A client reading it in
-            // between reads it again from the device: rare, only a cost.
-            (Some(false), Some(f)) => {
-                let r = f.read_exact_at(buf, offset);
-                page_cache::drop_range(f, offset, buf.len());
-                r
-            }
-            // Some pages are cached: read around the cache. A buffered
-            // read would touch them, and one carrying the kernel's
-            // read-ahead mark starts read-ahead even on this descriptor,
-            // caching the next units before they are asked about.
+            // No one had it cached: read through the cache (the kernel
+            // reads ahead of this descriptor's sequential stream); the
+            // caller drops it.
+            (Some(false), Some(f)) => f.read_exact_at(buf, offset),
+            // Some pages are cached: read around the cache, which a
+            // buffered read would reorder (and the pages are not ours to
+            // drop).
             (Some(true), _) => self.read_uncached(buf, offset),
             _ => self.read_at(buf, offset),
         }

@@ -54,14 +54,7 @@ pub(super) fn drop_range(file: &File, offset: u64, len: usize) {
     advise(file, offset, len, rustix::fs::Advice::DontNeed);
 }
 
-/// Start reading `offset .. offset + len` of `file` into the cache without
-/// waiting (`fadvise(WILLNEED)`): the pages carry no read-ahead mark.
-pub(super) fn prefetch(file: &File, offset: u64, len: usize) {
-    advise(file, offset, len, rustix::fs::Advice::WillNeed);
-}
-
-/// Advice only: a failure leaves pages cached, or a later read waiting for
-/// the device, nothing else.
+/// Advice only: a failure leaves pages cached, nothing else.
 fn advise(file: &File, offset: u64, len: usize, advice: rustix::fs::Advice) {
     let _ = rustix::fs::fadvise(file, offset, std::num::NonZeroU64::new(len as u64), advice);
 }

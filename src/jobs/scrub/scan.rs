@@ -464,11 +464,12 @@ fn scrub_copy(scan: &mut DevScan, c: &Copy, view: &mut GroupView) -> Result<bool
             return Ok(false);
         }
         if crate::util::sched::since(view.taken) >= SNAPSHOT_REFRESH {
-            if !refresh_view(scan, c.bg, view)? {
-                return Ok(false);
+            match refresh_view(scan, c.bg, view)? {
+                Refresh::Gone => return Ok(false),
+                Refresh::Newest => {}
+                // Reads made before the new view do not count for it.
+                Refresh::Moved => ahead = reads(scan, off, &view.allocs),
             }
-            // Reads made before the new view do not count for it.
-            ahead = reads(scan, off, &view.allocs);
         }
         let len = unit.min(de.length - off);
         let Some(logical) = map.physical_to_logical(c.idx, off) else {
@@ -530,13 +531,24 @@ fn group_map(scan: &DevScan, bg: &Arc<BlockGroup>) -> Result<Option<Arc<ChunkMap
     Ok(Some(map))
 }
 
-/// Move to the newest commit; false when the map scrub holds no longer
-/// fits it (the group is then skipped).
+/// What [`refresh_view`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refresh {
+    /// The map scrub holds no longer fits: the group is skipped.
+    Gone,
+    /// No commit since the view was taken: it is still the newest and
+    /// holds nothing back, so the reads ahead of it stay valid.
+    Newest,
+    /// The view moved to a newer commit: reads made before it do not count.
+    Moved,
+}
+
+/// Move to the newest commit, if there is a newer one than the view's.
 fn refresh_view(
     scan: &mut DevScan,
     bg: &Arc<BlockGroup>,
     view: &mut GroupView,
-) -> Result<bool, Stop> {
+) -> Result<Refresh, Stop> {
     let fs = scan.fs;
     // A newer view only fits the map scrub holds if the chunk
     // was not switched meanwhile (device replace): extents
@@ -546,7 +558,13 @@ fn refresh_view(
         .get(bg.start)
         .is_some_and(|m| Arc::ptr_eq(&m, &view.map));
     if !same {
-        return Ok(false);
+        return Ok(Refresh::Gone);
+    }
+    // Restarting the reads costs the reads in flight (and, cached, the
+    // pages read ahead): an idle pool keeps its view.
+    if fs.committed_gen.load(Ordering::Acquire) == scan.snap.0.gen {
+        view.taken = crate::util::sched::now();
+        return Ok(Refresh::Newest);
     }
     // A view held for long keeps everything freed since pinned
     // (writers would run out of space under a slow scrub): move
@@ -556,7 +574,7 @@ fn refresh_view(
     view.allocs = allocations(fs, &scan.snap.0, bg).map_err(|e| Stop::Failed(e.to_string()))?;
     scan.csums.clear();
     view.taken = crate::util::sched::now();
-    Ok(true)
+    Ok(Refresh::Moved)
 }
 
 /// A commit-root view and the reader registration that keeps it valid.
