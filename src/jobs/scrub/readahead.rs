@@ -38,6 +38,9 @@ const LOOKAHEAD_BYTES: u64 = 64 << 20;
 /// nothing on Linux 6.18, whose read-ahead caches 2 MiB folios).
 const FOLIO_MAX_BYTES: u64 = 4 << 20;
 
+/// Gaps between units are asked about in pieces of this size.
+const GAP_PIECE_BYTES: u64 = 4 << 20;
+
 /// A range of the device as a reader sees it: a unit to read, or a gap
 /// between units (or after the last one) that kernel read-ahead may cache.
 #[derive(Debug, Clone, Copy)]
@@ -127,23 +130,33 @@ impl UnitReader {
             let Some((physical, len)) = self.todo.pop_front() else {
                 // After the last unit, read-ahead runs on past it.
                 let tail = LOOKAHEAD_BYTES.min(self.dev.dev.size_bytes().saturating_sub(end));
-                self.ask(end, tail, false);
+                self.ask_gap(end, tail);
                 self.asked_end = Some(end + LOOKAHEAD_BYTES);
                 return;
             };
             assert!(physical >= end, "units out of order at {physical:#x}");
             if physical > end && self.asked_end.is_some() {
-                self.ask(end, (physical - end).min(LOOKAHEAD_BYTES), false);
+                self.ask_gap(end, (physical - end).min(LOOKAHEAD_BYTES));
             }
             self.ask(physical, len, true);
             self.asked_end = Some(physical + len);
         }
     }
 
-    fn ask(&mut self, physical: u64, len: u64, unit: bool) {
-        if len == 0 {
-            return;
+    /// A gap is asked about in pieces, so one cached page of a client's
+    /// keeps scrub's read-ahead cached around it, not in the whole gap.
+    fn ask_gap(&mut self, physical: u64, len: u64) {
+        let end = physical + len;
+        let mut at = physical;
+        while at < end {
+            let n = GAP_PIECE_BYTES.min(end - at);
+            self.ask(at, n, false);
+            at += n;
         }
+    }
+
+    fn ask(&mut self, physical: u64, len: u64, unit: bool) {
+        debug_assert!(len > 0, "an empty span at {physical:#x}");
         let cached = self.dev.dev.page_cache_holds(physical, len as usize);
         self.window.push_back(Span {
             physical,
@@ -309,5 +322,219 @@ impl ReadAhead {
         };
         assert_eq!(r.physical, physical, "read-ahead out of step with the scan");
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The reader against a model of the host page cache: the kernel reads
+    //! 14 MiB ahead of every buffered read in folios of 2 MiB, a drop takes
+    //! only the folios wholly inside its range, and a client's pages are
+    //! single 4 KiB folios. Whatever the layout, scrub must leave the
+    //! clients' pages and take its own away.
+    use super::*;
+    use crate::device::BlockDevice;
+    use crate::util::sync::{lock, Mutex};
+    use std::collections::BTreeMap;
+    use std::io;
+    use std::path::{Path, PathBuf};
+
+    const MIB: u64 = 1 << 20;
+    const PAGE: u64 = 4096;
+    const FOLIO: u64 = 2 * MIB;
+    const READ_AHEAD: u64 = 14 * MIB;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Owner {
+        Client,
+        Scrub,
+    }
+
+    /// Cached folios: start -> (length, owner).
+    struct CacheModel {
+        path: PathBuf,
+        size: u64,
+        folios: Mutex<BTreeMap<u64, (u64, Owner)>>,
+        /// Every unit read: offset and the residency it was read with.
+        reads: Mutex<Vec<(u64, Option<bool>)>>,
+    }
+
+    impl CacheModel {
+        fn holds(&self, offset: u64, len: u64) -> bool {
+            let f = lock(&self.folios);
+            f.range(..offset + len)
+                .next_back()
+                .is_some_and(|(&s, &(l, _))| s + l > offset)
+                || f.range(offset..offset + len).next().is_some()
+        }
+        /// Cache every page of `[from, to)` not cached, as the kernel
+        /// does: in naturally aligned folios of up to 2 MiB where no page
+        /// of one is cached, else page by page.
+        fn read_ahead(&self, from: u64, to: u64) {
+            let to = to.min(self.size);
+            let mut at = from;
+            while at < to {
+                let size = (1u64 << at.trailing_zeros().min(63)).clamp(PAGE, FOLIO);
+                if !self.holds(at, size) {
+                    lock(&self.folios).insert(at, (size, Owner::Scrub));
+                } else {
+                    for p in (at..at + size).step_by(PAGE as usize) {
+                        if !self.holds(p, PAGE) {
+                            lock(&self.folios).insert(p, (PAGE, Owner::Scrub));
+                        }
+                    }
+                }
+                at += size;
+            }
+        }
+        fn owned(&self, owner: Owner) -> Vec<u64> {
+            let f = lock(&self.folios);
+            f.iter()
+                .filter(|(_, &(_, o))| o == owner)
+                .map(|(&s, _)| s)
+                .collect()
+        }
+    }
+
+    impl BlockDevice for CacheModel {
+        fn path(&self) -> &Path {
+            &self.path
+        }
+        fn size_bytes(&self) -> u64 {
+            self.size
+        }
+        fn read_at(&self, buf: &mut [u8], _offset: u64) -> io::Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn page_cache_holds(&self, offset: u64, len: usize) -> Option<bool> {
+            Some(self.holds(offset, len as u64))
+        }
+        fn drop_cached(&self, offset: u64, len: usize) {
+            let end = offset + len as u64;
+            let mut f = lock(&self.folios);
+            let inside: Vec<u64> = f
+                .range(offset..end)
+                .filter(|(&s, &(l, _))| s + l <= end)
+                .map(|(&s, _)| s)
+                .collect();
+            for s in inside {
+                f.remove(&s);
+            }
+        }
+        fn read_drop_behind(
+            &self,
+            buf: &mut [u8],
+            offset: u64,
+            cached: Option<bool>,
+        ) -> io::Result<()> {
+            lock(&self.reads).push((offset, cached));
+            if cached == Some(false) {
+                self.read_ahead(offset, offset + buf.len() as u64 + READ_AHEAD);
+            }
+            self.read_at(buf, offset)
+        }
+        fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A small deterministic generator (xorshift64).
+    fn next(x: &mut u64) -> u64 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
+
+    /// Units of 1 MiB in a few runs with gaps of up to 100 MiB, and client
+    /// pages here and there (none when `clients` is 0).
+    fn layout(seed: u64, clients: usize) -> (Vec<(u64, u64)>, Vec<u64>) {
+        let mut x = seed;
+        let mut units = Vec::new();
+        let mut at = (next(&mut x) % 8) * MIB;
+        for _ in 0..4 {
+            for _ in 0..(1 + next(&mut x) % 40) {
+                units.push((at, MIB));
+                at += MIB;
+            }
+            at += (next(&mut x) % 100) * MIB;
+        }
+        let span = at + 80 * MIB;
+        let pages = (0..clients)
+            .map(|_| next(&mut x) % span / PAGE * PAGE)
+            .collect();
+        (units, pages)
+    }
+
+    fn scrub_reads(units: &[(u64, u64)], client_pages: &[u64]) -> Arc<CacheModel> {
+        let (last, _) = *units.last().unwrap();
+        let model = Arc::new(CacheModel {
+            path: "model".into(),
+            size: last + 200 * MIB,
+            folios: Mutex::new(
+                client_pages
+                    .iter()
+                    .map(|&p| (p, (PAGE, Owner::Client)))
+                    .collect(),
+            ),
+            reads: Mutex::new(Vec::new()),
+        });
+        let dev = Arc::new(Device::new(1, [0; 16], model.clone()));
+        let (mut reader, _spares) = UnitReader::new(dev, false, units.to_vec());
+        let mut seen = Vec::new();
+        while let Some(r) = reader.next() {
+            assert!(r.ok);
+            seen.push((r.physical, r.buf.len() as u64));
+        }
+        drop(reader);
+        assert_eq!(seen, units, "every unit read once, in order");
+        model
+    }
+
+    #[test]
+    fn without_clients_nothing_stays_cached() {
+        for seed in 1..40 {
+            let (units, _) = layout(seed, 0);
+            let m = scrub_reads(&units, &[]);
+            assert_eq!(m.owned(Owner::Scrub), Vec::<u64>::new(), "seed {seed}");
+            assert!(
+                lock(&m.reads).iter().all(|&(_, c)| c == Some(false)),
+                "seed {seed}: scrub took its own read-ahead for a client's pages"
+            );
+        }
+    }
+
+    #[test]
+    fn client_pages_stay_and_scrub_pages_go() {
+        for seed in 1..60 {
+            let (units, pages) = layout(seed, 6);
+            let m = scrub_reads(&units, &pages);
+            let mut left = m.owned(Owner::Client);
+            left.sort_unstable();
+            let mut want = pages.clone();
+            want.sort_unstable();
+            want.dedup();
+            assert_eq!(left, want, "seed {seed}: a client's page was dropped");
+            // Scrub leaves its pages only where it must not drop across a
+            // client's page: in the gap piece holding one, or in a folio
+            // reaching into that piece.
+            for s in m.owned(Owner::Scrub) {
+                let reach = GAP_PIECE_BYTES + FOLIO;
+                let near = pages.iter().any(|&p| s + reach > p && s < p + reach);
+                assert!(
+                    near,
+                    "seed {seed}: scrub left {s:#x} cached, far from any client page"
+                );
+            }
+            // A unit is read around the cache only if a client had it.
+            for &(off, c) in lock(&m.reads).iter() {
+                let client = pages.iter().any(|&p| p >= off && p < off + MIB);
+                assert_eq!(c, Some(client), "seed {seed}: unit {off:#x}");
+            }
+        }
     }
 }
