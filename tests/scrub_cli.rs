@@ -163,6 +163,17 @@ fn corruption_case(profile: &str, ndev: usize, data_mib: usize) {
     assert_eq!(u(&v, "corrected_errors"), 0);
     let after: Vec<u32> = devs.iter().map(|d| file_digest(&dir.join(d))).collect();
     assert_eq!(before, after, "{profile}: -r changed a device file");
+    // The same around the page cache (O_DIRECT, two reads in flight per
+    // device, verified in order).
+    let (c, v) = scrub_json(&dir, &devs, &["-r", "--uncached"]);
+    assert_eq!(c, 0, "{v}");
+    assert_eq!(u(&v, "csum_errors"), 205, "{profile} -r --uncached: {v}");
+    assert!(u(&v, "data_bytes_scrubbed") >= (data_mib as u64) << 20);
+    let after: Vec<u32> = devs.iter().map(|d| file_digest(&dir.join(d))).collect();
+    assert_eq!(
+        before, after,
+        "{profile}: -r --uncached changed a device file"
+    );
 
     // Repair.
     let (c, v) = scrub_json(&dir, &devs, &[]);
