@@ -251,8 +251,11 @@ def bench_scrub():
 
 
 # ---- 3. NBD I/O with fio vs qemu-nbd and nbdkit ----------------------------
+NBD_ROUNDS = 1 if QUICK else 3
+NBD_ROUND_SECS = 5
+
+
 def bench_nbd():
-    secs = 5 if QUICK else 15
     d = fresh("nbd")
     # (rw, bs, depth, extra fio args, label suffix): "fsync" is a database
     # in a VM, a flush after every 4 KiB write; "cold" reads run after the
@@ -262,43 +265,45 @@ def bench_nbd():
              ("randwrite", "4k", 32, (), ""), ("randwrite", "4k", 1, ("--fsync=1",), " fsync"),
              ("read", "1M", 8, (), " cold"), ("randread", "4k", 32, (), " cold")]
     conns = [1] if QUICK else [1, 4]
-    rows = {}
-
-    def run_loads(name, uri):
-        for rw, bs, depth, extra, suffix in loads:
-            for jobs in conns:
-                if suffix == " cold":
-                    drop_caches()
-                r = fio(uri, rw, bs, depth, secs, jobs, extra)
-                rows.setdefault(f"{rw} {bs} qd{depth}{suffix} x{jobs}", {})[name] = r
-
-    raw = os.path.join(d, "raw.img")
-    sh(f"truncate -s 1G {raw}")
-    qcow = os.path.join(d, "img.qcow2")
-    sh(["qemu-img", "create", "-q", "-f", "qcow2", qcow, "1G"])
-    for prof in ["single", "raid1"]:
-        devs = [os.path.join(d, f"{prof}{i}.img") for i in range(1 if prof == "single" else 2)]
-        sh([CV, "mkfs", "--data", prof, "--size", "3G", *devs])
-        sh([CV, "volume", "create", "disk0", "--size", "1G", *devs])
-        port = free_port()
-        s = Serve([CV, "serve", "--listen", f"127.0.0.1:{port}", "--socket", os.path.join(d, f"{prof}.sock"), *devs], port)
-        try:
-            run_loads(f"chunkvol {prof}", f"nbd://127.0.0.1:{port}/disk0")
-        finally:
-            s.stop()
-    for fmt, path in [("raw", raw), ("qcow2", qcow)]:
-        port = free_port()
-        s = Serve(["qemu-nbd", "-p", str(port), "-b", "127.0.0.1", "-f", fmt, "-x", "disk0", "--cache=writeback", "-e", "8", "-t", path], port)
-        try:
-            run_loads(f"qemu-nbd {fmt}", f"nbd://127.0.0.1:{port}/disk0")
-        finally:
-            s.stop()
-    port = free_port()
-    s = Serve(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", raw], port)
+    rows = {"_method": f"every server runs at once; each load runs on each server in turn, "
+                       f"{NBD_ROUNDS} round(s) of {NBD_ROUND_SECS} s; the table shows each server's median round"}
+    servers = []  # (name, uri, Serve)
     try:
-        run_loads("nbdkit file", f"nbd://127.0.0.1:{port}/")
+        for prof in ["single", "raid1"]:
+            devs = [os.path.join(d, f"{prof}{i}.img") for i in range(1 if prof == "single" else 2)]
+            sh([CV, "mkfs", "--data", prof, "--size", "3G", *devs])
+            sh([CV, "volume", "create", "disk0", "--size", "1G", *devs])
+            port = free_port()
+            s = Serve([CV, "serve", "--listen", f"127.0.0.1:{port}", "--socket", os.path.join(d, f"{prof}.sock"), *devs], port)
+            servers.append((f"chunkvol {prof}", f"nbd://127.0.0.1:{port}/disk0", s))
+        # Each peer has a fresh image of its own, as each chunkvol pool does.
+        for fmt in ["raw", "qcow2"]:
+            path = os.path.join(d, f"qemu.{fmt}")
+            sh(["qemu-img", "create", "-q", "-f", fmt, path, "1G"])
+            port = free_port()
+            s = Serve(["qemu-nbd", "-p", str(port), "-b", "127.0.0.1", "-f", fmt, "-x", "disk0", "--cache=writeback", "-e", "8", "-t", path], port)
+            servers.append((f"qemu-nbd {fmt}", f"nbd://127.0.0.1:{port}/disk0", s))
+        raw = os.path.join(d, "nbdkit.img")
+        sh(f"truncate -s 1G {raw}")
+        port = free_port()
+        s = Serve(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", raw], port)
+        servers.append(("nbdkit file", f"nbd://127.0.0.1:{port}/", s))
+        for rw, bs, depth, extra, suffix in loads:
+            key = "bw_bytes" if bs == "1M" else "iops"
+            for jobs in conns:
+                per = {name: [] for name, _, _ in servers}
+                for _ in range(NBD_ROUNDS):
+                    for name, uri, _ in servers:
+                        if suffix == " cold":
+                            drop_caches()
+                        per[name].append(fio(uri, rw, bs, depth, NBD_ROUND_SECS, jobs, extra))
+                row = rows.setdefault(f"{rw} {bs} qd{depth}{suffix} x{jobs}", {})
+                for name, rs in per.items():
+                    med = sorted(rs, key=lambda r: r[key])[len(rs) // 2]
+                    row[name] = {**med, "rounds": [r[key] for r in rs]}
     finally:
-        s.stop()
+        for _, _, s in servers:
+            s.stop()
     results["sections"]["nbd"] = rows
 
 
@@ -501,6 +506,8 @@ def targets_writes(S):
     NBD table measures: ratios within one run, met or not."""
     rows = []
     for key, r in S.get("nbd", {}).items():
+        if key.startswith("_"):
+            continue
         m = "bw_bytes" if " 1M " in f" {key} " else "iops"
 
         def ratio(a, b):
@@ -570,6 +577,8 @@ def report():
                 f"{k} " + ", ".join(f"{t:.2f}" for t in v) for k, v in r["rounds_s"].items()) + ".", ""]
     if "nbd" in S:
         out += ["## NBD I/O (fio, nbd engine)", ""] + ran(S["nbd"])
+        if "_method" in S["nbd"]:
+            out += [S["nbd"]["_method"][0].upper() + S["nbd"]["_method"][1:] + ".", ""]
         names = sorted({n for k, row in S["nbd"].items() if not k.startswith("_") for n in row})
         out += ["| load | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for load, row in S["nbd"].items():
