@@ -82,6 +82,21 @@ impl Node {
             Body::Internal(v) => v.len() * CHILD_BYTES,
         }
     }
+    /// Whether the payload is under `bytes`; a leaf's items are summed only
+    /// until the answer is known (a delete asks this of every leaf it
+    /// touches, and a leaf holds hundreds of items).
+    pub fn body_bytes_below(&self, bytes: usize) -> bool {
+        match &self.body {
+            Body::Leaf(v) => {
+                let mut sum = 0;
+                v.iter().all(|(_, d)| {
+                    sum += LEAF_ITEM_OVERHEAD + d.len();
+                    sum < bytes
+                })
+            }
+            Body::Internal(v) => v.len() * CHILD_BYTES < bytes,
+        }
+    }
     pub fn leaf_items(&self) -> &[(Key, Value)] {
         match &self.body {
             Body::Leaf(v) => v,

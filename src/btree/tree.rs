@@ -291,6 +291,20 @@ pub fn get(l: &dyn NodeLoader, root: &Arc<Node>, key: &Key) -> Result<Option<Vec
     }
 }
 
+/// Whether `key` is in the tree (a [`get`] that copies nothing out).
+pub fn contains(l: &dyn NodeLoader, root: &Arc<Node>, key: &Key) -> Result<bool> {
+    let mut node = root.clone();
+    loop {
+        match &node.body {
+            Body::Leaf(items) => return Ok(items.binary_search_by(|(k, _)| k.cmp(key)).is_ok()),
+            Body::Internal(ch) => {
+                let i = child_index(ch, key);
+                node = load_child(l, &node, i)?;
+            }
+        }
+    }
+}
+
 /// The greatest key <= `key`, if any: where a forward scan for items that
 /// may extend over `key` (extents keyed by their start) begins, in
 /// O(log n) rather than a scan back over the longest possible item.
@@ -359,11 +373,21 @@ fn ins(
     let n = cow(s, node)?;
     match &mut n.body {
         Body::Leaf(items) => {
-            match items.binary_search_by(|(k, _)| k.cmp(&key)) {
-                Ok(i) => items[i].1 = val,
-                Err(i) => items.insert(i, (key, val)),
-            }
-            if n.body_bytes() <= cap {
+            let grew = match items.binary_search_by(|(k, _)| k.cmp(&key)) {
+                Ok(i) => {
+                    let grew = val.len() > items[i].1.len();
+                    items[i].1 = val;
+                    grew
+                }
+                Err(i) => {
+                    items.insert(i, (key, val));
+                    true
+                }
+            };
+            // A leaf that did not grow still fits (every node fits when
+            // its change begins).
+            debug_assert!(grew || n.body_bytes() <= cap, "leaf over capacity");
+            if !grew || n.body_bytes() <= cap {
                 return Ok(None);
             }
             let Body::Leaf(items) = &mut n.body else {
@@ -429,7 +453,8 @@ fn leaf_split_point(items: &[(Key, Value)], cap: usize) -> usize {
 
 /// Delete a key; returns whether it was present.
 pub fn delete(s: &mut dyn NodeStore, root: &mut Arc<Node>, key: &Key) -> Result<bool> {
-    if get(s, root, key)?.is_none() {
+    // Looked up first so that deleting a missing key copies nothing.
+    if !contains(s, root, key)? {
         return Ok(false);
     }
     del(s, root, key)?;
@@ -474,7 +499,7 @@ fn del(s: &mut dyn NodeStore, node: &mut Arc<Node>, key: &Key) -> Result<()> {
         ch.remove(idx);
         return Ok(());
     }
-    let underfull = child.body_bytes() < cap / 4;
+    let underfull = child.body_bytes_below(cap / 4);
     ch[idx] = child_of(child);
     r?;
     if underfull && n.len() > 1 {

@@ -332,10 +332,6 @@ impl<'a> Ctx<'a> {
             && (t != bg_type::DATA || !self.fs.has_missing_stripe(bg.start))
     }
 
-    fn free_of_type(&self, t: u64) -> u64 {
-        self.free_of_type_except(t, u64::MAX)
-    }
-
     /// Free bytes allocation of type `t` could use outside the group at
     /// `except` (relocation checks there is room before emptying it).
     pub fn free_of_type_except(&self, t: u64, except: u64) -> u64 {
@@ -349,11 +345,20 @@ impl<'a> Ctx<'a> {
 
     fn ensure_meta_space(&mut self, min_nodes: u64) -> Result<()> {
         let nb = self.fs.node_bytes as u64;
-        for (t, want) in [
+        let wants = [
             (bg_type::METADATA, META_RESERVE_NODES),
             (bg_type::SYSTEM, META_RESERVE_NODES / 8),
-        ] {
-            let free = self.free_of_type(t);
+        ];
+        // One pass over the groups for both types: every change starts here.
+        let mut free = [0u64; 2];
+        for b in self.fs.block_group_list() {
+            for (f, (t, _)) in free.iter_mut().zip(wants) {
+                if self.allocatable(&b, t) {
+                    *f += b.allocatable_bytes();
+                }
+            }
+        }
+        for ((t, want), free) in wants.into_iter().zip(free) {
             if free >= want * nb {
                 continue;
             }
