@@ -8,7 +8,9 @@
 # request, and its send, receive and futex calls and context switches per
 # request. The name `nbdkit` in place of a binary runs the peer: nbdkit's
 # file plugin on a fresh sparse 1 GiB file.
-# Usage: [LOAD=rw:bs:qd] [SECS=8] bench/cpu_per_io.sh ROUNDS BINARY|nbdkit...
+# With PREFILL=1 the first 512 MiB are written (1 MiB blocks) before the
+# measured load, so that reads find data.
+# Usage: [LOAD=rw:bs:qd] [SECS=8] [PREFILL=1] bench/cpu_per_io.sh ROUNDS BINARY|nbdkit...
 # Needs: fio, perf, nbdkit.
 set -euo pipefail
 rounds=$1; shift
@@ -33,11 +35,15 @@ for r in $(seq "$rounds"); do
       srv=$!
       for _ in $(seq 100); do [ -S "$work/ctl.sock" ] && break; sleep 0.1; done
     fi
+    uri="nbd+unix:///disk0?socket=$work/nbd.sock"
+    if [ -n "${PREFILL:-}" ]; then
+      fio --name=f --ioengine=nbd --uri="$uri" --rw=write --bs=1M --iodepth=8 --size=512M >/dev/null 2>&1
+    fi
     perf stat -x, -e syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_futex,context-switches \
       -p "$srv" -o "$work/stat.csv" &
     st=$!
     cpu0=$(awk '{print $14 + $15}' "/proc/$srv/stat")
-    fio --name=c --ioengine=nbd --uri="nbd+unix:///disk0?socket=$work/nbd.sock" --rw="$rw" --bs="$bs" \
+    fio --name=c --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" \
         --iodepth="$qd" --size=512M --time_based --runtime="$secs" --output-format=json >"$work/fio.json" 2>/dev/null
     cpu1=$(awk '{print $14 + $15}' "/proc/$srv/stat")
     kill -INT "$st"; wait "$st" 2>/dev/null || true

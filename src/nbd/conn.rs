@@ -30,6 +30,7 @@ use super::ordering::{WriteOrder, WriteTicket};
 use super::payload::{Payload, PayloadPool};
 use super::proto::*;
 use super::stream::Stream;
+use crate::util::aligned::DIRECT_IO_ALIGN;
 
 /// Requests parsed but not yet picked up by a worker, per connection. Data
 /// is bounded by the byte budget; this bounds the count of data-less ones.
@@ -293,13 +294,44 @@ fn execute<'a>(conn: &'a Conn<'a>, job: Job<'a>) {
     drop(ticket);
     let reply = reply.unwrap_or_else(|_| {
         tracing::error!(?op, "nbd export panicked while serving a request");
-        error_reply(&conn.limits, cookie, NBD_EIO, "internal server error")
+        error_reply(&conn.limits, cookie, NBD_EIO, "internal server error").into()
     });
     conn.replies.send(&reply);
 }
 
+/// An encoded reply: a READ's data reply sits in a pooled buffer (a fresh
+/// one per request was zeroed every time: 3.6 % of the CPU of 1 MiB
+/// reads), the others in a small vector of their own.
+enum Reply<'a> {
+    Owned(Vec<u8>),
+    /// The reply is the buffer's bytes from the offset on.
+    Pooled(Payload<'a>, usize),
+}
+
+impl std::ops::Deref for Reply<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Reply::Owned(v) => v,
+            Reply::Pooled(p, at) => &p[*at..],
+        }
+    }
+}
+
+impl From<Vec<u8>> for Reply<'_> {
+    fn from(v: Vec<u8>) -> Self {
+        Reply::Owned(v)
+    }
+}
+
 /// Performs `op` on the export and encodes the reply.
-fn run_op(conn: &Conn<'_>, cookie: u64, op: Op, payload: &[u8], flush_barrier: u64) -> Vec<u8> {
+fn run_op<'a>(
+    conn: &'a Conn<'a>,
+    cookie: u64,
+    op: Op,
+    payload: &[u8],
+    flush_barrier: u64,
+) -> Reply<'a> {
     let export = conn.export;
     let limits = &conn.limits;
     let result = match op {
@@ -328,7 +360,7 @@ fn run_op(conn: &Conn<'_>, cookie: u64, op: Op, payload: &[u8], flush_barrier: u
         } => {
             if fast_only && !export.fast_zero() {
                 let msg = "fast zeroing is not supported by this export";
-                return error_reply(limits, cookie, NBD_ENOTSUP, msg);
+                return error_reply(limits, cookie, NBD_ENOTSUP, msg).into();
             }
             export.write_zeroes(offset, u64::from(len), may_unmap, fua)
         }
@@ -337,15 +369,15 @@ fn run_op(conn: &Conn<'_>, cookie: u64, op: Op, payload: &[u8], flush_barrier: u
             len,
             req_one,
         } => match block_status_reply(conn, cookie, offset, len, req_one) {
-            Ok(reply) => return reply,
+            Ok(reply) => return reply.into(),
             Err(e) => Err(e),
         },
     };
     match result {
         // A simple reply is allowed for data-less success even with
         // structured replies, and is the cheapest.
-        Ok(()) => encode_simple_reply(0, cookie).to_vec(),
-        Err(e) => error_reply(limits, cookie, nbd_error_from_io(&e), &e.to_string()),
+        Ok(()) => encode_simple_reply(0, cookie).to_vec().into(),
+        Err(e) => error_reply(limits, cookie, nbd_error_from_io(&e), &e.to_string()).into(),
     }
 }
 
@@ -379,22 +411,29 @@ fn block_status_reply(
 
 /// READ reply: the data is read straight into the reply buffer behind room
 /// for the header, so it is sent with a single write.
-fn read_reply(conn: &Conn<'_>, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+fn read_reply<'a>(conn: &'a Conn<'a>, cookie: u64, offset: u64, len: u32) -> Reply<'a> {
     let structured = conn.limits.structured_replies;
     let header_bytes = if structured {
         CHUNK_HEADER_BYTES + 8
     } else {
         SIMPLE_REPLY_HEADER_BYTES
     };
-    let mut buf = vec![0u8; header_bytes + len as usize];
+    // Whatever a reused buffer held is overwritten: the export fills every
+    // byte of the data, the header is written below. The data starts on a
+    // page, as the page cache's pages do: copying from a page to an
+    // address a few bytes past a page boundary took twice as long (the
+    // store and load addresses alias in their low 12 bits).
+    let at = DIRECT_IO_ALIGN - header_bytes;
+    let mut reply = conn.payloads.take(DIRECT_IO_ALIGN + len as usize);
+    let buf = &mut reply.as_mut()[at..];
     if let Err(e) = conn.export.read(offset, &mut buf[header_bytes..]) {
-        return error_reply(&conn.limits, cookie, nbd_error_from_io(&e), &e.to_string());
+        return error_reply(&conn.limits, cookie, nbd_error_from_io(&e), &e.to_string()).into();
     }
     if structured {
         // One data chunk covering the whole request, so DF is always honoured.
         let chunk_len = 8 + len;
         put_chunk_header(
-            &mut buf,
+            buf,
             NBD_REPLY_FLAG_DONE,
             NBD_REPLY_TYPE_OFFSET_DATA,
             cookie,
@@ -402,12 +441,12 @@ fn read_reply(conn: &Conn<'_>, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
         );
         buf[CHUNK_HEADER_BYTES..CHUNK_HEADER_BYTES + 8].copy_from_slice(&offset.to_be_bytes());
     } else {
-        put_simple_reply_header(&mut buf, 0, cookie);
+        put_simple_reply_header(buf, 0, cookie);
     }
     conn.stats
         .bytes_read
         .fetch_add(u64::from(len), Ordering::Relaxed);
-    buf
+    Reply::Pooled(reply, at)
 }
 
 /// An error reply: a structured error chunk with a message when negotiated

@@ -12,7 +12,9 @@ use std::sync::Arc;
 pub trait Export: Send + Sync {
     /// Size of the disk in bytes; sampled once per connection at handshake.
     fn size_bytes(&self) -> u64;
-    /// Fills `buf` with the bytes at `offset`.
+    /// Fills `buf` with the bytes at `offset`: every byte of it, since the
+    /// buffer is reused and holds an earlier request's bytes of this
+    /// connection.
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Writes `data` at `offset`; with `fua` the data must be durable on return.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()>;

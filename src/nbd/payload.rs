@@ -1,15 +1,16 @@
-//! WRITE payload buffers, aligned for direct I/O and reused. A fresh 1 MiB
-//! buffer per request faulted in new pages on every write, and an unaligned
-//! one was copied again before a direct write to the device
-//! (bench/profile.md, "Direct writes").
+//! WRITE payload and READ reply buffers, aligned for direct I/O and reused.
+//! A fresh 1 MiB buffer per request faulted in new pages on every write (or
+//! was zeroed on every read), and an unaligned one was copied again before
+//! a direct write to the device (bench/profile.md, "Direct writes").
 
-use crate::util::aligned::AlignedBuf;
+use crate::util::aligned::{AlignedBuf, DIRECT_IO_ALIGN};
 use crate::util::sync::{lock, Mutex};
 use std::ops::Deref;
 
 /// Bytes of spare buffers one connection keeps: enough for queue depth 8 of
-/// 1 MiB writes, bounded so idle connections hold little.
-pub const SPARE_MAX_BYTES: usize = 8 << 20;
+/// 1 MiB writes or reads (a read reply takes a page more, for its header),
+/// bounded so idle connections hold little.
+pub const SPARE_MAX_BYTES: usize = 8 * ((1 << 20) + DIRECT_IO_ALIGN);
 
 /// The spare buffers of one connection.
 #[derive(Default)]
@@ -17,7 +18,8 @@ pub struct PayloadPool {
     spare: Mutex<Vec<AlignedBuf>>,
 }
 
-/// One request's payload; its buffer goes back to the pool when dropped.
+/// One request's payload (or READ reply); its buffer goes back to the pool
+/// when dropped.
 pub struct Payload<'a> {
     buf: AlignedBuf,
     pool: Option<&'a PayloadPool>,
@@ -82,7 +84,6 @@ impl Drop for Payload<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::util::aligned::DIRECT_IO_ALIGN;
 
     #[test]
     fn buffers_are_aligned_reused_and_bounded() {
