@@ -8,7 +8,9 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 /// request, which is admitted alone so it cannot starve).
 pub struct ByteBudget {
     cap_bytes: usize,
-    used_bytes: Mutex<usize>,
+    /// Bytes in use, and whether the reader waits for some to be freed (a
+    /// notify is a system call even with nobody waiting).
+    used_bytes: Mutex<(usize, bool)>,
     freed: Condvar,
 }
 
@@ -22,12 +24,12 @@ impl ByteBudget {
     pub fn new(cap_bytes: usize) -> Self {
         ByteBudget {
             cap_bytes,
-            used_bytes: Mutex::new(0),
+            used_bytes: Mutex::new((0, false)),
             freed: Condvar::new(),
         }
     }
 
-    fn used(&self) -> MutexGuard<'_, usize> {
+    fn used(&self) -> MutexGuard<'_, (usize, bool)> {
         // The counter stays consistent even if a holder panicked.
         self.used_bytes.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -41,10 +43,11 @@ impl ByteBudget {
             };
         }
         let mut used = self.used();
-        while *used != 0 && used.saturating_add(bytes) > self.cap_bytes {
+        while used.0 != 0 && used.0.saturating_add(bytes) > self.cap_bytes {
+            used.1 = true;
             used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
         }
-        *used += bytes;
+        used.0 += bytes;
         Permit {
             budget: self,
             bytes,
@@ -54,7 +57,7 @@ impl ByteBudget {
     /// Bytes currently reserved.
     #[cfg(test)]
     pub fn in_use(&self) -> usize {
-        *self.used()
+        self.used().0
     }
 }
 
@@ -63,8 +66,13 @@ impl Drop for Permit<'_> {
         if self.bytes == 0 {
             return;
         }
-        *self.budget.used() -= self.bytes;
-        self.budget.freed.notify_all();
+        let mut used = self.budget.used();
+        debug_assert!(used.0 >= self.bytes, "more bytes freed than reserved");
+        used.0 -= self.bytes;
+        if used.1 {
+            used.1 = false;
+            self.budget.freed.notify_all();
+        }
     }
 }
 

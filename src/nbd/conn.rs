@@ -11,7 +11,6 @@ use std::io::{self, Read};
 use std::net::Shutdown;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Mutex;
 use std::thread;
 
@@ -29,6 +28,7 @@ use super::io_util::read_exact_or_eof;
 use super::ordering::{WriteOrder, WriteTicket};
 use super::payload::{Payload, PayloadPool};
 use super::proto::*;
+use super::queue::JobQueue;
 use super::stream::Stream;
 use crate::util::aligned::DIRECT_IO_ALIGN;
 
@@ -152,15 +152,14 @@ pub fn serve<R: Read>(
         payloads: PayloadPool::default(),
         stats,
     };
-    let (tx, rx) = sync_channel::<Job>(MAX_QUEUED_REQUESTS_PER_CONN);
-    let rx = Mutex::new(rx);
+    let queue = JobQueue::<Job>::new(MAX_QUEUED_REQUESTS_PER_CONN);
     let end = thread::scope(|s| {
         let mut spawn_error = None;
         let mut workers = 0;
         for i in 0..limits.worker_threads.max(1) {
             let spawned = thread::Builder::new()
                 .name(format!("{thread_name}-w{i}"))
-                .spawn_scoped(s, || worker_loop(&conn, &rx));
+                .spawn_scoped(s, || worker_loop(&conn, &queue));
             match spawned {
                 Ok(_) => workers += 1,
                 Err(e) => spawn_error = Some(e),
@@ -169,9 +168,10 @@ pub fn serve<R: Read>(
         if workers == 0 {
             return EndReason::NoWorkers(spawn_error.unwrap_or_else(|| io::Error::other("none")));
         }
-        // Dropping the sender when reading stops lets the workers drain the
-        // queue and exit; the scope then joins them.
-        read_loop(reader, &conn, tx)
+        // Closing the queue when reading stops (even by a panic) lets the
+        // workers drain it and exit; the scope then joins them.
+        let _close = CloseOnDrop(&queue);
+        read_loop(reader, &conn, &queue)
     });
     match end {
         // Our own shutdown after a failed reply shows up as an EOF.
@@ -182,20 +182,36 @@ pub fn serve<R: Read>(
     }
 }
 
-fn worker_loop<'a>(conn: &'a Conn<'a>, rx: &Mutex<Receiver<Job<'a>>>) {
-    loop {
-        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-        match job {
-            Ok(job) => execute(conn, job),
-            Err(_) => return,
+/// Closes the queue when the reader stops.
+struct CloseOnDrop<'q, 'a>(&'q JobQueue<Job<'a>>);
+
+impl Drop for CloseOnDrop<'_, '_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+fn worker_loop<'a>(conn: &'a Conn<'a>, queue: &JobQueue<Job<'a>>) {
+    // `execute` catches the export's panics; one that escapes it anyway
+    // closes the queue, so the reader stops instead of waiting for room.
+    struct CloseOnPanic<'q, 'a>(&'q JobQueue<Job<'a>>);
+    impl Drop for CloseOnPanic<'_, '_> {
+        fn drop(&mut self) {
+            if thread::panicking() {
+                self.0.close();
+            }
         }
+    }
+    let _guard = CloseOnPanic(queue);
+    while let Some(job) = queue.pop() {
+        execute(conn, job);
     }
 }
 
 fn read_loop<'a, R: Read>(
     reader: &mut R,
     conn: &'a Conn<'a>,
-    tx: SyncSender<Job<'a>>,
+    queue: &JobQueue<Job<'a>>,
 ) -> EndReason {
     let io_end = |e: io::Error| match e.kind() {
         io::ErrorKind::UnexpectedEof
@@ -264,8 +280,8 @@ fn read_loop<'a, R: Read>(
             ticket: op.is_write().then(|| conn.order.begin_write()),
             _permit: permit,
         };
-        if tx.send(job).is_err() {
-            // Every worker is gone; nothing can be answered any more.
+        if queue.push(job).is_err() {
+            // A worker died; nothing can be answered reliably any more.
             return EndReason::ReplyFailed;
         }
     }

@@ -28,6 +28,7 @@ mod metrics;
 mod ordering;
 mod payload;
 pub mod proto;
+mod queue;
 mod server;
 mod stream;
 mod tls;
