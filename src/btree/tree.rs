@@ -274,6 +274,16 @@ pub fn snapshot_root(s: &mut dyn NodeStore, root: &Arc<Node>, owner: u64) -> Res
 
 /// Look a key up.
 pub fn get(l: &dyn NodeLoader, root: &Arc<Node>, key: &Key) -> Result<Option<Vec<u8>>> {
+    Ok(get_value(l, root, key)?.map(|v| v.to_vec()))
+}
+
+/// Whether `key` is in the tree (a [`get`] that copies nothing out).
+pub fn contains(l: &dyn NodeLoader, root: &Arc<Node>, key: &Key) -> Result<bool> {
+    Ok(get_value(l, root, key)?.is_some())
+}
+
+/// The shared value stored under `key`.
+fn get_value(l: &dyn NodeLoader, root: &Arc<Node>, key: &Key) -> Result<Option<Value>> {
     let mut node = root.clone();
     loop {
         match &node.body {
@@ -281,22 +291,8 @@ pub fn get(l: &dyn NodeLoader, root: &Arc<Node>, key: &Key) -> Result<Option<Vec
                 return Ok(items
                     .binary_search_by(|(k, _)| k.cmp(key))
                     .ok()
-                    .map(|i| items[i].1.to_vec()))
+                    .map(|i| items[i].1.clone()))
             }
-            Body::Internal(ch) => {
-                let i = child_index(ch, key);
-                node = load_child(l, &node, i)?;
-            }
-        }
-    }
-}
-
-/// Whether `key` is in the tree (a [`get`] that copies nothing out).
-pub fn contains(l: &dyn NodeLoader, root: &Arc<Node>, key: &Key) -> Result<bool> {
-    let mut node = root.clone();
-    loop {
-        match &node.body {
-            Body::Leaf(items) => return Ok(items.binary_search_by(|(k, _)| k.cmp(key)).is_ok()),
             Body::Internal(ch) => {
                 let i = child_index(ch, key);
                 node = load_child(l, &node, i)?;

@@ -170,7 +170,10 @@ pub fn serve<R: Read>(
         }
         // Closing the queue when reading stops (even by a panic) lets the
         // workers drain it and exit; the scope then joins them.
-        let _close = CloseOnDrop(&queue);
+        let _close = Closer {
+            queue: &queue,
+            only_on_panic: false,
+        };
         read_loop(reader, &conn, &queue)
     });
     match end {
@@ -182,27 +185,27 @@ pub fn serve<R: Read>(
     }
 }
 
-/// Closes the queue when the reader stops.
-struct CloseOnDrop<'q, 'a>(&'q JobQueue<Job<'a>>);
+/// Closes the job queue when dropped (or only when dropped by a panic).
+struct Closer<'q, 'a> {
+    queue: &'q JobQueue<Job<'a>>,
+    only_on_panic: bool,
+}
 
-impl Drop for CloseOnDrop<'_, '_> {
+impl Drop for Closer<'_, '_> {
     fn drop(&mut self) {
-        self.0.close();
+        if !self.only_on_panic || thread::panicking() {
+            self.queue.close();
+        }
     }
 }
 
 fn worker_loop<'a>(conn: &'a Conn<'a>, queue: &JobQueue<Job<'a>>) {
     // `execute` catches the export's panics; one that escapes it anyway
     // closes the queue, so the reader stops instead of waiting for room.
-    struct CloseOnPanic<'q, 'a>(&'q JobQueue<Job<'a>>);
-    impl Drop for CloseOnPanic<'_, '_> {
-        fn drop(&mut self) {
-            if thread::panicking() {
-                self.0.close();
-            }
-        }
-    }
-    let _guard = CloseOnPanic(queue);
+    let _close = Closer {
+        queue,
+        only_on_panic: true,
+    };
     while let Some(job) = queue.pop() {
         execute(conn, job);
     }
