@@ -5,9 +5,10 @@
 # Unix socket running LOAD (default randwrite 4 KiB qd32) for SECS seconds
 # (default 8) over the first 512 MiB, and perf stat counting the server's
 # system calls. Prints one line per run: IOPS, the server's CPU time per
-# request, and its send, receive and futex calls and context switches per
-# request. The name `nbdkit` in place of a binary runs the peer: nbdkit's
-# file plugin on a fresh sparse 1 GiB file.
+# request, and its send (sendto, plus sendmsg: several replies in one
+# call), receive and futex calls and context switches per request. The
+# name `nbdkit` in place of a binary runs the peer: nbdkit's file plugin
+# on a fresh sparse 1 GiB file.
 # With PREFILL=1 the first 512 MiB are written (1 MiB blocks) before the
 # measured load, so that reads find data.
 # Usage: [LOAD=rw:bs:qd] [SECS=8] [PREFILL=1] bench/cpu_per_io.sh ROUNDS BINARY|nbdkit...
@@ -19,8 +20,8 @@ secs=${SECS:-8}
 work=$(mktemp -d /var/tmp/chunkvol-cpuio.XXXXXX)
 srv=""
 trap '[ -n "$srv" ] && kill $srv 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
-echo "| round | binary | IOPS | server CPU µs per request | sendto | recvfrom | futex | context switches (per request) |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "| round | binary | IOPS | server CPU µs per request | sendto | sendmsg | recvfrom | futex | context switches (per request) |"
+echo "|---|---|---|---|---|---|---|---|---|"
 for r in $(seq "$rounds"); do
   for bin in "$@"; do
     if [ "$bin" = nbdkit ]; then
@@ -39,7 +40,7 @@ for r in $(seq "$rounds"); do
     if [ -n "${PREFILL:-}" ]; then
       fio --name=f --ioengine=nbd --uri="$uri" --rw=write --bs=1M --iodepth=8 --size=512M >/dev/null 2>&1
     fi
-    perf stat -x, -e syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_futex,context-switches \
+    perf stat -x, -e syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg,syscalls:sys_enter_recvfrom,syscalls:sys_enter_futex,context-switches \
       -p "$srv" -o "$work/stat.csv" &
     st=$!
     cpu0=$(awk '{print $14 + $15}' "/proc/$srv/stat")
@@ -61,7 +62,7 @@ for line in open(sys.argv[2]):
         c[f[2].split(":")[-1]] = float(f[0])
 us = int(sys.argv[3]) / int(sys.argv[4]) * 1e6 / ios
 per = lambda k: "%.2f" % (c.get(k, 0) / ios)
-print(f"| {sys.argv[5]} | {sys.argv[6]} | {iops:.0f} | {us:.1f} | {per('sys_enter_sendto')} | "
+print(f"| {sys.argv[5]} | {sys.argv[6]} | {iops:.0f} | {us:.1f} | {per('sys_enter_sendto')} | {per('sys_enter_sendmsg')} | "
       f"{per('sys_enter_recvfrom')} | {per('sys_enter_futex')} | {per('context-switches')} |")
 PY
     rm -f "$work"/*

@@ -2,16 +2,15 @@
 //!
 //! The calling thread reads and validates requests, then hands them to a
 //! fixed pool of worker threads through a bounded queue; replies may complete
-//! out of order and are serialised by one writer lock. Memory is bounded by a
+//! out of order and leave through a [`ReplySink`], which sends whatever is
+//! queued in one vectored write. Memory is bounded by a
 //! [`ByteBudget`]: the reader reserves a request's data size before buffering
 //! a WRITE payload or queueing a READ, and the reservation is returned when
 //! the reply has been sent.
 
 use std::io::{self, Read};
-use std::net::Shutdown;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 
 use thiserror::Error;
@@ -29,6 +28,7 @@ use super::ordering::{WriteOrder, WriteTicket};
 use super::payload::{Payload, PayloadPool};
 use super::proto::*;
 use super::queue::JobQueue;
+use super::reply::ReplySink;
 use super::stream::Stream;
 use crate::util::aligned::DIRECT_IO_ALIGN;
 
@@ -74,29 +74,29 @@ pub struct Stats {
     pub server: std::sync::Arc<super::metrics::Metrics>,
 }
 
-/// Serialises reply writes; after the first failure every reply is dropped.
-struct ReplySink {
-    stream: Mutex<Box<dyn Stream>>,
-    broken: AtomicBool,
+/// A reply and the budget it holds until it has been written.
+struct Outgoing<'a> {
+    reply: Reply<'a>,
+    _permit: Permit<'a>,
 }
 
-impl ReplySink {
-    fn send(&self, bytes: &[u8]) {
-        if self.broken.load(Ordering::Acquire) {
-            return;
-        }
-        let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = stream.write_all(bytes) {
-            tracing::debug!(error = %e, "nbd reply write failed");
-            self.broken.store(true, Ordering::Release);
-            // Wake the reader so the connection winds down.
-            let _ = stream.shutdown_stream(Shutdown::Both);
-        }
+impl std::ops::Deref for Outgoing<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.reply
     }
+}
 
-    fn is_broken(&self) -> bool {
-        self.broken.load(Ordering::Acquire)
-    }
+/// The reply queue of one connection. Kept out of [`Conn`]: its replies
+/// borrow the connection's buffers and budget.
+type Replies<'a> = ReplySink<Outgoing<'a>>;
+
+/// Queues a reply that holds no budget (a refusal by the reader).
+fn reply_now<'a>(conn: &'a Conn<'a>, replies: &Replies<'a>, reply: Vec<u8>) {
+    replies.send(Outgoing {
+        reply: Reply::Owned(reply),
+        _permit: conn.budget.acquire(0),
+    });
 }
 
 /// State shared by the reader and the workers of one connection.
@@ -105,7 +105,6 @@ struct Conn<'a> {
     limits: Limits,
     /// Selected metadata contexts, answered in this order by BLOCK_STATUS.
     meta_contexts: &'a [(u32, MetaContext)],
-    replies: ReplySink,
     budget: ByteBudget,
     order: WriteOrder,
     payloads: PayloadPool,
@@ -143,23 +142,20 @@ pub fn serve<R: Read>(
             read_only: session.transmission_flags & NBD_FLAG_READ_ONLY != 0,
         },
         meta_contexts: &session.meta_contexts,
-        replies: ReplySink {
-            stream: Mutex::new(writer),
-            broken: AtomicBool::new(false),
-        },
         budget: ByteBudget::new(limits.max_in_flight_bytes),
         order: WriteOrder::default(),
         payloads: PayloadPool::default(),
         stats,
     };
     let queue = JobQueue::<Job>::new(MAX_QUEUED_REQUESTS_PER_CONN);
+    let replies = ReplySink::new(writer);
     let end = thread::scope(|s| {
         let mut spawn_error = None;
         let mut workers = 0;
         for i in 0..limits.worker_threads.max(1) {
             let spawned = thread::Builder::new()
                 .name(format!("{thread_name}-w{i}"))
-                .spawn_scoped(s, || worker_loop(&conn, &queue));
+                .spawn_scoped(s, || worker_loop(&conn, &queue, &replies));
             match spawned {
                 Ok(_) => workers += 1,
                 Err(e) => spawn_error = Some(e),
@@ -174,13 +170,11 @@ pub fn serve<R: Read>(
             queue: &queue,
             only_on_panic: false,
         };
-        read_loop(reader, &conn, &queue)
+        read_loop(reader, &conn, &queue, &replies)
     });
     match end {
         // Our own shutdown after a failed reply shows up as an EOF.
-        EndReason::Closed | EndReason::Truncated if conn.replies.is_broken() => {
-            EndReason::ReplyFailed
-        }
+        EndReason::Closed | EndReason::Truncated if replies.is_broken() => EndReason::ReplyFailed,
         end => end,
     }
 }
@@ -199,7 +193,7 @@ impl Drop for Closer<'_, '_> {
     }
 }
 
-fn worker_loop<'a>(conn: &'a Conn<'a>, queue: &JobQueue<Job<'a>>) {
+fn worker_loop<'a>(conn: &'a Conn<'a>, queue: &JobQueue<Job<'a>>, replies: &Replies<'a>) {
     // `execute` catches the export's panics; one that escapes it anyway
     // closes the queue, so the reader stops instead of waiting for room.
     let _close = Closer {
@@ -207,7 +201,7 @@ fn worker_loop<'a>(conn: &'a Conn<'a>, queue: &JobQueue<Job<'a>>) {
         only_on_panic: true,
     };
     while let Some(job) = queue.pop() {
-        execute(conn, job);
+        execute(conn, job, replies);
     }
 }
 
@@ -215,6 +209,7 @@ fn read_loop<'a, R: Read>(
     reader: &mut R,
     conn: &'a Conn<'a>,
     queue: &JobQueue<Job<'a>>,
+    replies: &Replies<'a>,
 ) -> EndReason {
     let io_end = |e: io::Error| match e.kind() {
         io::ErrorKind::UnexpectedEof
@@ -224,7 +219,7 @@ fn read_loop<'a, R: Read>(
         _ => EndReason::Io(e),
     };
     loop {
-        if conn.replies.is_broken() {
+        if replies.is_broken() {
             return EndReason::ReplyFailed;
         }
         let mut hdr = [0u8; REQUEST_HEADER_BYTES];
@@ -253,8 +248,11 @@ fn read_loop<'a, R: Read>(
                 // Skipping up to 4 GiB to resync is not worth it; the client
                 // broke the advertised limit, so answer and hang up.
                 let msg = "write payload exceeds the maximum payload size";
-                conn.replies
-                    .send(&error_reply(&conn.limits, req.cookie, NBD_EINVAL, msg));
+                reply_now(
+                    conn,
+                    replies,
+                    error_reply(&conn.limits, req.cookie, NBD_EINVAL, msg),
+                );
                 return EndReason::OversizedWrite(payload_bytes);
             }
             permit = conn.budget.acquire(payload_bytes as usize);
@@ -267,8 +265,11 @@ fn read_loop<'a, R: Read>(
         let op = match validate(&req, &conn.limits) {
             Ok(op) => op,
             Err(Rejection { error, message }) => {
-                conn.replies
-                    .send(&error_reply(&conn.limits, req.cookie, error, message));
+                reply_now(
+                    conn,
+                    replies,
+                    error_reply(&conn.limits, req.cookie, error, message),
+                );
                 continue;
             }
         };
@@ -292,7 +293,7 @@ fn read_loop<'a, R: Read>(
 
 /// Runs one job and sends its reply. A panicking export fails the request
 /// with EIO instead of taking the connection (or the server) down.
-fn execute<'a>(conn: &'a Conn<'a>, job: Job<'a>) {
+fn execute<'a>(conn: &'a Conn<'a>, job: Job<'a>, replies: &Replies<'a>) {
     let Job {
         cookie,
         op,
@@ -315,7 +316,7 @@ fn execute<'a>(conn: &'a Conn<'a>, job: Job<'a>) {
         tracing::error!(?op, "nbd export panicked while serving a request");
         error_reply(&conn.limits, cookie, NBD_EIO, "internal server error").into()
     });
-    conn.replies.send(&reply);
+    replies.send(Outgoing { reply, _permit });
 }
 
 /// An encoded reply: a READ's data reply sits in a pooled buffer (a fresh

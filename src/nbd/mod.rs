@@ -29,6 +29,7 @@ mod ordering;
 mod payload;
 pub mod proto;
 mod queue;
+mod reply;
 mod server;
 mod stream;
 mod tls;
