@@ -39,13 +39,23 @@ pub fn insert_data_extent(
     len: u64,
     csums: Vec<u8>,
 ) -> Result<()> {
-    punch(ctx, volume_id, lba, len)?;
     let gen = ctx.st.gen;
-    ctx.insert(
-        volume_id,
-        mapping_key(lba),
-        VolumeExtent { logical, len, gen }.encode(),
-    )?;
+    let new = VolumeExtent { logical, len, gen }.encode();
+    let old = mappings(ctx, volume_id, lba, len)?;
+    match old[..] {
+        // An overwrite of exactly what one mapping covered (a random
+        // overwrite of a block): the new item replaces the old in place,
+        // which also copies a shared leaf first, so the count that
+        // `release_whole` reads is this tree's view.
+        [(k, ve)] if k.offset == lba && ve.len == len => {
+            ctx.insert(volume_id, mapping_key(lba), new)?;
+            release_whole(ctx, &ve)?;
+        }
+        _ => {
+            punch_found(ctx, volume_id, (lba, len), old)?;
+            ctx.insert(volume_id, mapping_key(lba), new)?;
+        }
+    }
     ctx.insert(
         tree_id::EXTENT,
         Key::new(logical, item::EXTENT, len),
@@ -91,8 +101,19 @@ pub fn punch(ctx: &mut Ctx, volume_id: u64, start: u64, len: u64) -> Result<()> 
     if len == 0 {
         return Ok(());
     }
+    let found = mappings(ctx, volume_id, start, len)?;
+    punch_found(ctx, volume_id, (start, len), found)
+}
+
+/// [`punch`], given the mappings that overlap the range.
+fn punch_found(
+    ctx: &mut Ctx,
+    volume_id: u64,
+    (start, len): (u64, u64),
+    found: Vec<(Key, VolumeExtent)>,
+) -> Result<()> {
     let end = start + len;
-    for (k, ve) in mappings(ctx, volume_id, start, len)? {
+    for (k, ve) in found {
         let (s, e) = (k.offset, k.offset + ve.len);
         let (os, oe) = (s.max(start), e.min(end));
         // Deleting copies a shared leaf first: its items then hold
@@ -122,6 +143,33 @@ pub fn punch(ctx: &mut Ctx, volume_id: u64, start: u64, len: u64) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// Release the data of a mapping item that was just removed whole (no
+/// piece of it stays mapped). The usual case, an extent only this item
+/// referenced and that it covered exactly, is found by its exact key and
+/// freed without the general search.
+fn release_whole(ctx: &mut Ctx, ve: &VolumeExtent) -> Result<()> {
+    let ek = Key::new(ve.logical, item::EXTENT, ve.len);
+    if let Some(v) = ctx.get(tree_id::EXTENT, &ek)? {
+        let ei = ExtentItem::decode(&v).map_err(|e| Error::Corrupt(format!("extent {ek}: {e}")))?;
+        if ei.refs == 1 {
+            let had_extent = ctx.delete(tree_id::EXTENT, &ek)?;
+            debug_assert!(
+                had_extent,
+                "extent {ek} vanished between a get and a delete"
+            );
+            ctx.delete(tree_id::CSUM, &csum_key(ve.logical))?;
+            ctx.free_extent(ve.logical, ve.len);
+            return Ok(());
+        }
+    }
+    let (ek, ei) = ctx.data_extent_at(ve.logical)?;
+    if ei.refs == 1 {
+        trim_extent(ctx, ek, &ei, &[])
+    } else {
+        ctx.add_data_ref(ve.logical, -1)
+    }
 }
 
 /// Replace an extent only one mapping referenced by the ranges of it that
