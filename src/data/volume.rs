@@ -144,26 +144,43 @@ impl Volume {
             extent::mapping_scan_from(fs, &vroot, start)?,
             mapping_key(end - 1),
         );
-        let mut pos = start;
-        let cs = fs.csum_type.size_bytes();
+        // The mapped pieces of the range: (start, end, the logical address
+        // its mapping points at, the logical address of `start`).
+        let mut runs = Vec::new();
         for r in it {
             let (k, v) = r?;
             let ve = VolumeExtent::decode(&v).map_err(|e| Error::Corrupt(format!("{k}: {e}")))?;
             let (s, e) = (k.offset, k.offset + ve.len);
-            if e <= start {
-                continue;
+            if e > start {
+                runs.push((
+                    s.max(start),
+                    e.min(end),
+                    ve.logical,
+                    ve.logical + (s.max(start) - s),
+                ));
             }
-            let (os, oe) = (s.max(start), e.min(end));
+        }
+        // A range that random overwrites scattered over the device: ask for
+        // every piece before reading the first, so the device sees them
+        // together (read one by one, a cold 1 MiB read of 4 KiB pieces ran
+        // at a tenth of the device's rate for random reads at depth).
+        if runs.len() > 1 {
+            for &(os, oe, _, sub) in &runs {
+                fs.prefetch_data(sub, oe - os);
+            }
+        }
+        let mut pos = start;
+        let cs = fs.csum_type.size_bytes();
+        for (os, oe, mapped, sub) in runs {
             if os > pos {
                 out[(pos - start) as usize..(os - start) as usize].fill(0);
             }
-            let sub = ve.logical + (os - s);
             // Every mapping has its checksums (extent.rs invariant): a
             // missing or short item is corruption, not unverified data.
-            let Some(sums) = extent::sums_for(fs, &croot, cs, ve.logical, (sub, oe - os))? else {
+            let Some(sums) = extent::sums_for(fs, &croot, cs, mapped, (sub, oe - os))? else {
                 return Err(Error::Corrupt(format!(
-                    "volume {}: bytes {os}..{oe} (logical {:#x}): checksum item missing or short",
-                    self.name, ve.logical
+                    "volume {}: bytes {os}..{oe} (logical {mapped:#x}): checksum item missing or short",
+                    self.name
                 )));
             };
             let sums = Some(&sums[..]);

@@ -72,6 +72,12 @@ pub trait BlockDevice: Send + Sync {
     fn reads_ahead(&self) -> bool {
         false
     }
+    /// Start reading the range into the host page cache and return
+    /// without waiting: a reader about to read many small scattered ranges
+    /// (a fragmented volume range) asks for them all first, so the device
+    /// sees them together instead of one after another. A hint; no-op by
+    /// default.
+    fn prefetch(&self, _offset: u64, _len: usize) {}
     /// Make every completed write durable.
     fn flush(&self) -> io::Result<()>;
     /// Write `buf` and make just these bytes durable before returning (the
@@ -248,6 +254,9 @@ impl BlockDevice for FileDevice {
     }
     fn reads_ahead(&self) -> bool {
         true
+    }
+    fn prefetch(&self, offset: u64, len: usize) {
+        page_cache::will_need(&self.file, offset, len);
     }
     fn read_uncached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         use crate::util::aligned::DIRECT_IO_ALIGN as A;

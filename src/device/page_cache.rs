@@ -54,6 +54,12 @@ pub(super) fn drop_range(file: &File, offset: u64, len: usize) {
     advise(file, offset, len, rustix::fs::Advice::DontNeed);
 }
 
+/// Start reading `offset .. offset + len` of `file` into the page cache
+/// without waiting for it.
+pub(super) fn will_need(file: &File, offset: u64, len: usize) {
+    advise(file, offset, len, rustix::fs::Advice::WillNeed);
+}
+
 /// Advice only: a failure leaves pages cached, nothing else.
 fn advise(file: &File, offset: u64, len: usize, advice: rustix::fs::Advice) {
     let _ = rustix::fs::fadvise(file, offset, std::num::NonZeroU64::new(len as u64), advice);
@@ -87,6 +93,33 @@ mod tests {
         assert_eq!(any_resident(&f, (32 << 10) + 100, 1), Some(true));
         drop_range(&f, 32 << 10, page);
         assert_eq!(any_resident(&f, 0, 64 << 10), Some(false));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn will_need_reads_the_range_in() {
+        let dir = std::env::temp_dir().join(format!("cv-willneed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        let mut f = File::create(&path).unwrap();
+        f.write_all(&vec![7u8; 256 << 10]).unwrap();
+        f.sync_all().unwrap();
+        let f = File::open(&path).unwrap();
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::Random).unwrap();
+        drop_range(&f, 0, 256 << 10);
+        assert_eq!(any_resident(&f, 0, 256 << 10), Some(false));
+        will_need(&f, 128 << 10, 8 << 10);
+        // The read runs in the background: wait for it, within a bound.
+        let mut cached = false;
+        for _ in 0..200 {
+            cached = any_resident(&f, 128 << 10, 8 << 10) == Some(true);
+            if cached {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(cached, "the range asked for was not read in");
+        assert_eq!(any_resident(&f, 0, 64 << 10), Some(false), "a range not asked for was read");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -682,6 +682,26 @@ impl FsInfo {
         Ok(n)
     }
 
+    /// Ask the device of the copy [`read_data`](Self::read_data) reads
+    /// first to start reading [logical, +len) into the page cache. A hint:
+    /// an unmapped address or a missing device is left to the read itself.
+    pub fn prefetch_data(&self, logical: u64, len: u64) {
+        let Some(map) = self.mapping.lookup(logical) else {
+            return;
+        };
+        let Ok(pieces) = map.map(logical, len) else {
+            return;
+        };
+        for p in &pieces {
+            let Some(&(devid, phys)) = p.mirrors.first() else {
+                continue;
+            };
+            if let Some(dev) = self.device(devid) {
+                dev.dev.prefetch(phys, p.len as usize);
+            }
+        }
+    }
+
     /// Read data at `logical` into `out`, verifying each sector against
     /// `csums` (one per sector; None = no checksums) and repairing bad copies.
     /// `name` describes the data for errors (volume and LBA).
