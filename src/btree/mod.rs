@@ -14,8 +14,8 @@ mod tree;
 
 pub use node::{Body, Child, Node, Value, CHILD_BYTES, LEAF_ITEM_OVERHEAD};
 pub use tree::{
-    delete, diff, drop_some, drop_tree, get, insert, last_at_or_before, max_item_bytes, relocate,
-    snapshot_root, Iter, NodeLoader, NodeStore,
+    delete, delete_expected, diff, drop_some, drop_tree, get, insert, last_at_or_before,
+    max_item_bytes, relocate, snapshot_root, Iter, NodeLoader, NodeStore,
 };
 
 #[cfg(test)]

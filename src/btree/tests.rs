@@ -140,6 +140,7 @@ impl MemStore {
 enum Op {
     Insert(u16, u16),
     Delete(u16),
+    DeleteExpected(u16),
     Range(u16, u16),
     Commit,
     Reopen,
@@ -149,6 +150,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (any::<u16>(), 0u16..300).prop_map(|(k, l)| Op::Insert(k % 2000, l)),
         3 => any::<u16>().prop_map(|k| Op::Delete(k % 2000)),
+        2 => any::<u16>().prop_map(|k| Op::DeleteExpected(k % 2000)),
         1 => (any::<u16>(), any::<u16>()).prop_map(|(a, b)| Op::Range(a % 2000, b % 2000)),
         1 => Just(Op::Commit),
         1 => Just(Op::Reopen),
@@ -175,6 +177,11 @@ fn run(node_bytes: usize, ops: &[Op]) {
             }
             Op::Delete(k) => {
                 let had = delete(&mut s, &mut root, &key(k)).unwrap();
+                assert_eq!(had, model.remove(&key(k)).is_some());
+            }
+            // Also for missing keys: it must then change nothing.
+            Op::DeleteExpected(k) => {
+                let had = delete_expected(&mut s, &mut root, &key(k)).unwrap();
                 assert_eq!(had, model.remove(&key(k)).is_some());
             }
             Op::Range(a, b) => {

@@ -453,7 +453,14 @@ pub fn delete(s: &mut dyn NodeStore, root: &mut Arc<Node>, key: &Key) -> Result<
     if !contains(s, root, key)? {
         return Ok(false);
     }
-    del(s, root, key)?;
+    delete_expected(s, root, key)
+}
+
+/// Delete a key the caller has just seen, or that an invariant says is
+/// there: one descent instead of two. A missing key still copies the path
+/// to where it would be (harmless, wasted); returns whether it was present.
+pub fn delete_expected(s: &mut dyn NodeStore, root: &mut Arc<Node>, key: &Key) -> Result<bool> {
+    let found = del(s, root, key)?;
     // Shrink the root while it is an internal node with one child.
     loop {
         match &root.body {
@@ -472,17 +479,18 @@ pub fn delete(s: &mut dyn NodeStore, root: &mut Arc<Node>, key: &Key) -> Result<
             _ => break,
         }
     }
-    Ok(true)
+    Ok(found)
 }
 
-fn del(s: &mut dyn NodeStore, node: &mut Arc<Node>, key: &Key) -> Result<()> {
+fn del(s: &mut dyn NodeStore, node: &mut Arc<Node>, key: &Key) -> Result<bool> {
     let cap = capacity(s.node_bytes());
     let n = cow(s, node)?;
     if let Body::Leaf(items) = &mut n.body {
-        if let Ok(i) = items.binary_search_by(|(k, _)| k.cmp(key)) {
+        let at = items.binary_search_by(|(k, _)| k.cmp(key));
+        if let Ok(i) = at {
             items.remove(i);
         }
-        return Ok(());
+        return Ok(at.is_ok());
     }
     let idx = child_index(n.children(), key);
     let mut child = take_child(s, n, idx)?;
@@ -493,11 +501,11 @@ fn del(s: &mut dyn NodeStore, node: &mut Arc<Node>, key: &Key) -> Result<()> {
     if r.is_ok() && child.is_empty() {
         s.free_node(&child);
         ch.remove(idx);
-        return Ok(());
+        return r;
     }
     let underfull = child.body_bytes_below(cap / 4);
     ch[idx] = child_of(child);
-    r?;
+    let found = r?;
     if underfull && n.len() > 1 {
         let (l, r) = if idx + 1 < n.len() {
             (idx, idx + 1)
@@ -506,7 +514,7 @@ fn del(s: &mut dyn NodeStore, node: &mut Arc<Node>, key: &Key) -> Result<()> {
         };
         try_merge(s, n, l, r, cap)?;
     }
-    Ok(())
+    Ok(found)
 }
 
 /// Merge child `r` into child `l` when the result fits in one node.

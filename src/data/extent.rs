@@ -154,12 +154,13 @@ fn release_whole(ctx: &mut Ctx, ve: &VolumeExtent) -> Result<()> {
     if let Some(v) = ctx.get(tree_id::EXTENT, &ek)? {
         let ei = ExtentItem::decode(&v).map_err(|e| Error::Corrupt(format!("extent {ek}: {e}")))?;
         if ei.refs == 1 {
-            let had_extent = ctx.delete(tree_id::EXTENT, &ek)?;
+            let had_extent = ctx.delete_expected(tree_id::EXTENT, &ek)?;
             debug_assert!(
                 had_extent,
                 "extent {ek} vanished between a get and a delete"
             );
-            ctx.delete(tree_id::CSUM, &csum_key(ve.logical))?;
+            // Every extent has its checksum item (the invariant above).
+            ctx.delete_expected(tree_id::CSUM, &csum_key(ve.logical))?;
             ctx.free_extent(ve.logical, ve.len);
             return Ok(());
         }

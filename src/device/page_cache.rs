@@ -119,7 +119,11 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert!(cached, "the range asked for was not read in");
-        assert_eq!(any_resident(&f, 0, 64 << 10), Some(false), "a range not asked for was read");
+        assert_eq!(
+            any_resident(&f, 0, 64 << 10),
+            Some(false),
+            "a range not asked for was read"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -613,6 +613,11 @@ impl<'a> Ctx<'a> {
     pub fn delete(&mut self, tree: u64, key: &Key) -> Result<bool> {
         self.with_tree(tree, |c, root| btree::delete(c, root, key))
     }
+    /// [`btree::delete_expected`]: for a key just seen, or one an invariant
+    /// says is there.
+    pub fn delete_expected(&mut self, tree: u64, key: &Key) -> Result<bool> {
+        self.with_tree(tree, |c, root| btree::delete_expected(c, root, key))
+    }
     pub fn get(&self, tree: u64, key: &Key) -> Result<Option<Vec<u8>>> {
         btree::get(self.fs, &self.st.tree_root(tree)?, key)
     }
