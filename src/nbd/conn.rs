@@ -302,6 +302,13 @@ fn execute<'a>(conn: &'a Conn<'a>, job: Job<'a>, replies: &Replies<'a>) {
         ticket,
         _permit,
     } = job;
+    // A flush, or a write that must be durable, waits for the device:
+    // quick replies do not wait for it.
+    let quick = !matches!(
+        op,
+        Op::Flush | Op::Write { fua: true, .. } | Op::Trim { fua: true, .. }
+    ) && !matches!(op, Op::WriteZeroes { fua: true, .. });
+    let busy = quick.then(|| replies.busy());
     let t0 = std::time::Instant::now();
     let reply = catch_unwind(AssertUnwindSafe(|| {
         run_op(conn, cookie, op, &payload, flush_barrier)
@@ -316,7 +323,11 @@ fn execute<'a>(conn: &'a Conn<'a>, job: Job<'a>, replies: &Replies<'a>) {
         tracing::error!(?op, "nbd export panicked while serving a request");
         error_reply(&conn.limits, cookie, NBD_EIO, "internal server error").into()
     });
-    replies.send(Outgoing { reply, _permit });
+    let out = Outgoing { reply, _permit };
+    match busy {
+        Some(b) => b.send(out),
+        None => replies.send(out),
+    }
 }
 
 /// An encoded reply: a READ's data reply sits in a pooled buffer (a fresh

@@ -19,12 +19,19 @@ use super::stream::Stream;
 /// for the writer. Also the most one vectored write carries.
 pub const MAX_QUEUED_REPLIES: usize = 64;
 
+/// Replies that may wait for requests still being served; the next one
+/// is sent, with them, at once.
+pub const MAX_DEFERRED_REPLIES: usize = 16;
+
 struct State<T> {
     queued: Vec<T>,
     /// A worker is writing: it sends what is queued before it stops.
     writing: bool,
     /// Workers waiting for room in the queue.
     room_waiters: usize,
+    /// Requests being served whose replies are expected soon (see
+    /// [`ReplySink::busy`]).
+    busy: usize,
 }
 
 /// Serialises replies onto the socket; after the first failed write every
@@ -44,6 +51,7 @@ impl<T: Deref<Target = [u8]>> ReplySink<T> {
                 queued: Vec::with_capacity(MAX_QUEUED_REPLIES),
                 writing: false,
                 room_waiters: 0,
+                busy: 0,
             }),
             room: Condvar::new(),
             broken: AtomicBool::new(false),
@@ -55,13 +63,31 @@ impl<T: Deref<Target = [u8]>> ReplySink<T> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A request whose reply should come soon is being served: until it
+    /// is answered (through the guard), other replies may wait for it, up
+    /// to [`MAX_DEFERRED_REPLIES`], so that one write carries both. For
+    /// quick requests only: a reply waits at most as long as the requests
+    /// being served next to it.
+    pub fn busy(&self) -> Busy<'_, T> {
+        self.state().busy += 1;
+        Busy { sink: self }
+    }
+
     /// Sends `reply`, now or with the writer's next batch. Whatever it
     /// holds (a buffer, a budget permit) is released once it was written.
     pub fn send(&self, reply: T) {
+        self.queue(reply, false);
+    }
+
+    fn queue(&self, reply: T, was_busy: bool) {
+        let mut st = self.state();
+        if was_busy {
+            debug_assert!(st.busy > 0, "more busy requests answered than begun");
+            st.busy -= 1;
+        }
         if self.is_broken() {
             return;
         }
-        let mut st = self.state();
         while st.queued.len() >= MAX_QUEUED_REPLIES && st.writing && !self.is_broken() {
             st.room_waiters += 1;
             st = self.room.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -72,9 +98,17 @@ impl<T: Deref<Target = [u8]>> ReplySink<T> {
             st.queued.len() <= MAX_QUEUED_REPLIES,
             "reply queue over its bound"
         );
-        if st.writing {
+        // Another reply is on its way and this one can wait for it: the
+        // last of them to be answered sends them all.
+        if st.writing || (st.busy > 0 && st.queued.len() < MAX_DEFERRED_REPLIES) {
             return;
         }
+        self.write_queued(st);
+    }
+
+    /// Write everything queued, and what is queued meanwhile, as the writer.
+    fn write_queued<'s>(&'s self, mut st: MutexGuard<'s, State<T>>) {
+        debug_assert!(!st.writing, "two writers");
         st.writing = true;
         let mut batch = Vec::with_capacity(MAX_QUEUED_REPLIES);
         loop {
@@ -109,6 +143,33 @@ impl<T: Deref<Target = [u8]>> ReplySink<T> {
 
     pub fn is_broken(&self) -> bool {
         self.broken.load(Ordering::Acquire)
+    }
+}
+
+/// A request being served, from [`ReplySink::busy`]: answer it with
+/// [`Busy::send`]. Dropped unanswered (a panic), it stops holding the
+/// others back, and sends them if it was the last.
+pub struct Busy<'s, T: Deref<Target = [u8]>> {
+    sink: &'s ReplySink<T>,
+}
+
+impl<T: Deref<Target = [u8]>> Busy<'_, T> {
+    /// Send this request's reply.
+    pub fn send(self, reply: T) {
+        let sink = self.sink;
+        std::mem::forget(self);
+        sink.queue(reply, true);
+    }
+}
+
+impl<T: Deref<Target = [u8]>> Drop for Busy<'_, T> {
+    fn drop(&mut self) {
+        let mut st = self.sink.state();
+        debug_assert!(st.busy > 0, "more busy requests answered than begun");
+        st.busy -= 1;
+        if st.busy == 0 && !st.writing && !st.queued.is_empty() {
+            self.sink.write_queued(st);
+        }
     }
 }
 
@@ -162,7 +223,12 @@ mod tests {
                         let len = 1 + (i * 7 + t * 13) % 300;
                         let mut r = vec![len as u8, (len >> 8) as u8];
                         r.extend(std::iter::repeat_n((t * per_thread + i) as u8, len));
-                        sink.send(r);
+                        // Half the threads hold others' replies back.
+                        if t % 2 == 0 {
+                            sink.busy().send(r);
+                        } else {
+                            sink.send(r);
+                        }
                     }
                 });
             }
@@ -192,5 +258,67 @@ mod tests {
         assert!(sink.is_broken());
         sink.send(vec![2; 10]);
         assert!(sink.state().queued.is_empty());
+    }
+
+    /// Bytes the peer end has received so far, without waiting.
+    fn arrived(b: &mut UnixStream) -> Vec<u8> {
+        b.set_nonblocking(true).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match b.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn a_reply_waits_for_the_request_being_served_next_to_it() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let sink = ReplySink::<Vec<u8>>::new(Box::new(a));
+        let (first, second) = (sink.busy(), sink.busy());
+        first.send(vec![1; 3]);
+        assert!(
+            arrived(&mut b).is_empty(),
+            "sent before the other request was answered"
+        );
+        second.send(vec![2; 3]);
+        assert_eq!(arrived(&mut b), [1, 1, 1, 2, 2, 2]);
+        // A request answered alone goes out at once.
+        sink.busy().send(vec![3]);
+        assert_eq!(arrived(&mut b), [3]);
+        sink.send(vec![4]);
+        assert_eq!(arrived(&mut b), [4]);
+    }
+
+    #[test]
+    fn an_unanswered_request_stops_holding_replies_back() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let sink = ReplySink::<Vec<u8>>::new(Box::new(a));
+        let (first, second) = (sink.busy(), sink.busy());
+        first.send(vec![1]);
+        assert!(arrived(&mut b).is_empty());
+        drop(second);
+        assert_eq!(arrived(&mut b), [1]);
+        assert_eq!(sink.state().busy, 0);
+    }
+
+    #[test]
+    fn replies_wait_for_a_slow_request_only_up_to_the_bound() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let sink = ReplySink::<Vec<u8>>::new(Box::new(a));
+        let slow = sink.busy();
+        for i in 0..MAX_DEFERRED_REPLIES - 1 {
+            sink.busy().send(vec![i as u8]);
+        }
+        assert!(arrived(&mut b).is_empty());
+        sink.busy().send(vec![99]);
+        assert_eq!(arrived(&mut b).len(), MAX_DEFERRED_REPLIES);
+        slow.send(vec![100]);
+        assert_eq!(arrived(&mut b), [100]);
     }
 }
