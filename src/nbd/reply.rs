@@ -4,8 +4,11 @@
 //! and a wake-up of the client, per reply. Now a worker queues its reply,
 //! and the one that finds nobody writing becomes the writer: it sends
 //! everything queued in one vectored write, again and again until the
-//! queue is empty. Under load one write carries several replies, and the
-//! client wakes once for them; alone, a reply goes out at once as before.
+//! queue is empty. A reply may also wait, up to [`MAX_DEFERRED_REPLIES`],
+//! while other quick requests are being served ([`ReplySink::busy`]): the
+//! last of them to be answered sends them all. Under load one write then
+//! carries several replies and the client wakes once for them; a request
+//! served alone is answered at once.
 
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
