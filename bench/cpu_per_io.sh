@@ -14,6 +14,7 @@
 # Usage: [LOAD=rw:bs:qd] [SECS=8] [PREFILL=1] bench/cpu_per_io.sh ROUNDS BINARY|nbdkit...
 # Needs: fio, perf, nbdkit.
 set -euo pipefail
+. "$(dirname "$0")/serve_single.sh"
 rounds=$1; shift
 IFS=: read -r rw bs qd <<<"${LOAD:-randwrite:4k:32}"
 secs=${SECS:-8}
@@ -30,11 +31,7 @@ for r in $(seq "$rounds"); do
       srv=$!
       for _ in $(seq 100); do [ -S "$work/nbd.sock" ] && break; sleep 0.1; done
     else
-      "$bin" mkfs --data single --size 3G "$work/a.img" >/dev/null
-      "$bin" volume create disk0 --size 1G "$work/a.img" >/dev/null
-      "$bin" serve --listen "unix:$work/nbd.sock" --socket "$work/ctl.sock" "$work/a.img" >"$work/serve.log" 2>&1 &
-      srv=$!
-      for _ in $(seq 100); do [ -S "$work/ctl.sock" ] && break; sleep 0.1; done
+      serve_single "$bin" "$work"
     fi
     uri="nbd+unix:///disk0?socket=$work/nbd.sock"
     if [ -n "${PREFILL:-}" ]; then

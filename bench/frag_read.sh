@@ -9,6 +9,7 @@
 # Usage: [WRITE_SECS=10] [SECS=5] bench/frag_read.sh ROUNDS BINARY...
 # Needs: fio, root (to drop the page cache).
 set -euo pipefail
+. "$(dirname "$0")/serve_single.sh"
 rounds=$1; shift
 wsecs=${WRITE_SECS:-10}
 secs=${SECS:-5}
@@ -22,11 +23,7 @@ echo "| round | binary | randwrite 4k qd32 (MiB/s) | read 1M qd8 hot (MiB/s) | r
 echo "|---|---|---|---|---|"
 for r in $(seq "$rounds"); do
   for bin in "$@"; do
-    "$bin" mkfs --data single --size 3G "$work/a.img" >/dev/null
-    "$bin" volume create disk0 --size 1G "$work/a.img" >/dev/null
-    "$bin" serve --listen "unix:$work/nbd.sock" --socket "$work/ctl.sock" "$work/a.img" >"$work/serve.log" 2>&1 &
-    srv=$!
-    for _ in $(seq 100); do [ -S "$work/ctl.sock" ] && break; sleep 0.1; done
+    serve_single "$bin" "$work"
     uri="nbd+unix:///disk0?socket=$work/nbd.sock"
     f() { fio --name=f --ioengine=nbd --uri="$uri" --size=512M --output-format=json "$@" >"$work/fio.json" 2>/dev/null; }
     f --rw=write --bs=1M --iodepth=8

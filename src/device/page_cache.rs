@@ -71,20 +71,26 @@ mod tests {
     use std::io::Write;
     use std::os::unix::fs::FileExt;
 
-    #[test]
-    fn residency_follows_reads_and_drops() {
-        let dir = std::env::temp_dir().join(format!("cv-pagecache-{}", std::process::id()));
+    /// A file of `bytes` in a directory of its own (`name`), none of it
+    /// in the page cache, opened without kernel read-ahead (it would cache
+    /// pages nobody asked for).
+    fn uncached_file(name: &str, bytes: usize) -> (std::path::PathBuf, File) {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("f");
         let mut f = File::create(&path).unwrap();
-        f.write_all(&vec![7u8; 64 << 10]).unwrap();
+        f.write_all(&vec![7u8; bytes]).unwrap();
         f.sync_all().unwrap();
         let f = File::open(&path).unwrap();
-        // No kernel read-ahead on this descriptor: it would cache pages
-        // nobody asked for.
         rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::Random).unwrap();
-        drop_range(&f, 0, 64 << 10);
-        assert_eq!(any_resident(&f, 0, 64 << 10), Some(false));
+        drop_range(&f, 0, bytes);
+        assert_eq!(any_resident(&f, 0, bytes), Some(false));
+        (dir, f)
+    }
+
+    #[test]
+    fn residency_follows_reads_and_drops() {
+        let (dir, f) = uncached_file("cv-pagecache", 64 << 10);
         let page = page_bytes() as usize;
         f.read_exact_at(&mut vec![0u8; page], 32 << 10).unwrap();
         assert_eq!(any_resident(&f, 0, 32 << 10), Some(false));
@@ -98,16 +104,7 @@ mod tests {
 
     #[test]
     fn will_need_reads_the_range_in() {
-        let dir = std::env::temp_dir().join(format!("cv-willneed-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("f");
-        let mut f = File::create(&path).unwrap();
-        f.write_all(&vec![7u8; 256 << 10]).unwrap();
-        f.sync_all().unwrap();
-        let f = File::open(&path).unwrap();
-        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::Random).unwrap();
-        drop_range(&f, 0, 256 << 10);
-        assert_eq!(any_resident(&f, 0, 256 << 10), Some(false));
+        let (dir, f) = uncached_file("cv-willneed", 256 << 10);
         will_need(&f, 128 << 10, 8 << 10);
         // The read runs in the background: wait for it, within a bound.
         let mut cached = false;
